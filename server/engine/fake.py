@@ -1,0 +1,96 @@
+"""A scripted engine for fast unit tests: records every request, answers from a queue.
+
+It implements the real `Engine` protocol; every behaviour the product promises is also tested on
+the real vLLM engine (tests/e2e).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+
+from server.engine.base import (
+    ChatPrompt,
+    ChoiceDelta,
+    GenerationChunk,
+    GenerationRequest,
+    ModelCard,
+    PromptEmbeds,
+    RenderedPrompt,
+    TextPrompt,
+    TokenLogprob,
+    TokenPrompt,
+    TopLogprob,
+)
+from server.errors import ContextLengthError, GatewayError
+
+
+class FakeEngine:
+    """Answers with queued texts (default: "ok"), one word per token."""
+
+    def __init__(self, model_id: str = "fake-model", max_model_len: int = 256) -> None:
+        self._card = ModelCard(id=model_id, max_model_len=max_model_len, root="fake")
+        self._ready = False
+        self.history: list[GenerationRequest] = []
+        self._queue: deque[str | GatewayError] = deque()
+
+    @property
+    def model(self) -> ModelCard:
+        return self._card
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def enqueue(self, *replies: str | GatewayError) -> None:
+        """Queue replies; a GatewayError is raised mid-stream after the first token."""
+        self._queue.extend(replies)
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+
+    def render(self, prompt: ChatPrompt | TextPrompt) -> RenderedPrompt:
+        if isinstance(prompt, ChatPrompt):
+            text = (
+                "".join(f"<{m['role']}>{m['content']}\n" for m in prompt.messages) + "<assistant>"
+            )
+        else:
+            text = prompt.text
+        return RenderedPrompt(text=text, token_ids=[ord(c) for c in text])
+
+    def _prompt_len(self, request: GenerationRequest) -> int:
+        p = request.prompt
+        if isinstance(p, TokenPrompt | PromptEmbeds):
+            return len(p.token_ids)
+        return len(self.render(p).token_ids)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.history.append(request)
+        prompt_len = self._prompt_len(request)
+        limit = self._card.max_model_len or 0
+        if prompt_len >= limit:
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens")
+        reply = self._queue.popleft() if self._queue else "ok"
+        error = reply if isinstance(reply, GatewayError) else None
+        words = ["fake"] if error else str(reply).split(" ")
+        max_tokens = request.sampling.max_tokens or len(words)
+        completion = 0
+        for index in range(request.sampling.n):
+            for i, word in enumerate(words[:max_tokens]):
+                piece = word if i == 0 else " " + word
+                last = i == min(len(words), max_tokens) - 1
+                completion += 1
+                lp = None
+                if request.sampling.logprobs is not None:
+                    lp = [TokenLogprob(piece, -0.5, (TopLogprob(piece, -0.5),))]
+                finish = None
+                if last and not error:
+                    finish = "length" if max_tokens < len(words) else "stop"
+                yield GenerationChunk(
+                    [ChoiceDelta(index, piece, [i], lp, finish)], prompt_len, completion
+                )
+                if error:
+                    raise error

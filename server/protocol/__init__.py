@@ -1,0 +1,1 @@
+"""OpenAI wire format: pydantic models only (no torch, no FastAPI)."""

@@ -1,0 +1,1 @@
+"""Orchestration: the guard and the request path."""
