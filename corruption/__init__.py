@@ -1,5 +1,13 @@
 """Corrupt prompt embeddings of flagged requests (ECO): functions, embedding table, strength."""
 
+from corruption.embeddings import (
+    EmbeddingTable,
+    PromptTokens,
+    decode_prompt_embeds,
+    encode_prompt_embeds,
+    mask_for_ranges,
+    tokenize_prompt,
+)
 from corruption.functions import (
     CORRUPTION_METHODS,
     CorruptionMethod,
@@ -22,16 +30,22 @@ __all__ = [
     "CORRUPTION_METHODS",
     "CorruptionMethod",
     "CorruptionSpec",
+    "EmbeddingTable",
+    "PromptTokens",
     "add_constant_first_n",
     "add_noise_first_n",
     "add_noise_random_n",
     "add_noise_top_k",
     "apply_corruption",
+    "decode_prompt_embeds",
+    "encode_prompt_embeds",
     "flip_sign_first_n",
     "flip_sign_top_k",
+    "mask_for_ranges",
     "replace_with_noise_first_n",
     "reverse_positions",
     "shuffle_positions",
+    "tokenize_prompt",
     "zero_first_n",
     "zero_top_k",
 ]
