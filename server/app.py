@@ -83,6 +83,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         chosen = engine or await asyncio.to_thread(build_engine, settings)
         app.state.engine = chosen
+        metrics.watch_engine(lambda: chosen.running)
         app.state.generation = GenerationService(chosen, guard or PassthroughGuard(), metrics)
         app.state.engine_failure = None
         app.state.draining = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -44,6 +45,15 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             registry=self.registry,
         )
+
+    def watch_engine(self, running: Callable[[], int]) -> None:
+        """Export the engine's own count of running requests (drops when one is aborted)."""
+        gauge = Gauge(
+            "obliviate_engine_requests_running",
+            "Requests the engine is working on",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(running()))
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.tokens.labels("prompt").inc(prompt)

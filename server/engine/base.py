@@ -136,6 +136,10 @@ class Engine(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def running(self) -> int:
+        """Requests the engine is working on now (aborted ones drop out)."""
+
     async def start(self) -> None:
         """Load or connect; `ready` turns True once requests can be served."""
 

@@ -33,6 +33,7 @@ class FakeEngine:
         self._ready = False
         self.history: list[GenerationRequest] = []
         self._queue: deque[str | GatewayError] = deque()
+        self._running = 0
 
     @property
     def model(self) -> ModelCard:
@@ -41,6 +42,10 @@ class FakeEngine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     def enqueue(self, *replies: str | GatewayError) -> None:
         """Queue replies; a GatewayError is raised mid-stream after the first token."""
@@ -77,6 +82,21 @@ class FakeEngine:
         error = reply if isinstance(reply, GatewayError) else None
         words = ["fake"] if error else str(reply).split(" ")
         max_tokens = request.sampling.max_tokens or len(words)
+        self._running += 1
+        try:
+            async for chunk in self._emit(request, words, max_tokens, prompt_len, error):
+                yield chunk
+        finally:
+            self._running -= 1
+
+    async def _emit(
+        self,
+        request: GenerationRequest,
+        words: list[str],
+        max_tokens: int,
+        prompt_len: int,
+        error: GatewayError | None,
+    ) -> AsyncIterator[GenerationChunk]:
         completion = 0
         for index in range(request.sampling.n):
             for i, word in enumerate(words[:max_tokens]):

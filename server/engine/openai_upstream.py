@@ -87,6 +87,7 @@ class OpenAIUpstreamEngine:
         self._max_model_len: int | None = None
         self._ready = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
+        self._streams = 0
 
     @property
     def model(self) -> ModelCard:
@@ -96,6 +97,10 @@ class OpenAIUpstreamEngine:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def running(self) -> int:
+        return self._streams
 
     async def start(self) -> None:
         """Probe /models until the upstream answers (in the background: /health stays up)."""
@@ -169,6 +174,7 @@ class OpenAIUpstreamEngine:
         path, body = self._body(request)
         chat = path.startswith("chat")
         prompt_tokens = completion_tokens = 0
+        self._streams += 1
         try:
             async with self._client.stream(
                 "POST", path, json=body, headers={"X-Request-Id": request.request_id}
@@ -195,6 +201,8 @@ class OpenAIUpstreamEngine:
             raise EngineError("The upstream engine timed out") from e
         except httpx.HTTPError as e:
             raise EngineError(f"The upstream engine is unreachable: {type(e).__name__}") from e
+        finally:
+            self._streams -= 1
 
 
 def _sampling_fields(s: SamplingOptions) -> dict[str, Any]:

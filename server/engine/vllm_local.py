@@ -107,6 +107,10 @@ class VllmLocalEngine:
         return self._llm is not None and not self._llm.errored
 
     @property
+    def running(self) -> int:
+        return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+
+    @property
     def tokenizer(self) -> Any:
         """The served model's HF tokenizer (available once started)."""
         return self._tokenizer
