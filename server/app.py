@@ -81,7 +81,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        chosen = engine or await asyncio.to_thread(build_engine, settings)
+        chosen = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
         app.state.engine = chosen
         metrics.watch_engine(lambda: chosen.running)
         app.state.generation = GenerationService(chosen, guard or PassthroughGuard(), metrics)

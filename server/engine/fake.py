@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from server.engine.base import (
+    FinishReason,
     ChatPrompt,
     ChoiceDelta,
     GenerationChunk,
@@ -106,7 +107,7 @@ class FakeEngine:
                 lp = None
                 if request.sampling.logprobs is not None:
                     lp = [TokenLogprob(piece, -0.5, (TopLogprob(piece, -0.5),))]
-                finish = None
+                finish: FinishReason | None = None
                 if last and not error:
                     finish = "length" if max_tokens < len(words) else "stop"
                 yield GenerationChunk(

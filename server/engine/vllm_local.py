@@ -197,7 +197,7 @@ class VllmLocalEngine:
             "top_k": options.top_k,
             "min_p": options.min_p,
         }
-        sampling = {
+        sampling: dict[str, Any] = {
             name: value if (value := given[name]) is not None else self._defaults.get(name, default)
             for name, default in _OPENAI_DEFAULTS.items()
         }
@@ -282,7 +282,7 @@ def _logprobs(
             continue
 
         def text(tid: int, lp: Any) -> str:
-            return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode(tid)
+            return str(lp.decoded_token if lp.decoded_token is not None else tokenizer.decode(tid))
 
         chosen = position[token_id]
         ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
