@@ -121,10 +121,12 @@ def main() -> None:
     extra = ["--model", str(model), "--data-dir", str(logs / "data")]
     if args.target:
         extra += ["--admin.token", token]
+    vllm_ready = f"http://127.0.0.1:{vllm_port}/v1/models"
+    gw_ready = f"http://127.0.0.1:{gw_port}/ready"
     with (
-        running(vllm_server_argv(model, vllm_port), ready_url=f"http://127.0.0.1:{vllm_port}/v1/models", log=logs / "vllm.log"),
-        running(gateway_argv(gw_port, *extra), ready_url=f"http://127.0.0.1:{gw_port}/ready", log=logs / "gateway.log"),
-    ):  # fmt: skip
+        running(vllm_server_argv(model, vllm_port), ready_url=vllm_ready, log=logs / "vllm.log"),
+        running(gateway_argv(gw_port, *extra), ready_url=gw_ready, log=logs / "gateway.log"),
+    ):
         targets = {
             "vllm": f"http://127.0.0.1:{vllm_port}",
             "obliviate": f"http://127.0.0.1:{gw_port}",

@@ -10,9 +10,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from server.engine.base import (
-    FinishReason,
     ChatPrompt,
     ChoiceDelta,
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
     ModelCard,
