@@ -25,8 +25,32 @@ from corruption.functions import (
     zero_first_n,
     zero_top_k,
 )
+from corruption.strength import (
+    AnswerPreferenceObjective,
+    Calibration,
+    FluencyReport,
+    ForgetExample,
+    SearchStep,
+    StrengthSearchConfig,
+    StrengthSearchResult,
+    calibrate_strength,
+    make_forget_example,
+    measure_fluency,
+    search_strength,
+)
 
 __all__ = [
+    "AnswerPreferenceObjective",
+    "Calibration",
+    "FluencyReport",
+    "ForgetExample",
+    "SearchStep",
+    "StrengthSearchConfig",
+    "StrengthSearchResult",
+    "calibrate_strength",
+    "make_forget_example",
+    "measure_fluency",
+    "search_strength",
     "CORRUPTION_METHODS",
     "CorruptionMethod",
     "CorruptionSpec",
