@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.auth import AdminAuthMiddleware
+from server.deps import build_engine, build_guard, local_model_dir
 from server.engine import Engine
-from server.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamConfig
 from server.errors import (
     GatewayError,
     InvalidRequestError,
@@ -23,77 +24,54 @@ from server.errors import (
     validation_message,
 )
 from server.metrics import Metrics, MetricsMiddleware
-from server.routes import health, openai
+from server.registry import Registry
+from server.routes import admin, health, openai
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
+from server.services.targets import TargetService
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The engine the settings ask for (not started)."""
-    if settings.engine == "openai_upstream":
-        up = settings.upstream
-        assert up.url is not None  # checked by Settings
-        return OpenAIUpstreamEngine(
-            UpstreamConfig(
-                base_url=up.url,
-                api_key=up.api_key.get_secret_value() if up.api_key else None,
-                model=up.model,
-                served_model_name=settings.served_model_name,
-                connect_timeout_s=up.connect_timeout_s,
-                read_timeout_s=up.read_timeout_s,
-                max_connections=up.max_connections,
-            )
-        )
-    from server.engine.vllm_local import VllmEngineConfig, VllmLocalEngine
-    from server.modelstore import resolve_model
-
-    path = resolve_model(settings.model, settings.model_cache_dir, auto_pull=settings.auto_pull)
-    v = settings.vllm
-    return VllmLocalEngine(
-        VllmEngineConfig(
-            model_path=path,
-            served_model_name=settings.served_model_name or path.name,
-            dtype=v.dtype,
-            max_model_len=v.max_model_len,
-            kv_cache_gib=v.kv_cache_gib,
-            enforce_eager=v.enforce_eager,
-            device=v.device,
-            gpu_memory_utilization=v.gpu_memory_utilization,
-            tensor_parallel_size=v.tensor_parallel_size,
-            max_num_seqs=v.max_num_seqs,
-            max_logprobs=v.max_logprobs,
-            seed=v.seed,
-        )
-    )
-
-
-def create_app(
-    settings: Settings | None = None,
-    *,
-    engine: Engine | None = None,
-    guard: PromptGuard | None = None,
-) -> FastAPI:
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
     """Build the gateway. `engine` replaces the one the settings describe (tests, embedding)."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        chosen = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        if engine is None:
+            chosen, model_dir = await asyncio.to_thread(build_engine, settings)
+        else:
+            # An injected engine brings no model folder unless the settings name one.
+            chosen, model_dir = engine, (local_model_dir(settings) if settings.model else None)
         app.state.engine = chosen
         metrics.watch_engine(lambda: chosen.running)
-        app.state.generation = GenerationService(chosen, guard or PassthroughGuard(), metrics)
+        guard: PromptGuard = PassthroughGuard()
+        targets: TargetService | None = None
+        registry: Registry | None = None
+        if settings.guard.enabled:
+            registry = await asyncio.to_thread(Registry, settings.registry_location())
+            guard, targets = await asyncio.to_thread(
+                build_guard, settings, chosen, model_dir, registry, metrics
+            )
+        app.state.generation = GenerationService(chosen, guard, metrics)
+        app.state.targets = targets
         app.state.engine_failure = None
         app.state.draining = False
         starter = asyncio.create_task(_start_engine(app, chosen))
+        if targets is not None:
+            await targets.start()
         try:
             yield
         finally:
             app.state.draining = True
             starter.cancel()
+            if targets is not None:
+                await targets.stop()
             await chosen.stop()
+            if registry is not None:
+                registry.close()
 
     app = FastAPI(
         title="obliviate",
@@ -105,6 +83,10 @@ def create_app(
     app.state.metrics = metrics
     app.include_router(openai.router)
     app.include_router(health.router)
+    if settings.admin_enabled and settings.guard.enabled:
+        app.include_router(admin.router)
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        app.add_middleware(AdminAuthMiddleware, token=token)
     _register_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -1,15 +1,107 @@
-"""FastAPI dependencies: typed aliases for what the lifespan put on `app.state`."""
+"""Construction from settings (engine, guard) and FastAPI dependencies for `app.state`."""
 
 from __future__ import annotations
 
+import logging
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from server.engine import Engine
+from server.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamConfig
 from server.metrics import Metrics
+from server.registry import Registry
 from server.services.generation import GenerationService
+from server.services.guard import EcoGuard, PromptCorruptor
+from server.services.strength import StrengthCalibrator
+from server.services.targets import TargetService
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def local_model_dir(settings: Settings) -> Path | None:
+    """The served model's local folder, when there is one (for tokenizer and embeddings)."""
+    from server.modelstore import resolve_model
+
+    if settings.engine == "openai_upstream" and settings.model is None:
+        return None
+    return resolve_model(settings.model, settings.model_cache_dir, auto_pull=settings.auto_pull)
+
+
+def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
+    """The engine the settings ask for (not started) and its local model folder."""
+    if settings.engine == "openai_upstream":
+        up = settings.upstream
+        if up.url is None:
+            raise ValueError("engine=openai_upstream needs upstream.url")
+        engine = OpenAIUpstreamEngine(
+            UpstreamConfig(
+                base_url=up.url,
+                api_key=up.api_key.get_secret_value() if up.api_key else None,
+                model=up.model,
+                served_model_name=settings.served_model_name,
+                connect_timeout_s=up.connect_timeout_s,
+                read_timeout_s=up.read_timeout_s,
+                max_connections=up.max_connections,
+            )
+        )
+        return engine, local_model_dir(settings)
+    from server.engine.vllm_local import VllmEngineConfig, VllmLocalEngine
+
+    path = local_model_dir(settings)
+    assert path is not None  # vllm_local always resolves a folder (or raises)
+    v = settings.vllm
+    engine = VllmLocalEngine(
+        VllmEngineConfig(
+            model_path=path,
+            served_model_name=settings.served_model_name or path.name,
+            dtype=v.dtype,
+            max_model_len=v.max_model_len,
+            kv_cache_gib=v.kv_cache_gib,
+            enforce_eager=v.enforce_eager,
+            device=v.device,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            tensor_parallel_size=v.tensor_parallel_size,
+            max_num_seqs=v.max_num_seqs,
+            max_logprobs=v.max_logprobs,
+            seed=v.seed,
+        )
+    )
+    return engine, path
+
+
+def build_guard(
+    settings: Settings,
+    engine: Engine,
+    model_dir: Path | None,
+    registry: Registry,
+    metrics: Metrics,
+) -> tuple[EcoGuard, TargetService]:
+    """The ECO guard and the target service over `registry` (targets loaded on start)."""
+    from classifier import ClassifierBank, Embedder
+    from corruption import EmbeddingTable
+
+    embedder = Embedder(settings.guard.embedder_path, device=settings.guard.device)
+    corruptor: PromptCorruptor | None = None
+    calibrator: StrengthCalibrator | None = None
+    if model_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        table = EmbeddingTable.from_model_dir(model_dir)
+        corruptor = PromptCorruptor(tokenizer, table)
+        if settings.guard.calibrate_strength:
+            calibrator = StrengthCalibrator(model_dir, table)
+    else:
+        logger.warning(
+            "No local copy of the served model (--model PATH): flagged requests will be refused "
+            "instead of corrupted"
+        )
+    guard = EcoGuard(ClassifierBank(embedder), corruptor, metrics, log_prompts=settings.log_prompts)
+    return guard, TargetService(registry, guard, engine, embedder, calibrator)
 
 
 def get_generation_service(request: Request) -> GenerationService:

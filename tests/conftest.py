@@ -12,12 +12,17 @@ from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", model_cache_dir=tmp_path / "models")
+    return Settings(
+        data_dir=tmp_path / "data",
+        model_cache_dir=tmp_path / "models",
+        admin_token=ADMIN_TOKEN,
+    )
 
 
 @pytest.fixture

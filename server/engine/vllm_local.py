@@ -32,6 +32,7 @@ from server.engine.base import (
     TokenPrompt,
     TopLogprob,
 )
+from server.engine.templating import render_prompt
 from server.errors import ContextLengthError, EngineError, InvalidRequestError, UnavailableError
 
 if TYPE_CHECKING:
@@ -158,19 +159,8 @@ class VllmLocalEngine:
             await asyncio.to_thread(llm.shutdown)
 
     def render(self, prompt: ChatPrompt | TextPrompt) -> RenderedPrompt:
-        """Template + tokenize as vLLM's server does (chat: no extra special tokens)."""
-        tok = self._require_tokenizer()
-        if isinstance(prompt, ChatPrompt):
-            try:
-                text = tok.apply_chat_template(
-                    list(prompt.messages), tokenize=False, add_generation_prompt=True
-                )
-            except Exception as e:  # the template rejects the conversation (e.g. bad roles)
-                raise InvalidRequestError(
-                    f"The chat template rejected the messages: {e}", param="messages"
-                ) from e
-            return RenderedPrompt(text=text, token_ids=tok.encode(text, add_special_tokens=False))
-        return RenderedPrompt(text=prompt.text, token_ids=tok.encode(prompt.text))
+        """Template + tokenize as vLLM's server does."""
+        return render_prompt(self._require_tokenizer(), prompt)
 
     def _require_tokenizer(self) -> Any:
         if self._tokenizer is None:

@@ -1,0 +1,133 @@
+"""Admin API models: forget targets, jobs, dry-run classification."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from server.protocol.chat import ChatMessage
+
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+
+
+class _Strict(BaseModel):
+    """Admin input is strict: a misspelt field is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ForgetExample(_Strict):
+    prompt: NonEmpty
+    answer: str | None = Field(None, description="What the model answers today (optional).")
+
+
+class TargetOptions(_Strict):
+    fpr: float = Field(0.01, gt=0, le=0.2, description="False-positive rate to calibrate to.")
+    method: str | None = Field(
+        None, description="Corruption function (corruption.CORRUPTION_METHODS)."
+    )
+    strength: float | None = Field(None, ge=0, description="Fixed strength: skips the search.")
+    dims: int | None = Field(None, ge=1, description="Dimensions the corruption touches.")
+    seed: int = Field(0, description="Seed of the classifier training and the corruption noise.")
+
+
+class CreateTargetRequest(_Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    description: str = Field("", max_length=4000)
+    aliases: list[NonEmpty] = Field(default_factory=list, max_length=100)
+    forget_examples: list[NonEmpty | ForgetExample] = Field(min_length=1, max_length=500)
+    retain_examples: list[NonEmpty] = Field(default_factory=list, max_length=2000)
+    mode: Literal["eco", "delta", "eco+delta"] = "eco"
+    options: TargetOptions = Field(default_factory=TargetOptions)
+
+
+class UpdateTargetRequest(_Strict):
+    enabled: bool | None = None
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Override of the calibrated threshold; null clears it."
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> UpdateTargetRequest:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give enabled and/or threshold")
+        return self
+
+
+class JobResponse(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    target_id: str
+    kind: str
+    status: str
+    stage: str
+    progress: float
+    error: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class TargetResponse(BaseModel):
+    id: str
+    object: Literal["target"] = "target"
+    name: str
+    description: str
+    aliases: list[str]
+    mode: str
+    options: dict[str, Any]
+    status: str
+    enabled: bool
+    active: bool
+    threshold: float | None
+    threshold_override: float | None
+    version: int
+    calibration: dict[str, Any] | None
+    error: str | None
+    n_forget_examples: int
+    n_retain_examples: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class TargetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TargetResponse]
+
+
+class ClassifyRequest(_Strict):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ClassifyRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class Span(BaseModel):
+    start: int
+    end: int
+    text: str
+
+
+class TargetDecision(BaseModel):
+    target_id: str
+    target: str
+    score: float
+    threshold: float
+    flagged: bool
+    stage: str
+    spans: list[Span]
+    corrupted_positions: int | None = Field(
+        None, description="Prompt tokens that would be corrupted (flagged targets only)."
+    )
+
+
+class ClassifyResponse(BaseModel):
+    flagged: bool
+    text: str
+    results: list[TargetDecision]

@@ -1,0 +1,103 @@
+"""/admin: forget targets, their jobs, and a dry-run classifier (bearer token, see auth.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.protocol.admin import (
+    ClassifyRequest,
+    ClassifyResponse,
+    CreateTargetRequest,
+    JobResponse,
+    TargetList,
+    TargetResponse,
+    UpdateTargetRequest,
+)
+from server.registry import JobRecord
+from server.services.targets import NewTarget, TargetService
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def get_target_service(request: Request) -> TargetService:
+    service: TargetService = request.app.state.targets
+    return service
+
+
+TargetServiceDep = Annotated[TargetService, Depends(get_target_service)]
+
+
+def _job(job: JobRecord) -> JobResponse:
+    return JobResponse(**{k: getattr(job, k) for k in JobResponse.model_fields if k != "object"})
+
+
+@router.post("/targets", status_code=202, response_model=JobResponse)
+async def create_target(body: CreateTargetRequest, service: TargetServiceDep) -> Response:
+    """Register a forget target; answers 202 with the registration job."""
+    examples = [
+        (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
+    ]
+    job = await service.register(
+        NewTarget(
+            name=body.name,
+            description=body.description,
+            aliases=body.aliases,
+            forget_examples=examples,
+            retain_examples=body.retain_examples,
+            mode=body.mode,
+            options=body.options.model_dump(exclude_none=True),
+        )
+    )
+    return JSONResponse(
+        _job(job).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/admin/jobs/{job.id}"},
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=JobResponse)
+async def get_job(job_id: str, service: TargetServiceDep) -> JobResponse:
+    """A registration job's progress and outcome."""
+    return _job(await service.get_job(job_id))
+
+
+@router.get("/targets", response_model=TargetList)
+async def list_targets(service: TargetServiceDep) -> TargetList:
+    """Every target, active or not."""
+    return TargetList(data=[service.describe(r) for r in await service.list_targets()])
+
+
+@router.get("/targets/{target_id}", response_model=TargetResponse)
+async def get_target(target_id: str, service: TargetServiceDep) -> TargetResponse:
+    """One target: status, version, calibration figures."""
+    return service.describe(await service.get_target(target_id))
+
+
+@router.patch("/targets/{target_id}", response_model=TargetResponse)
+async def update_target(
+    target_id: str, body: UpdateTargetRequest, service: TargetServiceDep
+) -> TargetResponse:
+    """Enable, disable, or override the threshold (null restores the calibrated one)."""
+    changes = {}
+    if "enabled" in body.model_fields_set and body.enabled is not None:
+        changes["enabled"] = body.enabled
+    if "threshold" in body.model_fields_set:
+        changes["threshold_override"] = body.threshold
+    return service.describe(await service.update_target(target_id, changes))
+
+
+@router.delete("/targets/{target_id}", status_code=204)
+async def delete_target(target_id: str, service: TargetServiceDep) -> Response:
+    """Remove a target; the guard stops applying it at once."""
+    await service.delete_target(target_id)
+    return Response(status_code=204)
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+async def classify(body: ClassifyRequest, service: TargetServiceDep) -> ClassifyResponse:
+    """Dry run: each active target's score, threshold, decision and spans; nothing is sent."""
+    messages = [m.to_param() for m in body.messages] if body.messages is not None else None
+    return await service.dry_run(prompt=body.prompt, messages=messages)
