@@ -247,8 +247,8 @@ class CorruptionSpec:
     so the same prompt is always corrupted the same way (reproducible greedy answers).
     """
 
-    method: str = "add_noise_first_n"
-    strength: float = 0.0
+    method: str
+    strength: float
     dims: int | None = None
     seed: int = 0
 
@@ -262,6 +262,15 @@ class CorruptionSpec:
             raise ValueError(f"strength of {self.method} is a std, must be >= 0")
         if self.dims is not None and self.dims <= 0:
             raise ValueError(f"dims must be positive or None, got {self.dims}")
+
+    @classmethod
+    def recommended(cls, embedding_std: float, *, seed: int = 0) -> CorruptionSpec:
+        """The uncalibrated default: N(0, 4 std) on every dim of the target's tokens.
+
+        4x the table's std is where the strength search lands for SmolLM2-135M-Instruct on a
+        Harry Potter target (see README); a registration job should calibrate per target.
+        """
+        return cls("add_noise_first_n", 4.0 * embedding_std, None, seed)
 
     def with_strength(self, strength: float) -> CorruptionSpec:
         """Return a copy with another strength."""
@@ -278,9 +287,12 @@ class CorruptionSpec:
         if unknown:
             raise ValueError(f"unknown CorruptionSpec fields: {sorted(unknown)}")
         dims = data.get("dims")
+        missing = {"method", "strength"} - set(data)
+        if missing:
+            raise ValueError(f"missing CorruptionSpec fields: {sorted(missing)}")
         return cls(
-            method=str(data.get("method", "add_noise_first_n")),
-            strength=float(data.get("strength", 0.0)),
+            method=str(data["method"]),
+            strength=float(data["strength"]),
             dims=None if dims is None else int(dims),
             seed=int(data.get("seed", 0)),
         )

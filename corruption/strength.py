@@ -57,6 +57,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# SmolLM2-135M-Instruct, 8 questions: its own answers score 2.1, fluent off-topic answers from
+# corrupted prompts 5 to 9; the bound leaves about 2x headroom and catches word salad.
+DEFAULT_PERPLEXITY_BOUND = 20.0
+# Plain answers have 0.55 to 1.0 distinct tokens per token (first 40), loops 0.15 to 0.3.
+DEFAULT_MIN_DISTINCT = 0.5
+
 
 @dataclass(frozen=True)
 class StrengthSearchConfig:
@@ -399,9 +405,14 @@ class AnswerPreferenceObjective:
 
 @dataclass(frozen=True)
 class FluencyReport:
-    """Greedy answers from corrupted prompts and their perplexity as replies to clean ones."""
+    """Greedy answers from corrupted prompts, scored as replies to the clean prompts.
+
+    Perplexity alone misses loops ('The answer is: "The answer is: ...' scores about 5), so the
+    mean share of distinct tokens per answer is checked too.
+    """
 
     perplexity: float
+    distinct_ratio: float
     answers: list[list[int]]
     fluent: bool
 
@@ -411,7 +422,8 @@ def measure_fluency(
     examples: Sequence[ForgetExample],
     spec: CorruptionSpec | None,
     *,
-    bound: float,
+    bound: float = DEFAULT_PERPLEXITY_BOUND,
+    min_distinct: float = DEFAULT_MIN_DISTINCT,
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
     batch_size: int = 16,
@@ -443,7 +455,14 @@ def measure_fluency(
             model, clean, [answers[i] for i in owners], owners, batch_size=batch_size
         )
     perplexity = math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.inf
-    return FluencyReport(perplexity=perplexity, answers=answers, fluent=perplexity <= bound)
+    ratios = [len(set(a)) / len(a) for a in answers if a]
+    distinct = sum(ratios) / len(ratios) if ratios else 0.0
+    return FluencyReport(
+        perplexity=perplexity,
+        distinct_ratio=distinct,
+        answers=answers,
+        fluent=perplexity <= bound and distinct >= min_distinct,
+    )
 
 
 @dataclass(frozen=True)
@@ -461,7 +480,8 @@ def calibrate_strength(
     spec: CorruptionSpec,
     config: StrengthSearchConfig,
     *,
-    fluency_bound: float,
+    fluency_bound: float = DEFAULT_PERPLEXITY_BOUND,
+    min_distinct: float = DEFAULT_MIN_DISTINCT,
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
 ) -> Calibration:
@@ -474,11 +494,13 @@ def calibrate_strength(
         examples,
         chosen,
         bound=fluency_bound,
+        min_distinct=min_distinct,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
     )
     logger.info(
-        "calibrated %s: strength %.4g (f=%.3g, reached=%s, %d evaluations, %.1fs), ppl %.3g",
+        "calibrated %s: strength %.4g (f=%.3g, reached=%s, %d evaluations, %.1fs), "
+        "ppl %.3g, distinct %.2f",
         spec.method,
         search.strength,
         search.value,
@@ -486,5 +508,6 @@ def calibrate_strength(
         search.evaluations,
         search.seconds,
         fluency.perplexity,
+        fluency.distinct_ratio,
     )
     return Calibration(chosen, search, fluency)

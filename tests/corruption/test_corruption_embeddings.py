@@ -116,8 +116,12 @@ def test_span_mask_on_served_tokenizer(smollm2_dir):
 
 
 def test_table_reads_served_model(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
     table = EmbeddingTable.from_model_dir(smollm2_dir)
     assert table.hidden_size == 576 and table.weight.dtype == torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+    assert torch.equal(table.weight, model.get_input_embeddings().weight.detach())
 
 
 def test_slow_tokenizer_is_refused():

@@ -201,11 +201,16 @@ def test_spec_validation_and_round_trip():
     assert CorruptionSpec.from_dict(spec.to_dict()) == spec
     assert spec.with_strength(0.5).strength == 0.5
     with pytest.raises(ValueError, match="unknown corruption method"):
-        CorruptionSpec(method="nope")
+        CorruptionSpec(method="nope", strength=1.0)
     with pytest.raises(ValueError, match=">= 0"):
         CorruptionSpec(method="add_noise_first_n", strength=-1.0)
     with pytest.raises(ValueError, match="finite"):
-        CorruptionSpec(strength=float("nan"))
+        CorruptionSpec("add_noise_first_n", strength=float("nan"))
+    with pytest.raises(ValueError, match="missing CorruptionSpec fields"):
+        CorruptionSpec.from_dict({"method": "zero_top_k"})
+    recommended = CorruptionSpec.recommended(0.1)
+    assert recommended.method == "add_noise_first_n" and recommended.dims is None
+    assert recommended.strength == pytest.approx(0.4)
     with pytest.raises(ValueError, match="unknown CorruptionSpec fields"):
         CorruptionSpec.from_dict({"method": "zero_top_k", "sigma": 1})
     # Subtracting a constant may use any sign.

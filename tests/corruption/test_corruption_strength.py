@@ -120,16 +120,20 @@ def _examples():
 
 def test_objective_reads_corruption_strength(tiny):
     examples = _examples()
-    objective = AnswerPreferenceObjective(tiny, examples, CorruptionSpec("add_noise_first_n"))
+    objective = AnswerPreferenceObjective(tiny, examples, CorruptionSpec("add_noise_first_n", 0.0))
     clean, again, noisy = objective(0.0), objective(0.0), objective(50.0)
     assert clean == again and math.isfinite(noisy) and noisy != clean
     # Without alternatives the other examples' answers stand in.
     bare = [ForgetExample(e.prompt_ids, e.mask, e.answer_ids) for e in examples]
-    filled = AnswerPreferenceObjective(tiny, bare, CorruptionSpec()).examples
+    filled = AnswerPreferenceObjective(
+        tiny, bare, CorruptionSpec("add_noise_first_n", 0.0)
+    ).examples
     assert all(e.alternative_ids and e.answer_ids not in e.alternative_ids for e in filled)
     # The baseline deletes the masked tokens from the prompt.
     assert objective.baseline != 0.0
-    plain = AnswerPreferenceObjective(tiny, examples, CorruptionSpec(), relative_to_deleted=False)
+    plain = AnswerPreferenceObjective(
+        tiny, examples, CorruptionSpec("add_noise_first_n", 0.0), relative_to_deleted=False
+    )
     assert plain.baseline == 0.0
     assert plain(0.0) - objective.baseline == pytest.approx(clean)
     with pytest.raises(ValueError, match="non-empty"):
@@ -140,10 +144,20 @@ def test_fluency_and_calibration_run(tiny):
     examples = _examples()
     report = measure_fluency(tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0)
     assert len(report.answers) == 3 and report.fluent
+    assert 0.0 < report.distinct_ratio <= 1.0
+    strict = measure_fluency(
+        tiny, examples, None, bound=1e9, min_distinct=1.01, max_new_tokens=4, eos_token_id=0
+    )
+    assert not strict.fluent and strict.answers == report.answers
     assert all(1 <= len(a) <= 4 for a in report.answers)
     config = StrengthSearchConfig(initial=0.0, lr=1.0, eps=0.5, target=1e9, max_steps=2)
     calibration = calibrate_strength(
-        tiny, examples, CorruptionSpec(seed=3), config, fluency_bound=1e9, max_new_tokens=3
+        tiny,
+        examples,
+        CorruptionSpec("add_noise_first_n", 0.0, seed=3),
+        config,
+        fluency_bound=1e9,
+        max_new_tokens=3,
     )
     assert calibration.search.reached and calibration.spec.strength == 0.0
     assert calibration.spec.seed == 3
