@@ -199,11 +199,14 @@ def mask_for_ranges(
     Zero-width tokens (added special tokens) are never selected, and neither is the prompt's
     last token when `exclude_last` (the position the first answer token is predicted from).
     """
-    mask = torch.zeros(len(offsets), dtype=torch.bool)
-    for index, (start, end) in enumerate(offsets):
-        if end > start and any(start < r_end and end > r_start for r_start, r_end in ranges):
-            mask[index] = True
-    if exclude_last and len(offsets):
+    if not len(offsets) or not len(ranges):
+        return torch.zeros(len(offsets), dtype=torch.bool)
+    tokens = torch.tensor(offsets, dtype=torch.long)  # (T, 2)
+    spans = torch.tensor(ranges, dtype=torch.long)  # (R, 2)
+    start, end = tokens[:, :1], tokens[:, 1:]  # (T, 1) each
+    overlaps = (start < spans[:, 1]) & (end > spans[:, 0])  # (T, R)
+    mask = overlaps.any(dim=-1) & (tokens[:, 1] > tokens[:, 0])  # (T,)
+    if exclude_last:
         mask[-1] = False
     return mask
 
