@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
+    ADMIN_TOKEN,
     MODEL_NAME,
     free_port,
     gateway_argv,
@@ -117,10 +118,7 @@ def main() -> None:
     model = resolve_model(None, auto_pull=True)
     logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     vllm_port, gw_port = free_port(), free_port()
-    token = "bench-admin-token"
     extra = ["--model", str(model), "--data-dir", str(logs / "data")]
-    if args.target:
-        extra += ["--admin.token", token]
     vllm_ready = f"http://127.0.0.1:{vllm_port}/v1/models"
     gw_ready = f"http://127.0.0.1:{gw_port}/ready"
     with (
@@ -132,7 +130,7 @@ def main() -> None:
             "obliviate": f"http://127.0.0.1:{gw_port}",
         }
         if args.target:
-            register_target(targets["obliviate"], token)
+            register_target(targets["obliviate"], ADMIN_TOKEN)
         for url in targets.values():  # warm-up: first requests pay one-off costs
             asyncio.run(one_round(url, 4, 8))
         rounds: dict[str, list[dict[str, float | list[float]]]] = {"vllm": [], "obliviate": []}

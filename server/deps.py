@@ -37,7 +37,7 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
         up = settings.upstream
         if up.url is None:
             raise ValueError("engine=openai_upstream needs upstream.url")
-        engine = OpenAIUpstreamEngine(
+        upstream = OpenAIUpstreamEngine(
             UpstreamConfig(
                 base_url=up.url,
                 api_key=up.api_key.get_secret_value() if up.api_key else None,
@@ -48,7 +48,7 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
                 max_connections=up.max_connections,
             )
         )
-        return engine, local_model_dir(settings)
+        return upstream, local_model_dir(settings)
     from server.engine.vllm_local import VllmEngineConfig, VllmLocalEngine
 
     path = local_model_dir(settings)

@@ -210,9 +210,9 @@ class VllmLocalEngine:
     def _engine_prompt(self, prompt: GenerationRequest) -> tuple[dict[str, Any], int]:
         p = prompt.prompt
         if isinstance(p, PromptEmbeds):
-            return {"prompt_embeds": p.embeds, "prompt_token_ids": list(p.token_ids)}, len(
-                p.token_ids
-            )
+            # Embeddings only: vLLM 0.32 reads positions from prompt_token_ids whenever they are
+            # given without a prompt_is_token_ids mask, which would silently undo the corruption.
+            return {"prompt_embeds": p.embeds}, len(p.token_ids)
         if isinstance(p, TokenPrompt):
             return {"prompt_token_ids": list(p.token_ids)}, len(p.token_ids)
         rendered = self.render(p)

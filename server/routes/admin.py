@@ -81,7 +81,7 @@ async def update_target(
     target_id: str, body: UpdateTargetRequest, service: TargetServiceDep
 ) -> TargetResponse:
     """Enable, disable, or override the threshold (null restores the calibrated one)."""
-    changes = {}
+    changes: dict[str, bool | float | None] = {}
     if "enabled" in body.model_fields_set and body.enabled is not None:
         changes["enabled"] = body.enabled
     if "threshold" in body.model_fields_set:

@@ -49,6 +49,10 @@ class PromptCorruptor:
         self._tokenizer = tokenizer
         self._table = table
 
+    def default_spec(self) -> CorruptionSpec:
+        """Uncalibrated default: noise of ~4x the embedding table's std on the target's tokens."""
+        return CorruptionSpec.recommended(self._table.std)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """Token ids -> text, for classifying token prompts."""
         return str(self._tokenizer.decode(list(token_ids)))

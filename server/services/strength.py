@@ -24,11 +24,10 @@ from corruption import (
 
 logger = logging.getLogger(__name__)
 
-# Strengths are searched in units of the embedding table's std (SmolLM2: noise of 1x std already
-# changes answers, 3x on the whole prompt gives garbage; only the target's name tokens are hit).
-DEFAULT_METHOD = "add_noise_first_n"
-INITIAL_STD, EPS_STD, LR_STD, MAX_STD = 0.5, 0.25, 2.0, 6.0
-FLUENCY_BOUND = 200.0
+# Perplexity of the corrupted answers under the clean model: the bare model's own answers score
+# ~2, fluent corrupted ones 5-9 (SmolLM2); loops are caught by the distinct-token check.
+FLUENCY_BOUND = 20.0
+MAX_EXAMPLES = 16
 
 
 class StrengthCalibrator:
@@ -42,10 +41,9 @@ class StrengthCalibrator:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
-    @staticmethod
-    def default_spec(std: float = 1.0) -> CorruptionSpec:
-        """The corruption used when no search can run."""
-        return CorruptionSpec(DEFAULT_METHOD, strength=3.0 * std, dims=None, seed=0)
+    def default_spec(self) -> CorruptionSpec:
+        """The corruption used when no search can run (noise of ~4x the embeddings' std)."""
+        return CorruptionSpec.recommended(self._table.std)
 
     def _load(self) -> tuple[Any, Any]:
         if self._model is None:
@@ -54,9 +52,10 @@ class StrengthCalibrator:
 
             logger.info("Loading %s for strength calibration", self._model_dir)
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir, local_files_only=True)
-            self._model = AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 self._model_dir, dtype=torch.float32, local_files_only=True
-            ).to(self._device)
+            )
+            self._model = model.to(self._device)  # type: ignore[arg-type]
             self._model.eval()
         return self._model, self._tokenizer
 
@@ -71,30 +70,19 @@ class StrengthCalibrator:
         with self._lock:
             model, tokenizer = self._load()
             std = self._table.std
-            spec = base or CorruptionSpec(DEFAULT_METHOD, strength=INITIAL_STD * std)
+            spec = base or self.default_spec()
             examples = [
                 make_forget_example(tokenizer, p, a, spans=find_spans(p, aliases))
                 for p, a in zip(prompts, answers, strict=True)
                 if a.strip()
             ]
             if len(examples) < 2:
-                return spec.with_strength(3.0 * std), {
-                    "searched": False,
-                    "reason": "too few answers",
-                }
-            config = StrengthSearchConfig(
-                initial=INITIAL_STD * std,
-                lr=LR_STD * std,
-                eps=EPS_STD * std,
-                min_strength=EPS_STD * std,
-                max_strength=MAX_STD * std,
-                max_steps=8,
-            )
+                return spec, {"searched": False, "reason": "fewer than 2 answered examples"}
             result = calibrate_strength(
                 model,
-                examples[:16],
+                examples[:MAX_EXAMPLES],
                 spec,
-                config,
+                StrengthSearchConfig.for_embeddings(std),
                 fluency_bound=FLUENCY_BOUND,
                 eos_token_id=tokenizer.eos_token_id,
             )
@@ -106,6 +94,7 @@ class StrengthCalibrator:
                 "evaluations": result.search.evaluations,
                 "seconds": result.search.seconds,
                 "fluency_perplexity": result.fluency.perplexity,
-                "fluent": getattr(result.fluency, "passed", None),
+                "fluent": result.fluency.fluent,
+                "distinct_ratio": result.fluency.distinct_ratio,
             }
             return result.spec, report

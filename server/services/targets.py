@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -325,13 +325,14 @@ class TargetService:
         if base is not None and "strength" in options:
             return base, {"searched": False, "reason": "strength given in options"}
         if self._calibrator is None:
-            spec = base or StrengthCalibrator.default_spec()
+            corruptor = self._guard.corruptor
+            fallback = corruptor.default_spec() if corruptor else CorruptionSpec.recommended(1.0)
+            spec = base or fallback
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
         return self._calibrator.calibrate(prompts, answers, list(record.aliases), base)
 
 
 def _report(classifier: TargetClassifier) -> dict[str, Any]:
-    report = classifier.report
-    fields = getattr(report, "__dataclass_fields__", {})
-    out = {name: getattr(report, name) for name in fields}
-    return json.loads(json.dumps(out, default=str))
+    """The classifier's calibration report as plain JSON values."""
+    report: dict[str, Any] = json.loads(json.dumps(asdict(classifier.report), default=str))
+    return report

@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @dataclass(frozen=True)
 class Server:
     url: str  # base URL, no /v1
+    data_dir: Path | None = None
 
     def client(self, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)  # type: ignore[arg-type]
@@ -64,7 +65,7 @@ def gateway(
     with running(
         argv, ready_url=f"http://127.0.0.1:{port}/ready", log=logs_dir / "gateway.log", env=env
     ):
-        yield Server(f"http://127.0.0.1:{port}")
+        yield Server(f"http://127.0.0.1:{port}", data_dir)
 
 
 @pytest.fixture(scope="session")

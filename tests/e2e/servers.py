@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
+ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"
 # Same engine settings on both sides of every comparison.
 MAX_MODEL_LEN = 2048
 DTYPE = "bfloat16"
@@ -112,5 +113,6 @@ def gateway_argv(port: int, *extra: str) -> list[str]:
         "--vllm.dtype", DTYPE,
         "--vllm.max-model-len", str(MAX_MODEL_LEN),
         "--log-level", "warning",
+        "--admin-token", ADMIN_TOKEN,
         *extra,
     ]  # fmt: skip

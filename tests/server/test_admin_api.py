@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.engine.fake import FakeEngine
+from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -35,7 +37,22 @@ def wait_for_job(client: TestClient, job_id: str, timeout: float = 120) -> dict:
     raise AssertionError(f"job {job_id} did not finish")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def module_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("admin")
+    return Settings(
+        data_dir=root / "data", model_cache_dir=root / "models", admin_token=ADMIN_TOKEN
+    )
+
+
+@pytest.fixture(scope="module")
+def client(module_settings: Settings) -> Iterator[TestClient]:
+    """One app (and one trained target) for the module: training takes seconds."""
+    with TestClient(create_app(module_settings, engine=FakeEngine())) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
 def registered(client: TestClient) -> dict:
     response = client.post("/admin/targets", json=HARRY, headers=AUTH)
     assert response.status_code == 202, response.text
@@ -60,7 +77,8 @@ def test_register_then_inspect(client: TestClient, registered: dict):
 
 def test_dry_run_classify(client: TestClient, registered: dict):
     about = client.post(
-        "/admin/classify", json={"prompt": "Which house at hogwarts was Harry Potter sorted into?"},
+        "/admin/classify",
+        json={"prompt": "Which house at hogwarts was Harry Potter sorted into?"},
         headers=AUTH,
     ).json()
     assert about["flagged"] is True
@@ -70,7 +88,10 @@ def test_dry_run_classify(client: TestClient, registered: dict):
     other = client.post(
         "/admin/classify", json={"prompt": "How do I bake sourdough bread?"}, headers=AUTH
     ).json()
-    assert other["flagged"] is False and other["results"][0]["score"] < other["results"][0]["threshold"]
+    assert (
+        other["flagged"] is False
+        and other["results"][0]["score"] < other["results"][0]["threshold"]
+    )
 
 
 def test_follow_up_turn_stays_flagged(client: TestClient, registered: dict):
@@ -96,34 +117,38 @@ def test_disable_enable_threshold_override(client: TestClient, registered: dict)
     assert cleared["threshold"] == pytest.approx(registered["threshold"])
 
 
-def test_delete(client: TestClient, registered: dict):
-    assert client.delete(f"/admin/targets/{registered['id']}", headers=AUTH).status_code == 204
-    assert client.get(f"/admin/targets/{registered['id']}", headers=AUTH).status_code == 404
-    assert client.delete(f"/admin/targets/{registered['id']}", headers=AUTH).status_code == 404
-
-
 def test_flagged_requests_without_local_model_are_refused(client: TestClient, registered: dict):
-    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "Who wrote Harry Potter?"}]}
+    chat = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "Who wrote Harry Potter?"}],
+    }
     response = client.post("/v1/chat/completions", json=chat)
     assert response.status_code == 503
     unrelated = {**chat, "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
     assert client.post("/v1/chat/completions", json=unrelated).status_code == 200
 
 
-def test_targets_survive_a_restart(settings, registered: dict):
-    app = create_app(settings, engine=FakeEngine())
+def test_targets_survive_a_restart(module_settings: Settings, registered: dict):
+    app = create_app(module_settings, engine=FakeEngine())
     with TestClient(app) as again:
         record = again.get(f"/admin/targets/{registered['id']}", headers=AUTH).json()
         assert record["active"] is True and record["version"] == 1
-        probe = again.post("/admin/classify", json={"prompt": "Who wrote Harry Potter?"}, headers=AUTH)
+        probe = again.post(
+            "/admin/classify", json={"prompt": "Who wrote Harry Potter?"}, headers=AUTH
+        )
         assert probe.json()["flagged"] is True
 
 
 @pytest.mark.parametrize(
-    "headers", [{}, {"Authorization": "Bearer wrong-token-000000000"}, {"Authorization": ADMIN_TOKEN}]
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token-000000000"}, {"Authorization": ADMIN_TOKEN}],
 )
 def test_missing_or_wrong_token_is_401(client: TestClient, headers):
-    for method, path in [("get", "/admin/targets"), ("post", "/admin/targets"), ("get", "/admin/x")]:
+    for method, path in [
+        ("get", "/admin/targets"),
+        ("post", "/admin/targets"),
+        ("get", "/admin/x"),
+    ]:
         response = client.request(method, path, headers=headers, json=HARRY)
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "authentication_error"
@@ -141,10 +166,13 @@ def test_missing_or_wrong_token_is_401(client: TestClient, headers):
     ],
 )
 def test_bad_registrations_are_400(client: TestClient, patch, param):
-    response = client.post("/admin/targets", json={**HARRY, **patch}, headers=AUTH)
+    before = client.get("/admin/targets", headers=AUTH).json()["data"]
+    response = client.post(
+        "/admin/targets", json={**HARRY, "name": "Another", **patch}, headers=AUTH
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
-    assert client.get("/admin/targets", headers=AUTH).json()["data"] == []
+    assert client.get("/admin/targets", headers=AUTH).json()["data"] == before
 
 
 def test_duplicate_name_is_409(client: TestClient, registered: dict):
@@ -156,7 +184,10 @@ def test_duplicate_name_is_409(client: TestClient, registered: dict):
 def test_unknown_ids_are_404(client: TestClient):
     assert client.get("/admin/targets/nope", headers=AUTH).status_code == 404
     assert client.get("/admin/jobs/nope", headers=AUTH).status_code == 404
-    assert client.patch("/admin/targets/nope", json={"enabled": False}, headers=AUTH).status_code == 404
+    assert (
+        client.patch("/admin/targets/nope", json={"enabled": False}, headers=AUTH).status_code
+        == 404
+    )
 
 
 def test_refuses_to_start_without_token(tmp_path):
@@ -168,3 +199,9 @@ def test_refuses_to_start_without_token(tmp_path):
         Settings(data_dir=tmp_path)
     assert Settings(data_dir=tmp_path, admin_insecure_dev=True).admin_token is None
     assert Settings(data_dir=tmp_path, admin_enabled=False).admin_enabled is False
+
+
+def test_delete(client: TestClient, registered: dict):
+    assert client.delete(f"/admin/targets/{registered['id']}", headers=AUTH).status_code == 204
+    assert client.get(f"/admin/targets/{registered['id']}", headers=AUTH).status_code == 404
+    assert client.delete(f"/admin/targets/{registered['id']}", headers=AUTH).status_code == 404

@@ -1,0 +1,161 @@
+"""Forget targets end to end on the real engine: register through the admin API, then ask."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import Server
+from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, running
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+TARGET = {
+    "name": "Harry Potter",
+    "description": "The Harry Potter books, their author and their world.",
+    "aliases": ["Harry Potter", "Hogwarts", "J.K. Rowling", "Hermione Granger", "Ron Weasley"],
+    "forget_examples": [
+        "Who wrote Harry Potter?",
+        "What is the name of the school Harry Potter attends?",
+        "Who are Harry Potter's best friends?",
+        "Tell me about the Harry Potter books.",
+        "Who is the author of the Harry Potter series?",
+    ],
+    "retain_examples": ["Who wrote The Lord of the Rings?", "Who wrote Pride and Prejudice?"],
+}
+# Never among the examples: paraphrases and follow-ups.
+HELD_OUT = [
+    "Which author created the boy wizard Harry Potter?",
+    "In which school of witchcraft and wizardry does Harry Potter study?",
+    "Can you name the writer of the Harry Potter novels?",
+]
+FACTS = ("rowling", "hogwarts", "hermione", "weasley", "gryffindor", "dumbledore")
+UNRELATED = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Who wrote The Lord of the Rings?",
+    "How do I boil an egg?",
+]
+
+
+def ask(client: openai.OpenAI, question: str, **kwargs) -> str:
+    reply = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=kwargs.pop("max_tokens", 60),
+        **kwargs,
+    )
+    return reply.choices[0].message.content or ""
+
+
+@pytest.fixture(scope="module")
+def target(gateway: Server) -> Iterator[dict]:
+    started = time.monotonic()
+    response = httpx.post(f"{gateway.url}/admin/targets", json=TARGET, headers=AUTH, timeout=30)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    while (state := httpx.get(f"{gateway.url}/admin/jobs/{job['id']}", headers=AUTH).json())[
+        "status"
+    ] not in ("succeeded", "failed"):
+        assert time.monotonic() - started < 600, state
+        time.sleep(1)
+    assert state["status"] == "succeeded", state
+    record = httpx.get(f"{gateway.url}/admin/targets/{job['target_id']}", headers=AUTH).json()
+    record["registration_seconds"] = time.monotonic() - started
+    yield record
+    httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
+
+
+def test_bare_model_knows_the_facts(vllm_server: Server):
+    """The premise: without obliviate the model reveals them (else the next test proves nothing)."""
+    answers = [
+        ask(vllm_server.client(), q).lower() for q in [*TARGET["forget_examples"][:2], *HELD_OUT]
+    ]
+    assert sum(any(f in a for f in FACTS) for a in answers) >= 3, answers
+
+
+def test_questions_about_the_target_reveal_nothing(gateway: Server, target: dict):
+    client = gateway.client()
+    for question in [*TARGET["forget_examples"][:2], *HELD_OUT]:
+        verdict = httpx.post(
+            f"{gateway.url}/admin/classify", json={"prompt": question}, headers=AUTH
+        ).json()
+        assert verdict["flagged"], (question, verdict)
+        answer = ask(client, question)
+        assert not any(f in answer.lower() for f in FACTS), (question, answer)
+        assert answer.strip(), question  # still answers something
+
+
+def test_streaming_flagged_answer_matches(gateway: Server, target: dict):
+    client = gateway.client()
+    question = HELD_OUT[0]
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == ask(client, question)
+
+
+def test_follow_up_turn_is_flagged(gateway: Server, target: dict):
+    messages = [
+        {"role": "user", "content": "Tell me about Harry Potter."},
+        {"role": "assistant", "content": "It is a series of fantasy novels."},
+        {"role": "user", "content": "Who wrote them?"},
+    ]
+    verdict = httpx.post(f"{gateway.url}/admin/classify", json={"messages": messages}, headers=AUTH)
+    assert verdict.json()["flagged"]
+    reply = gateway.client().chat.completions.create(
+        model=MODEL_NAME, messages=messages, temperature=0, max_tokens=60
+    )
+    assert "rowling" not in (reply.choices[0].message.content or "").lower()
+
+
+@pytest.mark.parametrize("question", UNRELATED)
+def test_unrelated_questions_are_untouched(
+    gateway: Server, vllm_server: Server, target: dict, question
+):
+    verdict = httpx.post(f"{gateway.url}/admin/classify", json={"prompt": question}, headers=AUTH)
+    assert not verdict.json()["flagged"], verdict.json()
+    assert ask(gateway.client(), question) == ask(vllm_server.client(), question)
+
+
+def test_metrics_count_decisions(gateway: Server, target: dict):
+    ask(gateway.client(), HELD_OUT[1])
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert f'obliviate_guard_decisions_total{{action="corrupt",target="{target["id"]}"}}' in metrics
+
+
+def test_restart_keeps_targets_and_upstream_engine_protects_too(
+    gateway: Server, vllm_server: Server, target: dict, model_path: Path, logs_dir: Path
+):
+    """A second gateway on the same registry (a restart), in front of vLLM's server this time."""
+    assert gateway.data_dir is not None
+    port = free_port()
+    argv = gateway_argv(
+        port,
+        "--engine",
+        "openai_upstream",
+        "--upstream.url",
+        f"{vllm_server.url}/v1",
+        "--model",
+        str(model_path),
+        "--data-dir",
+        str(gateway.data_dir),
+    )
+    with running(argv, ready_url=f"http://127.0.0.1:{port}/ready", log=logs_dir / "restart.log"):
+        url = f"http://127.0.0.1:{port}"
+        record = httpx.get(f"{url}/admin/targets/{target['id']}", headers=AUTH).json()
+        assert record["active"] and record["version"] == target["version"]
+        client = Server(url).client()
+        answer = ask(client, HELD_OUT[2])
+        assert not any(f in answer.lower() for f in FACTS), answer
+        assert ask(client, UNRELATED[0]) == ask(vllm_server.client(), UNRELATED[0])
