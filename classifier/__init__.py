@@ -1,0 +1,35 @@
+"""Prompt classifier: flags prompts about registered forget targets (ECO-style guard).
+
+Two stages per target: static token embeddings + alias cues clear most traffic in well under a
+millisecond; all-MiniLM-L6-v2 + alias cues decide the rest, at a conformally calibrated
+false-positive rate. `find_spans` gives the character spans that name a target.
+"""
+
+from .bank import ClassifierBank, Decision
+from .calibrate import CalibrationReport, conformal_threshold
+from .conversation import TextPiece, content_text, conversation_pieces, conversation_text
+from .embed import Embedder, EmbedderNotFoundError, default_model_path
+from .model import ArtifactError, TargetClassifier, TargetSpec
+from .spans import find_spans
+from .train import TargetTrainer, TrainConfig, train_target
+
+__all__ = [
+    "ArtifactError",
+    "CalibrationReport",
+    "ClassifierBank",
+    "Decision",
+    "Embedder",
+    "EmbedderNotFoundError",
+    "TargetClassifier",
+    "TargetSpec",
+    "TargetTrainer",
+    "TextPiece",
+    "TrainConfig",
+    "conformal_threshold",
+    "content_text",
+    "conversation_pieces",
+    "conversation_text",
+    "default_model_path",
+    "find_spans",
+    "train_target",
+]

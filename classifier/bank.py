@@ -1,0 +1,174 @@
+"""The set of active targets, classified together in two stages, swapped atomically."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .calibrate import sigmoid
+from .conversation import conversation_text, segments
+from .embed import Embedder
+from .features import bow_logits, lexical_features, names_target
+from .model import TargetClassifier, build_index
+from .spans import AliasMatch, accepted_spans
+
+STAGE_STATIC = "static"
+STAGE_FULL = "full"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One target's verdict on one text; score and threshold belong to the deciding `stage`."""
+
+    target: str
+    score: float
+    threshold: float
+    flagged: bool
+    stage: str
+    spans: tuple[tuple[int, int], ...] = ()
+
+
+class _Snapshot:
+    """Immutable stacked weights of a set of targets (T targets, H embedding dims)."""
+
+    def __init__(self, targets: tuple[TargetClassifier, ...], embedder: Embedder) -> None:
+        self.targets = targets
+        self.index = build_index(targets, embedder)
+
+        def stack(attr: str) -> tuple[np.ndarray, ...]:
+            heads = [getattr(t, attr) for t in targets]
+            return (
+                np.stack([h.w_emb for h in heads]).astype(np.float32),  # (T, H)
+                np.stack([h.w_lex for h in heads]).astype(np.float32),  # (T, 4)
+                np.stack([h.w_bow for h in heads]).astype(np.float32),  # (T, V)
+                np.array([h.bias for h in heads]),  # (T,)
+            )
+
+        if targets:
+            self.static = stack("static_head")
+            self.full = stack("full_head")
+        self.gate = np.array([t.gate_logit for t in targets])
+        self.threshold = np.array([t.threshold_logit for t in targets])
+
+
+def _logits(
+    emb: np.ndarray, lex: np.ndarray, ids: list[np.ndarray], head: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    w_emb, w_lex, w_bow, bias = head
+    # emb (N, H) . (H, T) + sum over the 3 alias features of (N, T, 3) * (T, 4) -> (N, T)
+    dense = emb @ w_emb.T + (lex * w_lex[None]).sum(-1) + bias[None]
+    return np.asarray(dense + bow_logits(ids, w_bow), dtype=np.float64)
+
+
+class ClassifierBank:
+    """Thread-safe holder of the active targets; readers never see a half-updated set."""
+
+    def __init__(self, embedder: Embedder, targets: Iterable[TargetClassifier] = ()) -> None:
+        self.embedder = embedder
+        self._lock = threading.Lock()
+        self._snapshot = _Snapshot((), embedder)
+        self.set_targets(targets)
+
+    @property
+    def targets(self) -> tuple[TargetClassifier, ...]:
+        """The active targets, in order."""
+        return self._snapshot.targets
+
+    def set_targets(self, targets: Iterable[TargetClassifier]) -> None:
+        """Replace the whole set at once (copy-on-write)."""
+        new = tuple(targets)
+        names = [t.name for t in new]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate target names in {names}")
+        for t in new:
+            if t.embedder_fingerprint != self.embedder.fingerprint:
+                raise ValueError(f"target {t.name!r} was trained with another embedder")
+        snapshot = _Snapshot(new, self.embedder)
+        with self._lock:
+            self._snapshot = snapshot
+
+    def add(self, target: TargetClassifier) -> None:
+        """Activate a target, replacing any target of the same name."""
+        with self._lock:
+            current = self._snapshot.targets
+        self.set_targets([t for t in current if t.name != target.name] + [target])
+
+    def remove(self, name: str) -> bool:
+        """Deactivate a target by name; False if it was not active."""
+        with self._lock:
+            current = self._snapshot.targets
+        kept = [t for t in current if t.name != name]
+        self.set_targets(kept)
+        return len(kept) != len(current)
+
+    def classify(self, texts: Sequence[str]) -> list[list[Decision]]:
+        """One Decision per active target for each text (batched, two-stage)."""
+        snap = self._snapshot
+        if not snap.targets:
+            return [[] for _ in texts]
+        pieces: list[tuple[int, int, str]] = []  # (text index, offset, segment)
+        matches: list[list[AliasMatch]] = []
+        for i, text in enumerate(texts):
+            matches.append(snap.index.match(text))
+            pieces += [(i, off, seg) for off, seg in segments(text)]
+        n_t = len(snap.targets)
+        lex = np.stack([self._piece_lex(matches[i], off, len(seg), n_t) for i, off, seg in pieces])
+        seg_texts = [seg for _, _, seg in pieces]
+        ids = self.embedder.token_ids(seg_texts)
+        s1 = _logits(self.embedder.static_from_ids(ids), lex, ids, snap.static)  # (P, T)
+        gated = (s1 > snap.gate[None]) | names_target(lex)  # (P, T)
+        s2 = np.full_like(s1, -np.inf)
+        rows = np.flatnonzero(gated.any(axis=1))
+        if len(rows):
+            emb = self.embedder.encode([seg_texts[r] for r in rows])
+            s2[rows] = _logits(emb, lex[rows], [ids[r] for r in rows], snap.full)
+        return [
+            self._decide(
+                snap,
+                matches[i],
+                [p for p, piece in enumerate(pieces) if piece[0] == i],
+                s1,
+                s2,
+                gated,
+            )
+            for i in range(len(texts))
+        ]
+
+    def classify_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[Decision]:
+        """Classify a chat conversation's user and system text (all turns, no template)."""
+        return self.classify([conversation_text(messages)])[0]
+
+    @staticmethod
+    def _piece_lex(matches: list[AliasMatch], off: int, length: int, n_t: int) -> np.ndarray:
+        inside = [m for m in matches if off <= m.start and m.end <= off + length]
+        return lexical_features(inside, n_t)
+
+    @staticmethod
+    def _decide(
+        snap: _Snapshot,
+        matches: list[AliasMatch],
+        rows: list[int],
+        s1: np.ndarray,
+        s2: np.ndarray,
+        gated: np.ndarray,
+    ) -> list[Decision]:
+        out = []
+        for t, target in enumerate(snap.targets):
+            if gated[rows, t].any():
+                best = max((r for r in rows if gated[r, t]), key=lambda r: s2[r, t])
+                logit, thr, stage = s2[best, t], snap.threshold[t], STAGE_FULL
+            else:
+                best = max(rows, key=lambda r: s1[r, t])
+                logit, thr, stage = s1[best, t], snap.gate[t], STAGE_STATIC
+            flagged = bool(stage == STAGE_FULL and logit > thr)
+            spans = tuple(accepted_spans(matches, t)) if flagged else ()
+            out.append(
+                Decision(
+                    target.name, float(sigmoid(logit)), float(sigmoid(thr)), flagged, stage, spans
+                )
+            )
+        return out

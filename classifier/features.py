@@ -1,0 +1,87 @@
+"""Feature vectors shared by training and serving: embedding, alias and word-piece features.
+
+A head's logit is `embedding . w_emb + alias_features . w_lex + sum of w_bow over the distinct
+word pieces of the text + bias`: the dense embedding carries the meaning, the alias features
+who is named, and the bag of word pieces the details (places, dates, titles) that a sentence
+embedding blurs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+from .spans import AliasIndex, AliasMatch
+
+# Alias features per (text, target): full-match quality; specificity of a partial match on a
+# person's last name, of another partial match; of a partial match next to another name.
+N_LEXICAL = 4
+FEATURE_VERSION = 3
+
+
+def lexical_features(matches: Sequence[AliasMatch], n_targets: int) -> np.ndarray:
+    """(T, 4) alias features of one text for each of `n_targets` targets."""
+    out = np.zeros((n_targets, N_LEXICAL), dtype=np.float32)
+    for m in matches:
+        row = out[m.target]
+        if m.full:
+            row[0] = max(row[0], max(0.25, 1.0 - 0.25 * m.edits))
+        elif m.conflict:
+            row[3] = max(row[3], m.weight)
+        elif m.surname:
+            row[1] = max(row[1], m.weight)
+        else:
+            row[2] = max(row[2], m.weight)
+    return out
+
+
+def names_target(lex: np.ndarray) -> np.ndarray:
+    """Whether alias features (..., 4) show the target named (fully, or partly without a
+    conflicting name): such prompts always go on to stage 2."""
+    return np.asarray((lex[..., :3] > 0).any(axis=-1))
+
+
+def batch_lexical(
+    index: AliasIndex, texts: Sequence[str]
+) -> tuple[np.ndarray, list[list[AliasMatch]]]:
+    """(N, T, 4) alias features for many texts, and the raw matches per text."""
+    n_targets = len(index.aliases)
+    matches = [index.match(t) for t in texts]
+    if not texts:
+        return np.zeros((0, n_targets, N_LEXICAL), dtype=np.float32), matches
+    return np.stack([lexical_features(m, n_targets) for m in matches]), matches
+
+
+def bag_of_pieces(ids: Sequence[np.ndarray], vocab_size: int) -> sparse.csr_matrix:
+    """(N, V) binary presence of each word piece."""
+    uniq = [np.unique(row) for row in ids]
+    indptr = np.concatenate([[0], np.cumsum([len(u) for u in uniq])])
+    indices = np.concatenate(uniq) if uniq else np.zeros(0, dtype=np.int64)
+    data = np.ones(len(indices), dtype=np.float32)
+    return sparse.csr_matrix((data, indices, indptr), shape=(len(ids), vocab_size))
+
+
+def bow_logits(ids: Sequence[np.ndarray], w_bow: np.ndarray) -> np.ndarray:
+    """Sum of `w_bow` (V,) or (T, V) over each text's distinct word pieces: (N,) or (N, T)."""
+    out = [w_bow[..., np.unique(row)].sum(axis=-1) for row in ids]
+    if not out:
+        return np.zeros((0,) + w_bow.shape[:-1])
+    return np.asarray(np.stack(out), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """One target's logistic head over the three feature groups (weights unscaled)."""
+
+    w_emb: np.ndarray  # (H,)
+    w_lex: np.ndarray  # (N_LEXICAL,)
+    w_bow: np.ndarray  # (V,)
+    bias: float
+
+    def logits(self, emb: np.ndarray, lex: np.ndarray, ids: Sequence[np.ndarray]) -> np.ndarray:
+        """Logits for (N, H) embeddings, (N, N_LEXICAL) alias features and word-piece ids."""
+        dense = emb @ self.w_emb + lex @ self.w_lex + self.bias
+        return np.asarray(dense + bow_logits(ids, self.w_bow), dtype=np.float64)

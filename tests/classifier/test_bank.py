@@ -1,0 +1,83 @@
+"""The bank: two stages, conversations, spans, and atomic swaps of the active set."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+
+from classifier import ClassifierBank, Embedder, TargetClassifier
+
+
+def test_decisions_per_text_and_target(hp_classifier: TargetClassifier, embedder: Embedder) -> None:
+    other = dataclasses.replace(hp_classifier, name="other")
+    bank = ClassifierBank(embedder, [hp_classifier, other])
+    texts = ["Who is Harry Potter?", "What is the capital of France?"]
+    out = bank.classify(texts)
+    assert [[d.target for d in ds] for ds in out] == [["harry-potter", "other"]] * 2
+    hp, general = out[0][0], out[1][0]
+    assert hp.flagged and hp.stage == "full" and hp.score > hp.threshold
+    assert texts[0][slice(*hp.spans[0])] == "Harry Potter"
+    assert not general.flagged and general.spans == ()
+    assert ClassifierBank(embedder).classify(texts) == [[], []]
+
+
+def test_follow_up_turn_stays_flagged(hp_classifier: TargetClassifier, embedder: Embedder) -> None:
+    bank = ClassifierBank(embedder, [hp_classifier])
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Tell me about Hermione Granger."},
+        {"role": "assistant", "content": "She is a character in a series of novels."},
+        {"role": "user", "content": [{"type": "text", "text": "and when was she born?"}]},
+    ]
+    assert bank.classify_messages(messages)[0].flagged
+    assert not bank.classify_messages(messages[-1:])[0].flagged
+
+
+def test_long_conversation_is_classified_everywhere(
+    hp_classifier: TargetClassifier, embedder: Embedder
+) -> None:
+    bank = ClassifierBank(embedder, [hp_classifier])
+    filler = "Please follow the style guide carefully. " * 60  # far beyond MiniLM's window
+    text = filler + "\nWho are Harry Potter's friends?"
+    decision = bank.classify([text])[0][0]
+    assert decision.flagged
+    assert text[slice(*decision.spans[0])] == "Harry Potter"
+
+
+def test_add_remove_and_embedder_check(hp_classifier: TargetClassifier, embedder: Embedder) -> None:
+    bank = ClassifierBank(embedder)
+    bank.add(hp_classifier)
+    bank.add(hp_classifier)  # same name: replaced, not duplicated
+    assert [t.name for t in bank.targets] == ["harry-potter"]
+    assert bank.remove("harry-potter") and not bank.remove("harry-potter")
+    foreign = dataclasses.replace(hp_classifier, embedder_fingerprint="elsewhere")
+    with pytest.raises(ValueError, match="embedder"):
+        bank.add(foreign)
+    with pytest.raises(ValueError, match="duplicate"):
+        bank.set_targets([hp_classifier, hp_classifier])
+
+
+def test_swaps_are_atomic(hp_classifier: TargetClassifier, embedder: Embedder) -> None:
+    set_a = [dataclasses.replace(hp_classifier, name=f"a{i}") for i in range(3)]
+    set_b = [dataclasses.replace(hp_classifier, name=f"b{i}") for i in range(2)]
+    names_a, names_b = [t.name for t in set_a], [t.name for t in set_b]
+    bank = ClassifierBank(embedder, set_a)
+    seen: list[list[str]] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append([d.target for d in bank.classify(["What is the capital of Peru?"])[0]])
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(100):
+        bank.set_targets(set_b if i % 2 == 0 else set_a)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert seen
+    assert all(names in (names_a, names_b) for names in seen)

@@ -1,0 +1,50 @@
+"""Alias spans: case, typos, spacing, conflicts with other names, common words."""
+
+from __future__ import annotations
+
+from classifier import find_spans
+from classifier.spans import AliasIndex
+
+
+def _found(text: str, aliases: list[str]) -> list[str]:
+    return [text[s:e] for s, e in find_spans(text, aliases)]
+
+
+def test_exact_and_case_insensitive() -> None:
+    assert _found("Who is Harry Potter?", ["Harry Potter"]) == ["Harry Potter"]
+    assert _found("who is HARRY POTTER", ["Harry Potter"]) == ["HARRY POTTER"]
+
+
+def test_typos_and_spacing() -> None:
+    aliases = ["Basil Mahfouz Al-Kuwaiti", "Ji-Yeon Park", "J.K. Rowling"]
+    assert _found("Tell me about basil mahfuz alkuwaiti", aliases) == ["basil mahfuz alkuwaiti"]
+    assert _found("Books by Jiyeon  Park?", aliases) == ["Jiyeon  Park"]
+    assert _found("Is JK Rowling British?", aliases) == ["JK Rowling"]
+    assert _found("Is J. K. Rowling British?", aliases) == ["J. K. Rowling"]
+
+
+def test_offsets_point_into_the_text() -> None:
+    text = "First line.\nAnd what did Hermione Grangr do?"
+    spans = find_spans(text, ["Hermione Granger"])
+    assert spans == [(text.index("Hermione"), text.index(" do?"))]
+
+
+def test_partial_names_and_conflicts() -> None:
+    aliases = ["Rajeev Majumdar", "Edward Patrick Sullivan"]
+    assert _found("How has Majumdar's background shaped him?", aliases) == ["Majumdar"]
+    assert _found("Who is Edward Sullivan?", aliases) == ["Edward Sullivan"]
+    # Same first or last name, different person: not the target.
+    assert _found("What genre does Aravind Rajeev write?", aliases) == []
+    assert _found("When was Elliot Patrick Benson born?", aliases) == []
+
+
+def test_common_words_are_not_typos_nor_names() -> None:
+    index = AliasIndex([["Basil Mahfouz", "Ji-Yeon Park"]], common_words={"basis", "basic"})
+    assert index.spans("On what basis was the basic rule made?") == []
+    assert index.spans("He met a dealer in a public park.") == []
+    assert index.spans("what did park write") != []  # all lower case: the name may be meant
+
+
+def test_short_aliases_need_their_exact_case() -> None:
+    assert _found("Tell me about IT.", ["IT"]) == ["IT"]
+    assert _found("Tell me about it.", ["IT"]) == []
