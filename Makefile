@@ -8,8 +8,14 @@ ARGS ?=
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
+# The admin API needs a token: keep one in .obliviate/admin-token unless OBLIVIATE_ADMIN_TOKEN is set.
+ADMIN_TOKEN_FILE ?= .obliviate/admin-token
+
 serve: setup
-	$(BIN)/obliviate serve $(ARGS)
+	@mkdir -p $(dir $(ADMIN_TOKEN_FILE))
+	@[ -s $(ADMIN_TOKEN_FILE) ] || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(32))" > $(ADMIN_TOKEN_FILE)
+	@echo "Admin token (Authorization: Bearer ...) is in $(ADMIN_TOKEN_FILE)"
+	OBLIVIATE_ADMIN_TOKEN="$${OBLIVIATE_ADMIN_TOKEN:-$$(cat $(ADMIN_TOKEN_FILE))}" $(BIN)/obliviate serve $(ARGS)
 
 test: setup lint
 	$(BIN)/pytest -ra $(ARGS)
