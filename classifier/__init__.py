@@ -11,7 +11,7 @@ from .conversation import TextPiece, content_text, conversation_pieces, conversa
 from .embed import Embedder, EmbedderNotFoundError, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
 from .spans import find_spans
-from .train import TargetTrainer, TrainConfig, train_target
+from .train import TargetTrainer, TrainConfig, train_target, warm_up
 
 __all__ = [
     "ArtifactError",
@@ -32,4 +32,5 @@ __all__ = [
     "default_model_path",
     "find_spans",
     "train_target",
+    "warm_up",
 ]

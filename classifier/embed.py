@@ -111,7 +111,10 @@ class Embedder:
 
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Word-piece ids of each text, without special tokens, truncated to `max_length`."""
-        encodings = self._fast.encode_batch(list(texts), add_special_tokens=False)
+        if len(texts) == 1:  # the common single-prompt case: skip the batch thread pool
+            encodings = [self._fast.encode(texts[0], add_special_tokens=False)]
+        else:
+            encodings = self._fast.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(enc.ids[: self.max_length], dtype=np.int64) for enc in encodings]
 
     def static_from_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:

@@ -66,10 +66,12 @@ class Word:
 
 def split_words(text: str) -> list[Word]:
     """Split text into words with their character offsets."""
-    return [
-        Word(m.start(), m.end(), fold(m.group()), m.group()[0].isupper())
-        for m in _WORD_RE.finditer(text)
-    ]
+    out = []
+    for m in _WORD_RE.finditer(text):
+        w = m.group()
+        norm = w.lower() if w.isascii() else fold(w)  # ASCII: no Unicode normalisation needed
+        out.append(Word(m.start(), m.end(), norm, w[0].isupper()))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

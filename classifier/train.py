@@ -65,6 +65,22 @@ class TrainConfig:
 
 
 @dataclass
+class _Design:
+    """Everything both heads are fitted on; rows are training texts then shipped negatives."""
+
+    y: np.ndarray
+    kinds: np.ndarray
+    groups: np.ndarray
+    ids: list[np.ndarray]
+    static: np.ndarray  # (N, H)
+    full: np.ndarray  # (N, H)
+    lex: np.ndarray  # (N, 4)
+    x_static: sparse.csr_matrix
+    x_full: sparse.csr_matrix
+    cols: np.ndarray  # the word pieces that occur, in x_static's bag-of-pieces columns
+
+
+@dataclass
 class _Data:
     texts: list[str]
     y: np.ndarray
@@ -104,87 +120,97 @@ class TargetTrainer:
             groups=np.array([r[3] for r in rows]),
         )
 
-    def train(self, spec: TargetSpec) -> TargetClassifier:
-        """Train and calibrate a classifier for `spec`."""
-        t0 = time.perf_counter()
-        cfg = self.config
-        lexicon = load_lexicon()
-        index = AliasIndex(
-            [spec.aliases],
-            common_words=self.embedder.vocabulary_words(),
-            name_words=lexicon.name_words,
-        )
+    def _assemble(self, spec: TargetSpec, index: AliasIndex) -> _Design:
+        """Training texts plus the shipped negatives, as feature matrices for both heads."""
+        cfg, emb = self.config, self.embedder
         data = self._data(spec, index)
         g_texts, g_kinds = self._general()
-        g_full, g_static = self.embedder.encode_corpus(f"general/{len(g_texts)}", g_texts)
+        g_full, g_static = emb.encode_corpus(f"general/{len(g_texts)}", g_texts)
         g_lex, g_matches = batch_lexical(index, g_texts)
         # Shipped negatives that name the target are not negatives for it.
         keep = np.array([not accepted_spans(m, 0) for m in g_matches], dtype=bool)
         lex, _ = batch_lexical(index, data.texts)
-        ids = self.embedder.token_ids(data.texts) + [
-            row for row, k in zip(self.embedder.token_ids(g_texts), keep, strict=True) if k
-        ]
-        full = np.concatenate([self.embedder.encode(data.texts), g_full[keep]])
-        static = np.concatenate([self.embedder.encode_static(data.texts), g_static[keep]])
+        g_ids = emb.token_ids(g_texts)
+        ids = emb.token_ids(data.texts) + [g_ids[i] for i in np.flatnonzero(keep)]
+        full = np.concatenate([emb.encode(data.texts), g_full[keep]])
+        static = np.concatenate([emb.static_from_ids(ids[: len(data.texts)]), g_static[keep]])
         lex_all = np.concatenate([lex[:, 0], g_lex[keep, 0]])
-        y = np.concatenate([data.y, np.zeros(int(keep.sum()), dtype=int)])
-        kinds = np.concatenate([data.kinds, g_kinds[keep]])
         n_groups = int(data.groups.max(initial=-1)) + 1
-        groups = np.concatenate([data.groups, n_groups + np.flatnonzero(keep)])
-        bow = bag_of_pieces(ids, self.embedder.vocab_size)
         # The target's own names are the alias features' job (with context): not word pieces.
-        alias_ids = np.unique(
-            np.concatenate(
-                self.embedder.token_ids([v for a in spec.aliases for v in alias_variants(a)]) + [[]]
-            )
-        ).astype(np.int64)
-        keep_cols = np.ones(self.embedder.vocab_size, dtype=np.float32)
-        keep_cols[alias_ids] = 0.0
-        bow = sparse.csr_matrix(bow @ sparse.diags(keep_cols))
+        variants = [v for a in spec.aliases for v in alias_variants(a)]
+        alias_ids = np.unique(np.concatenate([*emb.token_ids(variants), np.zeros(0)]))
+        keep_cols = np.ones(emb.vocab_size, dtype=np.float32)
+        keep_cols[alias_ids.astype(np.int64)] = 0.0
+        bow = sparse.csr_matrix(bag_of_pieces(ids, emb.vocab_size) @ sparse.diags(keep_cols))
         bow.eliminate_zeros()
         # Fit only the word pieces that occur (a few thousand of 30k): much faster L-BFGS.
         cols = np.unique(bow.indices)
         bow = sparse.csr_matrix(bow[:, cols])
-        x_static = self._design(static, lex_all, bow)
-        x_full = self._design(full, lex_all, bow if cfg.full_bow else None)
-        folds = _assign_folds(groups, cfg.folds, cfg.seed)
-        oof_static = np.zeros(len(y))
-        oof_full = np.zeros(len(y))
-        for f in range(cfg.folds):
+        return _Design(
+            y=np.concatenate([data.y, np.zeros(int(keep.sum()), dtype=int)]),
+            kinds=np.concatenate([data.kinds, g_kinds[keep]]),
+            groups=np.concatenate([data.groups, n_groups + np.flatnonzero(keep)]),
+            ids=ids,
+            static=static,
+            full=full,
+            lex=lex_all,
+            x_static=self._stack(static, lex_all, bow),
+            x_full=self._stack(full, lex_all, bow if cfg.full_bow else None),
+            cols=cols,
+        )
+
+    def _cross_fit(self, d: _Design) -> tuple[np.ndarray, np.ndarray]:
+        """Out-of-fold logits of both heads (folds grouped by source example)."""
+        folds = _assign_folds(d.groups, self.config.folds, self.config.seed)
+        oof_static = np.zeros(len(d.y))
+        oof_full = np.zeros(len(d.y))
+        for f in range(self.config.folds):
             tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-            ids_te = [ids[i] for i in te]
-            head = self._fit(x_static[tr], y[tr], cols)
-            oof_static[te] = head.logits(static[te], lex_all[te], ids_te)
-            head = self._fit(x_full[tr], y[tr], cols)
-            oof_full[te] = head.logits(full[te], lex_all[te], ids_te)
-        neg, pos = y == 0, y == 1
-        threshold = grouped_threshold(oof_full[neg], kinds[neg], cfg.fpr)
+            ids_te = [d.ids[i] for i in te]
+            head = self._fit(d.x_static[tr], d.y[tr], d.cols)
+            oof_static[te] = head.logits(d.static[te], d.lex[te], ids_te)
+            head = self._fit(d.x_full[tr], d.y[tr], d.cols)
+            oof_full[te] = head.logits(d.full[te], d.lex[te], ids_te)
+        return oof_static, oof_full
+
+    def train(self, spec: TargetSpec) -> TargetClassifier:
+        """Train and calibrate a classifier for `spec`."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        index = AliasIndex(
+            [spec.aliases],
+            common_words=self.embedder.vocabulary_words(),
+            name_words=load_lexicon().name_words,
+        )
+        d = self._assemble(spec, index)
+        oof_static, oof_full = self._cross_fit(d)
+        neg, pos = d.y == 0, d.y == 1
+        threshold = grouped_threshold(oof_full[neg], d.kinds[neg], cfg.fpr)
         # Stage 1 only has to pass on what stage 2 would flag and alias cues do not let by.
-        bypass = names_target(lex_all)
+        bypass = names_target(d.lex)
         wanted = pos & (oof_full > threshold)
-        for ref in (wanted & ~bypass, wanted, pos):
-            if ref.any():
-                gate = float(np.quantile(oof_static[ref], 1.0 - cfg.gate_recall))
-                gate -= cfg.gate_margin
-                break
+        ref = next((r for r in (wanted & ~bypass, wanted, pos) if r.any()), pos | neg)
+        gate = float(np.quantile(oof_static[ref], 1.0 - cfg.gate_recall)) - cfg.gate_margin
         passed = (oof_static > gate) | bypass
         flagged = passed & (oof_full > threshold)
-        static_head = self._fit(x_static, y, cols)
-        full_head = self._fit(x_full, y, cols)
+        static_head = self._fit(d.x_static, d.y, d.cols)
+        full_head = self._fit(d.x_full, d.y, d.cols)
         seconds = time.perf_counter() - t0
+
+        def by_kind(mask: np.ndarray) -> dict[str, float]:
+            return {
+                str(k): float(mask[neg & (d.kinds == k)].mean()) for k in np.unique(d.kinds[neg])
+            }
+
         report = CalibrationReport(
             fpr_target=cfg.fpr,
             threshold=float(sigmoid(threshold)),
             heldout_recall=float(flagged[pos].mean()),
             heldout_fpr=float(flagged[neg].mean()),
-            heldout_fpr_by_kind={
-                str(k): float(flagged[neg & (kinds == k)].mean()) for k in np.unique(kinds[neg])
-            },
+            heldout_fpr_by_kind=by_kind(flagged),
             gate_threshold=float(sigmoid(gate)),
             gate_recall=float(passed[pos].mean()),
-            gate_pass_rate={
-                str(k): float(passed[neg & (kinds == k)].mean()) for k in np.unique(kinds[neg])
-            },
+            gate_pass_rate=by_kind(passed),
             n_pos=int(pos.sum()),
             n_neg=int(neg.sum()),
             folds=cfg.folds,
@@ -202,7 +228,7 @@ class TargetTrainer:
             threshold_logit=threshold,
             report=report,
             embedder_fingerprint=self.embedder.fingerprint,
-            meta={"config": self.config.__dict__},
+            meta={"config": dict(self.config.__dict__)},
         )
 
     def _general(self) -> tuple[list[str], np.ndarray]:
@@ -214,7 +240,7 @@ class TargetTrainer:
             order = np.sort(np.random.default_rng(0).permutation(order)[: self.config.max_general])
         return [general.texts[i] for i in order], np.array(general.kinds)[order]
 
-    def _design(
+    def _stack(
         self, emb: np.ndarray, lex: np.ndarray, bow: sparse.csr_matrix | None
     ) -> sparse.csr_matrix:
         cfg = self.config
@@ -246,6 +272,12 @@ def _assign_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
     perm = np.random.default_rng(seed).permutation(len(unique))
     fold_of = dict(zip(unique.tolist(), (perm % k).tolist(), strict=True))
     return np.array([fold_of[g] for g in groups.tolist()])
+
+
+def warm_up(embedder: Embedder, config: TrainConfig | None = None) -> None:
+    """Embed the shipped negatives now (seconds, once per embedder) so that training is quick."""
+    texts, _ = TargetTrainer(embedder, config)._general()
+    embedder.encode_corpus(f"general/{len(texts)}", texts)
 
 
 def train_target(

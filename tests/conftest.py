@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from server.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _no_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their settings in code: the developer's OBLIVIATE_* variables never leak in."""
+    for name in list(os.environ):
+        if name.startswith("OBLIVIATE_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
