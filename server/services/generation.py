@@ -142,21 +142,32 @@ class GenerationService:
         rid: str,
         stream: bool,
     ) -> list[Primed]:
-        """Guard every prompt, start the engine on each and wait for each first chunk."""
-        primed: list[Primed] = []
-        try:
-            for i, prompt in enumerate(prompts):
-                sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
-                protected = await self._guard.protect(prompt, sub_id)
-                request = GenerationRequest(sub_id, protected, sampling, stream)
-                iterator = aiter(self._engine.generate(request))
-                first = await anext(iterator)
-                primed.append((first, iterator))
-        except BaseException:
-            for _, iterator in primed:
+        """Guard every prompt, start the engine on all at once and wait for each first chunk."""
+
+        async def prime(i: int, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> Primed:
+            sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+            protected = await self._guard.protect(prompt, sub_id)
+            iterator = aiter(
+                self._engine.generate(GenerationRequest(sub_id, protected, sampling, stream))
+            )
+            try:
+                return await anext(iterator), iterator
+            except BaseException:
                 await _close(iterator)
-            raise
-        return primed
+                raise
+
+        if len(prompts) == 1:
+            return [await prime(0, prompts[0])]
+        results = await asyncio.gather(
+            *(prime(i, p) for i, p in enumerate(prompts)), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for r in results:
+                if not isinstance(r, BaseException):
+                    await _close(r[1])
+            raise failures[0]
+        return [r for r in results if not isinstance(r, BaseException)]
 
     async def _chat_stream(
         self, rid: str, created: int, model: str, primed: list[Primed], n: int, include_usage: bool
