@@ -164,7 +164,20 @@ def _swap_details(text: str, rng: random.Random, lexicon: Lexicon) -> str:
     caps = [(m.start(), m.end()) for m in _CAPS_RE.finditer(text)]
     words = [text[a:b] for a, b in caps]
     text = _replace_spans(text, caps, lambda k: make(k, words))
-    return _NUM_RE.sub(lambda m: str(rng.randrange(10 ** len(m.group()))), text)
+    return _NUM_RE.sub(lambda m: _other_number(m.group(), rng), text)
+
+
+def _other_number(old: str, rng: random.Random) -> str:
+    """A plausible different number: a year for a year, a day or month for a short one."""
+    while True:
+        if len(old) == 4:
+            new = str(rng.randrange(1900, 2025))
+        elif len(old) <= 2:
+            new = str(rng.randrange(1, 29)).zfill(len(old))
+        else:
+            new = str(rng.randrange(10 ** len(old)))
+        if new != old:
+            return new
 
 
 def near_misses(

@@ -12,7 +12,7 @@ import numpy as np
 from .calibrate import sigmoid
 from .conversation import conversation_text, segments
 from .embed import Embedder
-from .features import bow_logits, lexical_features, names_target
+from .features import add_details, bow_logits, lexical_features, names_target
 from .model import TargetClassifier, build_index
 from .spans import AliasMatch, accepted_spans
 
@@ -43,7 +43,7 @@ class _Snapshot:
             heads = [getattr(t, attr) for t in targets]
             return (
                 np.stack([h.w_emb for h in heads]).astype(np.float32),  # (T, H)
-                np.stack([h.w_lex for h in heads]).astype(np.float32),  # (T, 4)
+                np.stack([h.w_lex for h in heads]).astype(np.float32),  # (T, 5)
                 np.stack([h.w_bow for h in heads]).astype(np.float32),  # (T, V)
                 np.array([h.bias for h in heads]),  # (T,)
             )
@@ -51,6 +51,7 @@ class _Snapshot:
         if targets:
             self.static = stack("static_head")
             self.full = stack("full_head")
+        self.profiles = [t.detail_profiles for t in targets]
         self.gate = np.array([t.gate_logit for t in targets])
         self.threshold = np.array([t.threshold_logit for t in targets])
 
@@ -59,7 +60,7 @@ def _logits(
     emb: np.ndarray, lex: np.ndarray, ids: list[np.ndarray], head: tuple[np.ndarray, ...]
 ) -> np.ndarray:
     w_emb, w_lex, w_bow, bias = head
-    # emb (N, H) . (H, T) + sum over the 3 alias features of (N, T, 3) * (T, 4) -> (N, T)
+    # emb (N, H) . (H, T) + sum over the 5 lexical features of (N, T, 5) * (T, 5) -> (N, T)
     dense = emb @ w_emb.T + (lex * w_lex[None]).sum(-1) + bias[None]
     return np.asarray(dense + bow_logits(ids, w_bow), dtype=np.float64)
 
@@ -116,7 +117,12 @@ class ClassifierBank:
             matches.append(snap.index.match(text))
             pieces += [(i, off, seg) for off, seg in segments(text)]
         n_t = len(snap.targets)
-        lex = np.stack([self._piece_lex(matches[i], off, len(seg), n_t) for i, off, seg in pieces])
+        lex = np.stack(
+            [
+                add_details(self._piece_lex(matches[i], off, len(seg), n_t), seg, snap.profiles)
+                for i, off, seg in pieces
+            ]
+        )
         seg_texts = [seg for _, _, seg in pieces]
         ids = self.embedder.token_ids(seg_texts)
         s1 = _logits(self.embedder.static_from_ids(ids), lex, ids, snap.static)  # (P, T)

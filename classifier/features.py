@@ -14,16 +14,19 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from .details import detail_overlap, text_terms
 from .spans import AliasIndex, AliasMatch
 
-# Alias features per (text, target): full-match quality; specificity of a partial match on a
-# person's last name, of another partial match; of a partial match next to another name.
-N_LEXICAL = 4
-FEATURE_VERSION = 3
+# Lexical features per (text, target): full-match quality; specificity of a partial match on a
+# person's last name, of another partial match; of a partial match next to another name; and
+# the detail overlap with the target's examples that name nobody (see details.py).
+N_LEXICAL = 5
+FEATURE_VERSION = 4
+Profiles = Sequence[tuple[str, ...]]  # one target's detail profiles
 
 
 def lexical_features(matches: Sequence[AliasMatch], n_targets: int) -> np.ndarray:
-    """(T, 4) alias features of one text for each of `n_targets` targets."""
+    """(T, 5) lexical features of one text for each of `n_targets` targets (no details)."""
     out = np.zeros((n_targets, N_LEXICAL), dtype=np.float32)
     for m in matches:
         row = out[m.target]
@@ -39,20 +42,32 @@ def lexical_features(matches: Sequence[AliasMatch], n_targets: int) -> np.ndarra
 
 
 def names_target(lex: np.ndarray) -> np.ndarray:
-    """Whether alias features (..., 4) show the target named (fully, or partly without a
+    """Whether lexical features (..., 5) show the target named (fully, or partly without a
     conflicting name): such prompts always go on to stage 2."""
     return np.asarray((lex[..., :3] > 0).any(axis=-1))
 
 
+def add_details(lex: np.ndarray, text: str, profiles: Sequence[Profiles]) -> np.ndarray:
+    """Fill the detail-overlap column of one text's (T, 5) features in place; returns it."""
+    if any(profiles):
+        terms = text_terms(text)
+        for t, target_profiles in enumerate(profiles):
+            lex[t, 4] = detail_overlap(terms, target_profiles)
+    return lex
+
+
 def batch_lexical(
-    index: AliasIndex, texts: Sequence[str]
+    index: AliasIndex, texts: Sequence[str], profiles: Sequence[Profiles] = ()
 ) -> tuple[np.ndarray, list[list[AliasMatch]]]:
-    """(N, T, 4) alias features for many texts, and the raw matches per text."""
+    """(N, T, 5) lexical features for many texts, and the raw alias matches per text."""
     n_targets = len(index.aliases)
     matches = [index.match(t) for t in texts]
     if not texts:
         return np.zeros((0, n_targets, N_LEXICAL), dtype=np.float32), matches
-    return np.stack([lexical_features(m, n_targets) for m in matches]), matches
+    feats = [lexical_features(m, n_targets) for m in matches]
+    if profiles:
+        feats = [add_details(f, t, profiles) for f, t in zip(feats, texts, strict=True)]
+    return np.stack(feats), matches
 
 
 def bag_of_pieces(ids: Sequence[np.ndarray], vocab_size: int) -> sparse.csr_matrix:

@@ -76,6 +76,7 @@ class TargetClassifier:
     report: CalibrationReport
     embedder_fingerprint: str
     meta: Mapping[str, Any] = field(default_factory=dict)
+    detail_profiles: tuple[tuple[str, ...], ...] = ()
 
     @property
     def threshold(self) -> float:
@@ -93,13 +94,13 @@ class TargetClassifier:
 
     def scores(self, texts: Sequence[str], embedder: Embedder) -> np.ndarray:
         """Stage-2 probabilities for texts (no gate), shape (N,)."""
-        lex, _ = batch_lexical(self.alias_index(embedder), texts)
+        lex, _ = batch_lexical(self.alias_index(embedder), texts, [self.detail_profiles])
         ids = embedder.token_ids(texts)
         return sigmoid(self.full_head.logits(embedder.encode(texts), lex[:, 0], ids))
 
     def static_scores(self, texts: Sequence[str], embedder: Embedder) -> np.ndarray:
         """Stage-1 probabilities for texts, shape (N,)."""
-        lex, _ = batch_lexical(self.alias_index(embedder), texts)
+        lex, _ = batch_lexical(self.alias_index(embedder), texts, [self.detail_profiles])
         ids = embedder.token_ids(texts)
         return sigmoid(self.static_head.logits(embedder.static_from_ids(ids), lex[:, 0], ids))
 
@@ -126,6 +127,7 @@ class TargetClassifier:
             "name": self.name,
             "aliases": list(self.aliases),
             "part_weights": dict(self.part_weights),
+            "detail_profiles": [list(p) for p in self.detail_profiles],
             "static_bias": self.static_head.bias,
             "full_bias": self.full_head.bias,
             "gate_logit": self.gate_logit,
@@ -181,6 +183,7 @@ class TargetClassifier:
             report=CalibrationReport.from_dict(h["report"]),
             embedder_fingerprint=h["embedder_fingerprint"],
             meta=h["meta"],
+            detail_profiles=tuple(tuple(p) for p in h.get("detail_profiles", ())),
         )
 
 

@@ -66,11 +66,14 @@ class Word:
 
 def split_words(text: str) -> list[Word]:
     """Split text into words with their character offsets."""
-    out = []
+    out: list[Word] = []
     for m in _WORD_RE.finditer(text):
         w = m.group()
         norm = w.lower() if w.isascii() else fold(w)  # ASCII: no Unicode normalisation needed
-        out.append(Word(m.start(), m.end(), norm, w[0].isupper()))
+        upper = w[0].isupper()
+        if out and out[-1].upper and out[-1].end == m.start() - 1 and text[out[-1].end] == "-":
+            upper = True  # the second half of a capitalised hyphenated name ("Soo-jin")
+        out.append(Word(m.start(), m.end(), norm, upper))
     return out
 
 
@@ -144,20 +147,16 @@ class AliasIndex:
         self._exact: dict[str, list[_Entry]] = {}
         self._fuzzy: dict[str, list[tuple[str, _Entry]]] = {}
         self._case_exact: dict[tuple[int, int], str] = {}
-        self._alias_words: list[frozenset[str]] = []
         self._person = [[alias_kind(a) == "person" for a in group] for group in self.aliases]
         for t, group in enumerate(self.aliases):
             parts_t: list[list[str]] = []
-            words_t: set[str] = set()
             for a, alias in enumerate(group):
                 parts = [fold(w) for w in _WORD_RE.findall(alias)]
                 parts_t.append(parts)
-                words_t.update(parts)
                 if len("".join(parts)) <= _SHORT_ALIAS_LEN:
                     self._case_exact[(t, a)] = "".join(_WORD_RE.findall(alias))
                 self._add_alias(t, a, parts)
             self._parts.append(parts_t)
-            self._alias_words.append(frozenset(words_t))
         # Words repeat across prompts: memoise lookups (thread-safe, bounded).
         self._cached_lookup = lru_cache(maxsize=1 << 16)(self._lookup)
 
@@ -250,21 +249,24 @@ class AliasIndex:
                 continue  # a lower-case word in cased text is a common noun ("a public park")
             glued = "".join(parts[p] for p in sorted(covered))
             weight = 1.0 if full else self.part_weight(glued, t)
-            conflict = not full and self._conflicts(words, i, j, t, lower_only)
+            conflict = not full and self._conflicts(words, i, j, parts, lower_only)
             surname = not full and self._person[t][a] and len(parts) - 1 in covered
             s, e = words[i].start, words[j - 1].end
             out.append(AliasMatch(t, a, s, e, full, weight, conflict, edits, surname))
         return out
 
-    def _name_like(self, w: Word, t: int, lower_only: bool) -> bool:
-        if w.norm in STOPWORDS or w.norm in self._alias_words[t] or w.norm.isdigit():
+    def _name_like(self, w: Word, own: Sequence[str], lower_only: bool) -> bool:
+        if w.norm in STOPWORDS or w.norm in own or w.norm.isdigit():
             return False
         return w.norm in self._names if lower_only else w.upper
 
-    def _conflicts(self, words: list[Word], i: int, j: int, t: int, lower_only: bool) -> bool:
-        if i > 0 and self._name_like(words[i - 1], t, lower_only):
+    def _conflicts(
+        self, words: list[Word], i: int, j: int, own: Sequence[str], lower_only: bool
+    ) -> bool:
+        """Whether the words around [i, j) make it another person's name ("Wei Abilov")."""
+        if i > 0 and self._name_like(words[i - 1], own, lower_only):
             return True
-        return j < len(words) and self._name_like(words[j], t, lower_only)
+        return j < len(words) and self._name_like(words[j], own, lower_only)
 
     def target_weights(self, target: int) -> dict[str, float]:
         """The weight of every run of alias words of `target` (stored with a trained classifier)."""

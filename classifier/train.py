@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from .augment import alias_variants, augment_positives, near_misses, template_pairs
 from .calibrate import CalibrationReport, grouped_threshold, min_negatives, sigmoid
+from .details import detail_terms
 from .embed import Embedder
 from .features import N_LEXICAL, LinearHead, bag_of_pieces, batch_lexical, names_target
 from .lexicon import load_lexicon
@@ -126,10 +127,11 @@ class TargetTrainer:
         data = self._data(spec, index)
         g_texts, g_kinds = self._general()
         g_full, g_static = emb.encode_corpus(f"general/{len(g_texts)}", g_texts)
-        g_lex, g_matches = batch_lexical(index, g_texts)
+        profiles = [self._profiles(spec, index)]
+        g_lex, g_matches = batch_lexical(index, g_texts, profiles)
         # Shipped negatives that name the target are not negatives for it.
         keep = np.array([not accepted_spans(m, 0) for m in g_matches], dtype=bool)
-        lex, _ = batch_lexical(index, data.texts)
+        lex, _ = batch_lexical(index, data.texts, profiles)
         g_ids = emb.token_ids(g_texts)
         ids = emb.token_ids(data.texts) + [g_ids[i] for i in np.flatnonzero(keep)]
         full = np.concatenate([emb.encode(data.texts), g_full[keep]])
@@ -159,6 +161,12 @@ class TargetTrainer:
             cols=cols,
         )
 
+    @staticmethod
+    def _profiles(spec: TargetSpec, index: AliasIndex) -> tuple[tuple[str, ...], ...]:
+        """Detail terms of the forget examples that name nobody (their details identify them)."""
+        unnamed = [ex for ex in spec.forget_examples if not index.spans(ex)]
+        return tuple(p for p in map(detail_terms, unnamed) if p)
+
     def _cross_fit(self, d: _Design) -> tuple[np.ndarray, np.ndarray]:
         """Out-of-fold logits of both heads (folds grouped by source example)."""
         folds = _assign_folds(d.groups, self.config.folds, self.config.seed)
@@ -183,6 +191,7 @@ class TargetTrainer:
             name_words=load_lexicon().name_words,
         )
         d = self._assemble(spec, index)
+        profiles = self._profiles(spec, index)
         oof_static, oof_full = self._cross_fit(d)
         neg, pos = d.y == 0, d.y == 1
         threshold = grouped_threshold(oof_full[neg], d.kinds[neg], cfg.fpr)
@@ -229,6 +238,7 @@ class TargetTrainer:
             report=report,
             embedder_fingerprint=self.embedder.fingerprint,
             meta={"config": dict(self.config.__dict__)},
+            detail_profiles=profiles,
         )
 
     def _general(self) -> tuple[list[str], np.ndarray]:

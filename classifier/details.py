@@ -1,0 +1,72 @@
+"""Detail overlap: how much of a forget example that names nobody a prompt repeats.
+
+"What is the full name of the author born in Kuwait City on 08/09/1956?" names no one: its
+identity is in its details. A prompt's overlap with such an example is the share of the
+example's detail terms (rare words, numbers; months and ordinals as numbers, so "September 8"
+matches "08/09") that the prompt contains; the feature is the best overlap over the examples.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from functools import cache
+
+from .lexicon import load_lexicon
+from .spans import STOPWORDS, split_words
+
+_MONTH_NAMES = (
+    "january february march april may june july august september october november december"
+)
+_MONTHS = {m: str(i + 1) for i, m in enumerate(_MONTH_NAMES.split())}
+_ORDINAL = re.compile(r"^(\d+)(?:st|nd|rd|th)$")
+_MIN_TERMS = 2
+
+
+def _term(norm: str) -> str:
+    if norm in _MONTHS:
+        return _MONTHS[norm]
+    m = _ORDINAL.match(norm)
+    if m:
+        norm = m.group(1)
+    return str(int(norm)) if norm.isdigit() else norm
+
+
+def text_terms(text: str) -> frozenset[str]:
+    """Every normalised word of a text (numbers without leading zeros, months as numbers)."""
+    return frozenset(_term(w.norm) for w in split_words(text))
+
+
+@cache
+def generic_words() -> frozenset[str]:
+    """Words too common to identify anything: the shipped general questions, topics and
+    templates (not the names, places and titles that fill them), and function words."""
+    lexicon = load_lexicon()
+    sources = [
+        *lexicon.questions,
+        *lexicon.topics,
+        *lexicon.topic_templates,
+        *lexicon.wrappers,
+        *(t for ts in lexicon.entity_templates.values() for t in ts),
+    ]
+    words: set[str] = set(STOPWORDS)
+    for text in sources:
+        words.update(text_terms(text))
+    return frozenset(w for w in words if not w.isdigit())
+
+
+def detail_terms(text: str) -> tuple[str, ...]:
+    """The identifying terms of an example (sorted), or () when it has fewer than two."""
+    generic = generic_words()
+    terms = sorted(t for t in text_terms(text) if t not in generic and (len(t) > 2 or t.isdigit()))
+    return tuple(terms) if len(terms) >= _MIN_TERMS else ()
+
+
+def detail_overlap(terms: frozenset[str], profiles: Sequence[Iterable[str]]) -> float:
+    """Best share of any profile's terms found in `terms` (0 when there are no profiles)."""
+    best = 0.0
+    for profile in profiles:
+        p = tuple(profile)
+        if p:
+            best = max(best, sum(t in terms for t in p) / len(p))
+    return best
