@@ -44,7 +44,9 @@ class TrainConfig:
     folds: int = 5
     """Cross-fitting folds (grouped by source example) for thresholds and held-out recall."""
     n_variants: int = 8
-    """Augmented variants per forget example."""
+    """Augmented variants per forget example (fewer when there are many examples)."""
+    variant_budget: int = 400
+    """Cap on all variants together (at least 3 per example): bounds the training time."""
     n_near_misses: int = 4
     """Near-miss negatives per forget example."""
     n_templates: int = 6
@@ -100,10 +102,9 @@ class TargetTrainer:
         cfg, lexicon = self.config, load_lexicon()
         rng = random.Random(cfg.seed)
         examples = list(spec.forget_examples) + ([spec.description] if spec.description else [])
-        pos = augment_positives(examples, spec.aliases, index, rng, lexicon, cfg.n_variants)
-        neg = near_misses(
-            examples, spec.aliases, index, rng, lexicon, cfg.n_near_misses, cfg.n_variants
-        )
+        n_var = max(3, min(cfg.n_variants, cfg.variant_budget // max(len(examples), 1)))
+        pos = augment_positives(examples, spec.aliases, index, rng, lexicon, n_var)
+        neg = near_misses(examples, spec.aliases, index, rng, lexicon, cfg.n_near_misses, n_var)
         # Enough near misses for their own conformal quantile at the target rate.
         n_templates = cfg.n_templates
         if spec.aliases and len(neg) + n_templates * len(spec.aliases) < min_negatives(cfg.fpr):
@@ -262,7 +263,7 @@ class TargetTrainer:
     def _fit(self, x: sparse.csr_matrix, y: np.ndarray, cols: np.ndarray) -> LinearHead:
         """Fit one logistic head and return it with weights for unscaled features."""
         cfg = self.config
-        clf = LogisticRegression(C=cfg.c, class_weight="balanced", max_iter=2000)
+        clf = LogisticRegression(C=cfg.c, class_weight="balanced", max_iter=1000, tol=1e-3)
         clf.fit(x, y)
         w = clf.coef_[0]
         h = self.embedder.dim
