@@ -80,6 +80,17 @@ async def one_round(url: str, concurrency: int, tokens: int) -> dict[str, float 
     }
 
 
+def guard_seconds(url: str) -> tuple[float, float]:
+    """(total seconds, requests) of the gateway's guard, from its Prometheus histogram."""
+    total = count = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("obliviate_guard_seconds_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("obliviate_guard_seconds_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
 def register_target(url: str, token: str) -> None:
     body = {
         "name": "Harry Potter",
@@ -134,11 +145,13 @@ def main() -> None:
         for url in targets.values():  # warm-up: first requests pay one-off costs
             asyncio.run(one_round(url, 4, 8))
         rounds: dict[str, list[dict[str, float | list[float]]]] = {"vllm": [], "obliviate": []}
+        guard_before = guard_seconds(targets["obliviate"])
         for r in range(args.rounds):
             for name, url in targets.items():
                 result = asyncio.run(one_round(url, args.concurrency, args.tokens))
                 rounds[name].append(result)
                 print(f"round {r + 1} {name:9s} {result['tok_per_s']:.1f} tok/s")
+        guard_after = guard_seconds(targets["obliviate"])
 
     def summary(name: str) -> dict[str, float]:
         lat = [x for rnd in rounds[name] for x in rnd["latencies"]]  # type: ignore[union-attr]
@@ -159,6 +172,10 @@ def main() -> None:
         "throughput_ratio": ours["tok_per_s_median"] / theirs["tok_per_s_median"],
         "added_latency_p50_ms": ours["latency_p50_ms"] - theirs["latency_p50_ms"],
         "added_latency_p99_ms": ours["latency_p99_ms"] - theirs["latency_p99_ms"],
+        "guard_mean_ms_per_request": 1000
+        * (guard_after[0] - guard_before[0])
+        / max(1.0, guard_after[1] - guard_before[1]),
+        "guarded_requests": guard_after[1] - guard_before[1],
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
