@@ -1,0 +1,153 @@
+"""δ-unlearning: the logit offset of a small unlearned model against its base."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def offset_logits(
+    big: Tensor, small_unlearned: Tensor, small_base: Tensor, *, alpha: float
+) -> Tensor:
+    """Return big + α·(small_unlearned − small_base) for (B, V) logits, in `big`'s dtype.
+
+    The small models may have fewer vocabulary columns than the big one (engines pad the
+    vocabulary): the offset is then added to the first V_small columns only.
+    """
+    if small_unlearned.shape != small_base.shape:
+        raise ValueError(
+            f"small logits differ in shape: {tuple(small_unlearned.shape)} "
+            f"vs {tuple(small_base.shape)}"
+        )
+    if big.dim() != 2 or small_unlearned.dim() != 2 or big.shape[0] != small_unlearned.shape[0]:
+        raise ValueError(
+            f"expected (B, V) logits, got {tuple(big.shape)} and {tuple(small_unlearned.shape)}"
+        )
+    v_small = small_unlearned.shape[1]
+    if v_small > big.shape[1]:
+        raise ValueError(f"small vocabulary {v_small} exceeds the big model's {big.shape[1]}")
+    delta = (small_unlearned.float() - small_base.float()) * alpha  # (B, V_small)
+    out = big.float().clone()  # (B, V)
+    out[:, :v_small] += delta.to(out.device)
+    return out.to(big.dtype)
+
+
+@dataclass
+class _SequenceState:
+    """What one sequence has fed to both small models so far."""
+
+    tokens: list[int]
+    unlearned_cache: Any
+    base_cache: Any
+    offset: Tensor  # (V,), for the token after `tokens`
+
+
+def _load_causal_lm(folder: str | Path, dtype: torch.dtype, device: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a local model folder (no config.json); point the offset model "
+            "settings at a folder saved with save_pretrained (no hub downloads)"
+        )
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return model.to(device).eval()
+
+
+class OffsetPair:
+    """A small unlearned model and its base; gives the δ offset for the next token of a sequence.
+
+    Each sequence keeps both models' KV caches, so a call that extends the tokens seen before
+    feeds only the new ones. A call whose tokens do not extend the cached ones starts over.
+    At most `max_sequences` caches are kept (least recently used are dropped).
+    """
+
+    def __init__(self, unlearned: Any, base: Any, *, max_sequences: int = 64) -> None:
+        if unlearned.config.vocab_size != base.config.vocab_size:
+            raise ValueError("the unlearned and base models must share one vocabulary")
+        self.unlearned = unlearned.eval()
+        self.base = base.eval()
+        self.max_sequences = max_sequences
+        self._states: OrderedDict[Hashable, _SequenceState] = OrderedDict()
+
+    @classmethod
+    def from_folders(
+        cls,
+        unlearned_dir: str | Path,
+        base_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        max_sequences: int = 64,
+    ) -> OffsetPair:
+        """Load both models from local folders saved with save_pretrained."""
+        return cls(
+            _load_causal_lm(unlearned_dir, dtype, device),
+            _load_causal_lm(base_dir, dtype, device),
+            max_sequences=max_sequences,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the small models."""
+        return next(self.unlearned.parameters()).device  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def full_offsets(self, token_ids: Sequence[int]) -> Tensor:
+        """Offsets (T, V) for every position of one sequence, without caches."""
+        ids = torch.tensor([list(token_ids)], device=self.device)  # (1, T)
+        unlearned: Tensor = self.unlearned(input_ids=ids).logits[0].float()  # (T, V)
+        base: Tensor = self.base(input_ids=ids).logits[0].float()  # (T, V)
+        return unlearned - base
+
+    @torch.inference_mode()
+    def offset(self, seq_id: Hashable, token_ids: Sequence[int]) -> Tensor:
+        """Offset (V,) = small_unlearned − small_base for the token after `token_ids`."""
+        tokens = list(token_ids)
+        if not tokens:
+            raise ValueError("token_ids must not be empty")
+        state = self._states.get(seq_id)
+        if state is not None and tokens[: len(state.tokens)] != state.tokens:
+            logger.debug("sequence %r diverged from its cache; recomputing", seq_id)
+            state = None
+        if state is not None and len(tokens) == len(state.tokens):
+            self._states.move_to_end(seq_id)
+            return state.offset
+        start = 0 if state is None else len(state.tokens)
+        new = torch.tensor([tokens[start:]], device=self.device)  # (1, T_new)
+        out_u = self.unlearned(
+            input_ids=new,
+            past_key_values=None if state is None else state.unlearned_cache,
+            use_cache=True,
+        )
+        out_b = self.base(
+            input_ids=new,
+            past_key_values=None if state is None else state.base_cache,
+            use_cache=True,
+        )
+        offset: Tensor = out_u.logits[0, -1].float() - out_b.logits[0, -1].float()  # (V,)
+        self._states[seq_id] = _SequenceState(
+            tokens, out_u.past_key_values, out_b.past_key_values, offset
+        )
+        self._states.move_to_end(seq_id)
+        while len(self._states) > self.max_sequences:
+            self._states.popitem(last=False)
+        return offset
+
+    def offsets(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> Tensor:
+        """Offsets (B, V) for (seq_id, token_ids) pairs, one row each."""
+        return torch.stack([self.offset(seq_id, ids) for seq_id, ids in batch])  # (B, V)
+
+    def release(self, seq_id: Hashable) -> None:
+        """Forget the caches of a finished sequence."""
+        self._states.pop(seq_id, None)

@@ -1,0 +1,39 @@
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TinyFactory = Callable[..., LlamaForCausalLM]
+
+
+def tiny_llama(*, seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer llama with hidden size 32."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Save a tiny llama under tmp_path and return its folder."""
+
+    def make(name: str, *, seed: int = 0) -> Path:
+        folder = tmp_path / name
+        tiny_llama(seed=seed).save_pretrained(folder)
+        return folder
+
+    return make

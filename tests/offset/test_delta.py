@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from offset.delta import OffsetPair, offset_logits
+
+
+def test_offset_logits_adds_scaled_difference() -> None:
+    big = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    su = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    sb = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    out = offset_logits(big, su, sb, alpha=2.0)
+    assert torch.equal(out, torch.tensor([[3.0, 2.0, 3.0], [0.0, 2.0, -2.0]]))
+
+
+def test_offset_logits_keeps_dtype_and_padded_columns() -> None:
+    big = torch.zeros(2, 5, dtype=torch.bfloat16)
+    su = torch.ones(2, 3)
+    out = offset_logits(big, su, torch.zeros(2, 3), alpha=1.0)
+    assert out.dtype == torch.bfloat16
+    assert out[:, :3].eq(1).all() and out[:, 3:].eq(0).all()
+
+
+def test_offset_logits_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError):
+        offset_logits(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4), alpha=1.0)
+    with pytest.raises(ValueError):
+        offset_logits(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 2), alpha=1.0)
+    with pytest.raises(ValueError):
+        offset_logits(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(1, 3), alpha=1.0)
+
+
+def test_incremental_offsets_match_a_full_forward(tiny_llama_dir) -> None:
+    pair = OffsetPair.from_folders(tiny_llama_dir("unlearned", seed=1), tiny_llama_dir("base"))
+    tokens = [1, 5, 9, 13, 17, 21, 4, 8]
+    full = pair.full_offsets(tokens)  # (T, V)
+    assert full.abs().max() > 0
+    # prompt of 3, then one token at a time, then a jump of 2 tokens
+    for end in (3, 4, 5, 6, 8):
+        got = pair.offset("a", tokens[:end])
+        torch.testing.assert_close(got, full[end - 1], atol=1e-4, rtol=1e-4)
+    # a repeated call returns the cached offset; a diverging sequence starts over
+    torch.testing.assert_close(pair.offset("a", tokens), full[-1], atol=1e-4, rtol=1e-4)
+    other = [1, 5, 9, 30]
+    torch.testing.assert_close(
+        pair.offset("a", other), pair.full_offsets(other)[-1], atol=1e-4, rtol=1e-4
+    )
+    batch = pair.offsets([("a", other), ("b", tokens[:2])])
+    assert batch.shape == (2, 64)
+    torch.testing.assert_close(batch[1], full[1], atol=1e-4, rtol=1e-4)
+    pair.release("a")
+    pair.release("missing")
+
+
+def test_identical_models_give_zero_offset(tiny_llama_dir) -> None:
+    folder = tiny_llama_dir("same")
+    pair = OffsetPair.from_folders(folder, folder, max_sequences=1)
+    assert pair.offset(0, [1, 2, 3]).abs().max().item() == 0.0
+    assert pair.offset(1, [4, 5]).abs().max().item() == 0.0
+    assert len(pair._states) == 1
+
+
+def test_missing_folder_names_the_problem(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="local model folder"):
+        OffsetPair.from_folders(tmp_path / "nope", tmp_path / "nope")
