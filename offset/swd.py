@@ -36,11 +36,12 @@ def sliced_wasserstein(
     theta = theta / theta.norm(dim=0, keepdim=True)
     theta = theta.to(a.device)
     with torch.autocast(a.device.type, enabled=False):
-        pa = a.float() @ theta  # (N, K)
-        pb = b.float() @ theta  # (N, K)
-        sa = pa.sort(dim=0).values
-        sb = pb.sort(dim=0).values
-        swd: Tensor = (sa - sb).pow(2).sum(dim=0).mean()
+        # (K, N) rather than (N, K): sorting along the contiguous axis is twice as fast.
+        pa = theta.T @ a.float().T  # (K, N)
+        pb = theta.T @ b.float().T  # (K, N)
+        sa = pa.sort(dim=1).values
+        sb = pb.sort(dim=1).values
+        swd: Tensor = (sa - sb).pow(2).sum(dim=1).mean()
     return swd
 
 
@@ -65,7 +66,7 @@ def swd_penalty(
 ) -> Tensor:
     """Σ over parameters of `sliced_wasserstein(θ₀, θ)`, for the parameters named in `initial`.
 
-    Cost per parameter (N, D): two (N, D) x (D, K) products and two sorts of (N, K), so about
+    Cost per parameter (N, D): two (N, D) x (D, K) products and two sorts of (K, N), so about
     4·K FLOPs per weight forward (K = 100: ~54 GFLOP for SmolLM2-135M) and as much again in the
     backward pass, roughly a tenth of a training step of 8 x 96 tokens. Restrict the parameters
     with the filter of `snapshot_parameters`, or pass `max_rows` to compare a random subset of
