@@ -332,7 +332,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts,
             max_new_tokens=config.answer_max_new_tokens,
             batch_size=config.batch_size,
-            bf16=config.bf16,
         )
         for prompts in (hard, world)
     )
