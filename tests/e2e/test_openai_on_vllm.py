@@ -138,6 +138,11 @@ def test_errors(client: openai.OpenAI):
         chat(client, "word " * (MAX_MODEL_LEN + 10))
     assert str(MAX_MODEL_LEN) in long.value.body["message"]
     assert long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # token ids outside the vocabulary
+        client.completions.create(model=MODEL_NAME, prompt=[10**9, 5], max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as bias:
+        chat(client, "hi", logit_bias={"not-a-token": 1.0})
+    assert bias.value.body["param"] == "logit_bias"
 
 
 def test_client_disconnect_aborts_the_engine_request(gateway: Server):
