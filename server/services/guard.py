@@ -24,7 +24,7 @@ from corruption import CorruptionSpec, EmbeddingTable, apply_corruption, tokeniz
 from server.engine import ChatPrompt, PromptEmbeds, TextPrompt, TokenPrompt
 from server.engine.base import Prompt
 from server.engine.templating import render_prompt
-from server.errors import UnavailableError
+from server.errors import InvalidRequestError, UnavailableError
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,12 @@ class EcoGuard:
         if isinstance(prompt, TextPrompt):
             return prompt.text
         if self._corruptor is None:
-            return ""
+            # Without the model's tokenizer token ids cannot be read, so they cannot be checked.
+            raise InvalidRequestError(
+                "Token-id prompts cannot be checked against the forget targets without a local "
+                "copy of the model (--model PATH); send text instead.",
+                param="prompt",
+            )
         return self._corruptor.decode(prompt.token_ids)
 
     async def classify(self, text: str) -> list[Decision]:

@@ -128,6 +128,13 @@ def test_flagged_requests_without_local_model_are_refused(client: TestClient, re
     assert client.post("/v1/chat/completions", json=unrelated).status_code == 200
 
 
+def test_token_prompts_without_a_tokenizer_are_refused(client: TestClient, registered: dict):
+    body = {"model": "fake-model", "prompt": [1, 2, 3], "max_tokens": 2}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
+
+
 def test_targets_survive_a_restart(module_settings: Settings, registered: dict):
     app = create_app(module_settings, engine=FakeEngine())
     with TestClient(app) as again:
