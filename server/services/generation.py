@@ -339,6 +339,8 @@ async def _stream_all(
     finally:
         for task in tasks:
             task.cancel()
+        # A pump may be inside anext(); let the cancellations land before closing the iterators.
+        await asyncio.gather(*tasks, return_exceptions=True)
         for _, iterator in primed:
             await _close(iterator)
 

@@ -196,3 +196,12 @@ def test_health_ready_metrics(client):
     assert "obliviate_request_seconds_bucket" in text
     assert 'obliviate_tokens_total{kind="completion"}' in text
     assert "obliviate_requests_in_flight" in text
+
+
+def test_batched_completion_stream_error_closes_every_prompt(client, fake_engine: FakeEngine):
+    fake_engine.enqueue("a b c d", EngineError("boom"))
+    body = {"model": "fake-model", "prompt": ["p1", "p2"], "max_tokens": 8, "stream": True}
+    events = sse_events(client.post("/v1/completions", json=body).text)
+    assert events[-1] == "[DONE]"
+    assert any('"upstream_error"' in e for e in events)
+    assert fake_engine.running == 0
