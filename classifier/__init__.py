@@ -5,13 +5,29 @@ millisecond; all-MiniLM-L6-v2 + alias cues decide the rest, at a conformally cal
 false-positive rate. `find_spans` gives the character spans that name a target.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .bank import ClassifierBank, Decision
 from .calibrate import CalibrationReport, conformal_threshold
 from .conversation import TextPiece, content_text, conversation_pieces, conversation_text
 from .embed import Embedder, EmbedderNotFoundError, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
 from .spans import find_spans
-from .train import TargetTrainer, TrainConfig, train_target, warm_up
+
+if TYPE_CHECKING:
+    from .train import TargetTrainer, TrainConfig, train_target, warm_up
+
+_LAZY = frozenset({"TargetTrainer", "TrainConfig", "train_target", "warm_up"})
+
+
+def __getattr__(name: str) -> Any:
+    # `train` is imported on first use, so `python -m classifier.train` runs it only once.
+    if name in _LAZY:
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ArtifactError",

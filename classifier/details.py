@@ -21,6 +21,7 @@ _MONTH_NAMES = (
 _MONTHS = {m: str(i + 1) for i, m in enumerate(_MONTH_NAMES.split())}
 _ORDINAL = re.compile(r"^(\d+)(?:st|nd|rd|th)$")
 _MIN_TERMS = 2
+_SMALL_NUMBER_WEIGHT = 0.25
 
 
 def _term(norm: str) -> str:
@@ -46,6 +47,7 @@ def generic_words() -> frozenset[str]:
         *lexicon.questions,
         *lexicon.topics,
         *lexicon.topic_templates,
+        *lexicon.numeric_templates,
         *lexicon.wrappers,
         *(t for ts in lexicon.entity_templates.values() for t in ts),
     ]
@@ -62,11 +64,17 @@ def detail_terms(text: str) -> tuple[str, ...]:
     return tuple(terms) if len(terms) >= _MIN_TERMS else ()
 
 
+def _weight(term: str) -> float:
+    # Days, months and small counts are everywhere ("8", "12"): they only help other details.
+    return _SMALL_NUMBER_WEIGHT if term.isdigit() and len(term) <= 2 else 1.0
+
+
 def detail_overlap(terms: frozenset[str], profiles: Sequence[Iterable[str]]) -> float:
-    """Best share of any profile's terms found in `terms` (0 when there are no profiles)."""
+    """Best weighted share of any profile's terms found in `terms` (0 without profiles)."""
     best = 0.0
     for profile in profiles:
-        p = tuple(profile)
-        if p:
-            best = max(best, sum(t in terms for t in p) / len(p))
+        weights = [(_weight(t), t in terms) for t in profile]
+        total = sum(w for w, _ in weights)
+        if total:
+            best = max(best, sum(w for w, hit in weights if hit) / total)
     return best

@@ -26,6 +26,7 @@ class Lexicon:
     places: tuple[str, ...]
     topics: tuple[str, ...]
     topic_templates: tuple[str, ...]
+    numeric_templates: tuple[str, ...]
     questions: tuple[str, ...]
     wrappers: tuple[str, ...]
     entity_templates: dict[str, tuple[str, ...]]
@@ -52,6 +53,7 @@ def load_lexicon() -> Lexicon:
         places=_read_lines("places.txt"),
         topics=_read_lines("topics.txt"),
         topic_templates=_read_lines("templates.txt"),
+        numeric_templates=_read_lines("numeric_templates.txt"),
         questions=_read_lines("questions.txt"),
         wrappers=_read_lines("wrappers.txt"),
         entity_templates={k: tuple(v) for k, v in by_kind.items()},

@@ -39,6 +39,28 @@ def _topic_questions(rng: random.Random, lexicon: Lexicon, n: int) -> list[str]:
     return sorted(out)
 
 
+_MONTHS = (
+    "January February March April May June July August September October November December"
+).split()
+
+
+def _numeric_questions(rng: random.Random, lexicon: Lexicon, n: int) -> list[str]:
+    out: set[str] = set()
+    while len(out) < n:
+        out.add(
+            rng.choice(lexicon.numeric_templates).format(
+                a=rng.randrange(2, 13),
+                b=rng.randrange(2, 60),
+                c=rng.randrange(2, 30),
+                n=rng.randrange(20, 5000),
+                year=rng.randrange(1800, 2025),
+                month=rng.choice(_MONTHS),
+                day=rng.randrange(1, 29),
+            )
+        )
+    return sorted(out)
+
+
 def _entity_questions(rng: random.Random, lexicon: Lexicon, n_per_kind: int) -> list[str]:
     out: set[str] = set()
     pools = {"person": None, "title": lexicon.titles, "place": lexicon.places}
@@ -53,11 +75,14 @@ def _entity_questions(rng: random.Random, lexicon: Lexicon, n_per_kind: int) -> 
 
 
 @cache
-def general_negatives(seed: int = 0, n_topic: int = 1000, n_entity: int = 250) -> NegativeSet:
-    """The deterministic shipped negative set (about 2,000 texts), cached per process."""
+def general_negatives(
+    seed: int = 0, n_topic: int = 900, n_numeric: int = 250, n_entity: int = 250
+) -> NegativeSet:
+    """The deterministic shipped negative set (about 2,200 texts), cached per process."""
     lexicon = load_lexicon()
     rng = random.Random(seed)
     general = list(lexicon.questions) + _topic_questions(rng, lexicon, n_topic)
+    general += _numeric_questions(rng, lexicon, n_numeric)
     entity = _entity_questions(rng, lexicon, n_entity)
     texts = tuple(general + entity)
     kinds = tuple([GENERAL] * len(general) + [ENTITY] * len(entity))

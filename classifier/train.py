@@ -225,7 +225,11 @@ class TargetTrainer:
             n_neg=int(neg.sum()),
             folds=cfg.folds,
             train_seconds=seconds,
-            notes="cross-fitted (grouped K-fold) scores; conformal quantile per negative kind",
+            notes=(
+                "cross-fitted (grouped K-fold) scores, conformal quantile per negative kind; "
+                "recall on examples that name nobody is optimistic (their details are in the "
+                "profile)"
+            ),
         )
         logger.info("trained target %s in %.1f s: %s", spec.name, seconds, report)
         return TargetClassifier(
