@@ -162,6 +162,17 @@ class TargetTrainer:
             cols=cols,
         )
 
+    def _gate(self, d: _Design, oof_static: np.ndarray, flagged_full: np.ndarray) -> float:
+        """Stage-1 logit above which a prompt without alias cues goes on to stage 2."""
+        cfg = self.config
+        cues = names_target(d.lex)  # these always go on
+        wanted = (d.y == 1) & flagged_full & ~cues
+        if wanted.any():  # pass `gate_recall` of what stage 2 flags without alias cues
+            return float(np.quantile(oof_static[wanted], 1.0 - cfg.gate_recall)) - cfg.gate_margin
+        # Stage 2 flagged nothing without alias cues: pass only what beats every such negative.
+        others = (d.y == 0) & ~cues
+        return float(oof_static[others].max()) if others.any() else float("inf")
+
     @staticmethod
     def _profiles(spec: TargetSpec, index: AliasIndex) -> tuple[tuple[str, ...], ...]:
         """Detail terms of the forget examples that name nobody (their details identify them)."""
@@ -196,12 +207,8 @@ class TargetTrainer:
         oof_static, oof_full = self._cross_fit(d)
         neg, pos = d.y == 0, d.y == 1
         threshold = grouped_threshold(oof_full[neg], d.kinds[neg], cfg.fpr)
-        # Stage 1 only has to pass on what stage 2 would flag and alias cues do not let by.
-        bypass = names_target(d.lex)
-        wanted = pos & (oof_full > threshold)
-        ref = next((r for r in (wanted & ~bypass, wanted, pos) if r.any()), pos | neg)
-        gate = float(np.quantile(oof_static[ref], 1.0 - cfg.gate_recall)) - cfg.gate_margin
-        passed = (oof_static > gate) | bypass
+        gate = self._gate(d, oof_static, oof_full > threshold)
+        passed = (oof_static > gate) | names_target(d.lex)
         flagged = passed & (oof_full > threshold)
         static_head = self._fit(d.x_static, d.y, d.cols)
         full_head = self._fit(d.x_full, d.y, d.cols)
