@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target
+from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target, warm_up
 from corruption import CorruptionSpec
 from server.engine import ChatPrompt, Engine, GenerationRequest, SamplingOptions, TextPrompt
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -225,6 +225,8 @@ class TargetService:
     # --- registration jobs -----------------------------------------------------------------
 
     async def _work(self) -> None:
+        # Embed the classifier's shipped negatives once (10-30 s) before a job needs them.
+        await asyncio.to_thread(warm_up, self._embedder)
         while True:
             job_id = await self._queue.get()
             try:
