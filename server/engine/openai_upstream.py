@@ -9,8 +9,6 @@ which needs an upstream started with `--enable-prompt-embeds`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import torch
 
+from corruption import encode_prompt_embeds
 from server.engine.base import (
     ChatPrompt,
     ChoiceDelta,
@@ -56,13 +54,6 @@ class UpstreamConfig:
     read_timeout_s: float = 600.0
     max_connections: int = 256
     retry_interval_s: float = 2.0
-
-
-def encode_embeds(embeds: torch.Tensor) -> str:
-    """(T, H) tensor -> base64 of its `torch.save` bytes, the form vLLM's server reads."""
-    buffer = io.BytesIO()
-    torch.save(embeds.detach().cpu().contiguous(), buffer)  # (T, H)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class OpenAIUpstreamEngine:
@@ -157,7 +148,7 @@ class OpenAIUpstreamEngine:
         else:
             path = "completions"
             if isinstance(p, PromptEmbeds):
-                body["prompt_embeds"] = encode_embeds(p.embeds)
+                body["prompt_embeds"] = encode_prompt_embeds(p.embeds)
             elif isinstance(p, TokenPrompt):
                 body["prompt"] = list(p.token_ids)
             else:
