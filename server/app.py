@@ -11,22 +11,27 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import AdminAuthMiddleware
+from server.auth import AdminAuthMiddleware, ApiKeys
 from server.deps import build_engine, build_guard, local_model_dir
 from server.engine import Engine
 from server.errors import (
     GatewayError,
     InvalidRequestError,
     NotFoundError,
+    UnavailableError,
     error_body,
     validation_message,
 )
+from server.limits import AdmissionQueue, RateLimiter, V1Gate
 from server.metrics import Metrics, MetricsMiddleware
 from server.registry import Registry
 from server.routes import admin, health, openai
+from server.services.failsafe import FailSafeGuard
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
+from server.services.request_limits import RequestLimits
 from server.services.targets import TargetService
 from server.settings import Settings
 
@@ -52,10 +57,17 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         registry: Registry | None = None
         if settings.guard.enabled:
             registry = await asyncio.to_thread(Registry, settings.registry_location())
-            guard, targets = await asyncio.to_thread(
+            eco, targets = await asyncio.to_thread(
                 build_guard, settings, chosen, model_dir, registry, metrics
             )
-        app.state.generation = GenerationService(chosen, guard, metrics)
+            guard = FailSafeGuard(
+                eco, eco.corruptor, metrics, fail_closed=settings.guard.fail_closed
+            )
+        lim = settings.limits
+        request_limits = RequestLimits(
+            lim.max_prompt_chars, lim.max_prompt_tokens, lim.max_tokens, lim.max_n
+        )
+        app.state.generation = GenerationService(chosen, guard, metrics, request_limits)
         app.state.targets = targets
         app.state.engine_failure = None
         app.state.draining = False
@@ -88,8 +100,22 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.add_middleware(AdminAuthMiddleware, token=token)
     _register_error_handlers(app)
+    _add_v1_gate(app, settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _add_v1_gate(app: FastAPI, settings: Settings) -> None:
+    """API keys, per-key rate limits and the admission queue in front of /v1 (server.limits)."""
+    lim = settings.limits
+    keys = [k.get_secret_value() for k in lim.api_keys]
+    app.add_middleware(
+        V1Gate,
+        keys=ApiKeys.load(keys, lim.api_keys_file),
+        rate=RateLimiter(lim.requests_per_minute) if lim.requests_per_minute else None,
+        admission=AdmissionQueue(lim.max_concurrent_requests, lim.max_queued_requests),
+        retry_after_s=lim.retry_after_s,
+    )
 
 
 async def _start_engine(app: FastAPI, engine: Engine) -> None:
@@ -125,6 +151,19 @@ def _register_error_handlers(app: FastAPI) -> None:
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
         return respond(err)
+
+    @app.exception_handler(DBAPIError)
+    async def registry_unreachable(_: Request, exc: Any) -> JSONResponse:
+        # Serving goes on with the targets already loaded; only registry reads/writes fail.
+        logger.error("The target registry failed: %s", type(exc.orig).__name__)
+        return respond(
+            UnavailableError(
+                "The target registry database cannot be reached, so this change cannot be "
+                f"written ({type(exc.orig).__name__}: {str(exc.orig)[:200]}); requests are "
+                "still served with the targets already loaded. Retry once the database is back.",
+                code="registry_unavailable",
+            )
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -63,3 +64,33 @@ class AdminAuthMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeys:
+    """The /v1 API keys, kept as sha256 digests; none configured means /v1 is open."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = {_digest(k): f"key:{i}" for i, k in enumerate(keys) if k}
+
+    @classmethod
+    def load(cls, keys: list[str], path: Path | None) -> ApiKeys:
+        """Keys given inline plus one per line of `path` (blank lines and # comments skipped)."""
+        all_keys = list(keys)
+        if path is not None:
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    all_keys.append(line)
+        return cls(all_keys)
+
+    @property
+    def required(self) -> bool:
+        return bool(self._digests)
+
+    def identify(self, token: str | None) -> str | None:
+        """The key's label (`key:N`, never the key), "" when /v1 is open, None when refused."""
+        if not self._digests:
+            return ""
+        if token is None:
+            return None
+        return self._digests.get(_digest(token))

@@ -83,6 +83,34 @@ class GuardSettings(_Section):
     """Search each target's corruption strength against a local copy of the model."""
     torch_threads: int = Field(1, ge=1)
     """Torch threads of the gateway process (the guard's models; vLLM's engine has its own)."""
+    fail_closed: bool = False
+    """If the classifier fails on a request, treat it as flagged (corrupt it, or refuse it);
+    off: log the failure and send the prompt unguarded."""
+
+
+class LimitsSettings(_Section):
+    """Abuse and overload limits of the /v1 API."""
+
+    max_concurrent_requests: int = Field(64, ge=1)
+    """Requests the engine works on at once; the next ones wait in the queue."""
+    max_queued_requests: int = Field(256, ge=0)
+    """Requests that may wait for a slot; beyond that /v1 answers 429 with Retry-After."""
+    retry_after_s: int = Field(1, ge=1)
+    """Retry-After (seconds) sent with 429s."""
+    max_prompt_chars: int = Field(100_000, ge=1)
+    """Longest prompt in characters (all messages together); longer ones get 400."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longest prompt in tokens (token-id prompts); None: the model's context length decides."""
+    max_tokens: int = Field(4096, ge=1)
+    """Largest max_tokens / max_completion_tokens a request may ask for."""
+    max_n: int = Field(8, ge=1)
+    """Largest n (choices per prompt) and number of prompts per completions request."""
+    api_keys: list[SecretStr] = []
+    """API keys for /v1 (Authorization: Bearer KEY); empty: /v1 is open."""
+    api_keys_file: Path | None = None
+    """File with one API key per line (added to api_keys)."""
+    requests_per_minute: int | None = Field(None, ge=1)
+    """Per-key rate limit (token bucket; with no keys: per client address); None: no limit."""
 
 
 class Settings(BaseSettings):
@@ -127,6 +155,7 @@ class Settings(BaseSettings):
     vllm: VllmSettings = VllmSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     guard: GuardSettings = GuardSettings()
+    limits: LimitsSettings = LimitsSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

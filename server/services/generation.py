@@ -41,6 +41,7 @@ from server.services.formatting import (
     completion_chunk,
     completion_response,
 )
+from server.services.request_limits import RequestLimits
 
 
 class PromptGuard(Protocol):
@@ -67,10 +68,17 @@ Primed = tuple[GenerationChunk, AsyncIterator[GenerationChunk]]
 class GenerationService:
     """Chat and text completions through the guard and the engine."""
 
-    def __init__(self, engine: Engine, guard: PromptGuard, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        guard: PromptGuard,
+        metrics: Metrics,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self._engine = engine
         self._guard = guard
         self._metrics = metrics
+        self._limits = limits or RequestLimits()
         self._created = int(time.time())
 
     def list_models(self) -> ModelList:
@@ -102,6 +110,7 @@ class GenerationService:
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """Run one chat request; a stream comes back as SSE strings."""
         model = self._check_model(req.model)
+        self._limits.check_chat(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         prompt = ChatPrompt([m.to_param() for m in req.messages])
@@ -124,6 +133,7 @@ class GenerationService:
     ) -> CompletionResponse | AsyncIterator[str]:
         """Run one completions request (one or several prompts)."""
         model = self._check_model(req.model)
+        self._limits.check_completion(req)
         prompts = _completion_prompts(req.prompt)
         sampling = _sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
         rid = f"cmpl-{request_id}"

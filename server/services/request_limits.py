@@ -1,0 +1,82 @@
+"""Per-request size limits: prompt characters (and tokens for token-id prompts), max_tokens, n.
+
+Each breach is a 400 `invalid_request_error` whose `param` names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from server.errors import InvalidRequestError
+from server.protocol.chat import ChatCompletionRequest
+from server.protocol.completion import CompletionRequest
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request size limits; each breach is a 400 naming the parameter."""
+
+    max_prompt_chars: int = 100_000
+    max_prompt_tokens: int | None = None
+    max_tokens: int = 4096
+    max_n: int = 8
+
+    def check_chat(self, req: ChatCompletionRequest) -> None:
+        chars = sum(_chars(m.to_param().get("content")) for m in req.messages)
+        self._check_chars(chars, "messages")
+        self._check_tokens(req.max_completion_tokens, "max_completion_tokens")
+        self._check_tokens(req.max_tokens, "max_tokens")
+        self._check_n(req.n, "n")
+
+    def check_completion(self, req: CompletionRequest) -> None:
+        prompt = req.prompt
+        prompts: list[str | list[int]]
+        if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+            prompts = [prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        self._check_n(len(prompts), "prompt", what="prompts per request")
+        for p in prompts:
+            if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
+            elif self.max_prompt_tokens is not None and len(p) > self.max_prompt_tokens:
+                raise InvalidRequestError(
+                    f"The prompt has {len(p)} tokens; this server accepts at most "
+                    f"{self.max_prompt_tokens}.",
+                    param="prompt",
+                    code="prompt_too_long",
+                )
+        self._check_tokens(req.max_tokens, "max_tokens")
+        self._check_n(req.n, "n")
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"The prompt has {chars} characters; this server accepts at most "
+                f"{self.max_prompt_chars}.",
+                param=param,
+                code="prompt_too_long",
+            )
+
+    def _check_tokens(self, value: int | None, param: str) -> None:
+        if value is not None and value > self.max_tokens:
+            raise InvalidRequestError(
+                f"{param}={value} is above this server's limit of {self.max_tokens}.",
+                param=param,
+            )
+
+    def _check_n(self, value: int | None, param: str, what: str = "choices") -> None:
+        if value is not None and value > self.max_n:
+            raise InvalidRequestError(
+                f"{value} {what} asked for; this server allows at most {self.max_n}.",
+                param=param,
+            )
+
+
+def _chars(content: object) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content)
+    return len(json.dumps(content, ensure_ascii=False))
