@@ -1,6 +1,6 @@
 """δ-unlearning offsets and the SNAP trainer that makes the small unlearned model."""
 
-from .delta import OffsetPair, offset_logits
+from .delta import DeltaSpec, OffsetModels, OffsetPair, offset_logits
 from .snap import SnapConfig, SnapTrainer
 from .snap_data import (
     DEFAULT_WORLD_PROMPTS,
@@ -19,6 +19,8 @@ __all__ = [
     "SnapTrainer",
     "answer_prompts",
     "build_forget_set",
+    "DeltaSpec",
+    "OffsetModels",
     "OffsetPair",
     "offset_logits",
     "sliced_wasserstein",

@@ -51,7 +51,7 @@ class _SequenceState:
     offset: Tensor  # (V,), for the token after `tokens`
 
 
-def _load_causal_lm(folder: str | Path, dtype: torch.dtype, device: str) -> Any:
+def load_causal_lm(folder: str | Path, dtype: torch.dtype, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     path = Path(folder)
@@ -92,8 +92,8 @@ class OffsetPair:
     ) -> OffsetPair:
         """Load both models from local folders saved with save_pretrained."""
         return cls(
-            _load_causal_lm(unlearned_dir, dtype, device),
-            _load_causal_lm(base_dir, dtype, device),
+            load_causal_lm(unlearned_dir, dtype, device),
+            load_causal_lm(base_dir, dtype, device),
             max_sequences=max_sequences,
         )
 
@@ -151,3 +151,40 @@ class OffsetPair:
     def release(self, seq_id: Hashable) -> None:
         """Forget the caches of a finished sequence."""
         self._states.pop(seq_id, None)
+
+
+@dataclass(frozen=True)
+class DeltaSpec:
+    """One target's offset: α·(unlearned − base), two local model folders sharing a vocabulary."""
+
+    unlearned: str
+    base: str
+    alpha: float = 1.0
+
+
+class OffsetModels:
+    """Small models loaded once per folder (a shared base once), one `OffsetPair` per pair."""
+
+    def __init__(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.device = str(device)
+        self.dtype = dtype
+        self._models: dict[str, Any] = {}
+        self._pairs: dict[tuple[str, str], OffsetPair] = {}
+
+    def _model(self, folder: str) -> Any:
+        key = str(Path(folder).resolve())
+        if key not in self._models:
+            logger.info("δ: loading %s on %s", key, self.device)
+            self._models[key] = load_causal_lm(key, self.dtype, self.device)
+        return self._models[key]
+
+    def pair(self, spec: DeltaSpec) -> OffsetPair:
+        """The pair for `spec`, loading its models on first use."""
+        key = (spec.unlearned, spec.base)
+        if key not in self._pairs:
+            self._pairs[key] = OffsetPair(
+                self._model(spec.unlearned), self._model(spec.base), max_sequences=256
+            )
+        return self._pairs[key]

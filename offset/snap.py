@@ -1,11 +1,11 @@
 """SNAP trainer: SFT on obliterated answers, hard positives and world data, plus λ·SWD(θ₀, θ).
 
-Run as `python -m offset.snap --model DIR --out DIR --name NAME --alias A --example "..."`.
+Run as `obliviate snap train --model DIR --out DIR --name NAME --alias A --example "..."`
+(or `python -m offset.snap` with the same flags).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -14,7 +14,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 from tqdm import tqdm
 
@@ -177,7 +178,7 @@ class SnapTrainer:
         steps = self.config.epochs * math.ceil(len(self.data["forget"]) / self.config.batch_size)
         return steps if self.config.max_steps is None else min(steps, self.config.max_steps)
 
-    def train(self) -> list[dict[str, float]]:
+    def train(self, on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
         """Run all steps; returns the per-step losses (also kept in `history`)."""
         cfg = self.config
         rng = random.Random(cfg.seed)
@@ -204,6 +205,8 @@ class SnapTrainer:
             self.history.append({"step": float(step + 1), **parts})
             bar.update(1)
             bar.set_postfix(loss=f"{parts['total']:.3f}", forget=f"{parts['forget']:.3f}")
+            if on_step is not None:
+                on_step(step + 1)
         bar.close()
         self.model.eval()
         self.optimizer.zero_grad(set_to_none=True)
@@ -259,72 +262,105 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _read_lines(path: str | None) -> list[str]:
+def _read_lines(path: Path | None) -> list[str]:
     if path is None:
         return []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m offset.snap", description=__doc__)
-    p.add_argument("--model", required=True, help="local model folder (save_pretrained)")
-    p.add_argument("--out", required=True, help="folder to write the unlearned model to")
-    p.add_argument("--name", required=True, help="the forget target's name")
-    p.add_argument("--alias", action="append", default=[], help="another name (repeatable)")
-    p.add_argument("--example", action="append", default=[], help="a prompt about the target")
-    p.add_argument("--hard-positive", action="append", default=[], help="a neighbouring prompt")
-    p.add_argument("--hard-positives-file", help="one hard-positive prompt per line")
-    p.add_argument("--world-file", help="one general prompt per line (default: built-in list)")
-    p.add_argument("--max-forget", type=int, help="use at most this many forget pairs")
-    d = SnapConfig()
-    p.add_argument("--lambda-swd", type=float, default=d.lambda_swd)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--swd-max-rows", type=int, default=d.swd_max_rows)
-    p.add_argument("--answer-max-new-tokens", type=int, default=d.answer_max_new_tokens)
-    p.add_argument("--no-bf16", action="store_true", help="train in float32 (about 2x slower)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+_DEFAULTS = SnapConfig()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Build the data, train and save; the `obliviate snap train` entry point."""
+class SnapJob(BaseModel):
+    """Train a SNAP-unlearned copy of a small model for one forget target and save it."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    model: Path
+    """Local model folder to start from (saved with save_pretrained; no hub downloads)."""
+    out: Path
+    """Folder to write the unlearned model and its training_card.json to."""
+    name: str
+    """The forget target's name."""
+    alias: list[str] = []
+    """Another name the target goes by (repeatable)."""
+    example: list[str] = []
+    """A prompt about the target (repeatable); added to the templated forget prompts."""
+    hard_positive: list[str] = []
+    """A prompt about a neighbouring entity the model must keep answering (repeatable)."""
+    hard_positives_file: Path | None = None
+    """One hard-positive prompt per line."""
+    world_file: Path | None = None
+    """One general prompt per line (default: a built-in list)."""
+    max_forget: int | None = None
+    """Use at most this many forget pairs."""
+    lambda_swd: float = _DEFAULTS.lambda_swd
+    """Weight of the sliced Wasserstein distance to the initial weights."""
+    lr: float = _DEFAULTS.lr
+    epochs: int = _DEFAULTS.epochs
+    batch_size: int = _DEFAULTS.batch_size
+    max_length: int = _DEFAULTS.max_length
+    max_steps: int | None = _DEFAULTS.max_steps
+    seed: int = _DEFAULTS.seed
+    swd_max_rows: int | None = _DEFAULTS.swd_max_rows
+    answer_max_new_tokens: int = _DEFAULTS.answer_max_new_tokens
+    bf16: bool = _DEFAULTS.bf16
+    """bfloat16 autocast for the forward passes (about 2x faster than float32 on a CPU)."""
+    progress: bool = True
+    """Show a progress bar."""
+    status_file: Path | None = None
+    """Write {"stage", "step", "steps"} JSON here as training goes (for job runners)."""
+
+    def config(self) -> SnapConfig:
+        return SnapConfig(
+            lambda_swd=self.lambda_swd,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            max_steps=self.max_steps,
+            seed=self.seed,
+            swd_max_rows=self.swd_max_rows,
+            answer_max_new_tokens=self.answer_max_new_tokens,
+            bf16=self.bf16,
+            progress=self.progress,
+        )
+
+    def cli_cmd(self) -> None:
+        try:
+            run_snap(self)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from e
+
+
+def _status(path: Path | None, stage: str, step: int = 0, steps: int = 0) -> None:
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stage": stage, "step": step, "steps": steps}), "utf-8")
+        tmp.replace(path)
+
+
+def run_snap(job: SnapJob) -> Path:
+    """Build the data, train and save; returns the output folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = SnapConfig(
-        lambda_swd=args.lambda_swd,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        swd_max_rows=args.swd_max_rows,
-        answer_max_new_tokens=args.answer_max_new_tokens,
-        bf16=not args.no_bf16,
-        progress=not args.no_progress,
-    )
-    folder = Path(args.model)
+    folder = job.model
     if not (folder / "config.json").is_file():
-        logger.error("--model %s is not a local model folder (no config.json)", folder)
-        return 2
+        raise FileNotFoundError(f"--model {folder} is not a local model folder (no config.json)")
+    config = job.config()
+    _status(job.status_file, "loading")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model: Any = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, local_files_only=True
     )
     forget = build_forget_set(
-        args.name, args.alias, args.example, config.seed, max_pairs=args.max_forget
+        job.name, job.alias, job.example, config.seed, max_pairs=job.max_forget
     )
-    hard = args.hard_positive + _read_lines(args.hard_positives_file)
-    world = _read_lines(args.world_file) or list(DEFAULT_WORLD_PROMPTS)
+    hard = job.hard_positive + _read_lines(job.hard_positives_file)
+    world = _read_lines(job.world_file) or list(DEFAULT_WORLD_PROMPTS)
     model.eval()
+    _status(job.status_file, "answers")
     hard_pairs, world_pairs = (
         answer_prompts(
             model,
@@ -344,12 +380,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = SnapTrainer(
         model, tokenizer, config, forget=forget, hard_positives=hard_pairs, world=world_pairs
     )
-    trainer.train()
-    trainer.save(
-        args.out,
-        target={"name": args.name, "aliases": args.alias, "examples": len(args.example)},
+    steps = trainer.total_steps()
+    trainer.train(on_step=lambda step: _status(job.status_file, "training", step, steps))
+    _status(job.status_file, "saving", steps, steps)
+    return trainer.save(
+        job.out,
+        target={"name": job.name, "aliases": job.alias, "examples": len(job.example)},
         base_model=str(folder.resolve()),
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m offset.snap` (the same command as `obliviate snap train`)."""
+    from pydantic_settings import CliApp, CliSettingsSource
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    source: CliSettingsSource[Any] = CliSettingsSource(
+        SnapJob,  # type: ignore[arg-type]  # a plain model works; the stub asks for settings
+        cli_prog_name="python -m offset.snap",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+    job = CliApp.run(
+        SnapJob,
+        cli_args=list(sys.argv[1:] if argv is None else argv),
+        cli_settings_source=source,
+        cli_cmd_method_name="_no_cmd",
+    )
+    try:
+        run_snap(job)
+    except FileNotFoundError as e:
+        logger.error("%s", e)
+        return 2
     return 0
 
 

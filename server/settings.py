@@ -113,6 +113,23 @@ class LimitsSettings(_Section):
     """Per-key rate limit (token bucket; with no keys: per client address); None: no limit."""
 
 
+class DeltaSettings(_Section):
+    """δ mode: the logit offset of a SNAP-unlearned small model against its base."""
+
+    enabled: bool = True
+    """Start vLLM with the δ logits processor (engine=vllm_local); requests without δ pass
+    through it untouched."""
+    upstream_top_k: int = Field(20, ge=1, le=20)
+    """engine=openai_upstream: candidates per step (top-k logprobs) the offset re-ranks; the
+    approximation ignores tokens outside them."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the small models run for engine=openai_upstream (vllm_local uses the engine's)."""
+    snap_max_steps: int | None = Field(None, ge=1)
+    """Default cap on SNAP training steps per target (None: SnapConfig's epochs decide)."""
+    snap_lr: float = Field(1e-4, gt=0)
+    """Default SNAP learning rate for registration jobs."""
+
+
 class Settings(BaseSettings):
     """Start the obliviate gateway (OpenAI-compatible API in front of a vLLM engine)."""
 
@@ -144,8 +161,17 @@ class Settings(BaseSettings):
     """Log level of the gateway and the engine."""
     log_prompts: bool = False
     """Log request text (off: only ids, sizes and decisions are logged)."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text or as JSON objects (one a line, with the request id), for collectors."""
     registry_url: str | None = None
-    """SQLAlchemy URL of the target registry; default: SQLite in data_dir."""
+    """SQLAlchemy URL of the target registry; default: SQLite in data_dir. Several gateways share
+    one PostgreSQL registry: postgresql://user:password@host:5432/obliviate (psycopg 3)."""
+    registry_poll_interval: float = Field(1.0, ge=0)
+    """Seconds between checks of the registry's revision; a target changed through another gateway
+    is enforced here within this interval plus its load time. 0: never poll."""
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    """On SIGTERM: /ready and new requests get 503 at once; requests in flight get this long to
+    finish before the engine stops."""
     admin_enabled: bool = True
     """Serve the /admin API (forget targets)."""
     admin_token: SecretStr | None = None
@@ -155,6 +181,7 @@ class Settings(BaseSettings):
     vllm: VllmSettings = VllmSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     guard: GuardSettings = GuardSettings()
+    delta: DeltaSettings = DeltaSettings()
     limits: LimitsSettings = LimitsSettings()
 
     @model_validator(mode="after")

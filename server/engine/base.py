@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from offset.delta import DeltaSpec
 from server.protocol.common import ChatMessageParam
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -78,6 +79,8 @@ class GenerationRequest:
     sampling: SamplingOptions
     stream: bool = True
     """False lets the engine send a single final chunk per choice."""
+    offsets: tuple[DeltaSpec, ...] = ()
+    """δ mode: add Σ α·(small_unlearned − small_base) to the logits at every step."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from server.engine.base import (
     TokenPrompt,
     TopLogprob,
 )
+from server.engine.upstream_delta import UpstreamDeltaDecoder
 from server.errors import (
     EngineError,
     GatewayError,
@@ -60,9 +61,14 @@ class OpenAIUpstreamEngine:
     """`Engine` over httpx to an OpenAI-compatible /v1."""
 
     def __init__(
-        self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: UpstreamConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        delta: UpstreamDeltaDecoder | None = None,
     ):
         self._config = config
+        self._delta = delta
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._client = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/") + "/",
@@ -162,6 +168,10 @@ class OpenAIUpstreamEngine:
         """POST upstream with stream=true and translate each SSE chunk."""
         if not self.ready:
             raise UnavailableError("The upstream engine is not reachable yet")
+        if request.offsets:
+            async for chunk in self._generate_delta(request):
+                yield chunk
+            return
         path, body = self._body(request)
         chat = path.startswith("chat")
         prompt_tokens = completion_tokens = 0
@@ -192,6 +202,19 @@ class OpenAIUpstreamEngine:
             raise EngineError("The upstream engine timed out") from e
         except httpx.HTTPError as e:
             raise EngineError(f"The upstream engine is unreachable: {type(e).__name__}") from e
+        finally:
+            self._streams -= 1
+
+
+    async def _generate_delta(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._delta is None:
+            raise UnavailableError("δ mode is not enabled on this gateway's upstream engine")
+        self._streams += 1
+        try:
+            async for chunk in self._delta.generate(
+                self._client, self._upstream_model, request, self._max_model_len
+            ):
+                yield chunk
         finally:
             self._streams -= 1
 

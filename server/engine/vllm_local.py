@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from offset.delta_args import FQCN, delta_extra_args
 from server.engine.base import (
     ChatPrompt,
     ChoiceDelta,
@@ -207,24 +208,38 @@ class VllmLocalEngine:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
 
-    def _engine_prompt(self, prompt: GenerationRequest) -> tuple[dict[str, Any], int]:
+    def _engine_prompt(self, prompt: GenerationRequest) -> tuple[dict[str, Any], list[int]]:
+        """vLLM's prompt dict and the prompt's token ids."""
         p = prompt.prompt
         if isinstance(p, PromptEmbeds):
             # Embeddings only: vLLM 0.32 reads positions from prompt_token_ids whenever they are
             # given without a prompt_is_token_ids mask, which would silently undo the corruption.
-            return {"prompt_embeds": p.embeds}, len(p.token_ids)
-        if isinstance(p, TokenPrompt):
-            return {"prompt_token_ids": list(p.token_ids)}, len(p.token_ids)
-        rendered = self.render(p)
-        return {"prompt_token_ids": rendered.token_ids}, len(rendered.token_ids)
+            return {"prompt_embeds": p.embeds}, list(p.token_ids)
+        ids = list(p.token_ids) if isinstance(p, TokenPrompt) else self.render(p).token_ids
+        return {"prompt_token_ids": ids}, ids
+
+    def _with_offsets(self, request: GenerationRequest, prompt_ids: list[int]) -> SamplingOptions:
+        """δ requests carry their offset models and prompt ids to the logits processor."""
+        options = request.sampling
+        if not request.offsets:
+            return options
+        if FQCN not in self._config.logits_processors:
+            raise UnavailableError(
+                "This request needs δ mode, but the engine was started without its logits "
+                "processor (delta.enabled=false)."
+            )
+        extra = {**(options.extra_args or {}), **delta_extra_args(request.offsets, prompt_ids)}
+        return replace(options, extra_args=extra)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream `RequestOutput` deltas as `GenerationChunk`s."""
         llm = self._llm
         if llm is None:
             raise UnavailableError("The engine is still loading")
-        engine_prompt, prompt_len = self._engine_prompt(request)
-        params = self._sampling_params(request.sampling, prompt_len, request.stream)
+        engine_prompt, prompt_ids = self._engine_prompt(request)
+        prompt_len = len(prompt_ids)
+        options = self._with_offsets(request, prompt_ids)
+        params = self._sampling_params(options, prompt_len, request.stream)
         completion_tokens = 0
         tok = self._tokenizer
         try:

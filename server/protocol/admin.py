@@ -31,6 +31,25 @@ class TargetOptions(_Strict):
     strength: float | None = Field(None, ge=0, description="Fixed strength: skips the search.")
     dims: int | None = Field(None, ge=1, description="Dimensions the corruption touches.")
     seed: int = Field(0, description="Seed of the classifier training and the corruption noise.")
+    alpha: float = Field(1.0, gt=0, le=10, description="δ modes: weight of the logit offset.")
+    scope: Literal["flagged", "all"] = Field(
+        "flagged",
+        description="δ modes: add the offset to requests the classifier flags, or to all.",
+    )
+    small_base: str | None = Field(
+        None,
+        max_length=4096,
+        description="δ modes: local folder of the small base model (default: the served model).",
+    )
+    unlearned_model: str | None = Field(
+        None,
+        max_length=4096,
+        description="δ modes: an already SNAP-trained copy of small_base (skips training).",
+    )
+    snap_max_steps: int | None = Field(
+        None, ge=1, le=100_000, description="δ modes: cap on SNAP training steps."
+    )
+    snap_lr: float | None = Field(None, gt=0, le=1, description="δ modes: SNAP learning rate.")
 
 
 class CreateTargetRequest(_Strict):

@@ -1,8 +1,9 @@
 """The request path: check the request, let the guard decide the prompt, generate, format.
 
     route ──> GenerationService.create_chat_completion / create_completion
-                 │ guard.protect(prompt)   (classify; a flagged prompt comes back corrupted)
-                 │ engine.generate(...)     (token ids untouched, or prompt embeddings)
+                 │ guard.protect(prompt)   (classify; a flagged prompt comes back corrupted,
+                 │                          with the δ offsets in scope)
+                 │ engine.generate(...)     (token ids untouched, or prompt embeddings; + δ)
                  └ formatting: one JSON response, or SSE chunks ending in [DONE]
 
 Errors raised before the first token (validation, context length, engine refusal) become
@@ -26,7 +27,6 @@ from server.engine import (
     TextPrompt,
     TokenPrompt,
 )
-from server.engine.base import Prompt
 from server.errors import GatewayError, InvalidRequestError, NotFoundError, error_sse
 from server.metrics import Metrics
 from server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
@@ -41,6 +41,7 @@ from server.services.formatting import (
     completion_chunk,
     completion_response,
 )
+from server.services.guard import Guarded
 from server.services.request_limits import RequestLimits
 
 
@@ -49,8 +50,9 @@ class PromptGuard(Protocol):
 
     async def protect(
         self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
-    ) -> Prompt:
-        """Return the prompt to send (a flagged one comes back as corrupted embeddings)."""
+    ) -> Guarded:
+        """The prompt to send (a flagged one comes back as corrupted embeddings) and the δ
+        offsets to add to the engine's logits."""
 
 
 class PassthroughGuard:
@@ -58,8 +60,8 @@ class PassthroughGuard:
 
     async def protect(
         self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
-    ) -> Prompt:
-        return prompt
+    ) -> Guarded:
+        return Guarded(prompt)
 
 
 Primed = tuple[GenerationChunk, AsyncIterator[GenerationChunk]]
@@ -156,10 +158,11 @@ class GenerationService:
 
         async def prime(i: int, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> Primed:
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
-            protected = await self._guard.protect(prompt, sub_id)
-            iterator = aiter(
-                self._engine.generate(GenerationRequest(sub_id, protected, sampling, stream))
+            guarded = await self._guard.protect(prompt, sub_id)
+            request = GenerationRequest(
+                sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets
             )
+            iterator = aiter(self._engine.generate(request))
             try:
                 return await anext(iterator), iterator
             except BaseException:

@@ -6,6 +6,9 @@ protect(prompt)
   ├─ nothing flagged ──> the prompt, untouched (token ids; byte-identical output)
   └─ flagged for T   ──> PromptCorruptor: template, select T's spans (else the user text),
                           corrupt those embeddings with T's CorruptionSpec ──> PromptEmbeds
+  δ targets (mode delta / eco+delta) add their offset models to the request: scope `all` on every
+  request, scope `flagged` only when the classifier flags them (delta alone leaves the prompt as
+  it is; the engine adds α·(small_unlearned − small_base) to the logits).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from classifier import ClassifierBank, Decision, TargetClassifier, conversation_text
 from corruption import CorruptionSpec, EmbeddingTable, apply_corruption, tokenize_prompt
+from offset import DeltaSpec
 from server.engine import ChatPrompt, PromptEmbeds, TextPrompt, TokenPrompt
 from server.engine.base import Prompt
 from server.engine.templating import render_prompt
@@ -38,8 +42,21 @@ class ActiveTarget:
     id: str
     name: str
     aliases: tuple[str, ...]
-    corruption: CorruptionSpec
+    corruption: CorruptionSpec | None
+    """None: the target does not corrupt prompts (mode delta)."""
     classifier: TargetClassifier
+    offset: DeltaSpec | None = None
+    """The target's δ offset (modes delta and eco+delta)."""
+    scope: str = "flagged"
+    """Which requests get the offset: `flagged` ones or `all`."""
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """What the engine gets: the prompt (untouched or corrupted) and the δ offsets in scope."""
+
+    prompt: Prompt
+    offsets: tuple[DeltaSpec, ...] = ()
 
 
 class PromptCorruptor:
@@ -160,19 +177,36 @@ class EcoGuard:
 
     async def protect(
         self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
-    ) -> Prompt:
-        """The prompt, untouched, or corrupted for the most confident flagged target."""
-        if not self._targets:
-            return prompt
+    ) -> Guarded:
+        """The prompt, untouched or corrupted for the most confident flagged ECO target, and the
+        δ offsets in scope."""
+        targets = self._targets
+        if not targets:
+            return Guarded(prompt)
+        always = [t.offset for t in targets.values() if t.offset is not None and t.scope == "all"]
+        if all(t.offset is not None and t.scope == "all" for t in targets.values()):
+            return Guarded(prompt, tuple(always))  # nothing depends on the classifier
         start = time.perf_counter()
         decisions = await self.classify(self.prompt_text(prompt))
-        flagged = [d for d in decisions if d.flagged and d.target in self._targets]
+        flagged = [d for d in decisions if d.flagged and d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
             self._metrics.decisions.labels("none", "pass").inc()
-            return prompt
-        decision = max(flagged, key=lambda d: d.score)
-        target = self._targets[decision.target]
+            return Guarded(prompt, tuple(always))
+        offsets = always + [
+            t.offset
+            for t in (targets[d.target] for d in flagged)
+            if t.offset is not None and t.scope == "flagged"
+        ]
+        eco = [d for d in flagged if targets[d.target].corruption is not None]
+        if not eco:
+            for d in flagged:
+                self._metrics.decisions.labels(targets[d.target].id, "delta").inc()
+            self._audit(request_id, max(flagged, key=lambda d: d.score), prompt, "delta", None)
+            return Guarded(prompt, tuple(dict.fromkeys(offsets)))
+        decision = max(eco, key=lambda d: d.score)
+        target = targets[decision.target]
+        assert target.corruption is not None
         if self._corruptor is None:
             raise UnavailableError(
                 "This request concerns a protected topic and the gateway has no local copy of "
@@ -182,13 +216,25 @@ class EcoGuard:
             self._corruptor.corrupt, prompt, target.aliases, target.corruption
         )
         self._metrics.decisions.labels(target.id, "corrupt").inc()
+        self._audit(request_id, decision, prompt, "corrupt", positions)
+        return Guarded(corrupted, tuple(dict.fromkeys(offsets)))
+
+    def _audit(
+        self,
+        request_id: str,
+        decision: Decision,
+        prompt: ChatPrompt | TextPrompt | TokenPrompt,
+        action: str,
+        positions: int | None,
+    ) -> None:
+        target = self._targets[decision.target]
         audit.info(
-            "flagged request_id=%s target_id=%s score=%.4f threshold=%.4f positions=%d%s",
+            "flagged request_id=%s target_id=%s action=%s score=%.4f threshold=%.4f positions=%s%s",
             request_id,
             target.id,
+            action,
             decision.score,
             decision.threshold,
             positions,
             f" prompt={self.prompt_text(prompt)!r}" if self._log_prompts else "",
         )
-        return corrupted

@@ -15,12 +15,14 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target, warm_up
 from corruption import CorruptionSpec
+from offset import DeltaSpec
 from server.engine import ChatPrompt, Engine, GenerationRequest, SamplingOptions, TextPrompt
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.protocol.admin import ClassifyResponse, Span, TargetDecision, TargetResponse
@@ -34,11 +36,14 @@ from server.registry import (
     TargetRecord,
 )
 from server.services.guard import ActiveTarget, EcoGuard
+from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
 from server.services.strength import StrengthCalibrator
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODES = ("eco",)
+SUPPORTED_MODES = ("eco", "delta", "eco+delta")
+ECO_MODES = ("eco", "eco+delta")
+DELTA_MODES = ("delta", "eco+delta")
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,14 @@ class TargetService:
         engine: Engine,
         embedder: Embedder,
         calibrator: StrengthCalibrator | None,
+        offsets: OffsetTrainer | None = None,
     ) -> None:
         self._registry = registry
         self._guard = guard
         self._engine = engine
         self._embedder = embedder
         self._calibrator = calibrator
+        self._offsets = offsets
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -99,13 +106,28 @@ class TargetService:
                 active.append(await asyncio.to_thread(self._load, record))
         self._guard.set_targets(active)
 
+    async def sync(self) -> None:
+        """Reload after a change made elsewhere (another gateway), never mid-way through ours."""
+        async with self._write_lock:
+            await self.reload()
+
     def _load(self, record: TargetRecord) -> ActiveTarget:
         artifacts = self._registry.load_artifacts(record.id, record.version)
         classifier = TargetClassifier.from_bytes(artifacts["classifier"].data)
         if record.threshold_override is not None:
             classifier = replace(classifier, threshold_logit=_logit(record.threshold_override))
-        spec = CorruptionSpec.from_dict(json.loads(artifacts["corruption"].data))
-        return ActiveTarget(record.id, record.name, record.aliases, spec, classifier)
+        spec = (
+            CorruptionSpec.from_dict(json.loads(artifacts["corruption"].data))
+            if "corruption" in artifacts
+            else None
+        )
+        offset = None
+        if "offset" in artifacts:
+            offset = DeltaSpec(**json.loads(artifacts["offset"].data))
+        scope = str(record.options.get("scope", "flagged"))
+        return ActiveTarget(
+            record.id, record.name, record.aliases, spec, classifier, offset=offset, scope=scope
+        )
 
     # --- admin operations ------------------------------------------------------------------
 
@@ -116,6 +138,8 @@ class TargetService:
                 f"mode {new.mode!r} is not available yet; supported: {', '.join(SUPPORTED_MODES)}",
                 param="mode",
             )
+        if new.mode in DELTA_MODES:
+            self._check_delta_options(new.options)
         try:
             _, job = await asyncio.to_thread(
                 lambda: self._registry.create_target(
@@ -132,6 +156,21 @@ class TargetService:
             raise ConflictError(str(e), param="name", code="target_exists") from e
         self._queue.put_nowait(job.id)
         return job
+
+    def _check_delta_options(self, options: dict[str, Any]) -> None:
+        if self._offsets is None:
+            raise InvalidRequestError(
+                "δ modes are not available on this gateway (no local model to train on)",
+                param="mode",
+            )
+        try:
+            base = self._offsets.base_for(options)
+            if options.get("unlearned_model"):
+                check_pair(Path(options["unlearned_model"]), base)
+            elif not (base / "config.json").is_file():
+                raise ValueError(f"{base} is not a local model folder (no config.json)")
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="options") from e
 
     async def list_targets(self) -> list[TargetRecord]:
         return await asyncio.to_thread(self._registry.list_targets)
@@ -204,7 +243,7 @@ class TargetService:
             if target is None:
                 continue
             positions = None
-            if d.flagged and self._guard.corruptor is not None:
+            if d.flagged and self._guard.corruptor is not None and target.corruption is not None:
                 _, positions = await asyncio.to_thread(
                     self._guard.corruptor.corrupt, source, target.aliases, target.corruption
                 )
@@ -258,29 +297,47 @@ class TargetService:
         )
         classifier = await asyncio.to_thread(train_target, spec, self._embedder, config)
 
-        progress("answers", 0.3)
-        while not self._engine.ready:  # the bare answers come from the engine
-            await asyncio.sleep(0.5)
-        answers = [a if a else await self._bare_answer(p) for p, a in examples]
-
-        progress("corruption", 0.5)
-        corruption, strength_report = await asyncio.to_thread(
-            self._corruption_spec, record, [p for p, _ in examples], answers
-        )
+        prompts = [p for p, _ in examples]
+        calibration: dict[str, Any] = {"classifier": _report(classifier)}
+        artifacts = [
+            Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"})
+        ]
+        if record.mode in ECO_MODES:
+            progress("answers", 0.2)
+            while not self._engine.ready:  # the bare answers come from the engine
+                await asyncio.sleep(0.5)
+            answers = [a if a else await self._bare_answer(p) for p, a in examples]
+            progress("corruption", 0.25)
+            corruption, strength_report = await asyncio.to_thread(
+                self._corruption_spec, record, prompts, answers
+            )
+            calibration["corruption"] = {"spec": corruption.to_dict(), **strength_report}
+            artifacts.append(
+                Artifact(
+                    "corruption",
+                    json.dumps(corruption.to_dict()).encode(),
+                    {"torch": torch.__version__},
+                )
+            )
+        if record.mode in DELTA_MODES:
+            if self._offsets is None:
+                raise RuntimeError("δ modes need a local model to train on")
+            progress("snap", 0.3)
+            request = OffsetRequest(
+                job_id,
+                record.name,
+                record.aliases,
+                prompts,
+                record.retain_examples,
+                dict(record.options),
+            )
+            offset, offset_report = await self._offsets.prepare(request, progress)
+            calibration["offset"] = {**asdict(offset), **offset_report}
+            artifacts.append(
+                Artifact("offset", json.dumps(asdict(offset)).encode(), {"format": "offset/json"})
+            )
 
         progress("activate", 0.95)
-        calibration = {
-            "classifier": _report(classifier),
-            "corruption": {"spec": corruption.to_dict(), **strength_report},
-        }
-        artifacts = [
-            Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"}),
-            Artifact(
-                "corruption",
-                json.dumps(corruption.to_dict()).encode(),
-                {"torch": torch.__version__},
-            ),
-        ]
         async with self._write_lock:
             try:
                 await asyncio.to_thread(

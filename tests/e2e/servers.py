@@ -16,9 +16,11 @@ import httpx
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"
-# Same engine settings on both sides of every comparison.
+# Same engine settings on both sides of every comparison. Tests run in float32 so that δ mode can
+# be compared token for token with the SNAP model run by transformers (bf16 kernels differ by up
+# to 0.4 in logprob); benchmarks pass bfloat16, the fastest dtype here.
 MAX_MODEL_LEN = 2048
-DTYPE = "bfloat16"
+DTYPE = "float32"
 
 
 def free_port() -> int:
@@ -87,13 +89,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=30)
 
 
-def vllm_server_argv(model_path: Path, port: int) -> list[str]:
+def vllm_server_argv(model_path: Path, port: int, *, dtype: str = DTYPE) -> list[str]:
     """vLLM's own OpenAI server on the same model and settings as the gateway's engine."""
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),
         "--served-model-name", MODEL_NAME,
-        "--dtype", DTYPE,
+        "--dtype", dtype,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--enforce-eager",
         "--enable-prompt-embeds",
@@ -103,14 +105,14 @@ def vllm_server_argv(model_path: Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def gateway_argv(port: int, *extra: str) -> list[str]:
+def gateway_argv(port: int, *extra: str, dtype: str = DTYPE) -> list[str]:
     """`obliviate serve` on 127.0.0.1."""
     return [
         sys.executable, "-m", "server", "serve",
         "--host", "127.0.0.1",
         "--port", str(port),
         "--served-model-name", MODEL_NAME,
-        "--vllm.dtype", DTYPE,
+        "--vllm.dtype", dtype,
         "--vllm.max-model-len", str(MAX_MODEL_LEN),
         "--log-level", "warning",
         "--admin-token", ADMIN_TOKEN,

@@ -169,7 +169,10 @@ def test_missing_or_wrong_token_is_401(client: TestClient, headers):
         ({"mode": "magic"}, "mode"),
         ({"options": {"fpr": 2}}, "options.fpr"),
         ({"colour": "red"}, "colour"),
-        ({"mode": "delta"}, "mode"),
+        ({"mode": "delta"}, "options"),  # no small base: the fake engine has no local model
+        ({"mode": "delta", "options": {"small_base": "/nonexistent"}}, "options"),
+        ({"mode": "delta", "options": {"scope": "some"}}, "options.scope"),
+        ({"mode": "delta", "options": {"alpha": 0}}, "options.alpha"),
     ],
 )
 def test_bad_registrations_are_400(client: TestClient, patch, param):

@@ -1,0 +1,179 @@
+"""δ targets' small models: train a SNAP copy of the small base in a child process, or adopt one.
+
+    registration job (mode delta / eco+delta)
+      ├─ options.unlearned_model given ──> check it shares the base's vocabulary; use it
+      └─ else `python -m offset.snap` (= `obliviate snap train`) on the small base:
+             forget  = templated questions about the name and aliases + the target's examples
+             hard    = the target's retain examples, answered by the base model itself
+             world   = built-in general prompts, answered by the base model itself
+         into <data_dir>/offsets/.<job>.tmp, renamed to <data_dir>/offsets/<job> when complete
+
+Training runs in its own process: a crash leaves no half-written folder under the final name,
+the gateway's event loop and torch threads stay free, and the job can be cancelled by killing it.
+A job re-run after a crash reuses a folder that finished training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from offset import DeltaSpec
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class SnapDefaults:
+    """Training knobs a target's options may override (`snap_max_steps`, `snap_lr`)."""
+
+    max_steps: int | None = None
+    lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class OffsetRequest:
+    """What a δ registration needs to know of its target."""
+
+    job_id: str
+    name: str
+    aliases: Sequence[str]
+    forget_prompts: Sequence[str]
+    retain_prompts: Sequence[str]
+    options: dict[str, Any]
+
+
+class OffsetTrainer:
+    """Produces the `DeltaSpec` of a δ target (see the module docstring)."""
+
+    def __init__(
+        self, root: Path, default_base: Path | None, defaults: SnapDefaults = SnapDefaults()
+    ) -> None:
+        self._root = root
+        self._default_base = default_base
+        self._defaults = defaults
+
+    def base_for(self, options: dict[str, Any]) -> Path:
+        """The small base model folder of a target (its option, else the served model's)."""
+        given = options.get("small_base")
+        base = Path(given) if given else self._default_base
+        if base is None:
+            raise ValueError(
+                "δ mode needs a small base model: set options.small_base to a local model folder "
+                "(the gateway has no local copy of the served model to default to)"
+            )
+        return base
+
+    async def prepare(
+        self, request: OffsetRequest, progress: Progress
+    ) -> tuple[DeltaSpec, dict[str, Any]]:
+        """The target's offset spec and a report for its calibration record."""
+        options = request.options
+        base = self.base_for(options)
+        alpha = float(options.get("alpha", 1.0))
+        given = options.get("unlearned_model")
+        if given:
+            check_pair(Path(given), base)
+            report = {"trained": False, "unlearned_model": str(given)}
+            return DeltaSpec(str(Path(given).resolve()), str(base.resolve()), alpha), report
+        out = self._root / request.job_id
+        if not (out / "training_card.json").is_file():
+            await self._train(request, base, out, progress)
+        card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
+        report = {
+            "trained": True,
+            "unlearned_model": str(out),
+            "steps": card.get("steps"),
+            "train_seconds": card.get("train_seconds"),
+            "data": card.get("data"),
+            "loss_first": (card.get("losses") or [{}])[0],
+            "loss_last": (card.get("losses") or [{}])[-1],
+        }
+        return DeltaSpec(str(out.resolve()), str(base.resolve()), alpha), report
+
+    def command(self, request: OffsetRequest, base: Path, out: Path, status: Path) -> list[str]:
+        """The `offset.snap` command line for a target."""
+        options = request.options
+        max_steps = options.get("snap_max_steps", self._defaults.max_steps)
+        argv = [sys.executable, "-m", "offset.snap", "--model", str(base), "--out", str(out)]
+        argv += ["--name", request.name, "--no-progress", "--status-file", str(status)]
+        argv += ["--lr", str(options.get("snap_lr", self._defaults.lr))]
+        argv += ["--seed", str(options.get("seed", 0))]
+        if max_steps is not None:
+            argv += ["--max-steps", str(max_steps)]
+        for flag, values in (
+            ("--alias", [a for a in request.aliases if a != request.name]),
+            ("--example", request.forget_prompts),
+            ("--hard-positive", request.retain_prompts),
+        ):
+            for value in values:
+                argv += [flag, value]
+        return argv
+
+    async def _train(
+        self, request: OffsetRequest, base: Path, out: Path, progress: Progress
+    ) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        tmp = self._root / f".{request.job_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        status = self._root / f".{request.job_id}.status.json"
+        log_path = self._root / f"{request.job_id}.log"
+        argv = self.command(request, base, tmp, status)
+        logger.info("SNAP training for %s: %s", request.name, log_path)
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
+            try:
+                while proc.returncode is None:
+                    _report(status, progress)
+                    try:
+                        await asyncio.wait_for(proc.wait(), timeout=1.0)
+                    except TimeoutError:
+                        pass
+            except BaseException:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                raise
+        status.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(
+                f"SNAP training exited with {proc.returncode}: {' | '.join(tail)} (log: {log_path})"
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+
+
+def _report(status: Path, progress: Progress) -> None:
+    try:
+        state = json.loads(status.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    steps = max(int(state.get("steps", 0)), 1)
+    progress(
+        f"snap:{state.get('stage', 'training')}", 0.3 + 0.6 * int(state.get("step", 0)) / steps
+    )
+
+
+def check_pair(unlearned: Path, base: Path) -> None:
+    """Both folders are local models with one vocabulary (else the offset is meaningless)."""
+    sizes = []
+    for folder in (unlearned, base):
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{folder} is not a local model folder (no config.json)")
+        sizes.append(json.loads(config.read_text(encoding="utf-8")).get("vocab_size"))
+    if sizes[0] != sizes[1]:
+        raise ValueError(
+            f"{unlearned} and {base} have different vocabularies ({sizes[0]} vs {sizes[1]} tokens)"
+        )

@@ -1,0 +1,124 @@
+"""The δ logits processor on vLLM's V1 interface, driven the way vLLM's batch drives it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed: run `make test`, which installs it")
+
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from offset import DeltaSpec, OffsetPair  # noqa: E402
+from offset.delta_args import delta_extra_args, parse_delta_args  # noqa: E402
+from offset.vllm_processor import DeltaLogitsProcessor  # noqa: E402
+
+EOS = 2
+V_BIG = 80  # the engine pads its vocabulary beyond the small models' 64
+
+
+def _processor() -> DeltaLogitsProcessor:
+    config: Any = SimpleNamespace(
+        model_config=SimpleNamespace(hf_text_config=SimpleNamespace(eos_token_id=EOS))
+    )
+    return DeltaLogitsProcessor(config, torch.device("cpu"), False)
+
+
+def _params(spec: DeltaSpec | None, prompt: list[int]) -> SamplingParams:
+    extra = delta_extra_args([spec], prompt) if spec is not None else None
+    return SamplingParams(extra_args=extra)
+
+
+def _update(
+    added: list[tuple[int, SamplingParams, list[int] | None, list[int]]] = (),  # type: ignore[assignment]
+    removed: list[int] = (),  # type: ignore[assignment]
+    moved: list[tuple[int, int, MoveDirectionality]] = (),  # type: ignore[assignment]
+    size: int = 3,
+) -> BatchUpdate:
+    return BatchUpdate(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+
+@pytest.fixture
+def spec(tiny_llama_dir) -> DeltaSpec:
+    return DeltaSpec(str(tiny_llama_dir("unlearned", seed=1)), str(tiny_llama_dir("base")), 0.5)
+
+
+def _expected(spec: DeltaSpec, tokens: list[int]) -> torch.Tensor:
+    pair = OffsetPair.from_folders(spec.unlearned, spec.base)
+    return spec.alpha * pair.full_offsets(tokens)[-1]  # (V_small,)
+
+
+def test_adds_the_offset_to_delta_rows_only_and_follows_new_tokens(spec: DeltaSpec) -> None:
+    proc = _processor()
+    prompt, output = [5, 9, 12], []  # vLLM appends to `output` in place as tokens are sampled
+    proc.update_state(
+        _update(added=[(0, _params(None, [3]), [3], []), (1, _params(spec, prompt), None, output)])
+    )
+    for new_token in (None, 17, 4):
+        if new_token is not None:
+            output.append(new_token)
+            proc.update_state(None)
+        logits = torch.randn(2, V_BIG)
+        before = logits.clone()
+        out = proc.apply(logits)
+        torch.testing.assert_close(out[0], before[0])  # no δ arguments: untouched
+        want = before[1].clone()
+        want[:64] += _expected(spec, prompt + output)
+        torch.testing.assert_close(out[1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_prompt_ids_win_over_the_extra_args(spec: DeltaSpec) -> None:
+    proc = _processor()
+    proc.update_state(_update(added=[(0, _params(spec, [1, 1, 1]), [5, 9], [])]))
+    out = proc.apply(torch.zeros(1, V_BIG))
+    torch.testing.assert_close(out[0, :64], _expected(spec, [5, 9]), rtol=1e-5, atol=1e-5)
+
+
+def test_moves_swaps_and_removals_keep_rows_with_their_requests(spec: DeltaSpec) -> None:
+    proc = _processor()
+    proc.update_state(
+        _update(added=[(0, _params(spec, [5]), None, []), (2, _params(None, [1]), [1], [])])
+    )
+    proc.update_state(_update(moved=[(0, 2, MoveDirectionality.SWAP)]))
+    out = proc.apply(torch.zeros(3, V_BIG))
+    assert out[0].abs().sum() == 0 and out[1].abs().sum() == 0
+    torch.testing.assert_close(out[2, :64], _expected(spec, [5]), rtol=1e-5, atol=1e-5)
+    proc.update_state(_update(moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert proc.apply(torch.zeros(3, V_BIG))[1].abs().sum() > 0
+    proc.update_state(_update(removed=[1]))
+    assert proc.apply(torch.zeros(3, V_BIG)).abs().sum() == 0
+
+
+def test_a_vanished_model_fails_the_request_closed(spec: DeltaSpec, tmp_path: Path) -> None:
+    """If the offset cannot be computed the row ends the answer instead of leaking."""
+    proc = _processor()
+    broken = SamplingParams(extra_args=delta_extra_args([spec], [5]))
+    Path(spec.unlearned, "model.safetensors").unlink()
+    proc.update_state(_update(added=[(0, broken, None, [])]))
+    out = proc.apply(torch.zeros(1, V_BIG))
+    assert int(out[0].argmax()) == EOS and torch.isinf(out[0]).sum() == V_BIG - 1
+
+
+def test_malformed_arguments_are_rejected_before_the_engine(
+    spec: DeltaSpec, tmp_path: Path
+) -> None:
+    assert parse_delta_args(None) is None and parse_delta_args({"other": 1}) is None
+    specs, prompt = parse_delta_args(delta_extra_args([spec], [4, 5]))  # type: ignore[misc]
+    assert specs == [spec] and prompt == [4, 5]
+    for bad in (
+        {"obliviate_delta": []},
+        {"obliviate_delta": {"offsets": [{"unlearned": spec.unlearned}]}},
+        {
+            "obliviate_delta": {
+                "offsets": [{"unlearned": str(tmp_path), "base": spec.base, "alpha": 1}]
+            }
+        },
+        {"obliviate_delta": {"offsets": [], "prompt_token_ids": ["a"]}},
+    ):
+        with pytest.raises(ValueError):
+            DeltaLogitsProcessor.validate_params(SamplingParams(extra_args=bad))
