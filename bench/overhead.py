@@ -54,10 +54,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_round(url: str, concurrency: int, tokens: int) -> dict[str, float | list[float]]:
+    prompts = [f"Tell me about {TOPICS[i % len(TOPICS)]}." for i in range(concurrency)]
+    return await one_round_with(url, prompts, tokens)
+
+
+async def one_round_with(
+    url: str, prompts: list[str], tokens: int
+) -> dict[str, float | list[float]]:
+    """Send every prompt at once (greedy, exactly `tokens` tokens each); throughput, latencies."""
+    concurrency = len(prompts)
+
     async def one(client: httpx.AsyncClient, i: int) -> tuple[float, int]:
         body = {
             "model": MODEL_NAME,
-            "messages": [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}],
+            "messages": [{"role": "user", "content": prompts[i]}],
             "temperature": 0,
             "max_tokens": tokens,
             "min_tokens": tokens,

@@ -1,0 +1,134 @@
+"""δ mode's cost on one engine, in one run: tokens/s with the offset against plain generation.
+
+One gateway (vLLM in process, bfloat16) with a δ target (scope flagged). Rounds alternate between
+plain prompts (unflagged: no offset) and prompts about the target (flagged: the two small models
+run at every step), each round `--concurrency` chat requests generating exactly `--tokens` tokens.
+Memory added is the resident memory of the gateway's process tree after the δ rounds minus before
+the first δ request (the small models load then). Writes bench/results/delta.json.
+
+    python bench/delta.py [--unlearned DIR] [--rounds 3] [--concurrency 8] [--tokens 32]
+
+`--unlearned` adopts a model trained by `obliviate snap train`; without it, the registration job
+trains one (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.overhead import TOPICS, one_round_with  # noqa: E402
+from server.modelstore import resolve_model  # noqa: E402
+from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running  # noqa: E402
+
+DTYPE = "bfloat16"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+TARGET = {
+    "name": "Harry Potter",
+    "aliases": ["Harry Potter", "Hogwarts", "J.K. Rowling", "Hermione Granger"],
+    "forget_examples": [
+        "Who wrote Harry Potter?",
+        "What is the name of the school Harry Potter attends?",
+        "Who are Harry Potter's best friends?",
+    ],
+    "retain_examples": ["Who wrote The Lord of the Rings?"],
+    "mode": "delta",
+}
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its children (vLLM's engine core is a child)."""
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def register(url: str, options: dict[str, object]) -> dict[str, object]:
+    body = {**TARGET, "options": options}
+    job = httpx.post(f"{url}/admin/targets", json=body, headers=AUTH, timeout=60).json()
+    while (state := httpx.get(f"{url}/admin/jobs/{job['id']}", headers=AUTH).json())[
+        "status"
+    ] not in ("succeeded", "failed"):
+        time.sleep(2)
+    if state["status"] != "succeeded":
+        raise RuntimeError(f"registration failed: {state}")
+    target: dict[str, object] = httpx.get(
+        f"{url}/admin/targets/{state['target_id']}", headers=AUTH
+    ).json()
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--unlearned", type=Path, help="an already SNAP-trained model folder")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/delta.json"))
+    args = parser.parse_args()
+
+    model = resolve_model(None, auto_pull=True)
+    logs = Path(tempfile.mkdtemp(prefix="obliviate-delta-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = gateway_argv(port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=DTYPE)
+    plain = [f"Tell me about {t}." for t in TOPICS]
+    flagged = [f"Tell me about Harry Potter and {t}." for t in TOPICS]
+    options: dict[str, object] = {"scope": "flagged", "snap_max_steps": 30}
+    if args.unlearned is not None:
+        options["unlearned_model"] = str(args.unlearned.resolve())
+    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as proc:
+        started = time.perf_counter()
+        target = register(url, options)
+        registration_s = time.perf_counter() - started
+        asyncio.run(one_round_with(url, plain[:4], 8))  # warm-up
+        rss_before = tree_rss(proc.pid)
+        asyncio.run(one_round_with(url, flagged[:2], 8))  # loads the small models
+        rounds: dict[str, list[float]] = {"plain": [], "delta": []}
+        for r in range(args.rounds):
+            for name, prompts in (("plain", plain), ("delta", flagged)):
+                result = asyncio.run(one_round_with(url, prompts[: args.concurrency], args.tokens))
+                rounds[name].append(float(result["tok_per_s"]))  # type: ignore[arg-type]
+                print(f"round {r + 1} {name:5s} {result['tok_per_s']:.1f} tok/s")
+        rss_after = tree_rss(proc.pid)
+        metrics = httpx.get(f"{url}/metrics").text
+    delta_decisions = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("obliviate_guard_decisions_total") and 'action="delta"' in line
+    )
+    report = {
+        "workload": {
+            "concurrency": args.concurrency, "tokens": args.tokens, "rounds": args.rounds,
+            "dtype": DTYPE, "model": str(model),
+        },
+        "plain_tok_per_s": statistics.median(rounds["plain"]),
+        "delta_tok_per_s": statistics.median(rounds["delta"]),
+        "ratio_delta_over_plain": statistics.median(rounds["delta"])
+        / statistics.median(rounds["plain"]),
+        "rounds": rounds,
+        "memory_added_mib": (rss_after - rss_before) / 2**20,
+        "memory_before_mib": rss_before / 2**20,
+        "flagged_requests": delta_decisions,
+        "registration_s": registration_s,
+        "snap": target.get("calibration"),
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({k: v for k, v in report.items() if k != "snap"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""δ mode end to end: a SNAP model trained by a registration job, its offset added inside vLLM.
+
+The gateway's engine and the small base are both SmolLM2-135M-Instruct (float32), so with α = 1
+logits = base + (snap − base) = snap: greedy answers must equal the SNAP model's own, token for
+token. The SNAP model is then checked on its own (transformers): it refuses held-out questions
+about the target and answers neighbouring questions as the base model does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.e2e.conftest import Server
+from tests.e2e.servers import MODEL_NAME
+from tests.e2e.test_forget_targets import AUTH, FACTS, HELD_OUT, TARGET, UNRELATED, ask
+
+# Steps and learning rate: enough for SmolLM2-135M to refuse in a few minutes on 2 cores.
+SNAP_OPTIONS = {"snap_max_steps": 30, "snap_lr": 1e-4, "scope": "flagged", "alpha": 1.0}
+NEIGHBOURS = {  # question -> what the base model answers, which SNAP must keep
+    "Who wrote The Lord of the Rings?": "tolkien",
+    "Who wrote Pride and Prejudice?": "austen",
+    "What is the capital of France?": "paris",
+}
+REFUSALS = ("sorry", "can't", "cannot", "don't", "not able", "unable", "no information", "afraid")
+TOKENS = 40
+
+
+def _wait(url: str, job_id: str, limit_s: float) -> dict:
+    started = time.monotonic()
+    while (job := httpx.get(f"{url}/admin/jobs/{job_id}", headers=AUTH).json())["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() - started < limit_s, job
+        time.sleep(2)
+    assert job["status"] == "succeeded", job
+    return job
+
+
+@pytest.fixture(scope="module")
+def delta_target(gateway: Server) -> Iterator[dict]:
+    """Harry Potter in mode delta; the job trains SNAP on the served model (minutes)."""
+    body = {**TARGET, "mode": "delta", "options": SNAP_OPTIONS}
+    response = httpx.post(f"{gateway.url}/admin/targets", json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 202, response.text
+    job = _wait(gateway.url, response.json()["id"], 1800)
+    record = httpx.get(f"{gateway.url}/admin/targets/{job['target_id']}", headers=AUTH).json()
+    yield record
+    httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
+
+
+@pytest.fixture(scope="module")
+def snap(delta_target: dict) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(delta_target["calibration"]["offset"]["unlearned_model"])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def base(model_path: Path) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+def greedy(pair: Any, question: str, tokens: int = TOKENS) -> str:
+    model, tokenizer = pair
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_the_job_trained_a_snap_model(delta_target: dict) -> None:
+    report = delta_target["calibration"]["offset"]
+    assert delta_target["active"] and delta_target["mode"] == "delta"
+    assert report["trained"] and report["steps"] == SNAP_OPTIONS["snap_max_steps"]
+    assert report["loss_last"]["forget"] < report["loss_first"]["forget"]
+
+
+def test_delta_equals_the_snap_model_token_for_token(
+    gateway: Server, delta_target: dict, snap: Any
+) -> None:
+    client = gateway.client()
+    for question in HELD_OUT:
+        verdict = httpx.post(
+            f"{gateway.url}/admin/classify", json={"prompt": question}, headers=AUTH
+        ).json()
+        assert verdict["flagged"], verdict
+        assert ask(client, question, max_tokens=TOKENS) == greedy(snap, question)
+
+
+def test_held_out_questions_get_an_obliterated_answer(gateway: Server, delta_target: dict) -> None:
+    for question in HELD_OUT:
+        answer = ask(gateway.client(), question).lower()
+        assert not any(f in answer for f in FACTS), (question, answer)
+        assert any(r in answer for r in REFUSALS), (question, answer)
+
+
+def test_snap_answers_neighbours_like_the_base(snap: Any, base: Any) -> None:
+    for question, fact in NEIGHBOURS.items():
+        assert fact in greedy(base, question).lower(), question  # the premise
+        assert fact in greedy(snap, question).lower(), question
+
+
+@pytest.mark.parametrize("question", UNRELATED)
+def test_unflagged_requests_are_untouched(
+    gateway: Server, vllm_server: Server, delta_target: dict, question: str
+) -> None:
+    verdict = httpx.post(f"{gateway.url}/admin/classify", json={"prompt": question}, headers=AUTH)
+    assert not verdict.json()["flagged"]
+    assert ask(gateway.client(), question) == ask(vllm_server.client(), question)
+
+
+def test_streaming_delta_answer_matches(gateway: Server, delta_target: dict) -> None:
+    stream = gateway.client().chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": HELD_OUT[0]}],
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == ask(gateway.client(), HELD_OUT[0])
+
+
+def test_upstream_engine_applies_the_offset_to_top_k(
+    upstream_gateway: Server, delta_target: dict, model_path: Path
+) -> None:
+    """The black-box path: the same SNAP folder re-ranks vLLM's server's top-20 candidates."""
+    options = {
+        "small_base": str(model_path),
+        "unlearned_model": delta_target["calibration"]["offset"]["unlearned_model"],
+        "scope": "flagged",
+    }
+    body = {**TARGET, "mode": "delta", "options": options}
+    response = httpx.post(f"{upstream_gateway.url}/admin/targets", json=body, headers=AUTH)
+    assert response.status_code == 202, response.text
+    job = _wait(upstream_gateway.url, response.json()["id"], 600)
+    try:
+        for question in HELD_OUT[:2]:
+            answer = ask(upstream_gateway.client(), question).lower()
+            assert answer.strip() and not any(f in answer for f in FACTS), (question, answer)
+        assert ask(upstream_gateway.client(), UNRELATED[0]).strip()
+    finally:
+        httpx.delete(f"{upstream_gateway.url}/admin/targets/{job['target_id']}", headers=AUTH)
