@@ -26,14 +26,16 @@ from server.errors import (
     validation_message,
 )
 from server.limits import AdmissionQueue, RateLimiter, V1Gate
+from server.logs import RequestIdMiddleware
 from server.metrics import Metrics, MetricsMiddleware
-from server.registry import Registry
+from server.registry import Registry, RegistryPoller
 from server.routes import admin, health, openai
 from server.services.failsafe import FailSafeGuard
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
 from server.services.request_limits import RequestLimits
 from server.services.targets import TargetService
 from server.settings import Settings
+from server.shutdown import Drain, DrainMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,23 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.engine_failure = None
         app.state.draining = False
         starter = asyncio.create_task(_start_engine(app, chosen))
-        if targets is not None:
+        poller: RegistryPoller | None = None
+        if targets is not None and registry is not None:
+            seen = await asyncio.to_thread(registry.revision)
             await targets.start()
+            if settings.registry_poll_interval > 0:
+                # Other gateways on the same registry: their changes reach this one by polling.
+                poller = RegistryPoller(
+                    registry, targets.sync, interval_s=settings.registry_poll_interval
+                )
+                poller.start(seen)
         try:
             yield
         finally:
             app.state.draining = True
             starter.cancel()
+            if poller is not None:
+                await poller.stop()
             if targets is not None:
                 await targets.stop()
             await chosen.stop()
@@ -93,6 +105,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.drain = drain = Drain(on_begin=lambda: setattr(app.state, "draining", True))
     app.include_router(openai.router)
     app.include_router(health.router)
     if settings.admin_enabled and settings.guard.enabled:
@@ -101,7 +114,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.add_middleware(AdminAuthMiddleware, token=token)
     _register_error_handlers(app)
     _add_v1_gate(app, settings)
+    app.add_middleware(DrainMiddleware, drain=drain)  # outside the /v1 gate: queued ones count
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request has its id
     return app
 
 

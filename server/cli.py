@@ -1,8 +1,7 @@
-"""`obliviate` command line: serve, models pull / list."""
+"""`obliviate` command line: serve, models pull / list, doctor."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from pydantic import BaseModel, ConfigDict
@@ -18,15 +17,46 @@ class Serve(Settings):
         import uvicorn
 
         from server.app import create_app
+        from server.logs import configure_logging
         from server.modelstore import resolve_model
+        from server.shutdown import GracefulServer
 
-        logging.basicConfig(
-            level=self.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(self.log_level, self.log_format)
         if self.engine == "vllm_local":
             # Pull (with its progress bar) before the server starts, not inside the lifespan.
             resolve_model(self.model, self.model_cache_dir, auto_pull=self.auto_pull)
-        uvicorn.run(create_app(self), host=self.host, port=self.port, log_level=self.log_level)
+        app = create_app(self)
+        config = uvicorn.Config(
+            app,
+            host=self.host,
+            port=self.port,
+            log_level=self.log_level,
+            log_config=None,  # configure_logging's handler (text or JSON) formats uvicorn's too
+            # The drain already waited for /v1 requests; this only bounds what is left after it.
+            timeout_graceful_shutdown=5,
+        )
+        GracefulServer(config, app.state.drain, grace_s=self.shutdown_grace_seconds).run()
+
+
+class Doctor(Settings):
+    """Check the model, the registry, the engine and the admin token; say what to fix."""
+
+    def _check(self) -> Doctor:  # type: ignore[override]
+        # Settings refuses bad combinations at parse time; the doctor reports them instead.
+        return self
+
+    def cli_cmd(self) -> None:
+        from server.doctor import run_checks
+
+        findings = run_checks(self)
+        for finding in findings:
+            sys.stdout.write(finding.render() + "\n")
+        failed = [f for f in findings if f.level == "fail"]
+        sys.stdout.write(
+            f"{len(failed)} problem(s) to fix\n" if failed else "Everything needed is in place\n"
+        )
+        if failed:
+            raise SystemExit(1)
 
 
 class _Command(BaseModel):
@@ -76,6 +106,7 @@ class Obliviate(BaseSettings):
 
     serve: CliSubCommand[Serve]
     models: CliSubCommand[Models]
+    doctor: CliSubCommand[Doctor]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

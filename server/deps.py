@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from fastapi import Depends, Request
 
 from server.engine import Engine
 from server.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamConfig
+from server.logs import current_request_id, sane_request_id
 from server.metrics import Metrics
 from server.registry import Registry
 from server.services.generation import GenerationService
@@ -125,11 +125,8 @@ def get_metrics(request: Request) -> Metrics:
 
 
 def get_request_id(request: Request) -> str:
-    """The client's X-Request-Id when it sent a sane one, else a fresh id."""
-    given = request.headers.get("x-request-id", "")
-    if 0 < len(given) <= 128 and given.replace("-", "").replace("_", "").isalnum():
-        return given
-    return uuid.uuid4().hex
+    """The request's id (RequestIdMiddleware): the client's sane X-Request-Id, else a fresh one."""
+    return current_request_id() or sane_request_id(request.headers.get("x-request-id"))
 
 
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]

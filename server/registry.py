@@ -1,16 +1,22 @@
 """The target registry: typed, schema-versioned records in any SQLAlchemy database.
 
-SQLite (a file in the data directory) by default, PostgreSQL by URL. Every change is one
-transaction, so a crash (even kill -9) leaves the old state or the new one. Artifacts (classifier
-heads, corruption parameters) are stored with their sha256 and library versions and checked on
-load.
+SQLite (a file in the data directory) by default, PostgreSQL by URL (psycopg 3). Every change is
+one transaction, so a crash (even kill -9) leaves the old state or the new one. Artifacts
+(classifier heads, corruption parameters) are stored in the database with their sha256 and library
+versions and checked on load, so every gateway on the same database can load them.
+
+Several gateways share one registry: every change also bumps the `revision` row of
+`obliviate_meta` in the same transaction, and `RegistryPoller` (one per gateway) reloads the active
+targets when the revision it reads differs from the one it last loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,13 +36,19 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 SCHEMA_VERSION = 1
+# pg_advisory_xact_lock key: gateways starting together create the schema one at a time.
+_MIGRATION_LOCK = 0x0B11_71A7E
+
+logger = logging.getLogger(__name__)
 
 TargetStatus = str  # "pending" | "training" | "active" | "failed"
 JobStatus = str  # "queued" | "running" | "succeeded" | "failed"
@@ -203,15 +215,55 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+def database_url(url: str) -> URL:
+    """The SQLAlchemy URL to connect with: plain `postgresql://` URLs use psycopg 3."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1))
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def inspect_registry(url: str, *, connect_timeout_s: float = 5.0) -> int | None:
+    """The schema version a registry database records, reading only; None: no registry yet."""
+    parsed = database_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).is_file():
+            return None
+    connect_args: dict[str, Any] = {}
+    if backend == "postgresql":
+        connect_args["connect_timeout"] = max(1, round(connect_timeout_s))
+    engine = create_engine(parsed, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table(_Meta.__tablename__):
+                return None
+            value = conn.execute(
+                select(_Meta.value).where(_Meta.key == "schema_version")
+            ).scalar_one_or_none()
+            return int(value) if value is not None else None
+    except SQLAlchemyError as e:
+        shown = parsed.render_as_string(hide_password=True)
+        raise RegistryError(
+            f"cannot reach the registry at {shown}: {e.__class__.__name__}: "
+            f"{' '.join(str(getattr(e, 'orig', e)).split())[:300]}"
+        ) from e
+    finally:
+        engine.dispose()
+
+
 class Registry:
     """Targets, their jobs and artifacts; every method is one transaction."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        parsed = make_url(url)
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+        parsed = database_url(url)
+        self.url = parsed.render_as_string(hide_password=True)
+        connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = create_engine(url, pool_pre_ping=True)
+        elif parsed.get_backend_name() == "postgresql":
+            connect_args["connect_timeout"] = max(1, round(connect_timeout_s))
+        self._engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
         if self._engine.dialect.name == "sqlite":
             _sqlite_pragmas(self._engine)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
@@ -226,16 +278,44 @@ class Registry:
             yield session
 
     def _migrate(self) -> None:
-        _Base.metadata.create_all(self._engine)
+        with self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            _Base.metadata.create_all(conn)
+            # Same transaction, still under the lock: the first gateway writes the meta rows.
+            with Session(bind=conn) as s:
+                if s.get(_Meta, "revision") is None:
+                    s.add(_Meta(key="revision", value="0"))
+                row = s.get(_Meta, "schema_version")
+                if row is None:
+                    s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                elif int(row.value) > SCHEMA_VERSION:
+                    raise RegistryError(
+                        f"the registry at {self.url} has schema {row.value}, newer than this "
+                        f"obliviate understands ({SCHEMA_VERSION}); upgrade obliviate"
+                    )
+                s.flush()
+
+    def schema_version(self) -> int:
+        """The schema version the database records."""
         with self._tx() as s:
             row = s.get(_Meta, "schema_version")
-            if row is None:
-                s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"the registry at {self.url} has schema {row.value}, newer than this "
-                    f"obliviate understands ({SCHEMA_VERSION}); upgrade obliviate"
-                )
+            return int(row.value) if row else 0
+
+    def revision(self) -> int:
+        """A counter bumped by every change; equal revisions mean the same targets."""
+        with self._tx() as s:
+            row = s.get(_Meta, "revision")
+            return int(row.value) if row else 0
+
+    @staticmethod
+    def _bump(s: Session) -> None:
+        # Row lock (PostgreSQL): concurrent changes from several gateways never reuse a number.
+        row = s.get(_Meta, "revision", with_for_update=True)
+        if row is None:
+            s.add(_Meta(key="revision", value="1"))
+        else:
+            row.value = str(int(row.value) + 1)
 
     # --- targets ---------------------------------------------------------------------------
 
@@ -270,6 +350,7 @@ class Registry:
                 s.add(target)
                 s.flush()
                 s.add(job)
+                self._bump(s)
         except IntegrityError as e:
             raise DuplicateTargetError(f"a target named {name!r} already exists") from e
         return _target(target), _job(job)
@@ -296,6 +377,7 @@ class Registry:
             for key, value in changes.items():
                 setattr(row, key, value)
             row.updated_at = _now()
+            self._bump(s)
             return _target(row)
 
     def delete_target(self, target_id: str) -> bool:
@@ -307,6 +389,7 @@ class Registry:
                 for child in s.scalars(select(model).where(model.target_id == target_id)):
                     s.delete(child)
             s.delete(row)
+            self._bump(s)
             return True
 
     # --- jobs ------------------------------------------------------------------------------
@@ -365,6 +448,7 @@ class Registry:
             target.calibration, target.updated_at = dict(calibration), _now()
             job.status, job.stage, job.progress = "succeeded", "done", 1.0
             job.result, job.updated_at = {"version": version}, _now()
+            self._bump(s)
             return _target(target)
 
     def fail_job(self, job_id: str, error: str) -> None:
@@ -376,6 +460,7 @@ class Registry:
             target = s.get(_Target, job.target_id)
             if target is not None and target.status in ("pending", "training"):
                 target.status, target.error, target.updated_at = "failed", error, _now()
+                self._bump(s)
 
     # --- artifacts -------------------------------------------------------------------------
 
@@ -395,3 +480,62 @@ class Registry:
                     )
                 found[row.kind] = Artifact(row.kind, row.data, dict(row.meta))
             return found
+
+
+class RegistryPoller:
+    """Calls `on_change` whenever the registry's revision differs from the last one loaded.
+
+    This is how a target registered, changed or deleted through one gateway reaches every other
+    gateway on the same database: within `interval_s` plus the time `on_change` takes.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        on_change: Callable[[], Awaitable[None]],
+        *,
+        interval_s: float,
+    ) -> None:
+        self._registry = registry
+        self._on_change = on_change
+        self._interval_s = interval_s
+        self._seen: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, seen: int | None = None) -> None:
+        """Start polling; `seen` is the revision already loaded (None: load at the first poll)."""
+        self._seen = seen
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def poll_once(self) -> bool:
+        """Reload if the revision moved; True when it did."""
+        # Read the revision before reloading: a change committed during the reload moves it
+        # again, so the next poll reloads once more instead of keeping a stale set.
+        revision = await asyncio.to_thread(self._registry.revision)
+        if revision == self._seen:
+            return False
+        await self._on_change()
+        logger.info("Registry revision %s -> %s: targets reloaded", self._seen, revision)
+        self._seen = revision
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The database may be briefly unreachable (failover, restart): keep serving the
+                # targets already loaded and try again at the next tick.
+                logger.exception("Polling the registry failed; keeping the loaded targets")

@@ -25,6 +25,26 @@ def _no_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server for the session (tests/postgres.py); its superuser URL."""
+    from tests.postgres import PostgresUnavailable, running_postgres
+
+    try:
+        with running_postgres() as url:
+            yield url
+    except PostgresUnavailable as e:
+        pytest.skip(f"no PostgreSQL server could be started: {e}")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    from tests.postgres import create_database
+
+    return create_database(postgres_server)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(
