@@ -53,7 +53,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             # An injected engine brings no model folder unless the settings name one.
             chosen, model_dir = engine, (local_model_dir(settings) if settings.model else None)
         app.state.engine = chosen
-        metrics.watch_engine(lambda: chosen.running)
         guard: PromptGuard = PassthroughGuard()
         targets: TargetService | None = None
         registry: Registry | None = None
@@ -105,6 +104,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    # Registered once per app (not per lifespan): a restarted lifespan must not register it twice.
+    metrics.watch_engine(lambda: getattr(getattr(app.state, "engine", None), "running", 0))
     app.state.drain = drain = Drain(on_begin=lambda: setattr(app.state, "draining", True))
     app.include_router(openai.router)
     app.include_router(health.router)
