@@ -28,10 +28,11 @@ from server.errors import (
 from server.limits import AdmissionQueue, RateLimiter, V1Gate
 from server.logs import RequestIdMiddleware
 from server.metrics import Metrics, MetricsMiddleware
-from server.registry import Registry, RegistryPoller
+from server.registry import Registry
 from server.routes import admin, health, openai
 from server.services.failsafe import FailSafeGuard
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
+from server.services.registry_sync import RegistryPoller
 from server.services.request_limits import RequestLimits
 from server.services.targets import TargetService
 from server.settings import Settings

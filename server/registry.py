@@ -6,17 +6,15 @@ one transaction, so a crash (even kill -9) leaves the old state or the new one. 
 versions and checked on load, so every gateway on the same database can load them.
 
 Several gateways share one registry: every change also bumps the `revision` row of
-`obliviate_meta` in the same transaction, and `RegistryPoller` (one per gateway) reloads the active
-targets when the revision it reads differs from the one it last loaded.
+`obliviate_meta` in the same transaction, and `services.registry_sync.RegistryPoller` (one per
+gateway) reloads the active targets when the revision it reads differs from the one it last loaded.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,8 +45,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 SCHEMA_VERSION = 1
 # pg_advisory_xact_lock key: gateways starting together create the schema one at a time.
 _MIGRATION_LOCK = 0x0B11_71A7E
-
-logger = logging.getLogger(__name__)
 
 TargetStatus = str  # "pending" | "training" | "active" | "failed"
 JobStatus = str  # "queued" | "running" | "succeeded" | "failed"
@@ -480,62 +476,3 @@ class Registry:
                     )
                 found[row.kind] = Artifact(row.kind, row.data, dict(row.meta))
             return found
-
-
-class RegistryPoller:
-    """Calls `on_change` whenever the registry's revision differs from the last one loaded.
-
-    This is how a target registered, changed or deleted through one gateway reaches every other
-    gateway on the same database: within `interval_s` plus the time `on_change` takes.
-    """
-
-    def __init__(
-        self,
-        registry: Registry,
-        on_change: Callable[[], Awaitable[None]],
-        *,
-        interval_s: float,
-    ) -> None:
-        self._registry = registry
-        self._on_change = on_change
-        self._interval_s = interval_s
-        self._seen: int | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self, seen: int | None = None) -> None:
-        """Start polling; `seen` is the revision already loaded (None: load at the first poll)."""
-        self._seen = seen
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def poll_once(self) -> bool:
-        """Reload if the revision moved; True when it did."""
-        # Read the revision before reloading: a change committed during the reload moves it
-        # again, so the next poll reloads once more instead of keeping a stale set.
-        revision = await asyncio.to_thread(self._registry.revision)
-        if revision == self._seen:
-            return False
-        await self._on_change()
-        logger.info("Registry revision %s -> %s: targets reloaded", self._seen, revision)
-        self._seen = revision
-        return True
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The database may be briefly unreachable (failover, restart): keep serving the
-                # targets already loaded and try again at the next tick.
-                logger.exception("Polling the registry failed; keeping the loaded targets")

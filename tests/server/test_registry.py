@@ -14,10 +14,10 @@ from server.registry import (
     CorruptArtifactError,
     Registry,
     RegistryError,
-    RegistryPoller,
     database_url,
     inspect_registry,
 )
+from server.services.registry_sync import RegistryPoller
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
