@@ -14,6 +14,7 @@ from .conversation import conversation_text, segments
 from .embed import Embedder
 from .features import add_details, bow_logits, lexical_features, names_target
 from .model import TargetClassifier, build_index
+from .normalize import normalize
 from .spans import AliasMatch, accepted_spans
 
 STAGE_STATIC = "static"
@@ -65,6 +66,13 @@ def _logits(
     return np.asarray(dense + bow_logits(ids, w_bow), dtype=np.float64)
 
 
+def _merge(sent: Decision, view: Decision) -> Decision:
+    """The verdict over the text as sent and its normalised view (spans: the text's own)."""
+    if sent.flagged or (not view.flagged and sent.score >= view.score):
+        return sent
+    return Decision(view.target, view.score, view.threshold, view.flagged, view.stage)
+
+
 class ClassifierBank:
     """Thread-safe holder of the active targets; readers never see a half-updated set."""
 
@@ -106,8 +114,26 @@ class ClassifierBank:
         self.set_targets(kept)
         return len(kept) != len(current)
 
-    def classify(self, texts: Sequence[str]) -> list[list[Decision]]:
-        """One Decision per active target for each text (batched, two-stage)."""
+    def classify(self, texts: Sequence[str], *, normalized: bool = True) -> list[list[Decision]]:
+        """One Decision per active target for each text (batched, two-stage).
+
+        A text that `normalize` changes (leetspeak, homoglyphs, spelled-out words) is scored a
+        second time as its de-obfuscated view; a target flagged in either view is flagged.
+        `normalized=False` scores the text as sent only (for measuring what the view adds).
+        """
+        if not normalized:
+            return self._classify(texts)
+        views = [normalize(t) for t in texts]
+        extra = [i for i, (t, v) in enumerate(zip(texts, views, strict=True)) if v != t]
+        if not extra:
+            return self._classify(texts)
+        decided = self._classify([*texts, *(views[i] for i in extra)])
+        out = decided[: len(texts)]
+        for k, i in enumerate(extra):
+            out[i] = [_merge(a, b) for a, b in zip(out[i], decided[len(texts) + k], strict=True)]
+        return out
+
+    def _classify(self, texts: Sequence[str]) -> list[list[Decision]]:
         snap = self._snapshot
         if not snap.targets:
             return [[] for _ in texts]
