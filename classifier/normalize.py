@@ -46,13 +46,17 @@ _DIGITS_THEN_SUFFIX = re.compile(r"\d+(?:st|nd|rd|th|s|m|k|g|kg|km|cm|mm|am|pm|x
 _SPELLED = re.compile(r"(?<![^\W_])[^\W_]([.\-_*· ])(?:[^\W_]\1)+[^\W_](?![^\W_])")
 
 
-def _fold_homoglyphs(word: str) -> str:
+def _fold_homoglyphs(word: str, latin_text: bool) -> str:
     if word.isascii():
         return word
     folded = word.translate(_CONFUSABLES)
-    # Only words that become pure ASCII letters were look-alikes; real Cyrillic stays.
+    # A look-alike word becomes pure ASCII letters; it is folded when it mixes scripts, or when
+    # the text around it is Latin. Real Cyrillic or Greek text stays as it is.
     letters = [c for c in folded if c.isalpha()]
-    return folded if letters and all(c.isascii() for c in letters) else word
+    if not letters or not all(c.isascii() for c in letters):
+        return word
+    mixed = any(c.isascii() and c.isalpha() for c in word)
+    return folded if mixed or latin_text else word
 
 
 def _fold_leet_run(run: str) -> str:
@@ -65,8 +69,8 @@ def _fold_leet_run(run: str) -> str:
     return run.translate(_LEET)
 
 
-def _fold_token(token: str) -> str:
-    token = _fold_homoglyphs(token)
+def _fold_token(token: str, latin_text: bool) -> str:
+    token = _fold_homoglyphs(token, latin_text)
     return _RUN.sub(lambda m: _fold_leet_run(m.group()), token)
 
 
@@ -80,5 +84,7 @@ def normalize(text: str) -> str:
         return text
     out = unicodedata.normalize("NFKC", text)
     out = "".join(c for c in out if unicodedata.category(c) != "Cf")
-    out = _TOKEN.sub(lambda m: _fold_token(m.group()), out)
+    letters = [c for c in out if c.isalpha()]
+    latin_text = sum(c.isascii() for c in letters) > len(letters) / 2
+    out = _TOKEN.sub(lambda m: _fold_token(m.group(), latin_text), out)
     return _SPELLED.sub(_join_spelled, out)
