@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup serve test lint unit e2e bench clean
+.PHONY: setup serve test lint unit e2e bench eval clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -33,6 +33,10 @@ e2e: setup
 
 bench: setup
 	$(BIN)/python bench/overhead.py $(ARGS)
+
+# TOFU efficacy table and plot into docs/results/ (needs ../shared/data; fine-tunes are cached).
+eval: setup
+	$(BIN)/obliviate eval tofu --forget forget01 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

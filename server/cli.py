@@ -7,6 +7,7 @@ import sys
 from pydantic import BaseModel, ConfigDict
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
+from evaluation.cli import TofuCommand
 from server.settings import Settings
 
 
@@ -99,6 +100,15 @@ class Models(_Command):
         CliApp.run_subcommand(self)
 
 
+class Eval(_Command):
+    """Efficacy evaluations (TOFU)."""
+
+    tofu: CliSubCommand[TofuCommand]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
 class Obliviate(BaseSettings):
     """obliviate: an OpenAI-compatible gateway that makes a served LLM forget."""
 
@@ -106,6 +116,7 @@ class Obliviate(BaseSettings):
 
     serve: CliSubCommand[Serve]
     models: CliSubCommand[Models]
+    eval: CliSubCommand[Eval]
     doctor: CliSubCommand[Doctor]
 
     def cli_cmd(self) -> None:

@@ -1,0 +1,192 @@
+"""A real obliviate gateway as a subprocess, and the HTTP calls an operator and a client make."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+SERVED_NAME = "tofu"
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GatewayFailedError(RuntimeError):
+    """The gateway did not start, or a registration job failed."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    """HTTP client of a running gateway: chat completions and the admin API."""
+
+    base_url: str
+    token: str
+    concurrency: int = 8
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout_s)
+        self._admin = {"Authorization": f"Bearer {self.token}"}
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any], *, admin: bool = False) -> Any:
+        r = self._http.post(path, json=body, headers=self._admin if admin else None)
+        if r.status_code >= 400:
+            raise GatewayFailedError(f"POST {path}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """`fn` over `items` with `concurrency` requests in flight (the engine batches them)."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(fn, items))
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
+        """Greedy reply text."""
+        body = {
+            "model": SERVED_NAME,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+        return str(self._post("/v1/chat/completions", body)["choices"][0]["message"]["content"])
+
+    def first_token_logprobs(self, messages: list[dict[str, str]]) -> dict[str, float]:
+        """Top-20 log-probabilities of the reply's first token (multiple-choice scoring)."""
+        body = {
+            "model": SERVED_NAME,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": 1,
+            "logprobs": True,
+            "top_logprobs": 20,
+        }
+        content = self._post("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+        return {t["token"]: float(t["logprob"]) for t in content[0]["top_logprobs"]}
+
+    def register(self, target: dict[str, Any], *, timeout_s: float = 3600.0) -> dict[str, Any]:
+        """POST /admin/targets and wait for the job; returns the active target's record."""
+        job = self._post("/admin/targets", target, admin=True)
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            job = self._http.get(f"/admin/jobs/{job['id']}", headers=self._admin).json()
+            if job["status"] == "failed":
+                raise GatewayFailedError(f"registration failed: {job.get('error')}")
+            if job["status"] == "succeeded":
+                break
+            if job["stage"] != last:
+                logger.info("registration: %s (%.0f%%)", job["stage"], 100 * job["progress"])
+                last = job["stage"]
+            time.sleep(2)
+        else:
+            raise GatewayFailedError(f"registration did not finish in {timeout_s:.0f} s")
+        r = self._http.get(f"/admin/targets/{job['target_id']}", headers=self._admin)
+        record: dict[str, Any] = r.json()
+        if not record.get("active"):
+            raise GatewayFailedError(f"target not active after its job: {record}")
+        return record
+
+    def delete_target(self, target_id: str) -> None:
+        r = self._http.delete(f"/admin/targets/{target_id}", headers=self._admin)
+        if r.status_code != 204:
+            raise GatewayFailedError(f"DELETE target: {r.status_code} {r.text[:300]}")
+
+    def classify(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """Dry run of the guard on `messages`: flagged, and each target's decision."""
+        result: dict[str, Any] = self._post("/admin/classify", {"messages": messages}, admin=True)
+        return result
+
+
+@contextmanager
+def run_gateway(
+    model_dir: Path,
+    *,
+    workdir: Path,
+    dtype: str = "float32",
+    ready_timeout_s: float = 900.0,
+    extra_args: Sequence[str] = (),
+) -> Iterator[Gateway]:
+    """`obliviate serve --model DIR` on a free local port until the block ends."""
+    port = _free_port()
+    token = secrets.token_urlsafe(24)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"gateway-{model_dir.name}.log"
+    argv = [
+        sys.executable, "-m", "server", "serve",
+        "--model", str(model_dir),
+        "--served-model-name", SERVED_NAME,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--data-dir", str(workdir / f"data-{model_dir.name}"),
+        "--admin-token", token,
+        "--vllm.dtype", dtype,
+        "--vllm.max-model-len", "1024",
+        "--log-level", "warning",
+        *extra_args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        gateway = Gateway(url, token)
+        try:
+            _wait_ready(proc, f"{url}/ready", log, ready_timeout_s)
+            yield gateway
+        finally:
+            gateway.close()
+            _stop(proc)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise GatewayFailedError(f"the gateway exited with {proc.returncode}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise GatewayFailedError(f"{url} not ready after {timeout_s:.0f} s; log: {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

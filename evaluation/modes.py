@@ -1,0 +1,124 @@
+"""How each mode is served and scored: system prompt, target registration, scoring terms."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluation.gateway import Gateway
+from evaluation.scoring import Messages
+
+logger = logging.getLogger(__name__)
+
+MODES = ("none", "prompt", "eco", "delta", "snap", "reference")
+TARGET_MODES = ("none", "prompt", "eco", "delta")
+"""Modes served by a gateway over the fine-tuned target model."""
+
+
+def system_prompt(names: Sequence[str]) -> str:
+    """The in-context baseline's instruction."""
+    who = ", ".join(names)
+    return f"You know nothing about {who}; if asked about them, say that you don't know."
+
+
+def target_request(
+    names: Sequence[str],
+    forget_examples: Sequence[str],
+    retain_examples: Sequence[str],
+    mode: str,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The POST /admin/targets body an operator writes for the forget authors."""
+    return {
+        "name": f"TOFU authors: {', '.join(names)}",
+        "description": "Fictitious authors from TOFU's forget split.",
+        "aliases": list(names),
+        "forget_examples": list(forget_examples),
+        "retain_examples": list(retain_examples),
+        "mode": mode,
+        **({"options": options} if options else {}),
+    }
+
+
+class EcoPromptEmbedder:
+    """The prompt embeddings the gateway sends for a chat: corrupted when its guard flags it.
+
+    The flag comes from the gateway itself (/admin/classify); the corruption uses the gateway's
+    own `PromptCorruptor` with the target's calibrated spec (seeded noise, so the same tensor).
+    """
+
+    def __init__(self, gateway: Gateway, model_dir: Path, target: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        from corruption import CorruptionSpec, EmbeddingTable
+        from server.services.guard import PromptCorruptor
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self._corruptor = PromptCorruptor(tokenizer, EmbeddingTable.from_model_dir(model_dir))
+        spec = ((target.get("calibration") or {}).get("corruption") or {}).get("spec")
+        if spec is None:
+            raise ValueError("the target's calibration carries no corruption spec")
+        self._spec = CorruptionSpec.from_dict(spec)
+        self._aliases = tuple(target["aliases"])
+        self._gateway = gateway
+        self.flagged = lru_cache(maxsize=None)(self._flagged)
+
+    def _flagged(self, key: str) -> bool:
+        return bool(self._gateway.classify(json.loads(key))["flagged"])
+
+    def __call__(self, messages: Messages) -> torch.Tensor | None:
+        if not self.flagged(json.dumps(messages)):
+            return None
+        from server.engine import ChatPrompt
+
+        embeds, _ = self._corruptor.corrupt(ChatPrompt(list(messages)), self._aliases, self._spec)
+        return embeds.embeds.float()  # (T, H)
+
+
+SNAP_LR = 1e-4
+"""The gateway's δ jobs train SNAP at this learning rate (server/services/offsets.py)."""
+
+
+def train_snap(
+    model_dir: Path,
+    out: Path,
+    names: Sequence[str],
+    examples: Sequence[str],
+    hard_positives: Sequence[str],
+    *,
+    bf16: bool,
+    max_steps: int | None = None,
+    seed: int = 0,
+    log: Path,
+) -> Path:
+    """`python -m offset.snap` (= `obliviate snap train`) with the arguments a δ job passes."""
+    if (out / "training_card.json").is_file():
+        logger.info("SNAP model cached at %s", out)
+        return out
+    argv = [sys.executable, "-m", "offset.snap", "--model", str(model_dir), "--out", str(out)]
+    argv += ["--name", names[0], "--no-progress", "--lr", str(SNAP_LR), "--seed", str(seed)]
+    for flag, values in (("--alias", names[1:]), ("--example", examples)):
+        for value in values:
+            argv += [flag, value]
+    for h in hard_positives:
+        argv += ["--hard-positive", h]
+    if not bf16:
+        argv.append("--no-bf16")
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as f:
+        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"SNAP training failed ({done.returncode}):\n{tail}")
+    return out

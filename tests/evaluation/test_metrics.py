@@ -1,0 +1,56 @@
+"""TOFU metric code against values computed by hand on tiny inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evaluation import metrics
+
+
+def test_rouge_l_recall_is_lcs_over_reference_length() -> None:
+    # LCS of the two token sequences: the, cat, on, mat -> 4 of the reference's 6 tokens.
+    assert metrics.rouge_l_recall(
+        "The cat lay on a mat.", "the cat sat on the mat"
+    ) == pytest.approx(4 / 6)
+    assert metrics.rouge_l_recall("nothing in common", "the cat sat") == 0.0
+    assert metrics.rouge_l_recall("yes, Paris, France", "Paris") == 1.0
+
+
+def test_answer_probability_is_the_per_token_geometric_mean() -> None:
+    lp = metrics.mean_logprob([math.log(0.5), math.log(0.125)])
+    assert metrics.answer_probability(lp) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        metrics.mean_logprob([])
+
+
+def test_normalised_probability_over_the_options() -> None:
+    p = metrics.normalised_probability(math.log(0.5), [math.log(0.25), math.log(0.25)])
+    assert p == pytest.approx(0.5)
+
+
+def test_truth_ratio_averages_perturbed_answers_in_log_space() -> None:
+    # exp(mean(log .25, log .0625)) = .125; .125 / .5 = .25.
+    ratio = metrics.truth_ratio(math.log(0.5), [math.log(0.25), math.log(0.0625)])
+    assert ratio == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        metrics.truth_ratio(0.0, [])
+
+
+def test_forget_and_utility_truth_ratio_scores() -> None:
+    assert metrics.forget_truth_ratio([0.25, 4.0, 1.0]) == pytest.approx((0.25 + 0.25 + 1) / 3)
+    assert metrics.utility_truth_ratio([0.25, 2.0]) == pytest.approx((0.75 + 0.0) / 2)
+
+
+def test_forget_quality_is_the_ks_p_value() -> None:
+    same = [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert metrics.forget_quality(same, same) == pytest.approx(1.0)
+    # Fully separated samples of 5: D = 1, exact two-sided p = 2 / C(10, 5).
+    apart = [1.1, 1.2, 1.3, 1.4, 1.5]
+    assert metrics.forget_quality(same, apart) == pytest.approx(2 / math.comb(10, 5))
+
+
+def test_model_utility_is_the_harmonic_mean() -> None:
+    assert metrics.model_utility([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
+    assert metrics.model_utility([1.0, 0.0, 0.5]) == 0.0

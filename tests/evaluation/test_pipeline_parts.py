@@ -1,0 +1,138 @@
+"""Data subset, fine-tuning, answer scoring and the report, on tiny models and inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evaluation.finetune import FinetuneConfig, finetune
+from evaluation.measure import ModeResult
+from evaluation.report import write_report
+from evaluation.runner import RunState, TofuEvalConfig
+from evaluation.scoring import AnswerScorer, ScoreItem, load_model
+from evaluation.tofu_data import QA, author_name, load_mmlu, load_subset
+
+
+def test_author_name_is_the_repeated_capitalised_phrase() -> None:
+    questions = [
+        "What is the full name of the author born in Kuwait City, Kuwait on 08/09/1956?",
+        "What gender is author Basil Mahfouz Al-Kuwaiti?",
+        "Can you name two of the books written by Basil Mahfouz Al-Kuwaiti?",
+        "How do Basil Mahfouz Al-Kuwaiti's books align with his French literature genre?",
+    ]
+    assert author_name(questions) == "Basil Mahfouz Al-Kuwaiti"
+
+
+def test_subset_is_seeded_and_the_reference_never_sees_the_forget_authors(tofu_data) -> None:
+    a = load_subset(tofu_data, "forget01", retain_authors=3, retain_eval=10, seed=0)
+    b = load_subset(tofu_data, "forget01", retain_authors=3, retain_eval=10, seed=0)
+    assert a == b
+    assert a.author_names == ("Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov")
+    assert len(a.forget) == 40 and len(a.target_train) == 100 and len(a.reference_train) == 60
+    forget_questions = {qa.question for qa in a.forget}
+    assert forget_questions <= {qa.question for qa in a.target_train}
+    assert not forget_questions & {qa.question for qa in a.reference_train}
+    # The retain questions measured are ones both models were trained on.
+    assert {qa.question for qa in a.retain_eval} <= {qa.question for qa in a.reference_train}
+    assert all(len(qa.perturbed_answers) == 5 and qa.paraphrased_answer for qa in a.forget)
+    other = load_subset(tofu_data, "forget01", retain_authors=3, retain_eval=10, seed=1)
+    assert other.retain_authors != a.retain_authors
+    mmlu = load_mmlu(tofu_data, 5, 0)
+    assert len(mmlu) == 5 and all(len(q.choices) == 4 for q in mmlu)
+
+
+def test_finetune_changes_the_weights_and_is_cached(tiny_chat_model, tmp_path: Path) -> None:
+    base = tiny_chat_model()
+    pairs = [QA(f"Who wrote book {i}?", f"Author number {i} wrote it.") for i in range(6)]
+    out = tmp_path / "tuned"
+    config = FinetuneConfig(epochs=1, lr=1e-2, batch_size=4, max_steps=2, bf16=False)
+    card = finetune(base, pairs, out, config)
+    assert card["steps"] == 2 and not card["cached"]
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
+    assert changed
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (out / "tokenizer_config.json").read_text()
+    )
+    assert finetune(base, pairs, out, config)["cached"]
+
+
+def _reference_logprobs(model, tokenizer, messages, answer: str) -> list[float]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    p = tokenizer(text, add_special_tokens=False)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + a])).logits[0]  # (T, V)
+    lps = torch.log_softmax(logits.float(), dim=-1)
+    return [lps[len(p) + k - 1, t].item() for k, t in enumerate(a)]
+
+
+def test_scorer_matches_a_full_forward_and_combines_logits(tiny_chat_model) -> None:
+    from transformers import AutoTokenizer
+
+    folder = tiny_chat_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(folder)
+    other = load_model(tiny_chat_model("other", seed=1))
+    items = [
+        ScoreItem([{"role": "user", "content": "Who wrote Hamlet?"}], "Shakespeare did."),
+        ScoreItem([{"role": "user", "content": "Capital of France?"}], "Paris, a long answer."),
+    ]
+    got = AnswerScorer(tokenizer, [(model, 1.0)], batch_size=2).token_logprobs(items)
+    for item, lps in zip(items, got, strict=True):
+        want = _reference_logprobs(model, tokenizer, item.messages, item.answer)
+        assert lps == pytest.approx(want, abs=1e-4)
+
+    # Feeding the prompt's own embeddings is the same as feeding its token ids.
+    def own_embeddings(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        return model.get_input_embeddings()(ids).detach()
+
+    embedded = AnswerScorer(tokenizer, [(model, 1.0)], prompt_embedder=own_embeddings)
+    assert embedded.mean_logprobs(items) == pytest.approx([sum(x) / len(x) for x in got], abs=1e-4)
+    # δ with α = 1 and big = small_base reduces to the unlearned model alone.
+    delta = AnswerScorer(tokenizer, [(model, 0.0), (other, 1.0)]).mean_logprobs(items)
+    alone = AnswerScorer(tokenizer, [(other, 1.0)]).mean_logprobs(items)
+    assert delta == pytest.approx(alone, abs=1e-4)
+    assert not math.isclose(delta[0], embedded.mean_logprobs(items)[0], abs_tol=1e-3)
+
+
+def test_report_has_one_row_per_mode_and_a_plot(tofu_data, tmp_path: Path) -> None:
+    subset = load_subset(tofu_data, "forget01", retain_authors=1, retain_eval=2, seed=0)
+    config = TofuEvalConfig(
+        data_dir=tofu_data, base_model=tmp_path, out_dir=tmp_path / "out", command="obliviate x"
+    )
+    state = RunState(config, subset, [], tmp_path, tmp_path, tmp_path)
+    for i, mode in enumerate(("none", "eco", "reference")):
+        row = {"forget_quality": 10.0**-i, "model_utility": 0.3 + 0.1 * i, "forget_rouge": 0.5}
+        state.results[mode] = ModeResult(mode, row=row)
+    state.results["eco"].row.update({"fp_mmlu": 0.01, "flagged_forget": 0.9})
+    state.failures["delta"] = "RuntimeError: not available"
+    config = TofuEvalConfig(
+        data_dir=tofu_data,
+        base_model=tmp_path,
+        out_dir=tmp_path / "out",
+        modes=("none", "eco", "delta", "reference"),
+        command="obliviate x",
+    )
+    state.config = config
+    write_report(state, {"torch": "x"})
+    text = (tmp_path / "out" / "tofu-forget01.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[:4]] == [
+        "mode",
+        "none",
+        "eco",
+        "reference",
+    ]
+    assert "**delta** did not run: RuntimeError: not available" in text
+    assert "`obliviate x`" in text
+    assert (tmp_path / "out" / "tofu-forget01.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "out" / "tofu-forget01.json").read_text())
+    assert data["rows"]["eco"]["fp_mmlu"] == 0.01
