@@ -153,3 +153,13 @@ def test_compose_wires_gateway_vllm_postgres_prometheus():
     assert jobs["obliviate"]["dns_sd_configs"][0]["names"] == ["obliviate"]
     mounted = services["prometheus"]["volumes"][0].split(":")[0]
     assert (DEPLOY / mounted).resolve() == (DEPLOY / "prometheus.yml").resolve()
+
+
+def test_the_pod_runs_as_the_images_user():
+    """runAsNonRoot needs a numeric uid; it must be the one the Dockerfile creates."""
+    import re
+
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    uids = set(re.findall(r"useradd [^\n]*--uid (\d+)", dockerfile))
+    deployment = _load(K8S / "gateway-deployment.yaml")[0]
+    assert uids == {str(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])}
