@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from evaluation.cli import TofuCommand
+from offset.snap import SnapJob
 from server.settings import Settings
 
 
@@ -100,6 +101,15 @@ class Models(_Command):
         CliApp.run_subcommand(self)
 
 
+class Snap(_Command):
+    """SNAP: train small unlearned models for δ mode."""
+
+    train: CliSubCommand[SnapJob]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
 class Eval(_Command):
     """Efficacy evaluations (TOFU)."""
 
@@ -118,6 +128,7 @@ class Obliviate(BaseSettings):
     models: CliSubCommand[Models]
     eval: CliSubCommand[Eval]
     doctor: CliSubCommand[Doctor]
+    snap: CliSubCommand[Snap]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

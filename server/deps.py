@@ -8,13 +8,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from offset.delta_args import FQCN as DELTA_FQCN
 from server.engine import Engine
 from server.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamConfig
+from server.engine.upstream_delta import UpstreamDeltaDecoder
 from server.logs import current_request_id, sane_request_id
 from server.metrics import Metrics
 from server.registry import Registry
 from server.services.generation import GenerationService
 from server.services.guard import EcoGuard, PromptCorruptor
+from server.services.offsets import OffsetTrainer, SnapDefaults
 from server.services.strength import StrengthCalibrator
 from server.services.targets import TargetService
 from server.settings import Settings
@@ -37,6 +40,7 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
         up = settings.upstream
         if up.url is None:
             raise ValueError("engine=openai_upstream needs upstream.url")
+        model_dir = local_model_dir(settings)
         upstream = OpenAIUpstreamEngine(
             UpstreamConfig(
                 base_url=up.url,
@@ -46,9 +50,10 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
                 connect_timeout_s=up.connect_timeout_s,
                 read_timeout_s=up.read_timeout_s,
                 max_connections=up.max_connections,
-            )
+            ),
+            delta=_upstream_delta(settings, model_dir) if settings.delta.enabled else None,
         )
-        return upstream, local_model_dir(settings)
+        return upstream, model_dir
     from server.engine.vllm_local import VllmEngineConfig, VllmLocalEngine
 
     path = local_model_dir(settings)
@@ -68,9 +73,24 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
             max_num_seqs=v.max_num_seqs,
             max_logprobs=v.max_logprobs,
             seed=v.seed,
+            logits_processors=(DELTA_FQCN,) if settings.delta.enabled else (),
         )
     )
     return engine, path
+
+
+def _upstream_delta(settings: Settings, model_dir: Path | None) -> UpstreamDeltaDecoder:
+    """δ for an upstream engine: small models in this process, on the configured device."""
+    from corruption import EmbeddingTable
+    from offset import OffsetModels
+    from server.engine.vllm_local import resolve_device
+
+    table = EmbeddingTable.from_model_dir(model_dir) if model_dir is not None else None
+    return UpstreamDeltaDecoder(
+        OffsetModels(resolve_device(settings.delta.device)),
+        top_k=settings.delta.upstream_top_k,
+        embed=table.lookup if table is not None else None,
+    )
 
 
 def build_guard(
@@ -106,7 +126,12 @@ def build_guard(
             "instead of corrupted"
         )
     guard = EcoGuard(ClassifierBank(embedder), corruptor, metrics, log_prompts=settings.log_prompts)
-    return guard, TargetService(registry, guard, engine, embedder, calibrator)
+    offsets = OffsetTrainer(
+        settings.data_dir / "offsets",
+        model_dir,
+        SnapDefaults(max_steps=settings.delta.snap_max_steps, lr=settings.delta.snap_lr),
+    )
+    return guard, TargetService(registry, guard, engine, embedder, calibrator, offsets)
 
 
 def get_generation_service(request: Request) -> GenerationService:
