@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
@@ -104,43 +105,54 @@ def measure_mode(
             metrics.rouge_l_recall(r, qa.answer) for qa, r in zip(rows, replies, strict=True)
         )
 
-    progress("generate")
-    forget_replies = generate([qa.question for qa in subset.forget])
-    para_rows = [qa for qa in subset.forget if qa.paraphrased_question]
-    para_replies = generate([qa.paraphrased_question or "" for qa in para_rows])
-    row["forget_rouge"] = recall(subset.forget, forget_replies)
-    row["paraphrased_rouge"] = recall(para_rows, para_replies)
-    result.samples = [
-        {"question": qa.question, "answer": qa.answer, "reply": r}
-        for qa, r in list(zip(subset.forget, forget_replies, strict=True))[:3]
-    ]
     splits = {
         "retain": subset.retain_eval,
         "real_authors": subset.real_authors,
         "world_facts": subset.world_facts,
     }
-    for name, rows in splits.items():
-        row[f"{name}_rouge"] = recall(rows, generate([qa.question for qa in rows]))
 
-    progress("score")
-    forget = _split_scores(scorer, system, subset.forget, multiple_choice=False)
-    row["forget_prob"] = forget["prob"]
-    result.forget_truth_ratios = forget["ratios"]
-    row["forget_truth_ratio"] = metrics.forget_truth_ratio(forget["ratios"])
+    def score() -> dict[str, dict[str, Any]]:
+        out = {"forget": _split_scores(scorer, system, subset.forget, multiple_choice=False)}
+        for name, rows in splits.items():
+            out[name] = _split_scores(scorer, system, rows, multiple_choice=name != "retain")
+        return out
+
+    # Scoring (torch, this process) runs while the engine generates (another process).
+    progress("generate and score")
+    with ThreadPoolExecutor(1) as pool:
+        scoring = pool.submit(score)
+        forget_replies = generate([qa.question for qa in subset.forget])
+        para_rows = [qa for qa in subset.forget if qa.paraphrased_question]
+        para_replies = generate([qa.paraphrased_question or "" for qa in para_rows])
+        row["forget_rouge"] = recall(subset.forget, forget_replies)
+        row["paraphrased_rouge"] = recall(para_rows, para_replies)
+        result.samples = [
+            {"question": qa.question, "answer": qa.answer, "reply": r}
+            for qa, r in list(zip(subset.forget, forget_replies, strict=True))[:3]
+        ]
+        for name, rows in splits.items():
+            row[f"{name}_rouge"] = recall(rows, generate([qa.question for qa in rows]))
+        progress("mmlu")
+        tops = gateway.map(
+            lambda q: gateway.first_token_logprobs(_messages(system, q.prompt())), mmlu
+        )
+        result.mmlu_predictions = [_letter(t) for t in tops]
+        row["mmlu_accuracy"] = fmean(
+            p == q.answer for p, q in zip(result.mmlu_predictions, mmlu, strict=True)
+        )
+        progress("score")
+        scores = scoring.result()
+
+    row["forget_prob"] = scores["forget"]["prob"]
+    result.forget_truth_ratios = scores["forget"]["ratios"]
+    row["forget_truth_ratio"] = metrics.forget_truth_ratio(result.forget_truth_ratios)
     utility: list[float] = []
-    for name, rows in splits.items():
-        scores = _split_scores(scorer, system, rows, multiple_choice=name != "retain")
-        row[f"{name}_prob"] = scores["prob"]
-        row[f"{name}_truth_ratio"] = metrics.utility_truth_ratio(scores["ratios"])
-        utility += [row[f"{name}_prob"], row[f"{name}_rouge"], row[f"{name}_truth_ratio"]]  # type: ignore[list-item]
+    for name in splits:
+        prob = float(scores[name]["prob"])
+        truth = metrics.utility_truth_ratio(scores[name]["ratios"])
+        row[f"{name}_prob"], row[f"{name}_truth_ratio"] = prob, truth
+        utility += [prob, float(row[f"{name}_rouge"] or 0.0), truth]
     row["model_utility"] = metrics.model_utility(utility)
-
-    progress("mmlu")
-    tops = gateway.map(lambda q: gateway.first_token_logprobs(_messages(system, q.prompt())), mmlu)
-    result.mmlu_predictions = [_letter(t) for t in tops]
-    row["mmlu_accuracy"] = fmean(
-        p == q.answer for p, q in zip(result.mmlu_predictions, mmlu, strict=True)
-    )
 
     if classify:
         progress("classify")

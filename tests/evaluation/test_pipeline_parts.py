@@ -136,3 +136,37 @@ def test_report_has_one_row_per_mode_and_a_plot(tofu_data, tmp_path: Path) -> No
     assert (tmp_path / "out" / "tofu-forget01.png").stat().st_size > 1000
     data = json.loads((tmp_path / "out" / "tofu-forget01.json").read_text())
     assert data["rows"]["eco"]["fp_mmlu"] == 0.01
+
+
+def test_modes_share_scores_only_for_prompts_sent_unchanged(tiny_chat_model) -> None:
+    from transformers import AutoTokenizer
+
+    folder = tiny_chat_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(folder)
+    items = [
+        ScoreItem([{"role": "user", "content": "Who wrote Hamlet?"}], "Shakespeare did."),
+        ScoreItem([{"role": "user", "content": "Tell me about Basil."}], "He writes novels."),
+    ]
+    cache: dict = {}
+    plain = AnswerScorer(tokenizer, [(model, 1.0)], cache=cache, weights_key="target")
+    clean = plain.mean_logprobs(items)
+    assert len(cache) == 2
+
+    def corrupt_second(messages):
+        if "Basil" not in messages[0]["content"]:
+            return None  # not flagged: sent as token ids
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        noise = torch.randn(
+            len(ids), model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+        )
+        return model.get_input_embeddings()(ids).detach() + 10 * noise
+
+    eco = AnswerScorer(
+        tokenizer, [(model, 1.0)], prompt_embedder=corrupt_second, cache=cache, weights_key="target"
+    )
+    got = eco.mean_logprobs(items)
+    assert got[0] == clean[0]
+    assert not math.isclose(got[1], clean[1], abs_tol=1e-3)
+    assert len(cache) == 2  # corrupted prompts are never shared
