@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -97,6 +98,7 @@ def train_snap(
     bf16: bool,
     max_steps: int | None = None,
     seed: int = 0,
+    threads: int | None = None,
     log: Path,
 ) -> Path:
     """`python -m offset.snap` (= `obliviate snap train`) with the arguments a δ job passes."""
@@ -116,8 +118,11 @@ def train_snap(
         argv += ["--max-steps", str(max_steps)]
     out.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with log.open("wb") as f:
-        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False)
+        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False, env=env)
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"SNAP training failed ({done.returncode}):\n{tail}")

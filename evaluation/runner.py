@@ -8,6 +8,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,8 @@ def _measure(
     )
 
 
-def _target_modes(state: RunState, target_dir: Path, snap_dir: Path | None) -> None:
-    """none, prompt, eco, delta on one gateway over the target model, one after the other."""
+def _target_modes(state: RunState, target_dir: Path, snap: Future[Path | None] | None) -> None:
+    """none, eco, prompt, delta on one gateway over the target model, one after the other."""
     cfg, subset = state.config, state.subset
     wanted = [m for m in TARGET_MODES if m in cfg.modes]
     if not wanted:
@@ -160,26 +161,23 @@ def _target_modes(state: RunState, target_dir: Path, snap_dir: Path | None) -> N
             _checkpoint(state)
         if "eco" in wanted:
             start = time.perf_counter()
-            record = gw.register(
-                target_request(subset.author_names, forget_examples, retain_examples, "eco")
-            )
-            _timed(state, "eco registration", start)
-            state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
-            embedder = EcoPromptEmbedder(gw, target_dir, record)
-            scorer = AnswerScorer(
-                tokenizer,
-                [(target, 1.0)],
-                prompt_embedder=embedder,
-                cache=state.scores,
-                weights_key="target",
-            )
-            state.results["eco"] = _measure(state, "eco", gw, scorer, classify=True)
-            gw.delete_target(record["id"])
+            try:
+                _eco(state, gw, target_dir, tokenizer, target, forget_examples, retain_examples)
+            except Exception as e:  # reported in the results, the other modes still count
+                logger.exception("mode eco failed")
+                state.failures["eco"] = f"{type(e).__name__}: {e}"
             _timed(state, "mode eco", start)
+            _checkpoint(state)
+        if "prompt" in wanted:
+            start = time.perf_counter()
+            sys_text = system_prompt(subset.author_names)
+            state.results["prompt"] = _measure(state, "prompt", gw, plain, system=sys_text)
+            _timed(state, "mode prompt", start)
             _checkpoint(state)
         if "delta" in wanted:
             start = time.perf_counter()
             try:
+                snap_dir = snap.result() if snap is not None else None
                 if snap_dir is None:
                     raise RuntimeError("SNAP training failed: no small unlearned model")
                 _delta(state, gw, target_dir, snap_dir, tokenizer, target, retain_examples)
@@ -188,12 +186,32 @@ def _target_modes(state: RunState, target_dir: Path, snap_dir: Path | None) -> N
                 state.failures["delta"] = f"{type(e).__name__}: {e}"
             _timed(state, "mode delta", start)
             _checkpoint(state)
-        if "prompt" in wanted:
-            start = time.perf_counter()
-            sys_text = system_prompt(subset.author_names)
-            state.results["prompt"] = _measure(state, "prompt", gw, plain, system=sys_text)
-            _timed(state, "mode prompt", start)
-            _checkpoint(state)
+
+
+def _eco(
+    state: RunState,
+    gw: Gateway,
+    target_dir: Path,
+    tokenizer: Any,
+    target: Any,
+    forget_examples: Sequence[str],
+    retain_examples: Sequence[str],
+) -> None:
+    """Register the authors in mode eco, measure (with the guard's decisions), delete."""
+    names = state.subset.author_names
+    start = time.perf_counter()
+    record = gw.register(target_request(names, forget_examples, retain_examples, "eco"))
+    _timed(state, "eco registration", start)
+    state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
+    scorer = AnswerScorer(
+        tokenizer,
+        [(target, 1.0)],
+        prompt_embedder=EcoPromptEmbedder(gw, target_dir, record),
+        cache=state.scores,
+        weights_key="target",
+    )
+    state.results["eco"] = _measure(state, "eco", gw, scorer, classify=True)
+    gw.delete_target(record["id"])
 
 
 def _delta(
@@ -251,6 +269,7 @@ def _snap(state: RunState, target_dir: Path) -> Path | None:
             max_steps=cfg.snap_max_steps,
             seed=cfg.seed,
             log=state.workdir / "snap-train.log",
+            threads=cfg.torch_threads,
         )
     except Exception as e:
         logger.exception("SNAP training failed")
@@ -311,11 +330,20 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     state = prepare(config)
     target_dir, reference_dir = state.target_dir, state.reference_dir
-    snap_dir = _snap(state, target_dir) if {"snap", "delta"} & set(config.modes) else None
-    _serve_plain(state, "reference", reference_dir)
-    _target_modes(state, target_dir, snap_dir)
+    with ThreadPoolExecutor(1) as pool:
+        # SNAP trains in its own process while the reference and the first target modes run.
+        snap = (
+            pool.submit(_snap, state, target_dir) if {"snap", "delta"} & set(config.modes) else None
+        )
+        _serve_plain(state, "reference", reference_dir)
+        _target_modes(state, target_dir, snap)
+        snap_dir = snap.result() if snap is not None else None
     if "snap" in config.modes and snap_dir is not None:
-        _serve_plain(state, "snap", snap_dir)
+        try:
+            _serve_plain(state, "snap", snap_dir)
+        except Exception as e:
+            logger.exception("mode snap failed")
+            state.failures["snap"] = f"{type(e).__name__}: {e}"
 
     state.timings["total"] = round(time.perf_counter() - wall, 1)
     return _checkpoint(state)
