@@ -80,15 +80,27 @@ class AnswerScorer:
         return embeds, prompt_ids, answer_ids
 
     def token_logprobs(self, items: Sequence[ScoreItem]) -> list[list[float]]:
-        """Log-probability of every answer token, per item (same order as `items`)."""
-        encoded = [self._encode(it) for it in items]
-        order = sorted(range(len(items)), key=lambda i: len(encoded[i][1]) + len(encoded[i][2]))
+        """Log-probability of every answer token, per item (same order as `items`).
+
+        Items with the same prompt share one prompt pass: its KV cache is repeated for their
+        answers (TOFU scores 7 answers per question, so this halves the tokens computed).
+        """
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(json.dumps(it.messages), []).append(i)
         out: list[list[float]] = [[] for _ in items]
-        for start in range(0, len(order), self._batch_size):
-            chunk = order[start : start + self._batch_size]
-            for i, lps in zip(chunk, self._score([encoded[i] for i in chunk]), strict=True):
+        for members in groups.values():
+            embeds, prompt_ids, _ = self._encode(items[members[0]])
+            answers = [self._encode_answer(items[i].answer) for i in members]
+            for i, lps in zip(members, self._score_group(embeds, prompt_ids, answers), strict=True):
                 out[i] = lps
         return out
+
+    def _encode_answer(self, answer: str) -> list[int]:
+        ids: list[int] = self._tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("an answer has at least one token")
+        return ids
 
     def mean_logprobs(self, items: Sequence[ScoreItem]) -> list[float]:
         """Per-token mean log-probability of each answer."""
@@ -106,35 +118,43 @@ class AnswerScorer:
         return [out[i] if i in out else cache[keys[i]] for i in range(len(items))]
 
     @torch.inference_mode()
-    def _score(
-        self, batch: Sequence[tuple[torch.Tensor | None, list[int], list[int]]]
+    def _score_group(
+        self, prompt_embeds: torch.Tensor | None, prompt_ids: list[int], answers: list[list[int]]
     ) -> list[list[float]]:
-        lengths = [len(p) + len(a) for _, p, a in batch]
-        width = max(lengths)
+        k, width, n_prompt = len(answers), max(len(a) for a in answers), len(prompt_ids)
         pad = self._tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        for row, (_, p, a) in enumerate(batch):
-            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[row, : len(p) + len(a)] = 1
-        # Positions whose next token is an answer token: (row, position, token).
-        rows, pos, tok = [], [], []
-        for row, (_, p, a) in enumerate(batch):
-            for k, t in enumerate(a):
-                rows.append(row)
-                pos.append(len(p) + k - 1)
-                tok.append(t)
-        logits = torch.zeros((len(rows), 1))
+        ids = torch.full((k, width), pad, dtype=torch.long)  # (K, Ta)
+        mask = torch.ones((k, n_prompt + width), dtype=torch.long)  # (K, Tp + Ta)
+        for row, a in enumerate(answers):
+            ids[row, : len(a)] = torch.tensor(a)
+            mask[row, n_prompt + len(a) :] = 0
+        positions = torch.arange(n_prompt, n_prompt + width).expand(k, width)  # (K, Ta)
+        logits: torch.Tensor | None = None
         for model, weight in self._terms:
-            embeds = model.get_input_embeddings()(ids)  # (B, T, H)
-            for row, (prompt_embeds, p, _) in enumerate(batch):
-                if prompt_embeds is not None:
-                    embeds[row, : len(p)] = prompt_embeds.to(embeds.dtype)
-            hidden = model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            picked = hidden[torch.tensor(rows), torch.tensor(pos)]  # (N, H)
-            logits = logits + weight * model.lm_head(picked).float()  # (N, V)
-        logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(tok)), torch.tensor(tok)]
-        out: list[list[float]] = [[] for _ in batch]
-        for row, lp in zip(rows, logprobs.tolist(), strict=True):
-            out[row].append(lp)
+            table = model.get_input_embeddings()
+            prompt = table(torch.tensor(prompt_ids)) if prompt_embeds is None else prompt_embeds
+            first = model.model(inputs_embeds=prompt[None].to(table.weight.dtype), use_cache=True)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(k)
+            rest = model.model(
+                inputs_embeds=table(ids),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # (K, Ta, H)
+            last = first.last_hidden_state[0, -1]  # (H,): predicts every answer's first token
+            # Hidden state that predicts answer token j: the prompt's last for j = 0, else j - 1.
+            picked = torch.cat(
+                [torch.cat([last[None], rest[row, : len(a) - 1]]) for row, a in enumerate(answers)]
+            )  # (N, H)
+            term = weight * model.lm_head(picked).float()  # (N, V)
+            logits = term if logits is None else logits + term
+        assert logits is not None
+        targets = torch.tensor([t for a in answers for t in a])  # (N,)
+        lps = torch.log_softmax(logits, dim=-1)[torch.arange(len(targets)), targets].tolist()
+        out, at = [], 0
+        for a in answers:
+            out.append(lps[at : at + len(a)])
+            at += len(a)
         return out
