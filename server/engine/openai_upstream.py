@@ -189,7 +189,10 @@ class OpenAIUpstreamEngine:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    chunk = json.loads(data)
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError as e:
+                        raise EngineError("The upstream sent a malformed stream chunk") from e
                     if "error" in chunk:
                         raise EngineError(f"Upstream error: {chunk['error'].get('message')}")
                     if chunk.get("usage"):
@@ -198,13 +201,14 @@ class OpenAIUpstreamEngine:
                     deltas = [_delta(c, chat) for c in chunk.get("choices", [])]
                     completion_tokens += sum(len(d.token_ids) for d in deltas)
                     yield GenerationChunk(deltas, prompt_tokens, completion_tokens)
+                else:  # the connection closed cleanly, but the answer is cut short
+                    raise EngineError("The upstream engine closed the stream before [DONE]")
         except httpx.TimeoutException as e:
             raise EngineError("The upstream engine timed out") from e
         except httpx.HTTPError as e:
             raise EngineError(f"The upstream engine is unreachable: {type(e).__name__}") from e
         finally:
             self._streams -= 1
-
 
     async def _generate_delta(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._delta is None:

@@ -27,10 +27,11 @@ from tests.e2e.servers import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start_stub(port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start_stub(port: int, log: Path, mode: str = "") -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.hardening.upstream_stub", str(port)],
         cwd=ROOT,
+        env={**os.environ, "STUB_MODE": mode},
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -114,3 +115,37 @@ def test_upstream_killed_mid_stream(
         assert again.json()["choices"][0]["message"]["content"].split() == [
             "w0", "w1", "w2", "w3", "w4"
         ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "says"), [("cut", "before [DONE]"), ("garbage", "malformed stream chunk")]
+)
+def test_a_cut_or_malformed_upstream_stream_ends_with_an_error_event(
+    mode: str, says: str, tmp_path: Path
+):
+    port = free_port()
+    stub = _start_stub(port, tmp_path / "stub.log", mode)
+    try:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            engine="openai_upstream",
+            upstream=UpstreamSettings(url=f"http://127.0.0.1:{port}/v1"),
+            guard=GuardSettings(enabled=False),
+            admin_enabled=False,
+        )
+        with TestClient(create_app(settings)) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/ready").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            body = {"model": "stub-model", "messages": [{"role": "user", "content": "Hi"}]}
+            streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+            events = _events(streamed.text)
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["type"] == "upstream_error" and says in error["message"]
+            whole = client.post("/v1/chat/completions", json=body)
+            assert whole.status_code == 502, whole.text
+            assert says in whole.json()["error"]["message"]
+    finally:
+        _kill(stub)

@@ -3,13 +3,15 @@
     python -m tests.hardening.upstream_stub PORT
 
 It answers GET /v1/models and streaming POST /v1/chat/completions (40 chunks, then [DONE]);
-tests kill it with SIGKILL mid-stream and start it again on the same port.
+tests kill it with SIGKILL mid-stream and start it again on the same port. STUB_MODE makes it
+misbehave instead (see below).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 
@@ -21,6 +23,9 @@ from starlette.routing import Route
 
 MODEL = "stub-model"
 WORDS = 40
+# STUB_MODE=cut: close the stream cleanly after 3 words, without [DONE];
+# STUB_MODE=garbage: send a malformed chunk after 3 words.
+MODE = os.environ.get("STUB_MODE", "")
 
 
 async def models(_: Request) -> Response:
@@ -39,6 +44,10 @@ async def chat(request: Request) -> Response:
                 "choices": [{"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}],
             }
             yield f"data: {json.dumps(chunk)}\n\n"
+            if MODE and i == 2:
+                if MODE == "garbage":
+                    yield "data: {not json\n\n"
+                return
             await asyncio.sleep(0.1)
         last = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
         yield f"data: {json.dumps(last)}\n\n"
