@@ -42,7 +42,7 @@ class Gateway:
 
     base_url: str
     token: str
-    concurrency: int = 8
+    concurrency: int = 16
     timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
