@@ -274,7 +274,11 @@ class TargetService:
                 raise
             except Exception as e:
                 logger.exception("Registration job %s failed", job_id)
-                await asyncio.to_thread(self._registry.fail_job, job_id, f"{type(e).__name__}: {e}")
+                try:
+                    message = f"{type(e).__name__}: {e}"
+                    await asyncio.to_thread(self._registry.fail_job, job_id, message)
+                except Exception:  # the registry is down too: the job re-runs at the next start
+                    logger.exception("Could not record the failure of job %s", job_id)
 
     async def _run(self, job_id: str) -> None:
         job = await asyncio.to_thread(self._registry.get_job, job_id)
