@@ -59,6 +59,7 @@ class TofuCommand(BaseModel):
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True
         )
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
         if not (self.data_dir / "tofu" / "full.jsonl").is_file():
             raise SystemExit(f"{self.data_dir}/tofu/full.jsonl not found: pass --data-dir")
         config = TofuEvalConfig(

@@ -30,6 +30,8 @@ class ModeResult:
     mmlu_predictions: list[int | None] = field(default_factory=list)
     mmlu_unflagged: list[bool] | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
+    loaded: bool = False
+    """Taken from an earlier run's results (same setting) instead of measured now."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -48,7 +50,7 @@ def _letter(top: dict[str, float]) -> int | None:
     return None if best is None else best[1]
 
 
-def _split_scores(
+def split_scores(
     scorer: AnswerScorer, system: str | None, rows: Sequence[QA], *, multiple_choice: bool
 ) -> dict[str, Any]:
     """Answer probability and truth ratios of one split (one scorer call, sorted batches)."""
@@ -112,9 +114,9 @@ def measure_mode(
     }
 
     def score() -> dict[str, dict[str, Any]]:
-        out = {"forget": _split_scores(scorer, system, subset.forget, multiple_choice=False)}
+        out = {"forget": split_scores(scorer, system, subset.forget, multiple_choice=False)}
         for name, rows in splits.items():
-            out[name] = _split_scores(scorer, system, rows, multiple_choice=name != "retain")
+            out[name] = split_scores(scorer, system, rows, multiple_choice=name != "retain")
         return out
 
     # Scoring (torch, this process) runs while the engine generates (another process).

@@ -106,7 +106,9 @@ def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
     stem = f"tofu-{cfg.forget_split}"
     rows = {m: r.row for m, r in state.results.items()}
     data = {
+        "run_key": run_key(cfg, subset),
         "command": cfg.command,
+        "earlier_commands": state.earlier_commands,
         "config": config_card(cfg),
         "subset": subset.describe(),
         "versions": versions,
@@ -115,6 +117,9 @@ def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
         "rows": rows,
         "failures": state.failures,
         "samples": {m: r.samples for m, r in state.results.items()},
+        "forget_truth_ratios": {m: r.forget_truth_ratios for m, r in state.results.items()},
+        "mmlu_predictions": {m: r.mmlu_predictions for m, r in state.results.items()},
+        "measured_now": sorted(m for m, r in state.results.items() if not r.loaded),
     }
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     plot(rows, out / f"{stem}.png", f"TOFU {cfg.forget_split}, SmolLM2-135M-Instruct")
@@ -138,9 +143,13 @@ def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
     )
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in state.timings.items())
     version_line = ", ".join(f"{k} {v}" for k, v in versions.items())
+    earlier = "".join(
+        f" (rows {', '.join(c['modes'])} from an earlier run of the same setting: `{c['command']}`)"
+        for c in state.earlier_commands
+    )
     text = f"""# TOFU {cfg.forget_split}: forget quality and model utility per mode
 
-Command: `{cfg.command}`
+Command: `{cfg.command}`{earlier}
 
 Forget authors: {", ".join(subset.author_names)} (registered through the admin API with
 {len(subset.author_names) * 8} operator-written example prompts, not the test questions).
@@ -165,3 +174,19 @@ Wall times: {timings}. Versions: {version_line}.
 """
     (out / f"{stem}.md").write_text(text)
     return data
+
+
+def run_key(config: Any, subset: Any) -> str:
+    """What must match for two runs' rows to share a table: the setting, not the modes."""
+    from evaluation.runner import config_card
+
+    return run_key_of(config_card(config), subset.describe())
+
+
+def run_key_of(card: dict[str, Any], subset: dict[str, Any]) -> str:
+    """`run_key` from a results file's `config` and `subset` entries."""
+    import hashlib
+
+    kept = {k: v for k, v in card.items() if k not in ("modes", "command")}
+    blob = json.dumps({"config": kept, "subset": subset}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

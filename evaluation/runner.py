@@ -89,6 +89,7 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     cards: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    earlier_commands: list[dict[str, Any]] = field(default_factory=list)
     scores: dict[tuple[str, str, str], float] = field(default_factory=dict)
     """Answer log-probs shared by modes that send the same prompt to the same weights."""
 
@@ -330,12 +331,16 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     state = prepare(config)
     target_dir, reference_dir = state.target_dir, state.reference_dir
+    _load_earlier(state)
     with ThreadPoolExecutor(1) as pool:
         # SNAP trains in its own process while the reference and the first target modes run.
         snap = (
             pool.submit(_snap, state, target_dir) if {"snap", "delta"} & set(config.modes) else None
         )
-        _serve_plain(state, "reference", reference_dir)
+        if "reference" in config.modes or "reference" not in state.results:
+            _serve_plain(state, "reference", reference_dir)
+        elif not state.results["reference"].forget_truth_ratios:
+            _reference_ratios(state, reference_dir)
         _target_modes(state, target_dir, snap)
         snap_dir = snap.result() if snap is not None else None
     if "snap" in config.modes and snap_dir is not None:
@@ -349,6 +354,52 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
     return _checkpoint(state)
 
 
+def _load_earlier(state: RunState) -> None:
+    """Keep the rows of modes not asked for now from an earlier run of the same setting."""
+    from evaluation.report import run_key, run_key_of
+
+    path = state.config.out_dir / f"tofu-{state.config.forget_split}.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    earlier_key = data.get("run_key") or run_key_of(data["config"], data["subset"])
+    if earlier_key != run_key(state.config, state.subset):
+        logger.info("%s is from another setting: not merged", path)
+        return
+    kept = [m for m in data.get("rows", {}) if m not in state.config.modes]
+    for mode in kept:
+        state.results[mode] = ModeResult(
+            mode,
+            row=data["rows"][mode],
+            forget_truth_ratios=data.get("forget_truth_ratios", {}).get(mode, []),
+            mmlu_predictions=data.get("mmlu_predictions", {}).get(mode, []),
+            samples=data.get("samples", {}).get(mode, []),
+            loaded=True,
+        )
+        state.timings.update(
+            {k: v for k, v in data.get("timings_s", {}).items() if k.endswith(f" {mode}")}
+        )
+    for key in ("eco_target", "delta_target"):
+        if key in data.get("cards", {}) and key not in state.cards:
+            state.cards[key] = data["cards"][key]
+    if kept:
+        earlier = [c for c in data.get("earlier_commands", []) if set(c["modes"]) & set(kept)]
+        measured = [m for m in data.get("measured_now", kept) if m in kept]
+        state.earlier_commands = [*earlier, {"command": data.get("command", ""), "modes": measured}]
+        logger.info("kept %s from %s", ", ".join(kept), path)
+
+
+def _reference_ratios(state: RunState, reference_dir: Path) -> None:
+    """The reference model's forget-set truth ratios (for forget quality) by scoring alone."""
+    from evaluation.measure import split_scores
+
+    start = time.perf_counter()
+    scorer = AnswerScorer(_tokenizer(reference_dir), [(load_model(reference_dir), 1.0)])
+    ratios = split_scores(scorer, None, state.subset.forget, multiple_choice=False)["ratios"]
+    state.results["reference"].forget_truth_ratios = ratios
+    _timed(state, "reference truth ratios", start)
+
+
 def _checkpoint(state: RunState) -> dict[str, Any]:
     """Derive the cross-mode numbers and (re)write the report with the modes measured so far."""
     from evaluation.report import write_report
@@ -356,11 +407,11 @@ def _checkpoint(state: RunState) -> dict[str, Any]:
     reference = state.results.get("reference")
     bare = state.results.get("none")
     for result in state.results.values():
-        if reference is not None:
+        if reference is not None and result.forget_truth_ratios and reference.forget_truth_ratios:
             result.row["forget_quality"] = metrics.forget_quality(
                 result.forget_truth_ratios, reference.forget_truth_ratios
             )
-        if bare is not None and result.mmlu_unflagged is not None:
+        if bare is not None and result.mmlu_unflagged is not None and bare.mmlu_predictions:
             result.row.update(mmlu_agreement(result, bare, state.mmlu, result.mmlu_unflagged))
     return write_report(state, environment())
 
