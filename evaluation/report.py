@@ -43,12 +43,18 @@ DIFFERENCES = """\
 - Training: {epochs} epochs, lr {lr}, batch {batch}, AdamW with warm-up and linear decay
   (the paper: 5 epochs, lr 1e-5, effective batch 32, on GPUs).
 - Utility: retain measured on {retain_eval} retain_perturbed questions of the sampled authors
-  (the paper: all 400); real_authors (100) and world_facts (117) in full; MMLU on
-  {mmlu} val questions (not part of TOFU).
+  (the paper: all 400); the first {real} of 100 real_authors and {world} of 117 world_facts
+  questions; MMLU on {mmlu} val questions (seeded sample, zero-shot, first-token letter; not part
+  of TOFU).
 - Greedy generations of at most {max_tokens} tokens (the paper: 200).
 - Answer probabilities are computed with transformers on the weights and prompts each mode
   serves (the gateway's /v1/completions has no `echo`): eco feeds the corrupted prompt
   embeddings the gateway sends for flagged prompts; delta combines the logits as the engine does.
+- δ and SNAP (the paper has neither: they are obliviate's modes): the SNAP copy of the target is
+  trained once by `python -m offset.snap` with the arguments a δ registration job passes (target
+  name, aliases, the operator's examples, the retain authors' prompts as hard positives, lr 1e-4)
+  and handed to the δ registration as `options.unlearned_model` (big = small_base = the target,
+  scope `all`, α = {alpha}); the snap mode serves that same copy.
 """
 
 
@@ -134,14 +140,23 @@ def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
         lr=ft.lr,
         batch=ft.batch_size,
         retain_eval=len(subset.retain_eval),
+        real=len(subset.real_authors),
+        world=len(subset.world_facts),
         mmlu=len(state.mmlu),
         max_tokens=cfg.max_tokens,
+        alpha=cfg.alpha,
     )
     not_run = [m for m in cfg.modes if m not in rows]
     failures = "".join(
-        f"- **{m}** did not run: {state.failures.get(m, 'not run')}\n" for m in not_run
+        f"- **{m}** did not run: {state.failures.get(m, 'not run (yet)').splitlines()[0]}\n"
+        for m in not_run
     )
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in state.timings.items())
+    training = ", ".join(
+        f"{name} {card['train_seconds']:.0f} s ({card.get('tokens_per_second', '?')} tokens/s)"
+        for name, card in state.cards.items()
+        if isinstance(card, dict) and card.get("train_seconds")
+    )
     version_line = ", ".join(f"{k} {v}" for k, v in versions.items())
     earlier = "".join(
         f" (rows {', '.join(c['modes'])} from an earlier run of the same setting: `{c['command']}`)"
@@ -170,7 +185,9 @@ Every number, per split, is in [{stem}.json]({stem}.json).
 {differences}
 ## Run
 
-Wall times: {timings}. Versions: {version_line}.
+Wall times (a shared 2-core machine, other engineers' jobs running): {timings}.
+Training (also when reused from the cache): {training}.
+Versions: {version_line}.
 """
     (out / f"{stem}.md").write_text(text)
     return data
