@@ -332,16 +332,19 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
     state = prepare(config)
     target_dir, reference_dir = state.target_dir, state.reference_dir
     _load_earlier(state)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         # SNAP trains in its own process while the reference and the first target modes run.
         snap = (
             pool.submit(_snap, state, target_dir) if {"snap", "delta"} & set(config.modes) else None
         )
+        ratios = None
         if "reference" in config.modes or "reference" not in state.results:
             _serve_plain(state, "reference", reference_dir)
         elif not state.results["reference"].forget_truth_ratios:
-            _reference_ratios(state, reference_dir)
+            ratios = pool.submit(_reference_ratios, state, reference_dir)
         _target_modes(state, target_dir, snap)
+        if ratios is not None:
+            ratios.result()
         snap_dir = snap.result() if snap is not None else None
     if "snap" in config.modes and snap_dir is not None:
         try:
