@@ -37,3 +37,24 @@ def tiny_llama_dir(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+SMOLLM2 = Path.home() / ".cache/obliviate/models/SmolLM2-135M-Instruct"
+
+
+def tiny_smollm_folders(root: Path, specs: dict[str, tuple[int, int]]) -> dict[str, Path]:
+    """Tiny llamas saved with SmolLM2's tokenizer: {name: (seed, vocab_size)} -> folders.
+
+    Skips the calling test when the converted SmolLM2 is not in the cache.
+    """
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"no SmolLM2 tokenizer at {SMOLLM2} (run `make setup` to convert the model)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, local_files_only=True)
+    out = {}
+    for name, (seed, vocab) in specs.items():
+        tiny_llama(seed=seed, vocab_size=vocab).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    return out

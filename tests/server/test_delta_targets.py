@@ -19,27 +19,15 @@ from server.engine import ChatPrompt
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN
-from tests.offset.conftest import tiny_llama
+from tests.offset.conftest import tiny_smollm_folders
 from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
-
-SMOLLM2 = Path.home() / ".cache/obliviate/models/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny llamas with SmolLM2's vocabulary and tokenizer (the trainer needs a tokenizer)."""
-    if not (SMOLLM2 / "tokenizer.json").is_file():
-        pytest.skip(f"no SmolLM2 tokenizer at {SMOLLM2} (run `make setup` to convert the model)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, local_files_only=True)
-    root = tmp_path_factory.mktemp("tiny")
-    out = {}
-    for name, seed, vocab in (("base", 0, 49152), ("unlearned", 1, 49152), ("other", 2, 64)):
-        tiny_llama(seed=seed, vocab_size=vocab).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    specs = {"base": (0, 49152), "unlearned": (1, 49152), "other": (2, 64)}
+    return tiny_smollm_folders(tmp_path_factory.mktemp("tiny"), specs)
 
 
 @pytest.fixture(scope="module")

@@ -18,27 +18,16 @@ from offset import DeltaSpec, OffsetModels, OffsetPair
 from server.engine import GenerationRequest, SamplingOptions, TokenPrompt
 from server.engine.upstream_delta import UpstreamDeltaDecoder
 from server.errors import InvalidRequestError
-from tests.offset.conftest import tiny_llama
+from tests.offset.conftest import tiny_llama, tiny_smollm_folders
 
-SMOLLM2 = Path.home() / ".cache/obliviate/models/SmolLM2-135M-Instruct"
 VOCAB = 49152
 PROMPT = [1, 504, 2115, 314, 7211]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if not (SMOLLM2 / "tokenizer.json").is_file():
-        pytest.skip(f"no SmolLM2 tokenizer at {SMOLLM2} (run `make setup` to convert the model)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, local_files_only=True)
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, seed in (("base", 0), ("unlearned", 1)):
-        tiny_llama(seed=seed, vocab_size=VOCAB).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    specs = {"base": (0, VOCAB), "unlearned": (1, VOCAB)}
+    return tiny_smollm_folders(tmp_path_factory.mktemp("models"), specs)
 
 
 def _upstream(model: Any, k_seen: list[int]) -> httpx.MockTransport:
