@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -102,6 +103,27 @@ def train_snap(
     log: Path,
 ) -> Path:
     """`python -m offset.snap` (= `obliviate snap train`) with the arguments a δ job passes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Runs sharing the cache train a copy once: the second waits for the first's lock.
+    with (out.parent / f".{out.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_snap_locked(
+            model_dir, out, names, examples, hard_positives, bf16, max_steps, seed, threads, log
+        )
+
+
+def _train_snap_locked(
+    model_dir: Path,
+    out: Path,
+    names: Sequence[str],
+    examples: Sequence[str],
+    hard_positives: Sequence[str],
+    bf16: bool,
+    max_steps: int | None,
+    seed: int,
+    threads: int | None,
+    log: Path,
+) -> Path:
     if (out / "training_card.json").is_file():
         logger.info("SNAP model cached at %s", out)
         return out
