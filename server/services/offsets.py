@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from offset import DeltaSpec
+from offset.snap import native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class OffsetTrainer:
         argv += ["--seed", str(options.get("seed", 0))]
         if max_steps is not None:
             argv += ["--max-steps", str(max_steps)]
+        if not native_bf16():
+            argv.append("--no-bf16")
         for flag, values in (
             ("--alias", [a for a in request.aliases if a != request.name]),
             ("--example", request.forget_prompts),

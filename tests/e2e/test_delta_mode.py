@@ -22,7 +22,7 @@ from tests.e2e.servers import MODEL_NAME
 from tests.e2e.test_forget_targets import AUTH, FACTS, HELD_OUT, TARGET, UNRELATED, ask
 
 # Steps and learning rate: enough for SmolLM2-135M to refuse in a few minutes on 2 cores.
-SNAP_OPTIONS = {"snap_max_steps": 30, "snap_lr": 1e-4, "scope": "flagged", "alpha": 1.0}
+SNAP_OPTIONS = {"snap_max_steps": 24, "snap_lr": 1e-4, "scope": "flagged", "alpha": 1.0}
 NEIGHBOURS = {  # question -> what the base model answers, which SNAP must keep
     "Who wrote The Lord of the Rings?": "tolkien",
     "Who wrote Pride and Prejudice?": "austen",
