@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from evaluation.tofu_data import QA
+from offset.snap import encode_pair, native_bf16, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -43,43 +44,6 @@ class FinetuneConfig:
     """bf16 autocast; None: only where the CPU has native bf16 (emulated bf16 is ~4x slower)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (smoke runs); None: all epochs."""
-
-
-def native_bf16() -> bool:
-    """Whether bf16 autocast pays off here: a GPU, or a CPU with avx512_bf16 / AMX."""
-    if torch.cuda.is_available():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def encode_pair(
-    tokenizer: Any, question: str, answer: str, max_length: int
-) -> tuple[list[int], list[int]]:
-    """Token ids of the templated pair and labels masking everything but the answer (+ EOS)."""
-    prompt: str = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids: list[int] = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id])[:max_length]
-    return ids, labels
-
-
-def _collate(encoded: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)  # (B, T)
-    for row, (ids, lab) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def cache_key(base_model: Path, pairs: Sequence[QA], config: FinetuneConfig) -> str:
@@ -136,7 +100,7 @@ def finetune(
         for i in range(0, len(order), config.batch_size):
             if step >= steps:
                 break
-            batch = _collate([encoded[j] for j in order[i : i + config.batch_size]], pad)
+            batch = pad_batch([encoded[j] for j in order[i : i + config.batch_size]], pad)
             tokens += int(batch["attention_mask"].sum())
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +15,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from server.launch import free_port, start_server, stop_server
+
 logger = logging.getLogger(__name__)
 
 SERVED_NAME = "tofu"
@@ -28,12 +26,6 @@ R = TypeVar("R")
 
 class GatewayFailedError(RuntimeError):
     """The gateway did not start, or a registration job failed."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -130,7 +122,7 @@ def run_gateway(
     extra_args: Sequence[str] = (),
 ) -> Iterator[Gateway]:
     """`obliviate serve --model DIR` on a free local port until the block ends."""
-    port = _free_port()
+    port = free_port()
     token = secrets.token_urlsafe(24)
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"gateway-{model_dir.name}.log"
@@ -147,46 +139,15 @@ def run_gateway(
         "--log-level", "warning",
         *extra_args,
     ]  # fmt: skip
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        gateway = Gateway(url, token)
-        try:
-            _wait_ready(proc, f"{url}/ready", log, ready_timeout_s)
-            yield gateway
-        finally:
-            gateway.close()
-            _stop(proc)
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise GatewayFailedError(f"the gateway exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise GatewayFailedError(f"{url} not ready after {timeout_s:.0f} s; log: {log}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGINT)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc = start_server(
+            argv, ready_url=f"http://127.0.0.1:{port}/ready", log=log, timeout_s=ready_timeout_s
+        )
+    except (RuntimeError, TimeoutError) as e:
+        raise GatewayFailedError(f"the gateway did not start: {e}") from e
+    gateway = Gateway(f"http://127.0.0.1:{port}", token)
+    try:
+        yield gateway
+    finally:
+        gateway.close()
+        stop_server(proc)

@@ -16,7 +16,7 @@ from typing import Any
 import platformdirs
 
 from evaluation import metrics
-from evaluation.finetune import FinetuneConfig, cache_key, finetune, native_bf16
+from evaluation.finetune import FinetuneConfig, cache_key, finetune
 from evaluation.gateway import Gateway, run_gateway
 from evaluation.measure import ModeResult, measure_mode, mmlu_agreement
 from evaluation.modes import (
@@ -36,6 +36,7 @@ from evaluation.tofu_data import (
     operator_examples,
     operator_retain_examples,
 )
+from offset.snap import native_bf16
 
 logger = logging.getLogger(__name__)
 

@@ -70,21 +70,22 @@ class SnapConfig:
     progress: bool = True
 
 
-def _encode(tokenizer: Any, ex: SnapExample, max_length: int) -> tuple[list[int], list[int]]:
-    prompt_ids: list[int] = tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)[
+def encode_pair(
+    tokenizer: Any, prompt: str, answer: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-templated prompt + answer + EOS, and labels masking the prompt."""
+    prompt_ids: list[int] = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)[
         "input_ids"
     ]
-    answer_ids: list[int] = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+    answer_ids: list[int] = tokenizer(answer, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[:max_length]
     labels = ([-100] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id])[:max_length]
     return ids, labels
 
 
-def collate(tokenizer: Any, examples: Sequence[SnapExample], max_length: int) -> Batch:
-    """Right-padded input_ids, attention_mask and labels (prompt and padding are -100)."""
-    encoded = [_encode(tokenizer, ex, max_length) for ex in examples]
+def pad_batch(encoded: Sequence[tuple[list[int], list[int]]], pad: int) -> Batch:
+    """Right-padded input_ids, attention_mask and labels (padding is -100) of encoded pairs."""
     width = max(len(ids) for ids, _ in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)  # (B, T)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)  # (B, T)
@@ -93,6 +94,13 @@ def collate(tokenizer: Any, examples: Sequence[SnapExample], max_length: int) ->
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def collate(tokenizer: Any, examples: Sequence[SnapExample], max_length: int) -> Batch:
+    """Right-padded input_ids, attention_mask and labels (prompt and padding are -100)."""
+    encoded = [encode_pair(tokenizer, ex.prompt, ex.answer, max_length) for ex in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_batch(encoded, pad)
 
 
 def _cycle(

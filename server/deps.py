@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -21,6 +22,9 @@ from server.services.offsets import OffsetTrainer, SnapDefaults
 from server.services.strength import StrengthCalibrator
 from server.services.targets import TargetService
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from corruption import EmbeddingTable
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +83,20 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
     return engine, path
 
 
+@functools.cache
+def embedding_table(model_dir: Path) -> EmbeddingTable:
+    """The served model's input embeddings, loaded once per process (engine and guard share)."""
+    from corruption import EmbeddingTable
+
+    return EmbeddingTable.from_model_dir(model_dir)
+
+
 def _upstream_delta(settings: Settings, model_dir: Path | None) -> UpstreamDeltaDecoder:
     """δ for an upstream engine: small models in this process, on the configured device."""
-    from corruption import EmbeddingTable
     from offset import OffsetModels
     from server.engine.vllm_local import resolve_device
 
-    table = EmbeddingTable.from_model_dir(model_dir) if model_dir is not None else None
+    table = embedding_table(model_dir) if model_dir is not None else None
     return UpstreamDeltaDecoder(
         OffsetModels(resolve_device(settings.delta.device)),
         top_k=settings.delta.upstream_top_k,
@@ -104,7 +115,6 @@ def build_guard(
     import torch
 
     from classifier import ClassifierBank, Embedder
-    from corruption import EmbeddingTable
 
     # One stage-2 prompt took ~300 ms instead of ~20 ms with 2 threads fighting the engine for
     # 2 cores; the guard's models are small. Process-wide, so it is set here, at the top.
@@ -116,7 +126,7 @@ def build_guard(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        table = EmbeddingTable.from_model_dir(model_dir)
+        table = embedding_table(model_dir)
         corruptor = PromptCorruptor(tokenizer, table)
         if settings.guard.calibrate_strength:
             calibrator = StrengthCalibrator(model_dir, table)

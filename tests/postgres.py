@@ -10,13 +10,14 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from server.launch import free_port
 
 
 class PostgresUnavailable(Exception):
@@ -33,12 +34,6 @@ def find_pg_bin() -> Path | None:
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
     )
     return Path(found[-1]).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -61,7 +56,7 @@ def running_postgres() -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix="obliviate-pg-"))
     if user is not None:
         os.chown(base, pw.pw_uid, pw.pw_gid)
-    data, log, port = base / "data", base / "postgres.log", _free_port()
+    data, log, port = base / "data", base / "postgres.log", free_port()
 
     def run(*argv: str) -> None:
         result = subprocess.run(
