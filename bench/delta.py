@@ -1,12 +1,14 @@
 """δ mode's cost on one engine, in one run: tokens/s with the offset against plain generation.
 
-One gateway (vLLM in process, bfloat16) with a δ target (scope flagged). Rounds alternate between
-plain prompts (unflagged: no offset) and prompts about the target (flagged: the two small models
-run at every step), each round `--concurrency` chat requests generating exactly `--tokens` tokens.
+One gateway (vLLM in process; bfloat16 where the CPU has native bf16, else float32) with a δ
+target (scope flagged). Rounds alternate between plain prompts (unflagged: no offset) and
+prompts about the target (flagged: the two small models run at every step), each round
+`--concurrency` chat requests generating exactly `--tokens` tokens.
 Memory added is the resident memory of the gateway's process tree after the δ rounds minus before
 the first δ request (the small models load then). Writes bench/results/delta.json.
 
     python bench/delta.py [--unlearned DIR] [--rounds 3] [--concurrency 8] [--tokens 32]
+                          [--dtype bfloat16|float32]
 
 `--unlearned` adopts a model trained by `obliviate snap train`; without it, the registration job
 trains one (minutes).
@@ -29,10 +31,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.overhead import TOPICS, one_round_with  # noqa: E402
+from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running  # noqa: E402
 
-DTYPE = "bfloat16"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TARGET = {
     "name": "Harry Potter",
@@ -51,6 +53,30 @@ def tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its children (vLLM's engine core is a child)."""
     root = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+HELD_OUT = [
+    "Who is the author of the Harry Potter books?",
+    "Which house is Harry Potter sorted into at Hogwarts?",
+    "What is the name of Harry Potter's owl?",
+]
+"""Questions about the target that are not among its examples: answers before and after."""
+NEIGHBOURS = ["Who wrote The Hobbit?", "What is the capital of France?"]
+
+
+def answers(url: str, questions: list[str], tokens: int = 48) -> dict[str, str]:
+    """Greedy chat answers through the gateway."""
+    out = {}
+    for q in questions:
+        body = {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": q}],
+            "temperature": 0,
+            "max_tokens": tokens,
+        }
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600).json()
+        out[q] = reply["choices"][0]["message"]["content"]
+    return out
 
 
 def register(url: str, options: dict[str, object]) -> dict[str, object]:
@@ -77,19 +103,24 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench/results/delta.json"))
+    # Emulated bf16 (CPUs without avx512_bf16/amx_bf16) is several times slower than float32.
+    parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
     args = parser.parse_args()
 
     model = resolve_model(None, auto_pull=True)
     logs = Path(tempfile.mkdtemp(prefix="obliviate-delta-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = gateway_argv(port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=DTYPE)
+    argv = gateway_argv(
+        port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=args.dtype
+    )
     plain = [f"Tell me about {t}." for t in TOPICS]
     flagged = [f"Tell me about Harry Potter and {t}." for t in TOPICS]
     options: dict[str, object] = {"scope": "flagged", "snap_max_steps": 30}
     if args.unlearned is not None:
         options["unlearned_model"] = str(args.unlearned.resolve())
     with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as proc:
+        before = answers(url, HELD_OUT + NEIGHBOURS)
         started = time.perf_counter()
         target = register(url, options)
         registration_s = time.perf_counter() - started
@@ -103,6 +134,7 @@ def main() -> None:
                 rounds[name].append(float(result["tok_per_s"]))  # type: ignore[arg-type]
                 print(f"round {r + 1} {name:5s} {result['tok_per_s']:.1f} tok/s")
         rss_after = tree_rss(proc.pid)
+        after = answers(url, HELD_OUT + NEIGHBOURS)
         metrics = httpx.get(f"{url}/metrics").text
     delta_decisions = sum(
         float(line.split()[-1])
@@ -112,7 +144,7 @@ def main() -> None:
     report = {
         "workload": {
             "concurrency": args.concurrency, "tokens": args.tokens, "rounds": args.rounds,
-            "dtype": DTYPE, "model": str(model),
+            "dtype": args.dtype, "model": str(model),
         },
         "plain_tok_per_s": statistics.median(rounds["plain"]),
         "delta_tok_per_s": statistics.median(rounds["delta"]),
@@ -124,10 +156,13 @@ def main() -> None:
         "flagged_requests": delta_decisions,
         "registration_s": registration_s,
         "snap": target.get("calibration"),
+        "examples": [{"question": q, "before": before[q], "after": after[q]} for q in before],
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "snap"}, indent=2))
+    snap = (target.get("calibration") or {}).get("offset") or target.get("calibration")
+    print(json.dumps(snap, indent=2, default=str)[:3000])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,21 @@ def test_truth_ratio_averages_perturbed_answers_in_log_space() -> None:
         metrics.truth_ratio(0.0, [])
 
 
+def test_truth_ratio_of_a_one_sided_model_is_capped_not_an_overflow() -> None:
+    # A model 800 nats/token surer of the perturbed answers (or of the paraphrase), or one that
+    # scores an answer at -inf: math.exp alone overflows or gives 0 (then 1/R divides by zero).
+    high = metrics.truth_ratio(-900.0, [-100.0, -100.0])
+    low = metrics.truth_ratio(-1.0, [-900.0, float("-inf")])
+    assert high == pytest.approx(math.exp(metrics.LOG_RATIO_BOUND))
+    assert low == pytest.approx(math.exp(-metrics.LOG_RATIO_BOUND))
+    assert metrics.forget_truth_ratio([high, low]) == pytest.approx(0.0, abs=1e-300)
+    assert metrics.utility_truth_ratio([high, low]) == pytest.approx(0.5)
+    # The cap keeps the order, so the KS test still tells the distributions apart.
+    assert metrics.forget_quality([high] * 10, [low] * 10) < 0.01
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.truth_ratio(float("nan"), [-1.0])
+
+
 def test_forget_and_utility_truth_ratio_scores() -> None:
     assert metrics.forget_truth_ratio([0.25, 4.0, 1.0]) == pytest.approx((0.25 + 0.25 + 1) / 3)
     assert metrics.utility_truth_ratio([0.25, 2.0]) == pytest.approx((0.75 + 0.0) / 2)
