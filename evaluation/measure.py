@@ -90,9 +90,14 @@ def measure_mode(
     system: str | None = None,
     max_tokens: int = 64,
     classify: bool = False,
+    first_token: Callable[[Any], dict[str, float]] | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> ModeResult:
-    """Run every split through `gateway` and score the answers with `scorer`."""
+    """Run every split through `gateway` and score the answers with `scorer`.
+
+    MMLU reads the first token's top logprobs from the gateway, or from `first_token` (δ modes:
+    the gateway refuses logprobs for requests it answers with an offset).
+    """
     result = ModeResult(mode)
     row = result.row
     start = time.perf_counter()
@@ -135,9 +140,8 @@ def measure_mode(
         for name, rows in splits.items():
             row[f"{name}_rouge"] = recall(rows, generate([qa.question for qa in rows]))
         progress("mmlu")
-        tops = gateway.map(
-            lambda q: gateway.first_token_logprobs(_messages(system, q.prompt())), mmlu
-        )
+        top = first_token or gateway.first_token_logprobs
+        tops = gateway.map(lambda q: top(_messages(system, q.prompt())), mmlu)
         result.mmlu_predictions = [_letter(t) for t in tops]
         row["mmlu_accuracy"] = fmean(
             p == q.answer for p, q in zip(result.mmlu_predictions, mmlu, strict=True)

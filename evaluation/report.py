@@ -47,6 +47,9 @@ DIFFERENCES = """\
   questions; MMLU on {mmlu} val questions (seeded sample, zero-shot, first-token letter; not part
   of TOFU).
 - Greedy generations of at most {max_tokens} tokens (the paper: 200).
+- MMLU reads the first token's top-20 logprobs from the gateway, except for delta: the gateway
+  refuses logprobs for δ requests (vLLM takes them before the offset), so delta's first token
+  comes from the combined logits in transformers.
 - Answer probabilities are computed with transformers on the weights and prompts each mode
   serves (the gateway's /v1/completions has no `echo`): eco feeds the corrupted prompt
   embeddings the gateway sends for flagged prompts; delta combines the logits as the engine does.
@@ -153,7 +156,8 @@ def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
     )
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in state.timings.items())
     training = ", ".join(
-        f"{name} {card['train_seconds']:.0f} s ({card.get('tokens_per_second', '?')} tokens/s)"
+        f"{name} {card['train_seconds']:.0f} s"
+        + (f" ({card['tokens_per_second']} tokens/s)" if card.get("tokens_per_second") else "")
         for name, card in state.cards.items()
         if isinstance(card, dict) and card.get("train_seconds")
     )
@@ -185,7 +189,7 @@ Every number, per split, is in [{stem}.json]({stem}.json).
 {differences}
 ## Run
 
-Wall times (a shared 2-core machine, other engineers' jobs running): {timings}.
+Wall times ({versions.get("cpus", "?")} cores; cached fine-tunes and SNAP copies: 0 s): {timings}.
 Training (also when reused from the cache): {training}.
 Versions: {version_line}.
 """

@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -133,6 +133,7 @@ def _measure(
     *,
     system: str | None = None,
     classify: bool = False,
+    first_token: Callable[[Any], dict[str, float]] | None = None,
 ) -> ModeResult:
     logger.info("measuring mode %s", mode)
     return measure_mode(
@@ -144,6 +145,7 @@ def _measure(
         system=system,
         max_tokens=state.config.max_tokens,
         classify=classify,
+        first_token=first_token,
         progress=lambda stage: logger.info("mode %s: %s", mode, stage),
     )
 
@@ -255,7 +257,8 @@ def _delta(
     scorer = AnswerScorer(
         tokenizer, [t for t in terms if t[1] != 0.0], cache=state.scores, weights_key=key
     )
-    state.results["delta"] = _measure(state, "delta", gw, scorer)
+    # The gateway refuses logprobs for δ requests: MMLU's first token from the combined logits.
+    state.results["delta"] = _measure(state, "delta", gw, scorer, first_token=scorer.next_token_top)
     gw.delete_target(record["id"])
 
 
@@ -387,6 +390,8 @@ def _load_earlier(state: RunState) -> None:
         state.timings.update(
             {k: v for k, v in data.get("timings_s", {}).items() if k.endswith(f" {mode}")}
         )
+    if kept and "total" in data.get("timings_s", {}):
+        state.timings["total of the earlier run"] = data["timings_s"]["total"]
     for key in ("eco_target", "delta_target"):
         if key in data.get("cards", {}) and key not in state.cards:
             state.cards[key] = data["cards"][key]

@@ -68,16 +68,37 @@ class AnswerScorer:
         self._cache = cache if cache is not None and weights_key is not None else None
         self._weights_key = weights_key or ""
 
-    def _encode(self, item: ScoreItem) -> tuple[torch.Tensor | None, list[int], list[int]]:
+    def _prompt(self, messages: Messages) -> tuple[torch.Tensor | None, list[int]]:
         text: str = self._tokenizer.apply_chat_template(
-            list(item.messages), tokenize=False, add_generation_prompt=True
+            list(messages), tokenize=False, add_generation_prompt=True
         )
         prompt_ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        answer_ids: list[int] = self._tokenizer(item.answer, add_special_tokens=False)["input_ids"]
-        embeds = self._embedder(item.messages) if self._embedder is not None else None
+        embeds = self._embedder(messages) if self._embedder is not None else None
         if embeds is not None and embeds.shape[0] != len(prompt_ids):
             raise ValueError("prompt embeddings and token ids disagree on the prompt length")
-        return embeds, prompt_ids, answer_ids
+        return embeds, prompt_ids
+
+    @torch.inference_mode()
+    def next_token_top(self, messages: Messages, k: int = 20) -> dict[str, float]:
+        """Top-k log-probabilities of the reply's first token under Σ_i w_i · logits_i.
+
+        For δ modes, whose logprobs the gateway refuses (vLLM takes them before the offset).
+        """
+        embeds, prompt_ids = self._prompt(messages)
+        logits: torch.Tensor | None = None
+        for model, weight in self._terms:
+            table = model.get_input_embeddings()
+            prompt = table(torch.tensor(prompt_ids)) if embeds is None else embeds
+            hidden = model.model(inputs_embeds=prompt[None].to(table.weight.dtype))
+            term = weight * model.lm_head(hidden.last_hidden_state[0, -1]).float()  # (V,)
+            logits = term if logits is None else logits + term
+        assert logits is not None
+        top = torch.topk(torch.log_softmax(logits, dim=-1), k)
+        out: dict[str, float] = {}
+        for lp, token_id in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            token = self._tokenizer.decode([token_id])
+            out[token] = max(lp, out.get(token, float("-inf")))
+        return out
 
     def token_logprobs(self, items: Sequence[ScoreItem]) -> list[list[float]]:
         """Log-probability of every answer token, per item (same order as `items`).
@@ -90,7 +111,7 @@ class AnswerScorer:
             groups.setdefault(json.dumps(it.messages), []).append(i)
         out: list[list[float]] = [[] for _ in items]
         for members in groups.values():
-            embeds, prompt_ids, _ = self._encode(items[members[0]])
+            embeds, prompt_ids = self._prompt(items[members[0]].messages)
             answers = [self._encode_answer(items[i].answer) for i in members]
             for i, lps in zip(members, self._score_group(embeds, prompt_ids, answers), strict=True):
                 out[i] = lps

@@ -159,6 +159,15 @@ class GenerationService:
         async def prime(i: int, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> Primed:
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
             guarded = await self._guard.protect(prompt, sub_id)
+            if guarded.offsets and sampling.logprobs is not None:
+                # vLLM reports logprobs before logits processors run (and an upstream only has
+                # the big model's): they would show the very answer the offset steers away from.
+                raise InvalidRequestError(
+                    "logprobs are not available for requests answered in δ mode: the engine's "
+                    "logprobs are taken before the offset is added and would reveal what the "
+                    "model is meant to forget",
+                    param="logprobs",
+                )
             request = GenerationRequest(
                 sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets
             )

@@ -137,6 +137,27 @@ def test_streaming_delta_answer_matches(gateway: Server, delta_target: dict) -> 
     assert streamed == ask(gateway.client(), HELD_OUT[0])
 
 
+def test_logprobs_of_flagged_requests_are_refused(gateway: Server, delta_target: dict) -> None:
+    # vLLM computes logprobs before the δ processor: they would be the bare model's, "Rowling"
+    # on top. The gateway refuses them for δ requests and serves them for the others.
+    def chat(question: str) -> httpx.Response:
+        body = {
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 5,
+        }
+        return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+
+    refused = chat(HELD_OUT[0])
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "logprobs"
+    served = chat(UNRELATED[0])
+    assert served.status_code == 200, served.text
+    assert served.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+
+
 def test_upstream_engine_applies_the_offset_to_top_k(
     upstream_gateway: Server, delta_target: dict, model_path: Path
 ) -> None:

@@ -103,6 +103,27 @@ def test_scorer_matches_a_full_forward_and_combines_logits(tiny_chat_model) -> N
     assert not math.isclose(delta[0], embedded.mean_logprobs(items)[0], abs_tol=1e-3)
 
 
+def test_next_token_top_is_the_combined_first_token_distribution(tiny_chat_model) -> None:
+    # MMLU of the δ mode reads its first token here (the gateway refuses δ logprobs).
+    from transformers import AutoTokenizer
+
+    folder = tiny_chat_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, other = load_model(folder), load_model(tiny_chat_model("other", seed=1))
+    messages = [{"role": "user", "content": "Which letter? A. yes B. no"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        combined = 0.5 * model(ids).logits[0, -1] + 2.0 * other(ids).logits[0, -1]  # (V,)
+    want = torch.topk(torch.log_softmax(combined, dim=-1), 5)
+    got = AnswerScorer(tokenizer, [(model, 0.5), (other, 2.0)]).next_token_top(messages, k=5)
+    pairs = zip(want.values.tolist(), want.indices.tolist(), strict=True)
+    expected = {tokenizer.decode([i]): lp for lp, i in pairs}
+    assert got == pytest.approx(expected, abs=1e-4)
+    alone = AnswerScorer(tokenizer, [(model, 1.0)]).next_token_top(messages, k=5)
+    assert alone != pytest.approx(got, abs=1e-3)
+
+
 def test_report_has_one_row_per_mode_and_a_plot(tofu_data, tmp_path: Path) -> None:
     subset = load_subset(tofu_data, "forget01", retain_authors=1, retain_eval=2, seed=0)
     config = TofuEvalConfig(

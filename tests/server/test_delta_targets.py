@@ -92,6 +92,29 @@ def test_unflagged_requests_are_untouched_when_the_scope_is_flagged(
         assert offsets == () and isinstance(prompt, ChatPrompt)
 
 
+def test_logprobs_of_a_delta_request_are_refused_not_leaked(
+    client: TestClient, engine: FakeEngine, harry: dict
+) -> None:
+    # The engine's logprobs are the big model's before the offset: they would name the answer.
+    asked = len(engine.history)
+    question = [{"role": "user", "content": "Who wrote Harry Potter?"}]
+    for route, body in (
+        ("/v1/chat/completions", {"messages": question, "logprobs": True, "top_logprobs": 5}),
+        ("/v1/completions", {"prompt": "Harry Potter was written by", "logprobs": 5}),
+    ):
+        response = client.post(route, json={"model": "fake-model", **body})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "logprobs" and "δ mode" in error["message"]
+    assert len(engine.history) == asked  # refused before the engine saw it
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "logprobs": True,
+    }
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # unflagged: as usual
+
+
 def test_scope_all_applies_to_every_request(
     client: TestClient, engine: FakeEngine, harry: dict, models: dict[str, Path]
 ) -> None:
