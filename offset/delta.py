@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,33 @@ class _SequenceState:
     unlearned_cache: Any
     base_cache: Any
     offset: Tensor  # (V,), for the token after `tokens`
+
+
+def _left_padded(caches: Sequence[Any], lengths: Sequence[int], width: int) -> Any:
+    """One DynamicCache (B, H, W, D) per layer from per-sequence caches (1, H, n_i, D)."""
+    from transformers import DynamicCache
+
+    layers = []
+    for per_sequence in zip(*(list(c) for c in caches), strict=True):  # one layer, every sequence
+        keys, values = [], []
+        for (k, v, *_), n in zip(per_sequence, lengths, strict=True):
+            keys.append(F.pad(k, (0, 0, width - n, 0)))  # (1, H, W, D): zeros on the left
+            values.append(F.pad(v, (0, 0, width - n, 0)))
+        layers.append((torch.cat(keys), torch.cat(values)))  # (B, H, W, D) each
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _unpadded(cache: Any, lengths: Sequence[int]) -> list[Any]:
+    """Per-sequence DynamicCaches (1, H, n_i, D) from a left-padded batched one."""
+    from transformers import DynamicCache
+
+    layers = [(k, v) for k, v, *_ in cache]  # (B, H, W + 1, D) each
+    return [
+        DynamicCache(
+            ddp_cache_data=[(k[row : row + 1, :, -n:], v[row : row + 1, :, -n:]) for k, v in layers]
+        )
+        for row, n in enumerate(lengths)
+    ]
 
 
 def load_causal_lm(folder: str | Path, dtype: torch.dtype, device: str) -> Any:
@@ -144,9 +172,66 @@ class OffsetPair:
             self._states.popitem(last=False)
         return offset
 
+    @torch.inference_mode()
     def offsets(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> Tensor:
-        """Offsets (B, V) for (seq_id, token_ids) pairs, one row each."""
-        return torch.stack([self.offset(seq_id, ids) for seq_id, ids in batch])  # (B, V)
+        """Offsets (B, V) for (seq_id, token_ids) pairs, one row each.
+
+        Sequences that extend their cache by exactly one token (a decode step) run together, one
+        left-padded step per model: a one-token step is bound by reading the weights, so a batch
+        reads them once for all its sequences instead of once each. The rest run one by one.
+        """
+        stepping: list[int] = []
+        seen: set[Hashable] = set()
+        for i, (seq_id, ids) in enumerate(batch):
+            state = self._states.get(seq_id)
+            if (
+                state is not None
+                and seq_id not in seen
+                and len(ids) == len(state.tokens) + 1
+                and list(ids[:-1]) == state.tokens
+            ):
+                stepping.append(i)
+                seen.add(seq_id)
+        rows: dict[int, Tensor] = {}
+        if len(stepping) > 1:
+            stepped = self._step([(batch[i][0], list(batch[i][1])) for i in stepping])
+            rows = dict(zip(stepping, stepped, strict=True))
+        return torch.stack(
+            [
+                rows[i] if i in rows else self.offset(seq_id, ids)
+                for i, (seq_id, ids) in enumerate(batch)
+            ]
+        )  # (B, V)
+
+    def _step(self, batch: Sequence[tuple[Hashable, list[int]]]) -> list[Tensor]:
+        """One decode step of several cached sequences in one batch per model."""
+        states = [self._states[seq_id] for seq_id, _ in batch]
+        lengths = [len(state.tokens) for state in states]
+        width = max(lengths)
+        new = torch.tensor([[ids[-1]] for _, ids in batch], device=self.device)  # (B, 1)
+        mask = torch.zeros((len(batch), width + 1), dtype=torch.long, device=self.device)
+        for row, n in enumerate(lengths):
+            mask[row, width - n :] = 1  # (B, W + 1): left padding is masked out
+        positions = torch.tensor([[n] for n in lengths], device=self.device)  # (B, 1)
+        logits, caches = [], []
+        for model, own in (
+            (self.unlearned, [s.unlearned_cache for s in states]),
+            (self.base, [s.base_cache for s in states]),
+        ):
+            out = model(
+                input_ids=new,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=_left_padded(own, lengths, width),
+                use_cache=True,
+            )
+            logits.append(out.logits[:, -1].float())  # (B, V)
+            caches.append(_unpadded(out.past_key_values, [n + 1 for n in lengths]))
+        offsets = logits[0] - logits[1]  # (B, V)
+        for row, (seq_id, ids) in enumerate(batch):
+            self._states[seq_id] = _SequenceState(ids, caches[0][row], caches[1][row], offsets[row])
+            self._states.move_to_end(seq_id)
+        return list(offsets)
 
     def release(self, seq_id: Hashable) -> None:
         """Forget the caches of a finished sequence."""

@@ -7,7 +7,8 @@ batch without δ requests costs one dict lookup.
 
 The processor runs where vLLM's engine core runs (a child process by default). It loads each
 small model once per folder (a base shared by several targets is loaded once) and keeps both
-models' KV caches per request, so a decode step feeds one new token to each. If the offset cannot
+models' KV caches per request, so a decode step feeds one new token to each, and the requests
+sharing a pair of small models step together in one batch per model. If the offset cannot
 be computed (a folder vanished, a model failed), the request fails closed: its row is masked to
 end-of-sequence, so the answer stops rather than leaking what the offset should have removed.
 """
@@ -116,27 +117,42 @@ class DeltaLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: Tensor) -> Tensor:
         # logits: (B, V_big), one row per request of the persistent batch
+        if not self._requests:
+            return logits
+        totals = self._offsets()
         for index, request in self._requests.items():
-            if not request.failed:
-                try:
-                    offset = self._offset(request)  # (V_small,)
-                    v = min(offset.shape[0], logits.shape[1])
-                    logits[index, :v] += offset[:v].to(logits.device, logits.dtype)
-                    continue
-                except Exception:
-                    logger.exception("δ offset failed; failing the request closed")
-                    request.failed = True
-            self._end(logits, index)
+            offset = totals.get(index)
+            if request.failed or offset is None:
+                self._end(logits, index)
+                continue
+            v = min(offset.shape[0], logits.shape[1])
+            logits[index, :v] += offset[:v].to(logits.device, logits.dtype)
         return logits
 
-    def _offset(self, request: _Request) -> Tensor:
-        tokens = request.prompt + list(request.output)
-        total: Tensor | None = None
-        for pair, alpha in request.terms:
-            term = pair.offset(request.key, tokens) * alpha  # (V_small,)
-            total = term if total is None else total + term
-        assert total is not None
-        return total
+    def _offsets(self) -> dict[int, Tensor]:
+        """Σ α·(u − b) (V_small,) per batch row; the rows sharing a pair go through it at once."""
+        members: dict[int, tuple[OffsetPair, list[tuple[int, float]]]] = {}
+        for index, request in self._requests.items():
+            if not request.failed:
+                for pair, alpha in request.terms:
+                    members.setdefault(id(pair), (pair, []))[1].append((index, alpha))
+        totals: dict[int, Tensor] = {}
+        for pair, rows in members.values():
+            batch = [(self._requests[i].key, self._tokens(self._requests[i])) for i, _ in rows]
+            try:
+                offsets = pair.offsets(batch)  # (B_pair, V_small)
+            except Exception:
+                logger.exception("δ offset failed; failing its requests closed")
+                for i, _ in rows:
+                    self._requests[i].failed = True
+                continue
+            for (i, alpha), offset in zip(rows, offsets, strict=True):
+                totals[i] = offset * alpha if i not in totals else totals[i] + offset * alpha
+        return totals
+
+    @staticmethod
+    def _tokens(request: _Request) -> list[int]:
+        return request.prompt + list(request.output)
 
     def _end(self, logits: Tensor, index: int) -> None:
         row = torch.full_like(logits[index], float("-inf"))  # (V_big,)

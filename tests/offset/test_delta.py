@@ -51,6 +51,36 @@ def test_incremental_offsets_match_a_full_forward(tiny_llama_dir) -> None:
     pair.release("missing")
 
 
+def test_decode_steps_of_several_sequences_run_batched_and_match_full_forwards(
+    tiny_llama_dir,
+) -> None:
+    pair = OffsetPair.from_folders(tiny_llama_dir("unlearned", seed=1), tiny_llama_dir("base"))
+    seqs = {
+        "a": [1, 5, 9, 13, 17, 21, 4, 8],
+        "b": [3, 7, 11, 2, 6, 8],
+        "c": [10, 20, 30, 40, 50, 60],
+    }
+    lengths = {"a": 4, "b": 2, "c": 3}  # different cache lengths: the batch is left-padded
+    for seq_id, n in lengths.items():
+        pair.offset(seq_id, seqs[seq_id][:n])
+    calls: list[tuple[int, ...]] = []
+    pair.unlearned.register_forward_hook(
+        lambda _m, _args, kwargs, _out: calls.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    for _ in range(3):  # three decode steps, plus one sequence that starts in the middle
+        batch = [(k, seqs[k][: lengths[k] + 1]) for k in lengths]
+        batch.append(("new", [5, 6, 7]))
+        got = pair.offsets(batch)  # (4, V)
+        for row, (seq_id, ids) in enumerate(batch):
+            want = pair.full_offsets(ids)[-1]
+            torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4, msg=seq_id)
+        lengths = {k: n + 1 for k, n in lengths.items()}
+        pair.release("new")
+    steps = [shape for shape in calls if shape[1] == 1]  # full_offsets' calls are (1, T)
+    assert steps == [(3, 1)] * 3  # a, b and c stepped together, once per step
+
+
 def test_identical_models_give_zero_offset(tiny_llama_dir) -> None:
     folder = tiny_llama_dir("same")
     pair = OffsetPair.from_folders(folder, folder, max_sequences=1)

@@ -72,6 +72,32 @@ def test_adds_the_offset_to_delta_rows_only_and_follows_new_tokens(spec: DeltaSp
         torch.testing.assert_close(out[1], want, rtol=1e-5, atol=1e-5)
 
 
+def test_several_delta_rows_decode_in_one_batched_step_each(spec: DeltaSpec) -> None:
+    proc = _processor()
+    prompts = [[5, 9, 12], [7], [3, 3, 8, 1, 6]]
+    outputs: list[list[int]] = [[], [], []]
+    added = [(row, _params(spec, p), None, outputs[row]) for row, p in enumerate(prompts)]
+    proc.update_state(_update(added=added))
+    pair = proc._models.pair(spec)
+    shapes: list[tuple[int, ...]] = []
+    pair.base.register_forward_hook(
+        lambda _m, _args, kwargs, _out: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    for step, new_tokens in enumerate((None, (17, 4, 9), (4, 30, 2))):
+        if new_tokens is not None:
+            for out, token in zip(outputs, new_tokens, strict=True):
+                out.append(token)
+            proc.update_state(None)
+        result = proc.apply(torch.zeros(3, V_BIG))
+        for row, prompt in enumerate(prompts):
+            want = _expected(spec, prompt + outputs[row])
+            torch.testing.assert_close(result[row, :64], want, rtol=1e-4, atol=1e-4)
+        if step > 0:  # the three requests' decode step ran as one (3, 1) batch
+            assert shapes[-1] == (3, 1)
+    assert [s for s in shapes if s[1] == 1] == [(1, 1), (3, 1), (3, 1)]  # prompt [7], then steps
+
+
 def test_engine_prompt_ids_win_over_the_extra_args(spec: DeltaSpec) -> None:
     proc = _processor()
     proc.update_state(_update(added=[(0, _params(spec, [1, 1, 1]), [5, 9], [])]))
