@@ -91,10 +91,13 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    points: dict[tuple[float, float], list[str]] = {}  # modes on one point share a label
     for mode in [m for m in ORDER if m in rows]:
         x, y = rows[mode]["model_utility"], max(rows[mode]["forget_quality"], 1e-30)
+        points.setdefault((round(x, 4), float(f"{y:.3g}")), []).append(mode)
+    for (x, y), modes in points.items():
         ax.scatter([x], [y], s=60)
-        ax.annotate(mode, (x, y), textcoords="offset points", xytext=(6, 4))
+        ax.annotate(" = ".join(modes), (x, y), textcoords="offset points", xytext=(6, 4))
     ax.set_yscale("log")
     ax.set_xlabel("model utility (harmonic mean, higher is better)")
     ax.set_ylabel("forget quality (KS p-value vs reference, higher is better)")
