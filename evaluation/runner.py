@@ -387,9 +387,8 @@ def _load_earlier(state: RunState) -> None:
             samples=data.get("samples", {}).get(mode, []),
             loaded=True,
         )
-        state.timings.update(
-            {k: v for k, v in data.get("timings_s", {}).items() if k.endswith(f" {mode}")}
-        )
+        own = (f"mode {mode}", f"{mode} registration")  # not "fine-tune reference"
+        state.timings.update({k: v for k, v in data.get("timings_s", {}).items() if k in own})
     if kept and "total" in data.get("timings_s", {}):
         state.timings["total of the earlier run"] = data["timings_s"]["total"]
     for key in ("eco_target", "delta_target"):
