@@ -33,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.overhead import TOPICS, one_round_with  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
-from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running  # noqa: E402
+from tests.e2e.servers import (  # noqa: E402
+    ADMIN_TOKEN,
+    MODEL_NAME,
+    free_port,
+    gateway_argv,
+    running,
+)
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TARGET = {
@@ -69,7 +75,7 @@ def answers(url: str, questions: list[str], tokens: int = 48) -> dict[str, str]:
     out = {}
     for q in questions:
         body = {
-            "model": "SmolLM2-135M-Instruct",
+            "model": MODEL_NAME,
             "messages": [{"role": "user", "content": q}],
             "temperature": 0,
             "max_tokens": tokens,

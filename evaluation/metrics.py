@@ -64,7 +64,8 @@ def truth_ratio(paraphrased_lp: float, perturbed_lps: Sequence[float]) -> float:
     """
     if not perturbed_lps:
         raise ValueError("the truth ratio needs perturbed answers")
-    log_r = fmean(perturbed_lps) - paraphrased_lp
+    perturbed = fmean(perturbed_lps)
+    log_r = perturbed - paraphrased_lp
     if math.isnan(log_r):
         raise ValueError("an answer log-probability is NaN")
     if abs(log_r) > LOG_RATIO_BOUND:
@@ -72,7 +73,7 @@ def truth_ratio(paraphrased_lp: float, perturbed_lps: Sequence[float]) -> float:
             "truth ratio log %.1f capped (paraphrased %.2f, perturbed mean %.2f nats/token)",
             log_r,
             paraphrased_lp,
-            fmean(perturbed_lps),
+            perturbed,
         )
         log_r = math.copysign(LOG_RATIO_BOUND, log_r)
     return math.exp(log_r)

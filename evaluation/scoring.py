@@ -43,6 +43,15 @@ def load_model(folder: Path) -> Any:
     return model.eval()
 
 
+def _prompt_pass(
+    model: Any, prompt_embeds: torch.Tensor | None, prompt_ids: list[int], *, use_cache: bool
+) -> Any:
+    """The model body over one prompt: its token ids, or the (T, H) embeddings sent instead."""
+    table = model.get_input_embeddings()
+    prompt = table(torch.tensor(prompt_ids)) if prompt_embeds is None else prompt_embeds  # (T, H)
+    return model.model(inputs_embeds=prompt[None].to(table.weight.dtype), use_cache=use_cache)
+
+
 class AnswerScorer:
     """Per-token log-probabilities of answers under Σ_i w_i · logits_i(x) (one term: a model)."""
 
@@ -87,9 +96,7 @@ class AnswerScorer:
         embeds, prompt_ids = self._prompt(messages)
         logits: torch.Tensor | None = None
         for model, weight in self._terms:
-            table = model.get_input_embeddings()
-            prompt = table(torch.tensor(prompt_ids)) if embeds is None else embeds
-            hidden = model.model(inputs_embeds=prompt[None].to(table.weight.dtype))
+            hidden = _prompt_pass(model, embeds, prompt_ids, use_cache=False)
             term = weight * model.lm_head(hidden.last_hidden_state[0, -1]).float()  # (V,)
             logits = term if logits is None else logits + term
         assert logits is not None
@@ -153,8 +160,7 @@ class AnswerScorer:
         logits: torch.Tensor | None = None
         for model, weight in self._terms:
             table = model.get_input_embeddings()
-            prompt = table(torch.tensor(prompt_ids)) if prompt_embeds is None else prompt_embeds
-            first = model.model(inputs_embeds=prompt[None].to(table.weight.dtype), use_cache=True)
+            first = _prompt_pass(model, prompt_embeds, prompt_ids, use_cache=True)
             cache = first.past_key_values
             cache.batch_repeat_interleave(k)
             rest = model.model(
