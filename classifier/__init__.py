@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from .bank import ClassifierBank, Decision
 from .calibrate import CalibrationReport, conformal_threshold
-from .conversation import TextPiece, content_text, conversation_pieces, conversation_text
+from .conversation import (
+    TextPiece,
+    content_text,
+    conversation_pieces,
+    conversation_text,
+    message_texts,
+    tool_strings,
+)
 from .embed import Embedder, EmbedderNotFoundError, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
 from .spans import find_spans
@@ -47,6 +54,8 @@ __all__ = [
     "conversation_text",
     "default_model_path",
     "find_spans",
+    "message_texts",
+    "tool_strings",
     "train_target",
     "warm_up",
 ]

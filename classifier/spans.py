@@ -15,8 +15,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+
+from .normalize import normalize_view
 
 _WORD_RE = re.compile(r"[^\W_]+")
 _MAX_GLUED_PARTS = 3
@@ -148,6 +150,7 @@ class AliasIndex:
         self._fuzzy: dict[str, list[tuple[str, _Entry]]] = {}
         self._case_exact: dict[tuple[int, int], str] = {}
         self._person = [[alias_kind(a) == "person" for a in group] for group in self.aliases]
+        self._longest = 0  # the longest key: longer text words cannot match anything
         for t, group in enumerate(self.aliases):
             parts_t: list[list[str]] = []
             for a, alias in enumerate(group):
@@ -165,6 +168,7 @@ class AliasIndex:
             for last in range(first + 1, min(first + _MAX_GLUED_PARTS, len(parts)) + 1):
                 key = "".join(parts[first:last])
                 entry = _Entry(t, a, first, last)
+                self._longest = max(self._longest, len(key))
                 self._exact.setdefault(key, []).append(entry)
                 if len(key) >= _FUZZY_MIN_LEN:
                     for d in _deletions(key) | {key}:
@@ -181,6 +185,8 @@ class AliasIndex:
         return 1.0
 
     def _lookup(self, key: str, fuzzy: bool) -> tuple[tuple[_Entry, int], ...]:
+        if len(key) > self._longest + 1:  # no alias key within one edit; bounds the work
+            return ()
         found: dict[_Entry, int] = dict.fromkeys(self._exact.get(key, ()), 0)
         # A real word is no typo: "basis" must not match "Basil".
         if fuzzy and len(key) >= _FUZZY_MIN_LEN - 1 and key not in self._common:
@@ -214,6 +220,21 @@ class AliasIndex:
             matches.extend(self._chains(text, words, t, a, group, lower_only))
         return matches
 
+    def match_view(self, text: str) -> list[AliasMatch]:
+        """`match` on the text and on its de-obfuscated view ("H4rry P0tt3r"), with the view's
+        matches mapped back to character offsets of `text` (duplicates dropped)."""
+        matches = self.match(text)
+        view = normalize_view(text)
+        if view.text == text:
+            return matches
+        seen = {(m.target, m.alias, m.start, m.end) for m in matches}
+        for m in self.match(view.text):
+            start, end = view.source_span(m.start, m.end)
+            if (m.target, m.alias, start, end) not in seen:
+                seen.add((m.target, m.alias, start, end))
+                matches.append(replace(m, start=start, end=end))
+        return matches
+
     def _chains(
         self,
         text: str,
@@ -226,13 +247,16 @@ class AliasIndex:
         parts = self._parts[t][a]
         out: list[AliasMatch] = []
         used: set[int] = set()
+        by_start: dict[int, list[tuple[int, int, _Entry, int]]] = {}
+        for h in hits:  # indexed by start word: chaining stays linear in the number of hits
+            by_start.setdefault(h[0], []).append(h)
         for start in sorted(hits, key=lambda h: (h[0], h[3], h[2].first, -h[1])):
             if start[0] in used:
                 continue
             chain = [start]
             while True:
                 end, last = chain[-1][1], chain[-1][2].last
-                nxt = [h for h in hits if h[0] == end and h[2].first >= last]
+                nxt = [h for h in by_start.get(end, ()) if h[2].first >= last]
                 if not nxt:
                     break
                 chain.append(min(nxt, key=lambda h: (h[2].first, h[3], -h[1])))
@@ -305,5 +329,6 @@ def _single_index(aliases: tuple[str, ...]) -> AliasIndex:
 
 
 def find_spans(text: str, aliases: Sequence[str]) -> list[tuple[int, int]]:
-    """Character spans of `text` that name one of `aliases` (case-insensitive, typo-tolerant)."""
-    return _single_index(tuple(aliases)).spans(text)
+    """Character spans of `text` that name one of `aliases` (case-insensitive, typo-tolerant,
+    obfuscations undone)."""
+    return accepted_spans(_single_index(tuple(aliases)).match_view(text), 0)

@@ -83,9 +83,9 @@ class GuardSettings(_Section):
     """Search each target's corruption strength against a local copy of the model."""
     torch_threads: int = Field(1, ge=1)
     """Torch threads of the gateway process (the guard's models; vLLM's engine has its own)."""
-    fail_closed: bool = False
-    """If the classifier fails on a request, treat it as flagged (corrupt it, or refuse it);
-    off: log the failure and send the prompt unguarded."""
+    fail_closed: bool = True
+    """If the guard fails on a request, treat it as flagged (corrupt it, or refuse it); off
+    (not recommended): log the failure and send the prompt unguarded."""
 
 
 class LimitsSettings(_Section):

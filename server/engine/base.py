@@ -8,7 +8,7 @@ small language.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -57,6 +57,8 @@ class PromptEmbeds:
 @dataclass(frozen=True)
 class ChatPrompt:
     messages: Sequence[ChatMessageParam]
+    tools: Sequence[Mapping[str, Any]] = ()
+    """Tool definitions offered to the model (rendered by the chat template, read by the guard)."""
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,10 @@ class TargetService:
         source: ChatPrompt | TextPrompt = (
             ChatPrompt(messages) if messages is not None else TextPrompt(prompt or "")
         )
-        text = self._guard.prompt_text(source)
-        decisions = await self._guard.classify(text)
+        texts = self._guard.texts(source)
+        text = texts[0]
+        decisions = await self._guard.classify(texts)
+        named = self._guard.bank.find_spans(text, [d.target for d in decisions if d.flagged])
         results = []
         for d in decisions:
             target = self._guard.active.get(d.target)
@@ -244,9 +246,7 @@ class TargetService:
                 continue
             positions = None
             if d.flagged and self._guard.corruptor is not None and target.corruption is not None:
-                _, positions = await asyncio.to_thread(
-                    self._guard.corruptor.corrupt, source, target.aliases, target.corruption
-                )
+                _, positions = await self._guard.corrupt(source, [target])
             results.append(
                 TargetDecision(
                     target_id=target.id,
@@ -255,7 +255,9 @@ class TargetService:
                     threshold=d.threshold,
                     flagged=d.flagged,
                     stage=d.stage,
-                    spans=[Span(start=a, end=b, text=text[a:b]) for a, b in d.spans],
+                    spans=[
+                        Span(start=a, end=b, text=text[a:b]) for a, b in named.get(d.target, ())
+                    ],
                     corrupted_positions=positions,
                 )
             )
