@@ -20,6 +20,7 @@ from .conversation import (
 from .embed import Embedder, EmbedderNotFoundError, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
 from .spans import find_spans
+from .stream import Mention, StreamScanner
 
 if TYPE_CHECKING:
     from .train import TargetTrainer, TrainConfig, train_target, warm_up
@@ -43,6 +44,8 @@ __all__ = [
     "Decision",
     "Embedder",
     "EmbedderNotFoundError",
+    "Mention",
+    "StreamScanner",
     "TargetClassifier",
     "TargetSpec",
     "TargetTrainer",

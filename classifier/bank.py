@@ -17,6 +17,7 @@ from .features import add_details, bow_logits, lexical_features, named_in_full, 
 from .model import TargetClassifier, build_index
 from .normalize import normalize
 from .spans import AliasMatch, accepted_spans
+from .stream import StreamScanner
 
 STAGE_STATIC = "static"
 STAGE_FULL = "full"
@@ -65,6 +66,7 @@ class _Snapshot:
             self.full = stack("full_head")
         self.profiles = [t.detail_profiles for t in targets]
         self.by_name = {t.name: i for i, t in enumerate(targets)}
+        self.scanner = StreamScanner(self.index)
         self.gate = np.array([t.gate_logit for t in targets])
         self.threshold = np.array([t.threshold_logit for t in targets])
 
@@ -159,6 +161,11 @@ class ClassifierBank:
     @staticmethod
     def _empty(target: TargetClassifier) -> Decision:
         return Decision(target.name, 0.0, target.gate_threshold, False, STAGE_STATIC)
+
+    def stream_scanner(self) -> tuple[StreamScanner, tuple[str, ...]]:
+        """A scanner of generated text for the active targets, and their names by index."""
+        snap = self._snapshot
+        return snap.scanner, tuple(t.name for t in snap.targets)
 
     def find_spans(self, text: str, names: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
         """Character spans of `text` that name each of the active targets `names` (their

@@ -199,6 +199,10 @@ class AliasIndex:
                         found[entry] = edits
         return tuple(found.items())
 
+    def lookup(self, word: str) -> bool:
+        """Whether one folded word (or two glued) is, or is one typo away from, alias words."""
+        return bool(self._cached_lookup(word, True))
+
     def match(self, text: str, words: list[Word] | None = None) -> list[AliasMatch]:
         """Every full or partial alias match in text, for every target."""
         words = split_words(text) if words is None else words

@@ -86,6 +86,13 @@ class GuardSettings(_Section):
     fail_closed: bool = True
     """If the guard fails on a request, treat it as flagged (corrupt it, or refuse it); off
     (not recommended): log the failure and send the prompt unguarded."""
+    output: bool = True
+    """Watch what the model writes: text naming a target is never released, and generation
+    restarts from what was released with the target protected."""
+    output_restarts: int = Field(2, ge=0)
+    """Restarts per answer choice before the output guard ends it instead."""
+    output_classifier: bool = True
+    """Also run the targets' classifiers on the answer at each sentence end (not only aliases)."""
 
 
 class LimitsSettings(_Section):

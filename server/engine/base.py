@@ -41,6 +41,8 @@ class SamplingOptions:
     min_tokens: int = 0
     extra_args: dict[str, Any] | None = None
     """Engine-specific per-request arguments (vLLM `extra_args` / `vllm_xargs`)."""
+    bad_words: tuple[str, ...] = ()
+    """Words the engine must not generate (vLLM `bad_words`; the output guard's restarts)."""
 
 
 @dataclass(frozen=True)

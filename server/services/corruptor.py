@@ -51,13 +51,9 @@ class TemplatedPrompt:
     """Token-id prompts keep their ids: `text` is their decoding, token by token."""
 
     def extended(self, released: str) -> TemplatedPrompt:
-        """This prompt followed by generated text (the output guard's continuation)."""
-        end = len(self.text)
-        return TemplatedPrompt(
-            self.text + released,
-            self.special_tokens,
-            (*self.content, (end, end + len(released))),
-        )
+        """This prompt followed by generated text (the output guard's continuation). The text
+        is no content of the client's: only target spans inside it are corrupted."""
+        return TemplatedPrompt(self.text + released, self.special_tokens, self.content)
 
 
 class PromptCorruptor:
@@ -128,6 +124,10 @@ class PromptCorruptor:
             raise AssertionError("a flagged prompt would have reached the engine uncorrupted")
         ids = list(templated.token_ids) if templated.token_ids is not None else tokens.ids
         return PromptEmbeds(embeds=out, token_ids=ids), positions
+
+    def token_ids(self, templated: TemplatedPrompt) -> list[int]:
+        """The token ids the engine reads for a templated prompt."""
+        return self._tokens(templated).ids
 
     def _tokens(self, templated: TemplatedPrompt) -> PromptTokens:
         if templated.token_ids is None:
