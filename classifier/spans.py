@@ -128,6 +128,11 @@ def _within_one_edit(a: str, b: str) -> int | None:
     return 1 if short[i:] == long_[i + 1 :] else None
 
 
+def _close(word: str, part: str) -> bool:
+    """A typo of a name part of three letters or more (one edit), not the part itself."""
+    return len(part) >= 3 and word != part and _within_one_edit(word, part) is not None
+
+
 class AliasIndex:
     """A compiled, immutable matcher for the aliases of one or more targets."""
 
@@ -268,6 +273,9 @@ class AliasIndex:
             i, j = chain[0][0], chain[-1][1]
             covered = {p for h in chain for p in range(h[2].first, h[2].last)}
             edits = sum(h[3] for h in chain)
+            if edits == 0:  # "Jane Austin", "Stephen Kng": one typo beside an exact part
+                i, j, covered, edits = self._extend(words, parts, i, j, covered)
+                used.update(range(i, j))
             if (t, a) in self._case_exact:
                 found = "".join(_WORD_RE.findall(text[words[i].start : words[j - 1].end]))
                 if found != self._case_exact[(t, a)]:
@@ -282,6 +290,20 @@ class AliasIndex:
             s, e = words[i].start, words[j - 1].end
             out.append(AliasMatch(t, a, s, e, full, weight, conflict, edits, surname))
         return out
+
+    @staticmethod
+    def _extend(
+        words: list[Word], parts: list[str], i: int, j: int, covered: set[int]
+    ) -> tuple[int, int, set[int], int]:
+        """Grow an exactly matched chain by one neighbouring word that is one edit from the
+        alias part it would stand for. Alone such a word proves nothing (a real word, a short
+        one: "Austin", "Kng"); next to the exact rest of the name it is a typo of it."""
+        lo, hi = min(covered), max(covered)
+        if hi + 1 < len(parts) and j < len(words) and _close(words[j].norm, parts[hi + 1]):
+            return i, j + 1, covered | {hi + 1}, 1
+        if lo > 0 and i > 0 and _close(words[i - 1].norm, parts[lo - 1]):
+            return i - 1, j, covered | {lo - 1}, 1
+        return i, j, covered, 0
 
     def _name_like(self, w: Word, own: Sequence[str], lower_only: bool) -> bool:
         if w.norm in STOPWORDS or w.norm in own or w.norm.isdigit():

@@ -143,7 +143,16 @@ def build_guard(
         model_dir,
         SnapDefaults(max_steps=settings.delta.snap_max_steps, lr=settings.delta.snap_lr),
     )
-    return guard, TargetService(registry, guard, engine, embedder, calibrator, offsets)
+    service = TargetService(
+        registry,
+        guard,
+        engine,
+        embedder,
+        calibrator,
+        offsets,
+        min_recall=settings.guard.min_heldout_recall,
+    )
+    return guard, service
 
 
 def get_generation_service(request: Request) -> GenerationService:

@@ -86,6 +86,9 @@ class GuardSettings(_Section):
     fail_closed: bool = True
     """If the guard fails on a request, treat it as flagged (corrupt it, or refuse it); off
     (not recommended): log the failure and send the prompt unguarded."""
+    min_heldout_recall: float = Field(0.9, ge=0, le=1)
+    """A registration whose classifier flags fewer of its held-out prompts fails (with the
+    figure), unless the target's `options.allow_low_recall` is true."""
     output: bool = True
     """Watch what the model writes: text naming a target is never released, and generation
     restarts from what was released with the target protected."""

@@ -125,7 +125,8 @@ def test_after_the_last_restart_the_choice_ends_without_the_name(
 
 def test_completions_are_watched_too(client: TestClient, engine: FakeEngine):
     engine.enqueue("J.K. Rowling, in 1997.", "an author, in 1997.")
-    body = {"model": "fake-model", "prompt": "The boy wizard books were written by", "max_tokens": 9}
+    prompt = "The boy wizard books were written by"
+    body = {"model": "fake-model", "prompt": prompt, "max_tokens": 9}
     reply = client.post("/v1/completions", json=body).json()
     assert reply["choices"][0]["text"] == "an author, in 1997."
     assert isinstance(engine.history[-2].prompt, TextPrompt)
