@@ -77,11 +77,12 @@ class StreamScanner:
                     )
                     if start + e > released:
                         mentions.append(Mention(m.target, start + s, start + e))
-        hold = len(text) if final else self._hold(read, words)  # index into `read`
-        if hold < len(read) and view is not None:
-            hold = view.source_span(hold, hold + 1)[0]
-        hold = len(text) if hold >= len(read) else start + hold
-        return mentions, max(hold, released)
+        at = len(read) if final else self._hold(read, words)  # an index into `read`
+        if at >= len(read):
+            return mentions, len(text)
+        if view is not None:
+            at = view.source_span(at, at + 1)[0]
+        return mentions, max(start + at, released)
 
     @staticmethod
     def _names(m: AliasMatch) -> bool:
