@@ -127,22 +127,27 @@ class OutputGuard:
                     st = choices.get(index)
                     if st is None or st.done or st.source != source:
                         continue  # a choice restarted elsewhere: its old tokens are dropped
-                    found = await self._check(st, delta, scanner, names, targets, guarded)
-                    if found:
-                        restart = await self._restart(prompt, guarded, request, st, index, found)
-                        if request.sampling.n == 1 or restart is None:
-                            await streams.drop(source)
-                        if restart is None:
-                            st.done = True
-                            out.append(ChoiceDelta(index=index, finish_reason="stop"))
-                        else:
-                            st.source = next_source
-                            streams.add(next_source, self._engine.generate(restart), index)
-                            next_source += 1
-                        continue
-                    released = self._release(st, index, final=delta.finish_reason is not None)
-                    if released is not None:
-                        out.append(released)
+                    try:
+                        found = await self._check(st, delta, scanner, names, targets, guarded)
+                    except _CheckFailed:  # fail closed: the choice ends with what was released
+                        found, st.restarts = [], self._max_restarts
+                    else:
+                        if not found:
+                            final = delta.finish_reason is not None
+                            if (released := self._release(st, index, final=final)) is not None:
+                                out.append(released)
+                            continue
+                    restart = await self._restart(prompt, guarded, request, st, index, found)
+                    # A restart stream serves one choice; the original, with n > 1, several.
+                    if source != _ORIGINAL or request.sampling.n == 1:
+                        await streams.drop(source)
+                    if restart is None:
+                        st.done = True
+                        out.append(ChoiceDelta(index=index, finish_reason="stop"))
+                    else:
+                        st.source = next_source
+                        streams.add(next_source, self._engine.generate(restart), index)
+                        next_source += 1
                 if out:
                     prompt_tokens = counts[_ORIGINAL][0] if _ORIGINAL in counts else 0
                     completion = sum(c for _, c in counts.values())
@@ -180,7 +185,12 @@ class OutputGuard:
             window = st.text[max(st.checked, len(st.text) - _CLASSIFY_WINDOW) :]
             st.checked = len(st.text)
             if window.strip():
-                decisions = await self._guard.classify([window])
+                try:
+                    decisions = await self._guard.classify([window])
+                except Exception as e:
+                    logger.error("The output guard's classifier failed (%s)", type(e).__name__)
+                    self._metrics.decisions.labels("none", "output_guard_error").inc()
+                    raise _CheckFailed from e
                 found = [
                     targets[d.target]
                     for d in decisions
@@ -275,6 +285,10 @@ class OutputGuard:
             stream=request.stream,
             offsets=tuple(dict.fromkeys(offsets)),
         )
+
+
+class _CheckFailed(Exception):
+    """The output could not be checked: the choice ends where it is (fail closed)."""
 
 
 def _spellings(aliases: Sequence[str]) -> list[str]:
