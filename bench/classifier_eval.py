@@ -304,6 +304,49 @@ def hp_eval(args: argparse.Namespace, emb: Embedder, cached: CachedEmbedder) -> 
     }
 
 
+def people_eval(args: argparse.Namespace, emb: Embedder, cached: CachedEmbedder) -> dict:
+    """26 real people registered at once (name as the only alias, 5 examples each): recall per
+    person on held-out questions, false positives on same-profession neighbours and MMLU."""
+    data = json.loads((ROOT / "bench" / "data" / "real_people.json").read_text())
+    config = TrainConfig(fpr=args.fpr, seed=args.seed)
+    targets = []
+    t0 = time.perf_counter()
+    for person in data["people"]:
+        spec = TargetSpec(person["name"], [person["name"]], person["examples"])
+        targets.append(train_target(spec, emb, config))
+    train_s = time.perf_counter() - t0
+    bank = ClassifierBank(cached, targets)
+    per_person = {}
+    for person, clf in zip(data["people"], targets, strict=True):
+        decided = bank.classify(person["heldout"])
+        hits = [next(d for d in ds if d.target == person["name"]).flagged for ds in decided]
+        per_person[person["name"]] = {
+            "recall": sum(hits) / len(hits),
+            "missed": [q for q, hit in zip(person["heldout"], hits, strict=True) if not hit],
+            "report_heldout_recall": clf.report.heldout_recall,
+            "threshold": clf.report.threshold,
+        }
+    neighbours = [q for n in data["neighbours"] for q in n["questions"]]
+    neighbour_hits = [
+        (q, [d.target for d in ds if d.flagged])
+        for q, ds in zip(neighbours, bank.classify(neighbours), strict=True)
+    ]
+    mmlu = [r["question"] for r in read_jsonl(DATA / "mmlu" / "val.jsonl")]
+    recalls = [p["recall"] for p in per_person.values()]
+    return {
+        "n_people": len(targets),
+        "train_seconds": train_s,
+        "recall_min": min(recalls),
+        "recall_mean": statistics.fmean(recalls),
+        "per_person": per_person,
+        "fp_neighbours": sum(bool(h) for _, h in neighbour_hits) / len(neighbours),
+        "fp_neighbours_flagged": [(q, h) for q, h in neighbour_hits if h],
+        "n_neighbour_questions": len(neighbours),
+        "fp_mmlu_val": rate(bank, mmlu)[0],
+        "n_mmlu_val": len(mmlu),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--split", default="forget10", choices=["forget01", "forget05", "forget10"])
@@ -319,6 +362,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip-hp", action="store_true")
+    p.add_argument("--skip-tofu", action="store_true")
+    p.add_argument("--skip-people", action="store_true")
     args = p.parse_args()
     if not DATA.is_dir():
         sys.exit(f"evaluation data not found at {DATA}")
@@ -326,16 +371,34 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     emb = Embedder()
     cached = CachedEmbedder(emb)
-    result = {
-        "args": vars(args),
-        "torch_threads": torch.get_num_threads(),
-        "tofu": tofu_eval(args, emb, cached),
-    }
+    result: dict = {"args": vars(args), "torch_threads": torch.get_num_threads()}
+    if not args.skip_people:
+        result["real_people"] = people_eval(args, emb, cached)
+    if not args.skip_tofu:
+        result["tofu"] = tofu_eval(args, emb, cached)
     if not args.skip_hp:
         result["harry_potter"] = hp_eval(args, emb, cached)
     out = ROOT / "bench" / "results" / f"classifier_eval_{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    if "real_people" in result:
+        people = result["real_people"]
+        print(
+            f"real people ({people['n_people']} registered at once, trained in "
+            f"{people['train_seconds']:.0f} s): recall per person min {people['recall_min']:.2f}, "
+            f"mean {people['recall_mean']:.3f}; FP neighbours {people['fp_neighbours']:.3f} "
+            f"(n={people['n_neighbour_questions']}), MMLU val {people['fp_mmlu_val']:.4f} "
+            f"(n={people['n_mmlu_val']})"
+        )
+        for name, row in people["per_person"].items():
+            print(
+                f"  {name:28s} recall {row['recall']:.2f} (report "
+                f"{row['report_heldout_recall']:.2f}, thr {row['threshold']:.4f})"
+                + (f" missed: {row['missed']}" if row["missed"] else "")
+            )
+    if "tofu" not in result:
+        print(f"wrote {out}")
+        return
     tofu = result["tofu"]
     print(f"TOFU {args.split}: {len(tofu['aliases'])} authors, {tofu['n_examples']} examples")
     print(f"{'set':40s} {'n':>5s} {'ours':>6s} {'stage2':>6s} {'baseline':>8s} {'base@rec':>8s}")

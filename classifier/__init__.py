@@ -9,10 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 from .bank import ClassifierBank, Decision
 from .calibrate import CalibrationReport, conformal_threshold
-from .conversation import TextPiece, content_text, conversation_pieces, conversation_text
+from .conversation import (
+    TextPiece,
+    content_text,
+    conversation_pieces,
+    conversation_text,
+    message_texts,
+    tool_strings,
+)
 from .embed import Embedder, EmbedderNotFoundError, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
 from .spans import find_spans
+from .stream import Mention, StreamScanner
 
 if TYPE_CHECKING:
     from .train import TargetTrainer, TrainConfig, train_target, warm_up
@@ -36,6 +44,8 @@ __all__ = [
     "Decision",
     "Embedder",
     "EmbedderNotFoundError",
+    "Mention",
+    "StreamScanner",
     "TargetClassifier",
     "TargetSpec",
     "TargetTrainer",
@@ -47,6 +57,8 @@ __all__ = [
     "conversation_text",
     "default_model_path",
     "find_spans",
+    "message_texts",
+    "tool_strings",
     "train_target",
     "warm_up",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -10,15 +11,26 @@ from typing import Any
 import numpy as np
 
 from .calibrate import sigmoid
-from .conversation import conversation_text, segments
+from .conversation import conversation_pieces, segments
 from .embed import Embedder
-from .features import add_details, bow_logits, lexical_features, names_target
+from .features import add_details, bow_logits, lexical_features, named_in_full, names_target
 from .model import TargetClassifier, build_index
 from .normalize import normalize
 from .spans import AliasMatch, accepted_spans
+from .stream import StreamScanner
 
 STAGE_STATIC = "static"
 STAGE_FULL = "full"
+STAGE_ALIAS = "alias"
+"""Flagged because the text names an alias in full (whatever the score)."""
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _clean(text: str) -> str:
+    """Lone surrogates (valid in JSON escapes, not in UTF-8) as U+FFFD, one for one, so the
+    tokenizers never raise and offsets stay those of the text."""
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class _Snapshot:
             self.static = stack("static_head")
             self.full = stack("full_head")
         self.profiles = [t.detail_profiles for t in targets]
+        self.by_name = {t.name: i for i, t in enumerate(targets)}
+        self.scanner = StreamScanner(self.index)
         self.gate = np.array([t.gate_logit for t in targets])
         self.threshold = np.array([t.threshold_logit for t in targets])
 
@@ -121,6 +135,7 @@ class ClassifierBank:
         second time as its de-obfuscated view; a target flagged in either view is flagged.
         `normalized=False` scores the text as sent only (for measuring what the view adds).
         """
+        texts = [_clean(t) for t in texts]
         if not normalized:
             return self._classify(texts)
         views = [normalize(t) for t in texts]
@@ -132,6 +147,35 @@ class ClassifierBank:
         for k, i in enumerate(extra):
             out[i] = [_merge(a, b) for a, b in zip(out[i], decided[len(texts) + k], strict=True)]
         return out
+
+    def classify_all(self, texts: Sequence[str]) -> list[Decision]:
+        """One Decision per active target over several texts read together (a conversation
+        joined, and each of its turns alone): flagged when flagged on any of them."""
+        unique = list(dict.fromkeys(t for t in texts if t.strip()))
+        if not unique:
+            return [self._empty(t) for t in self._snapshot.targets]
+        decided = self.classify(unique)
+        columns = zip(*decided, strict=True)  # one column of decisions per target
+        return [max(column, key=lambda d: (d.flagged, d.score)) for column in columns]
+
+    @staticmethod
+    def _empty(target: TargetClassifier) -> Decision:
+        return Decision(target.name, 0.0, target.gate_threshold, False, STAGE_STATIC)
+
+    def stream_scanner(self) -> tuple[StreamScanner, tuple[str, ...]]:
+        """A scanner of generated text for the active targets, and their names by index."""
+        snap = self._snapshot
+        return snap.scanner, tuple(t.name for t in snap.targets)
+
+    def find_spans(self, text: str, names: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+        """Character spans of `text` that name each of the active targets `names` (their
+        aliases, typo-tolerant, and their obfuscated forms mapped back to `text`)."""
+        snap = self._snapshot
+        wanted = [snap.by_name[n] for n in names if n in snap.by_name]
+        if not wanted:
+            return {}
+        matches = snap.index.match_view(_clean(text))
+        return {snap.targets[t].name: accepted_spans(matches, t) for t in wanted}
 
     def _classify(self, texts: Sequence[str]) -> list[list[Decision]]:
         snap = self._snapshot
@@ -170,14 +214,18 @@ class ClassifierBank:
             for i in range(len(texts))
         ]
 
-    def classify_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[Decision]:
-        """Classify a chat conversation's user and system text (all turns, no template)."""
-        return self.classify([conversation_text(messages)])[0]
+    def classify_messages(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    ) -> list[Decision]:
+        """Classify a chat conversation: every turn alone and all of them joined."""
+        joined, pieces = conversation_pieces(messages, tools)
+        return self.classify_all([joined, *(p.text for p in pieces)])
 
     @staticmethod
     def _piece_lex(matches: list[AliasMatch], off: int, length: int, n_t: int) -> np.ndarray:
-        inside = [m for m in matches if off <= m.start and m.end <= off + length]
-        return lexical_features(inside, n_t)
+        # Windows overlap; a name cut by a window's edge still counts for that window.
+        touching = [m for m in matches if m.start < off + length and m.end > off]
+        return lexical_features(touching, n_t)
 
     @staticmethod
     def _decide(
@@ -197,6 +245,8 @@ class ClassifierBank:
                 best = max(rows, key=lambda r: s1[r, t])
                 logit, thr, stage = s1[best, t], snap.gate[t], STAGE_STATIC
             flagged = bool(stage == STAGE_FULL and logit > thr)
+            if not flagged and named_in_full(matches, t, target.flags_alias):
+                flagged, stage = True, STAGE_ALIAS
             spans = tuple(accepted_spans(matches, t)) if flagged else ()
             out.append(
                 Decision(

@@ -1,81 +1,168 @@
-"""The text of a chat conversation that the classifier reads: user and system turns, no template."""
+"""Every text a client sends in a conversation, for the classifier: no role is left out.
+
+The client writes the whole conversation, assistant and tool turns included, so the guard reads
+all of it: the content of every turn (string or content parts), `name` fields, tool calls (the
+function's name and its arguments), tool results, and the tool definitions offered to the model
+(names, descriptions, parameter names, enums, defaults). Each text is a `TextPiece`; the
+classifier scores every piece alone and all of them joined in order, so a target named in any
+turn, or split across turns, is seen.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-CLASSIFIED_ROLES = frozenset({"system", "developer", "user"})
+# Keys whose values are fixed markup ("type": "function", "role": "user"); every other string a
+# client sends is read, ids included (a template may render them).
+_STRUCTURAL_KEYS = frozenset({"type", "role"})
+# Keys that are the OpenAI/JSON-schema vocabulary, not words a client chose: not read as text
+# (their values are). Any other key (a parameter's name) is read.
+_KEYWORDS = frozenset(
+    """function name description parameters properties items required enum default arguments
+    additionalProperties strict title anyOf oneOf allOf not const examples format pattern
+    minimum maximum minLength maxLength minItems maxItems $defs definitions $ref $schema
+    text url image_url input_audio file detail data""".split()
+)
+_MAX_DEPTH = 64  # nested JSON deeper than this is read as its raw string
 
 
 @dataclass(frozen=True)
 class TextPiece:
-    """Where one text part of one message sits in `conversation_text`'s output."""
+    """One text a client sent, where it came from, and where it sits in the joined text."""
 
-    message: int  # index into messages
-    part: int | None  # index into a list content, None for string content
+    where: str  # e.g. "messages[2].content[0]", "messages[3].tool_calls[0].arguments", "tools[1]"
+    text: str
     start: int
     end: int
 
 
-def _parts(content: Any) -> list[tuple[int | None, str]]:
+def _strings(value: Any, depth: int = 0) -> Iterator[str]:
+    """Every string inside a JSON-like value: keys (parameter names carry meaning) and values."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and key not in _STRUCTURAL_KEYS and key not in _KEYWORDS:
+                yield key
+            if key not in _STRUCTURAL_KEYS or not isinstance(item, str):
+                yield from _strings(item, depth + 1) if depth < _MAX_DEPTH else iter([str(item)])
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | bytearray):
+        for item in value:
+            yield from _strings(item, depth + 1) if depth < _MAX_DEPTH else iter([str(item)])
+    elif value is not None and not isinstance(value, bool):
+        yield str(value)
+
+
+def _json_text(raw: Any) -> str:
+    """Tool-call arguments are a JSON string: read the strings inside it (escapes undone, so
+    "\\u0048arry" reads "Harry"), else the raw text."""
+    if not isinstance(raw, str):
+        return " ".join(_strings(raw))
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw
+    return " ".join(_strings(parsed))
+
+
+def _content_parts(content: Any, where: str) -> Iterator[tuple[str, str]]:
     if content is None:
-        return []
+        return
     if isinstance(content, str):
-        return [(None, content)]
-    if isinstance(content, Iterable):
-        out: list[tuple[int | None, str]] = []
-        for k, part in enumerate(content):
-            if isinstance(part, Mapping) and part.get("type") == "text":
-                text = part.get("text")
-                if isinstance(text, str):
-                    out.append((k, text))
-        return out
-    raise TypeError(f"unsupported message content of type {type(content).__name__}")
+        yield where, content
+        return
+    if isinstance(content, Mapping):
+        content = [content]
+    for k, part in enumerate(content):
+        label = f"{where}[{k}]"
+        if isinstance(part, str):
+            yield label, part
+        elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            yield label, part["text"]  # text, input_text, output_text parts
+        else:  # any other part: every string it carries
+            yield label, " ".join(_strings(part))
 
 
-def content_text(content: Any) -> str:
-    """The text of one message's content: a string, or the text parts of a list of parts."""
-    return "\n".join(text for _, text in _parts(content))
-
-
-def conversation_pieces(messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[TextPiece]]:
-    """`conversation_text` and where each message text part lies in it (to map spans back)."""
-    chunks: list[str] = []
-    pieces: list[TextPiece] = []
-    pos = 0
-    for i, message in enumerate(messages):
-        if message.get("role") not in CLASSIFIED_ROLES:
+def message_texts(message: Mapping[str, Any], where: str) -> Iterator[tuple[str, str]]:
+    """(where, text) of every text in one chat message, whatever its role."""
+    for key in ("name", "tool_call_id"):
+        if isinstance(message.get(key), str):
+            yield f"{where}.{key}", message[key]
+    yield from _content_parts(message.get("content"), f"{where}.content")
+    for key in ("reasoning_content", "reasoning", "refusal"):
+        if message.get(key):
+            yield from _content_parts(message[key], f"{where}.{key}")
+    for k, call in enumerate(message.get("tool_calls") or ()):
+        if not isinstance(call, Mapping):
             continue
-        for k, text in _parts(message.get("content")):
-            if chunks:
-                pos += 1  # the joining newline
-            chunks.append(text)
-            pieces.append(TextPiece(i, k, pos, pos + len(text)))
-            pos += len(text)
+        inner = call.get("function")
+        function: Mapping[str, Any] = inner if isinstance(inner, Mapping) else call
+        label = f"{where}.tool_calls[{k}]"
+        if function.get("name") is not None:
+            yield f"{label}.name", str(function["name"])
+        if function.get("arguments") is not None:
+            yield f"{label}.arguments", _json_text(function["arguments"])
+
+
+def tool_strings(tool: Any) -> list[str]:
+    """The texts of one tool definition (names, descriptions, parameter names, enums)."""
+    return list(_strings(tool))
+
+
+def conversation_pieces(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+) -> tuple[str, list[TextPiece]]:
+    """All texts of the tool definitions and of every message, in order, joined by newlines."""
+    found: list[tuple[str, str]] = []
+    for k, tool in enumerate(tools):
+        text = " ".join(tool_strings(tool))
+        found.append((f"tools[{k}]", text))
+    for i, message in enumerate(messages):
+        found += message_texts(message, f"messages[{i}]")
+    pieces: list[TextPiece] = []
+    chunks: list[str] = []
+    pos = 0
+    for where, text in found:
+        if not text.strip():
+            continue
+        if chunks:
+            pos += 1  # the joining newline
+        chunks.append(text)
+        pieces.append(TextPiece(where, text, pos, pos + len(text)))
+        pos += len(text)
     return "\n".join(chunks), pieces
 
 
-def conversation_text(messages: Sequence[Mapping[str, Any]]) -> str:
-    """All system, developer and user turns, in order, joined by newlines, with no chat
-    template (assistant and tool turns are the model's own words and are left out)."""
-    return conversation_pieces(messages)[0]
+def conversation_text(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()) -> str:
+    """Every text of every turn (any role) and of the tool definitions, joined by newlines."""
+    return conversation_pieces(messages, tools)[0]
 
 
-def segments(text: str, max_chars: int = 1000) -> list[tuple[int, str]]:
-    """Split a long text into (offset, piece) windows of at most `max_chars`, at line or word
-    breaks, so no part of a long conversation falls outside the embedder's window."""
+def content_text(content: Any) -> str:
+    """The text of one message's content: a string, or the texts of its parts."""
+    return "\n".join(text for _, text in _content_parts(content, ""))
+
+
+def segments(text: str, max_chars: int = 1000, overlap: int = 200) -> list[tuple[int, str]]:
+    """Split a long text into (offset, piece) windows of at most `max_chars`, cut at line or
+    word breaks, each overlapping the previous one by about `overlap` characters, so that no
+    part of a long conversation falls outside the embedder's window and no name is cut in two."""
     if len(text) <= max_chars:
         return [(0, text)]
     out: list[tuple[int, str]] = []
     start = 0
-    while start < len(text):
+    while True:
         end = min(start + max_chars, len(text))
         if end < len(text):
             cut = max(text.rfind("\n", start, end), text.rfind(" ", start, end))
             if cut > start + max_chars // 2:
                 end = cut + 1
         out.append((start, text[start:end]))
-        start = end
-    return out
+        if end >= len(text):
+            return out
+        nxt = end - overlap
+        space = text.find(" ", nxt, end)
+        start = max(start + 1, space + 1 if space >= 0 else nxt)

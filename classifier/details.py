@@ -9,6 +9,7 @@ matches "08/09") that the prompt contains; the feature is the best overlap over 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import cache
 
@@ -19,9 +20,19 @@ _MONTH_NAMES = (
     "january february march april may june july august september october november december"
 )
 _MONTHS = {m: str(i + 1) for i, m in enumerate(_MONTH_NAMES.split())}
-_ORDINAL = re.compile(r"^(\d+)(?:st|nd|rd|th)$")
+_ORDINAL = re.compile(r"^([0-9]+)(?:st|nd|rd|th)$")
 _MIN_TERMS = 2
 _SMALL_NUMBER_WEIGHT = 0.25
+
+
+def _number(digits: str) -> str:
+    """A run of decimal digits of any script as ASCII without leading zeros ("٠٨" -> "8").
+
+    Never `int()`: it raises past 4,300 digits, and `str.isdigit` also admits characters that
+    are no decimal digit ("፩", "⑵"), on which it raises too.
+    """
+    ascii_digits = "".join(str(unicodedata.decimal(c)) for c in digits)
+    return ascii_digits.lstrip("0") or "0"
 
 
 def _term(norm: str) -> str:
@@ -30,7 +41,7 @@ def _term(norm: str) -> str:
     m = _ORDINAL.match(norm)
     if m:
         norm = m.group(1)
-    return str(int(norm)) if norm.isdigit() else norm
+    return _number(norm) if norm.isdecimal() else norm
 
 
 def text_terms(text: str) -> frozenset[str]:
@@ -54,19 +65,21 @@ def generic_words() -> frozenset[str]:
     words: set[str] = set(STOPWORDS)
     for text in sources:
         words.update(text_terms(text))
-    return frozenset(w for w in words if not w.isdigit())
+    return frozenset(w for w in words if not w.isdecimal())
 
 
 def detail_terms(text: str) -> tuple[str, ...]:
     """The identifying terms of an example (sorted), or () when it has fewer than two."""
     generic = generic_words()
-    terms = sorted(t for t in text_terms(text) if t not in generic and (len(t) > 2 or t.isdigit()))
+    terms = sorted(
+        t for t in text_terms(text) if t not in generic and (len(t) > 2 or t.isdecimal())
+    )
     return tuple(terms) if len(terms) >= _MIN_TERMS else ()
 
 
 def _weight(term: str) -> float:
     # Days, months and small counts are everywhere ("8", "12"): they only help other details.
-    return _SMALL_NUMBER_WEIGHT if term.isdigit() and len(term) <= 2 else 1.0
+    return _SMALL_NUMBER_WEIGHT if term.isdecimal() and len(term) <= 2 else 1.0
 
 
 def detail_overlap(terms: frozenset[str], profiles: Sequence[Iterable[str]]) -> float:

@@ -8,7 +8,7 @@ embedding blurs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,18 @@ def lexical_features(matches: Sequence[AliasMatch], n_targets: int) -> np.ndarra
         else:
             row[2] = max(row[2], m.weight)
     return out
+
+
+FULL_NAME_MAX_EDITS = 1
+
+
+def named_in_full(matches: Sequence[AliasMatch], target: int, flags: Callable[[int], bool]) -> bool:
+    """Whether the text names one of `target`'s aliases in full (at most one typo), for an
+    alias whose `flags(alias)` says that naming it flags a prompt by itself."""
+    return any(
+        m.target == target and m.full and m.edits <= FULL_NAME_MAX_EDITS and flags(m.alias)
+        for m in matches
+    )
 
 
 def names_target(lex: np.ndarray) -> np.ndarray:

@@ -77,6 +77,13 @@ class TargetClassifier:
     embedder_fingerprint: str
     meta: Mapping[str, Any] = field(default_factory=dict)
     detail_profiles: tuple[tuple[str, ...], ...] = ()
+    alias_flags: tuple[bool, ...] = ()
+    """alias_flags[i]: a prompt naming alias i in full is flagged whatever its score (False when
+    the operator's retain examples name it too). Empty: every alias flags (older artifacts)."""
+
+    def flags_alias(self, alias: int) -> bool:
+        """Whether naming alias `alias` in full flags a prompt by itself."""
+        return self.alias_flags[alias] if alias < len(self.alias_flags) else True
 
     @property
     def threshold(self) -> float:
@@ -128,6 +135,7 @@ class TargetClassifier:
             "aliases": list(self.aliases),
             "part_weights": dict(self.part_weights),
             "detail_profiles": [list(p) for p in self.detail_profiles],
+            "alias_flags": list(self.alias_flags),
             "static_bias": self.static_head.bias,
             "full_bias": self.full_head.bias,
             "gate_logit": self.gate_logit,
@@ -184,6 +192,7 @@ class TargetClassifier:
             embedder_fingerprint=h["embedder_fingerprint"],
             meta=h["meta"],
             detail_profiles=tuple(tuple(p) for p in h.get("detail_profiles", ())),
+            alias_flags=tuple(bool(f) for f in h.get("alias_flags", ())),
         )
 
 

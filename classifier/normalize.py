@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 # Cyrillic and Greek letters that render like Latin ones (lower and upper case).
 _CONFUSABLES = str.maketrans(
@@ -74,17 +75,60 @@ def _fold_token(token: str, latin_text: bool) -> str:
     return _RUN.sub(lambda m: _fold_leet_run(m.group()), token)
 
 
-def _join_spelled(match: re.Match[str]) -> str:
-    return match.group()[::2]  # one separator between single characters, the same throughout
+@dataclass(frozen=True)
+class View:
+    """The de-obfuscated view of a text and, for each of its characters, where it came from."""
+
+    text: str
+    origin: tuple[int, ...] | None = None
+    """origin[i]: index in the source text of view character i; None: the view is the source."""
+
+    def source_span(self, start: int, end: int) -> tuple[int, int]:
+        """The source characters behind view characters [start, end)."""
+        if self.origin is None or end <= start:
+            return start, end
+        return self.origin[start], self.origin[end - 1] + 1
+
+
+def _clean_chars(text: str) -> tuple[str, list[int]]:
+    """NFKC per character ("Ｈ" -> "H", "ﬁ" -> "fi"), format characters (zero-width) and lone
+    surrogates dropped; returns the text and each character's source index."""
+    chars: list[str] = []
+    origin: list[int] = []
+    for i, c in enumerate(text):
+        if c.isascii():
+            chars.append(c)
+            origin.append(i)
+            continue
+        for d in unicodedata.normalize("NFKC", c):
+            if unicodedata.category(d) not in ("Cf", "Cs"):
+                chars.append(d)
+                origin.append(i)
+    return "".join(chars), origin
+
+
+def normalize_view(text: str) -> View:
+    """The de-obfuscated view of `text`, with a map back to `text`'s offsets."""
+    if text.isascii() and not any(c.isdigit() or c in "@$.-_* " for c in text):
+        return View(text)
+    out, origin = _clean_chars(text)
+    letters = [c for c in out if c.isalpha()]
+    latin_text = sum(c.isascii() for c in letters) > len(letters) / 2
+    # Homoglyph and leetspeak folding are one character for one: offsets are unchanged.
+    out = _TOKEN.sub(lambda m: _fold_token(m.group(), latin_text), out)
+    pieces: list[str] = []
+    kept: list[int] = []
+    last = 0
+    for m in _SPELLED.finditer(out):  # "H.a.r.r.y" -> "Harry": every other character
+        pieces += [out[last : m.start()], m.group()[::2]]
+        kept += origin[last : m.start()] + origin[m.start() : m.end() : 2]
+        last = m.end()
+    pieces.append(out[last:])
+    kept += origin[last:]
+    view = "".join(pieces)
+    return View(view) if view == text else View(view, tuple(kept))
 
 
 def normalize(text: str) -> str:
     """The de-obfuscated view of `text` (equal to it for ordinary text)."""
-    if text.isascii() and not any(c.isdigit() or c in "@$.-_* " for c in text):
-        return text
-    out = unicodedata.normalize("NFKC", text)
-    out = "".join(c for c in out if unicodedata.category(c) != "Cf")
-    letters = [c for c in out if c.isalpha()]
-    latin_text = sum(c.isascii() for c in letters) > len(letters) / 2
-    out = _TOKEN.sub(lambda m: _fold_token(m.group(), latin_text), out)
-    return _SPELLED.sub(_join_spelled, out)
+    return normalize_view(text).text

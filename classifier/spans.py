@@ -15,8 +15,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+
+from .normalize import normalize_view
 
 _WORD_RE = re.compile(r"[^\W_]+")
 _MAX_GLUED_PARTS = 3
@@ -126,6 +128,11 @@ def _within_one_edit(a: str, b: str) -> int | None:
     return 1 if short[i:] == long_[i + 1 :] else None
 
 
+def _close(word: str, part: str) -> bool:
+    """A typo of a name part of three letters or more (one edit), not the part itself."""
+    return len(part) >= 3 and word != part and _within_one_edit(word, part) is not None
+
+
 class AliasIndex:
     """A compiled, immutable matcher for the aliases of one or more targets."""
 
@@ -148,6 +155,7 @@ class AliasIndex:
         self._fuzzy: dict[str, list[tuple[str, _Entry]]] = {}
         self._case_exact: dict[tuple[int, int], str] = {}
         self._person = [[alias_kind(a) == "person" for a in group] for group in self.aliases]
+        self._longest = 0  # the longest key: longer text words cannot match anything
         for t, group in enumerate(self.aliases):
             parts_t: list[list[str]] = []
             for a, alias in enumerate(group):
@@ -165,6 +173,7 @@ class AliasIndex:
             for last in range(first + 1, min(first + _MAX_GLUED_PARTS, len(parts)) + 1):
                 key = "".join(parts[first:last])
                 entry = _Entry(t, a, first, last)
+                self._longest = max(self._longest, len(key))
                 self._exact.setdefault(key, []).append(entry)
                 if len(key) >= _FUZZY_MIN_LEN:
                     for d in _deletions(key) | {key}:
@@ -181,6 +190,8 @@ class AliasIndex:
         return 1.0
 
     def _lookup(self, key: str, fuzzy: bool) -> tuple[tuple[_Entry, int], ...]:
+        if len(key) > self._longest + 1:  # no alias key within one edit; bounds the work
+            return ()
         found: dict[_Entry, int] = dict.fromkeys(self._exact.get(key, ()), 0)
         # A real word is no typo: "basis" must not match "Basil".
         if fuzzy and len(key) >= _FUZZY_MIN_LEN - 1 and key not in self._common:
@@ -192,6 +203,10 @@ class AliasIndex:
                     if edits is not None:
                         found[entry] = edits
         return tuple(found.items())
+
+    def lookup(self, word: str) -> bool:
+        """Whether one folded word (or two glued) is, or is one typo away from, alias words."""
+        return bool(self._cached_lookup(word, True))
 
     def match(self, text: str, words: list[Word] | None = None) -> list[AliasMatch]:
         """Every full or partial alias match in text, for every target."""
@@ -214,6 +229,21 @@ class AliasIndex:
             matches.extend(self._chains(text, words, t, a, group, lower_only))
         return matches
 
+    def match_view(self, text: str) -> list[AliasMatch]:
+        """`match` on the text and on its de-obfuscated view ("H4rry P0tt3r"), with the view's
+        matches mapped back to character offsets of `text` (duplicates dropped)."""
+        matches = self.match(text)
+        view = normalize_view(text)
+        if view.text == text:
+            return matches
+        seen = {(m.target, m.alias, m.start, m.end) for m in matches}
+        for m in self.match(view.text):
+            start, end = view.source_span(m.start, m.end)
+            if (m.target, m.alias, start, end) not in seen:
+                seen.add((m.target, m.alias, start, end))
+                matches.append(replace(m, start=start, end=end))
+        return matches
+
     def _chains(
         self,
         text: str,
@@ -226,13 +256,16 @@ class AliasIndex:
         parts = self._parts[t][a]
         out: list[AliasMatch] = []
         used: set[int] = set()
+        by_start: dict[int, list[tuple[int, int, _Entry, int]]] = {}
+        for h in hits:  # indexed by start word: chaining stays linear in the number of hits
+            by_start.setdefault(h[0], []).append(h)
         for start in sorted(hits, key=lambda h: (h[0], h[3], h[2].first, -h[1])):
             if start[0] in used:
                 continue
             chain = [start]
             while True:
                 end, last = chain[-1][1], chain[-1][2].last
-                nxt = [h for h in hits if h[0] == end and h[2].first >= last]
+                nxt = [h for h in by_start.get(end, ()) if h[2].first >= last]
                 if not nxt:
                     break
                 chain.append(min(nxt, key=lambda h: (h[2].first, h[3], -h[1])))
@@ -240,6 +273,9 @@ class AliasIndex:
             i, j = chain[0][0], chain[-1][1]
             covered = {p for h in chain for p in range(h[2].first, h[2].last)}
             edits = sum(h[3] for h in chain)
+            if edits == 0:  # "Jane Austin", "Stephen Kng": one typo beside an exact part
+                i, j, covered, edits = self._extend(words, parts, i, j, covered)
+                used.update(range(i, j))
             if (t, a) in self._case_exact:
                 found = "".join(_WORD_RE.findall(text[words[i].start : words[j - 1].end]))
                 if found != self._case_exact[(t, a)]:
@@ -254,6 +290,20 @@ class AliasIndex:
             s, e = words[i].start, words[j - 1].end
             out.append(AliasMatch(t, a, s, e, full, weight, conflict, edits, surname))
         return out
+
+    @staticmethod
+    def _extend(
+        words: list[Word], parts: list[str], i: int, j: int, covered: set[int]
+    ) -> tuple[int, int, set[int], int]:
+        """Grow an exactly matched chain by one neighbouring word that is one edit from the
+        alias part it would stand for. Alone such a word proves nothing (a real word, a short
+        one: "Austin", "Kng"); next to the exact rest of the name it is a typo of it."""
+        lo, hi = min(covered), max(covered)
+        if hi + 1 < len(parts) and j < len(words) and _close(words[j].norm, parts[hi + 1]):
+            return i, j + 1, covered | {hi + 1}, 1
+        if lo > 0 and i > 0 and _close(words[i - 1].norm, parts[lo - 1]):
+            return i - 1, j, covered | {lo - 1}, 1
+        return i, j, covered, 0
 
     def _name_like(self, w: Word, own: Sequence[str], lower_only: bool) -> bool:
         if w.norm in STOPWORDS or w.norm in own or w.norm.isdigit():
@@ -305,5 +355,6 @@ def _single_index(aliases: tuple[str, ...]) -> AliasIndex:
 
 
 def find_spans(text: str, aliases: Sequence[str]) -> list[tuple[int, int]]:
-    """Character spans of `text` that name one of `aliases` (case-insensitive, typo-tolerant)."""
-    return _single_index(tuple(aliases)).spans(text)
+    """Character spans of `text` that name one of `aliases` (case-insensitive, typo-tolerant,
+    obfuscations undone)."""
+    return accepted_spans(_single_index(tuple(aliases)).match_view(text), 0)

@@ -23,7 +23,14 @@ from .augment import alias_variants, augment_positives, near_misses, template_pa
 from .calibrate import CalibrationReport, grouped_threshold, min_negatives, sigmoid
 from .details import detail_terms
 from .embed import Embedder
-from .features import N_LEXICAL, LinearHead, bag_of_pieces, batch_lexical, names_target
+from .features import (
+    N_LEXICAL,
+    LinearHead,
+    bag_of_pieces,
+    batch_lexical,
+    named_in_full,
+    names_target,
+)
 from .lexicon import load_lexicon
 from .model import TargetClassifier, TargetSpec
 from .negatives import general_negatives
@@ -71,6 +78,7 @@ class TrainConfig:
 class _Design:
     """Everything both heads are fitted on; rows are training texts then shipped negatives."""
 
+    texts: list[str]
     y: np.ndarray
     kinds: np.ndarray
     groups: np.ndarray
@@ -110,6 +118,10 @@ class TargetTrainer:
         if spec.aliases and len(neg) + n_templates * len(spec.aliases) < min_negatives(cfg.fpr):
             n_templates = math.ceil((min_negatives(cfg.fpr) - len(neg)) / len(spec.aliases))
         t_pos, t_neg = template_pairs(spec.aliases, rng, lexicon, n_templates, len(examples))
+        # A near miss never names the target itself (a swapped first name leaving the surname,
+        # a garbled variant): it would teach the head that the name is not the target.
+        neg = [(t, g) for t, g in neg if not index.spans(t)]
+        t_neg = [(t, g) for t, g in t_neg if not index.spans(t)]
         g0 = len(examples) + len(spec.aliases)
         retain = [(t, g0 + i) for i, t in enumerate(spec.retain_examples)]
         rows = [(t, 1, POSITIVE, g) for t, g in pos + t_pos]
@@ -150,6 +162,7 @@ class TargetTrainer:
         cols = np.unique(bow.indices)
         bow = sparse.csr_matrix(bow[:, cols])
         return _Design(
+            texts=data.texts + [g_texts[i] for i in np.flatnonzero(keep)],
             y=np.concatenate([data.y, np.zeros(int(keep.sum()), dtype=int)]),
             kinds=np.concatenate([data.kinds, g_kinds[keep]]),
             groups=np.concatenate([data.groups, n_groups + np.flatnonzero(keep)]),
@@ -204,12 +217,14 @@ class TargetTrainer:
         )
         d = self._assemble(spec, index)
         profiles = self._profiles(spec, index)
+        flags = _alias_flags(spec, index)
         oof_static, oof_full = self._cross_fit(d)
         neg, pos = d.y == 0, d.y == 1
         threshold = grouped_threshold(oof_full[neg], d.kinds[neg], cfg.fpr)
         gate = self._gate(d, oof_static, oof_full > threshold)
         passed = (oof_static > gate) | names_target(d.lex)
-        flagged = passed & (oof_full > threshold)
+        named = np.array([named_in_full(index.match(t), 0, flags.__getitem__) for t in d.texts])
+        flagged = (passed & (oof_full > threshold)) | named
         static_head = self._fit(d.x_static, d.y, d.cols)
         full_head = self._fit(d.x_full, d.y, d.cols)
         seconds = time.perf_counter() - t0
@@ -251,6 +266,7 @@ class TargetTrainer:
             embedder_fingerprint=self.embedder.fingerprint,
             meta={"config": dict(self.config.__dict__)},
             detail_profiles=profiles,
+            alias_flags=flags,
         )
 
     def _general(self) -> tuple[list[str], np.ndarray]:
@@ -287,6 +303,13 @@ class TargetTrainer:
             w_bow=w_bow,
             bias=float(clf.intercept_[0]),
         )
+
+
+def _alias_flags(spec: TargetSpec, index: AliasIndex) -> tuple[bool, ...]:
+    """Per alias: does naming it in full flag a prompt by itself? Not when one of the operator's
+    retain examples names it too (then only the classifier decides)."""
+    kept = {m.alias for text in spec.retain_examples for m in index.match(text) if m.full}
+    return tuple(a not in kept for a in range(len(spec.aliases)))
 
 
 def _assign_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -61,7 +61,7 @@ class EcoPromptEmbedder:
         from transformers import AutoTokenizer
 
         from corruption import CorruptionSpec, EmbeddingTable
-        from server.services.guard import PromptCorruptor
+        from server.services.corruptor import PromptCorruptor
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._corruptor = PromptCorruptor(tokenizer, EmbeddingTable.from_model_dir(model_dir))
@@ -80,8 +80,10 @@ class EcoPromptEmbedder:
         if not self.flagged(json.dumps(messages)):
             return None
         from server.engine import ChatPrompt
+        from server.services.corruptor import CorruptionTarget
 
-        embeds, _ = self._corruptor.corrupt(ChatPrompt(list(messages)), self._aliases, self._spec)
+        target = CorruptionTarget("target", self._aliases, self._spec)
+        embeds, _ = self._corruptor.corrupt(ChatPrompt(list(messages)), [target])
         return embeds.embeds.float()  # (T, H)
 
 

@@ -32,6 +32,7 @@ from server.registry import Registry
 from server.routes import admin, health, openai
 from server.services.failsafe import FailSafeGuard
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
+from server.services.output_guard import OutputGuard, OutputWatcher
 from server.services.registry_sync import RegistryPoller
 from server.services.request_limits import RequestLimits
 from server.services.targets import TargetService
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             chosen, model_dir = engine, (local_model_dir(settings) if settings.model else None)
         app.state.engine = chosen
         guard: PromptGuard = PassthroughGuard()
+        output: OutputWatcher | None = None
         targets: TargetService | None = None
         registry: Registry | None = None
         if settings.guard.enabled:
@@ -65,11 +67,19 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             guard = FailSafeGuard(
                 eco, eco.corruptor, metrics, fail_closed=settings.guard.fail_closed
             )
+            if settings.guard.output:
+                output = OutputGuard(
+                    eco,
+                    chosen,
+                    metrics,
+                    max_restarts=settings.guard.output_restarts,
+                    classify=settings.guard.output_classifier,
+                )
         lim = settings.limits
         request_limits = RequestLimits(
             lim.max_prompt_chars, lim.max_prompt_tokens, lim.max_tokens, lim.max_n
         )
-        app.state.generation = GenerationService(chosen, guard, metrics, request_limits)
+        app.state.generation = GenerationService(chosen, guard, metrics, request_limits, output)
         app.state.targets = targets
         app.state.engine_failure = None
         app.state.draining = False

@@ -16,8 +16,9 @@ from server.engine.upstream_delta import UpstreamDeltaDecoder
 from server.logs import current_request_id, sane_request_id
 from server.metrics import Metrics
 from server.registry import Registry
+from server.services.corruptor import PromptCorruptor
 from server.services.generation import GenerationService
-from server.services.guard import EcoGuard, PromptCorruptor
+from server.services.guard import EcoGuard
 from server.services.offsets import OffsetTrainer, SnapDefaults
 from server.services.strength import StrengthCalibrator
 from server.services.targets import TargetService
@@ -120,6 +121,7 @@ def build_guard(
     # 2 cores; the guard's models are small. Process-wide, so it is set here, at the top.
     torch.set_num_threads(settings.guard.torch_threads)
     embedder = Embedder(settings.guard.embedder_path, device=settings.guard.device)
+    bank = ClassifierBank(embedder)
     corruptor: PromptCorruptor | None = None
     calibrator: StrengthCalibrator | None = None
     if model_dir is not None:
@@ -127,7 +129,7 @@ def build_guard(
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         table = embedding_table(model_dir)
-        corruptor = PromptCorruptor(tokenizer, table)
+        corruptor = PromptCorruptor(tokenizer, table, bank.find_spans)
         if settings.guard.calibrate_strength:
             calibrator = StrengthCalibrator(model_dir, table)
     else:
@@ -135,13 +137,22 @@ def build_guard(
             "No local copy of the served model (--model PATH): flagged requests will be refused "
             "instead of corrupted"
         )
-    guard = EcoGuard(ClassifierBank(embedder), corruptor, metrics, log_prompts=settings.log_prompts)
+    guard = EcoGuard(bank, corruptor, metrics, log_prompts=settings.log_prompts)
     offsets = OffsetTrainer(
         settings.data_dir / "offsets",
         model_dir,
         SnapDefaults(max_steps=settings.delta.snap_max_steps, lr=settings.delta.snap_lr),
     )
-    return guard, TargetService(registry, guard, engine, embedder, calibrator, offsets)
+    service = TargetService(
+        registry,
+        guard,
+        engine,
+        embedder,
+        calibrator,
+        offsets,
+        min_recall=settings.guard.min_heldout_recall,
+    )
+    return guard, service
 
 
 def get_generation_service(request: Request) -> GenerationService:

@@ -83,9 +83,19 @@ class GuardSettings(_Section):
     """Search each target's corruption strength against a local copy of the model."""
     torch_threads: int = Field(1, ge=1)
     """Torch threads of the gateway process (the guard's models; vLLM's engine has its own)."""
-    fail_closed: bool = False
-    """If the classifier fails on a request, treat it as flagged (corrupt it, or refuse it);
-    off: log the failure and send the prompt unguarded."""
+    fail_closed: bool = True
+    """If the guard fails on a request, treat it as flagged (corrupt it, or refuse it); off
+    (not recommended): log the failure and send the prompt unguarded."""
+    min_heldout_recall: float = Field(0.9, ge=0, le=1)
+    """A registration whose classifier flags fewer of its held-out prompts fails (with the
+    figure), unless the target's `options.allow_low_recall` is true."""
+    output: bool = True
+    """Watch what the model writes: text naming a target is never released, and generation
+    restarts from what was released with the target protected."""
+    output_restarts: int = Field(2, ge=0)
+    """Restarts per answer choice before the output guard ends it instead."""
+    output_classifier: bool = True
+    """Also run the targets' classifiers on the answer at each sentence end (not only aliases)."""
 
 
 class LimitsSettings(_Section):

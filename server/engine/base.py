@@ -8,7 +8,7 @@ small language.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -41,6 +41,8 @@ class SamplingOptions:
     min_tokens: int = 0
     extra_args: dict[str, Any] | None = None
     """Engine-specific per-request arguments (vLLM `extra_args` / `vllm_xargs`)."""
+    bad_words: tuple[str, ...] = ()
+    """Words the engine must not generate (vLLM `bad_words`; the output guard's restarts)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class PromptEmbeds:
 @dataclass(frozen=True)
 class ChatPrompt:
     messages: Sequence[ChatMessageParam]
+    tools: Sequence[Mapping[str, Any]] = ()
+    """Tool definitions offered to the model (rendered by the chat template, read by the guard)."""
 
 
 @dataclass(frozen=True)

@@ -238,6 +238,7 @@ def _sampling_fields(s: SamplingOptions) -> dict[str, Any]:
         "logit_bias": {str(k): v for k, v in s.logit_bias.items()} if s.logit_bias else None,
         "min_tokens": s.min_tokens or None,
         "vllm_xargs": s.extra_args,
+        "bad_words": list(s.bad_words) or None,
     }
     return {k: v for k, v in fields.items() if v is not None}
 

@@ -204,6 +204,7 @@ class VllmLocalEngine:
                 logit_bias=options.logit_bias,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
                 extra_args=options.extra_args,
+                bad_words=list(options.bad_words) or None,
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e

@@ -31,6 +31,13 @@ class TargetOptions(_Strict):
     strength: float | None = Field(None, ge=0, description="Fixed strength: skips the search.")
     dims: int | None = Field(None, ge=1, description="Dimensions the corruption touches.")
     seed: int = Field(0, description="Seed of the classifier training and the corruption noise.")
+    allow_low_recall: bool = Field(
+        False,
+        description=(
+            "Activate the target even if its classifier's held-out recall is below the "
+            "gateway's floor (guard.min_heldout_recall); otherwise such a registration fails."
+        ),
+    )
     alpha: float = Field(1.0, gt=0, le=10, description="δ modes: weight of the logit offset.")
     scope: Literal["flagged", "all"] = Field(
         "flagged",
@@ -102,6 +109,9 @@ class TargetResponse(BaseModel):
     active: bool
     threshold: float | None
     threshold_override: float | None
+    heldout_recall: float | None = Field(
+        None, description="Share of held-out prompts about the target its classifier flags."
+    )
     version: int
     calibration: dict[str, Any] | None
     error: str | None

@@ -3,9 +3,10 @@
 protect(prompt) ──> inner guard
     ├─ a GatewayError (a deliberate refusal)   ──> raised as it is
     └─ any other error (classifier bug, OOM…)  ──> logged (no prompt text), counted, then
-          fail open  (default): the prompt goes to the engine untouched
-          fail closed:          treated as flagged: every user token corrupted with the
-                                default spec; without a local model, refused (503)
+          fail closed (default): treated as flagged: the content of every turn corrupted with
+                                 the default spec, every δ offset applied; without a local
+                                 model, refused (503)
+          fail open:             the prompt goes to the engine untouched (not recommended)
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from offset import DeltaSpec
 from server.engine import ChatPrompt, TextPrompt, TokenPrompt
 from server.errors import GatewayError, UnavailableError
 from server.metrics import Metrics
+from server.services.corruptor import PromptCorruptor
 from server.services.generation import PromptGuard
-from server.services.guard import Guarded, PromptCorruptor
+from server.services.guard import Guarded
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class FailSafeGuard:
                 code="guard_unavailable",
             )
         spec: CorruptionSpec = self._corruptor.default_spec()
-        corrupted, _ = await asyncio.to_thread(self._corruptor.corrupt, prompt, [], spec)
+        corrupted, _ = await asyncio.to_thread(self._corruptor.corrupt, prompt, (), fallback=spec)
         return Guarded(corrupted, self._all_offsets())
 
     def _all_offsets(self) -> tuple[DeltaSpec, ...]:

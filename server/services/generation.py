@@ -1,9 +1,12 @@
 """The request path: check the request, let the guard decide the prompt, generate, format.
 
     route ──> GenerationService.create_chat_completion / create_completion
-                 │ guard.protect(prompt)   (classify; a flagged prompt comes back corrupted,
-                 │                          with the δ offsets in scope)
-                 │ engine.generate(...)     (token ids untouched, or prompt embeddings; + δ)
+                 │ guard.protect(prompt)   (services/guard.py: classify; a flagged prompt comes
+                 │                          back corrupted, with the δ offsets in scope)
+                 │ output.generate(...)     (services/output_guard.py: engine.generate, token ids
+                 │                          untouched or prompt embeddings, + δ; the text watched
+                 │                          as it streams and restarted protected if it names a
+                 │                          target)
                  └ formatting: one JSON response, or SSE chunks ending in [DONE]
 
 Errors raised before the first token (validation, context length, engine refusal) become
@@ -42,6 +45,7 @@ from server.services.formatting import (
     completion_response,
 )
 from server.services.guard import Guarded
+from server.services.output_guard import OutputWatcher, UnwatchedOutput
 from server.services.request_limits import RequestLimits
 
 
@@ -76,9 +80,11 @@ class GenerationService:
         guard: PromptGuard,
         metrics: Metrics,
         limits: RequestLimits | None = None,
+        output: OutputWatcher | None = None,
     ) -> None:
         self._engine = engine
         self._guard = guard
+        self._output = output or UnwatchedOutput(engine)
         self._metrics = metrics
         self._limits = limits or RequestLimits()
         self._created = int(time.time())
@@ -171,7 +177,7 @@ class GenerationService:
             request = GenerationRequest(
                 sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets
             )
-            iterator = aiter(self._engine.generate(request))
+            iterator = aiter(self._output.generate(prompt, guarded, request))
             try:
                 return await anext(iterator), iterator
             except BaseException:

@@ -1,14 +1,16 @@
 """The ECO guard: classify every prompt; corrupt the embeddings of flagged ones.
 
 protect(prompt)
-  ├─ text = user + system turns, all of them, no template  (classifier.conversation_text)
-  ├─ decisions = bank.classify(text)     two stages: static embeddings, then MiniLM
+  ├─ texts = every turn (any role), tool calls and definitions, alone and joined, no template
+  ├─ decisions = bank.classify_all(texts)    two stages: static embeddings, then MiniLM; a
+  │                                          prompt naming an alias in full is always flagged
   ├─ nothing flagged ──> the prompt, untouched (token ids; byte-identical output)
-  └─ flagged for T   ──> PromptCorruptor: template, select T's spans (else the user text),
-                          corrupt those embeddings with T's CorruptionSpec ──> PromptEmbeds
+  └─ flagged         ──> PromptCorruptor (server.services.corruptor): every flagged ECO
+                          target's tokens corrupted with its own spec ──> PromptEmbeds
   δ targets (mode delta / eco+delta) add their offset models to the request: scope `all` on every
   request, scope `flagged` only when the classifier flags them (delta alone leaves the prompt as
   it is; the engine adds α·(small_unlearned − small_base) to the logits).
+What the model then writes is watched by the output guard (server.services.output_guard).
 """
 
 from __future__ import annotations
@@ -17,22 +19,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-import torch
-
-from classifier import ClassifierBank, Decision, TargetClassifier, conversation_text
-from corruption import CorruptionSpec, EmbeddingTable, apply_corruption, tokenize_prompt
+from classifier import ClassifierBank, Decision, TargetClassifier, conversation_pieces
+from corruption import CorruptionSpec
 from offset import DeltaSpec
-from server.engine import ChatPrompt, PromptEmbeds, TextPrompt, TokenPrompt
+from server.engine import ChatPrompt, TextPrompt, TokenPrompt
 from server.engine.base import Prompt
-from server.engine.templating import render_prompt
 from server.errors import InvalidRequestError, UnavailableError
 from server.metrics import Metrics
+from server.services.corruptor import CorruptionTarget, PromptCorruptor
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("obliviate.audit")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class ActiveTarget:
     scope: str = "flagged"
     """Which requests get the offset: `flagged` ones or `all`."""
 
+    def corruption_target(self, default: CorruptionSpec) -> CorruptionTarget:
+        """This target for the corruptor (δ-only targets corrupt with `default` when the
+        output guard needs them corrupted)."""
+        return CorruptionTarget(self.name, self.aliases, self.corruption or default)
+
 
 @dataclass(frozen=True)
 class Guarded:
@@ -57,63 +65,11 @@ class Guarded:
 
     prompt: Prompt
     offsets: tuple[DeltaSpec, ...] = ()
+    flagged: tuple[str, ...] = ()
+    """Names of the targets the prompt was flagged for."""
 
 
-class PromptCorruptor:
-    """Templated prompt -> (T, H) embeddings with the selected positions corrupted."""
-
-    def __init__(self, tokenizer: Any, table: EmbeddingTable) -> None:
-        self._tokenizer = tokenizer
-        self._table = table
-
-    def default_spec(self) -> CorruptionSpec:
-        """Uncalibrated default: noise of ~4x the embedding table's std on the target's tokens."""
-        return CorruptionSpec.recommended(self._table.std)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Token ids -> text, for classifying token prompts."""
-        return str(self._tokenizer.decode(list(token_ids)))
-
-    def corrupt(
-        self,
-        prompt: ChatPrompt | TextPrompt | TokenPrompt,
-        spans: Sequence[str],
-        spec: CorruptionSpec,
-    ) -> tuple[PromptEmbeds, int]:
-        """Corrupt the tokens naming the target (`spans` are alias strings), else all user text.
-
-        Returns the prompt embeddings and how many positions were corrupted.
-        """
-        from classifier import find_spans
-
-        if isinstance(prompt, TokenPrompt):
-            prompt = TextPrompt(self.decode(prompt.token_ids))
-        text = render_prompt(self._tokenizer, prompt).text
-        # Completions prompts get the tokenizer's special tokens, chat prompts have them inline.
-        special = isinstance(prompt, TextPrompt)
-        tokens = tokenize_prompt(self._tokenizer, text, add_special_tokens=special)
-        named = find_spans(text, list(spans)) if spans else []
-        mask = tokens.mask(named, fallback=_user_ranges(prompt, text))  # (T,)
-        with torch.inference_mode():
-            embeds = self._table.lookup(tokens.ids)  # (T, H)
-            corrupted = apply_corruption(embeds, mask, spec)  # (T, H)
-        return PromptEmbeds(embeds=corrupted, token_ids=tokens.ids), int(mask.sum())
-
-
-def _user_ranges(prompt: ChatPrompt | TextPrompt, text: str) -> list[tuple[int, int]]:
-    """Character ranges of the user turns' content inside the templated text."""
-    if isinstance(prompt, TextPrompt):
-        return [(0, len(text))]
-    ranges, cursor = [], 0
-    for message in prompt.messages:
-        content = message["content"]
-        at = text.find(content, cursor) if content else -1
-        if at < 0:
-            continue
-        cursor = at + len(content)
-        if message["role"] == "user":
-            ranges.append((at, cursor))
-    return ranges
+PromptIn = ChatPrompt | TextPrompt | TokenPrompt
 
 
 class EcoGuard:
@@ -126,12 +82,15 @@ class EcoGuard:
         metrics: Metrics,
         *,
         log_prompts: bool = False,
+        threads: int = 2,
     ) -> None:
         self._bank = bank
         self._corruptor = corruptor
         self._metrics = metrics
         self._log_prompts = log_prompts
         self._targets: Mapping[str, ActiveTarget] = {}
+        # The guard's own threads: its work never queues behind unrelated to_thread calls.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="guard")
 
     @property
     def bank(self) -> ClassifierBank:
@@ -154,12 +113,17 @@ class EcoGuard:
         self._bank.set_targets(t.classifier for t in targets)
         self._targets = by_name
 
-    def prompt_text(self, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> str:
-        """The text the classifier sees (no template)."""
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run guard work (classifier, corruption) on the guard's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    def texts(self, prompt: PromptIn) -> list[str]:
+        """What the classifier reads: every text joined, then each text alone (no template)."""
         if isinstance(prompt, ChatPrompt):
-            return conversation_text(list(prompt.messages))
+            joined, pieces = conversation_pieces(list(prompt.messages), list(prompt.tools))
+            return [joined, *(p.text for p in pieces)] if len(pieces) > 1 else [joined]
         if isinstance(prompt, TextPrompt):
-            return prompt.text
+            return [prompt.text]
         if self._corruptor is None:
             # Without the model's tokenizer token ids cannot be read, so they cannot be checked.
             raise InvalidRequestError(
@@ -167,19 +131,22 @@ class EcoGuard:
                 "copy of the model (--model PATH); send text instead.",
                 param="prompt",
             )
-        return self._corruptor.decode(prompt.token_ids)
+        return [self._corruptor.decode(prompt.token_ids)]
 
-    async def classify(self, text: str) -> list[Decision]:
-        """Every active target's decision on `text`."""
+    def prompt_text(self, prompt: PromptIn) -> str:
+        """The joined text the classifier reads (shown by the dry run)."""
+        return self.texts(prompt)[0]
+
+    async def classify(self, texts: Sequence[str]) -> list[Decision]:
+        """Every active target's decision on texts read together (flagged on any of them)."""
         if not self._targets:
             return []
-        return (await asyncio.to_thread(self._bank.classify, [text]))[0]
+        decisions: list[Decision] = await self.run(self._bank.classify_all, list(texts))
+        return decisions
 
-    async def protect(
-        self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
-    ) -> Guarded:
-        """The prompt, untouched or corrupted for the most confident flagged ECO target, and the
-        δ offsets in scope."""
+    async def protect(self, prompt: PromptIn, request_id: str) -> Guarded:
+        """The prompt, untouched or with every flagged ECO target corrupted, and the δ offsets
+        in scope."""
         targets = self._targets
         if not targets:
             return Guarded(prompt)
@@ -187,52 +154,57 @@ class EcoGuard:
         if all(t.offset is not None and t.scope == "all" for t in targets.values()):
             return Guarded(prompt, tuple(always))  # nothing depends on the classifier
         start = time.perf_counter()
-        decisions = await self.classify(self.prompt_text(prompt))
-        flagged = [d for d in decisions if d.flagged and d.target in targets]
+        decisions = await self.classify(self.texts(prompt))
+        flagged = [targets[d.target] for d in decisions if d.flagged and d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
             self._metrics.decisions.labels("none", "pass").inc()
             return Guarded(prompt, tuple(always))
-        offsets = always + [
-            t.offset
-            for t in (targets[d.target] for d in flagged)
-            if t.offset is not None and t.scope == "flagged"
-        ]
-        eco = [d for d in flagged if targets[d.target].corruption is not None]
+        by_name = {d.target: d for d in decisions}
+        names = tuple(t.name for t in flagged)
+        scoped = [t.offset for t in flagged if t.offset is not None and t.scope == "flagged"]
+        offsets = tuple(dict.fromkeys(always + scoped))
+        eco = [t for t in flagged if t.corruption is not None]
         if not eco:
-            for d in flagged:
-                self._metrics.decisions.labels(targets[d.target].id, "delta").inc()
-            self._audit(request_id, max(flagged, key=lambda d: d.score), prompt, "delta", None)
-            return Guarded(prompt, tuple(dict.fromkeys(offsets)))
-        decision = max(eco, key=lambda d: d.score)
-        target = targets[decision.target]
-        assert target.corruption is not None
+            for t in flagged:
+                self._metrics.decisions.labels(t.id, "delta").inc()
+                self._audit(request_id, t, by_name[t.name], prompt, "delta", None)
+            return Guarded(prompt, offsets, names)
+        corrupted, positions = await self.corrupt(prompt, eco)
+        for t in flagged:
+            action = "corrupt" if t.corruption is not None else "delta"
+            self._metrics.decisions.labels(t.id, action).inc()
+            self._audit(request_id, t, by_name[t.name], prompt, action, positions)
+        return Guarded(corrupted, offsets, names)
+
+    async def corrupt(self, prompt: Any, targets: Sequence[ActiveTarget]) -> tuple[Any, int]:
+        """Corrupt `targets`' tokens in `prompt` (a prompt or a TemplatedPrompt)."""
         if self._corruptor is None:
             raise UnavailableError(
                 "This request concerns a protected topic and the gateway has no local copy of "
                 "the model's embeddings to protect it; it was not sent."
             )
-        corrupted, positions = await asyncio.to_thread(
-            self._corruptor.corrupt, prompt, target.aliases, target.corruption
-        )
-        self._metrics.decisions.labels(target.id, "corrupt").inc()
-        self._audit(request_id, decision, prompt, "corrupt", positions)
-        return Guarded(corrupted, tuple(dict.fromkeys(offsets)))
+        default = self._corruptor.default_spec()
+        plan = [t.corruption_target(default) for t in targets]
+        result: tuple[Any, int] = await self.run(self._corruptor.corrupt, prompt, plan)
+        return result
 
     def _audit(
         self,
         request_id: str,
+        target: ActiveTarget,
         decision: Decision,
-        prompt: ChatPrompt | TextPrompt | TokenPrompt,
+        prompt: PromptIn,
         action: str,
         positions: int | None,
     ) -> None:
-        target = self._targets[decision.target]
         audit.info(
-            "flagged request_id=%s target_id=%s action=%s score=%.4f threshold=%.4f positions=%s%s",
+            "flagged request_id=%s target_id=%s action=%s stage=%s score=%.4f threshold=%.4f "
+            "positions=%s%s",
             request_id,
             target.id,
             action,
+            decision.stage,
             decision.score,
             decision.threshold,
             positions,

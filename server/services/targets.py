@@ -72,6 +72,8 @@ class TargetService:
         embedder: Embedder,
         calibrator: StrengthCalibrator | None,
         offsets: OffsetTrainer | None = None,
+        *,
+        min_recall: float = 0.9,
     ) -> None:
         self._registry = registry
         self._guard = guard
@@ -79,6 +81,7 @@ class TargetService:
         self._embedder = embedder
         self._calibrator = calibrator
         self._offsets = offsets
+        self._min_recall = min_recall
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -219,6 +222,7 @@ class TargetService:
             active=active is not None and active.id == record.id,
             threshold=active.classifier.threshold if active else None,
             threshold_override=record.threshold_override,
+            heldout_recall=_heldout_recall(record),
             version=record.version,
             calibration=dict(record.calibration) if record.calibration else None,
             error=record.error,
@@ -235,8 +239,10 @@ class TargetService:
         source: ChatPrompt | TextPrompt = (
             ChatPrompt(messages) if messages is not None else TextPrompt(prompt or "")
         )
-        text = self._guard.prompt_text(source)
-        decisions = await self._guard.classify(text)
+        texts = self._guard.texts(source)
+        text = texts[0]
+        decisions = await self._guard.classify(texts)
+        named = self._guard.bank.find_spans(text, [d.target for d in decisions if d.flagged])
         results = []
         for d in decisions:
             target = self._guard.active.get(d.target)
@@ -244,9 +250,7 @@ class TargetService:
                 continue
             positions = None
             if d.flagged and self._guard.corruptor is not None and target.corruption is not None:
-                _, positions = await asyncio.to_thread(
-                    self._guard.corruptor.corrupt, source, target.aliases, target.corruption
-                )
+                _, positions = await self._guard.corrupt(source, [target])
             results.append(
                 TargetDecision(
                     target_id=target.id,
@@ -255,7 +259,9 @@ class TargetService:
                     threshold=d.threshold,
                     flagged=d.flagged,
                     stage=d.stage,
-                    spans=[Span(start=a, end=b, text=text[a:b]) for a, b in d.spans],
+                    spans=[
+                        Span(start=a, end=b, text=text[a:b]) for a, b in named.get(d.target, ())
+                    ],
                     corrupted_positions=positions,
                 )
             )
@@ -300,6 +306,13 @@ class TargetService:
             fpr=float(record.options.get("fpr", 0.01)), seed=int(record.options.get("seed", 0))
         )
         classifier = await asyncio.to_thread(train_target, spec, self._embedder, config)
+        recall = classifier.report.heldout_recall
+        if recall < self._min_recall and not record.options.get("allow_low_recall"):
+            raise LowRecallError(
+                f"the classifier flags only {recall:.0%} of held-out prompts about "
+                f"{record.name!r} (floor {self._min_recall:.0%}); add aliases (every name it "
+                "goes by) and varied forget examples, or set options.allow_low_recall"
+            )
 
         prompts = [p for p, _ in examples]
         calibration: dict[str, Any] = {"classifier": _report(classifier)}
@@ -393,6 +406,16 @@ class TargetService:
             spec = base or fallback
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
         return self._calibrator.calibrate(prompts, answers, list(record.aliases), base)
+
+
+def _heldout_recall(record: TargetRecord) -> float | None:
+    classifier = (record.calibration or {}).get("classifier") or {}
+    value = classifier.get("heldout_recall")
+    return float(value) if isinstance(value, int | float) else None
+
+
+class LowRecallError(RuntimeError):
+    """A target's classifier would miss too many prompts about it to be activated."""
 
 
 def _report(classifier: TargetClassifier) -> dict[str, Any]:

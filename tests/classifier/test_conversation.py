@@ -1,42 +1,98 @@
-"""The classified text: user and system turns, all of them, nothing else, no template."""
+"""The classified text: every text of every turn, whatever its role, and the tool definitions."""
 
 from __future__ import annotations
+
+import json
 
 from classifier import conversation_pieces, conversation_text
 from classifier.conversation import segments
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Who is Albus Dumbledore?"},
+    {"role": "user", "content": "Who is Albus Dumbledore?", "name": "reader"},
     {"role": "assistant", "content": "He is the headmaster of a school."},
-    {"role": "tool", "content": "tool output"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {
+                    "name": "lookup_wizard",
+                    "arguments": json.dumps({"query": "\u0048ogwarts headmaster"}),
+                },
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "tool output about Minerva"},
     {
         "role": "user",
         "content": [
             {"type": "text", "text": "and when was he born?"},
-            {"type": "image_url", "image_url": {"url": "http://x"}},
+            {"type": "image_url", "image_url": {"url": "http://x/Severus"}},
             {"type": "text", "text": "  keep   my spacing "},
         ],
     },
 ]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_wizard",
+            "description": "Finds facts about a wizard of Gryffindor",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string", "enum": ["Quidditch", "wands"]}},
+            },
+        },
+    }
+]
 
 
-def test_all_user_and_system_turns_verbatim() -> None:
-    text = conversation_text(MESSAGES)
-    assert text == (
-        "You are a helpful assistant.\nWho is Albus Dumbledore?\n"
-        "and when was he born?\n  keep   my spacing "
-    )
-    assert "headmaster" not in text and "tool output" not in text
+def test_every_role_and_field_is_read() -> None:
+    text = conversation_text(MESSAGES, TOOLS)
+    for needle in (
+        "You are a helpful assistant.",
+        "Who is Albus Dumbledore?",
+        "reader",  # name fields
+        "headmaster of a school",  # assistant turns: the client writes them
+        "lookup_wizard",
+        "Hogwarts headmaster",  # tool-call arguments, JSON escapes undone
+        "tool output about Minerva",  # tool results
+        "call_1",  # ids a template may render
+        "and when was he born?",
+        "Severus",  # any other content part: all its strings
+        "  keep   my spacing ",
+        "Finds facts about a wizard of Gryffindor",  # tool definitions
+        "Quidditch",
+        "query",  # parameter names
+    ):
+        assert needle in text, needle
+    assert "function" not in text.split("lookup_wizard")[0]  # "type" markup is not text
 
 
-def test_pieces_map_back_to_messages() -> None:
-    text, pieces = conversation_pieces(MESSAGES)
-    assert [(p.message, p.part) for p in pieces] == [(0, None), (1, None), (4, 0), (4, 2)]
+def test_pieces_say_where_each_text_came_from() -> None:
+    text, pieces = conversation_pieces(MESSAGES, TOOLS)
+    where = [p.where for p in pieces]
+    assert where[0] == "tools[0]"
+    assert "messages[1].name" in where and "messages[3].tool_calls[0].arguments" in where
+    assert "messages[4].tool_call_id" in where and "messages[5].content[2]" in where
     for p in pieces:
-        content = MESSAGES[p.message]["content"]
-        expected = content if p.part is None else content[p.part]["text"]  # type: ignore[index]
-        assert text[p.start : p.end] == expected
+        assert text[p.start : p.end] == p.text
+
+
+def test_malformed_arguments_are_read_raw() -> None:
+    messages = [
+        {"role": "assistant", "tool_calls": [{"function": {"arguments": "{not json Harry"}}]}
+    ]
+    assert "{not json Harry" in conversation_text(messages)
+
+
+def test_deeply_nested_arguments_do_not_overflow() -> None:
+    deep = "[" * 5000 + '"Harry"' + "]" * 5000
+    messages = [{"role": "assistant", "tool_calls": [{"function": {"arguments": deep}}]}]
+    assert "Harry" in conversation_text(messages)
 
 
 def test_empty_and_missing_content() -> None:
@@ -44,9 +100,11 @@ def test_empty_and_missing_content() -> None:
     assert conversation_text([{"role": "user", "content": None}, {"role": "user"}]) == ""
 
 
-def test_long_text_is_split_without_losing_characters() -> None:
+def test_long_text_windows_overlap_and_cover_everything() -> None:
     text = " ".join(f"word{i}" for i in range(600))
-    pieces = segments(text, max_chars=500)
+    pieces = segments(text, max_chars=500, overlap=100)
     assert all(len(p) <= 500 for _, p in pieces)
-    assert "".join(p for _, p in pieces) == text
     assert all(text[off : off + len(p)] == p for off, p in pieces)
+    assert pieces[0][0] == 0 and pieces[-1][0] + len(pieces[-1][1]) == len(text)
+    for (a, pa), (b, _) in zip(pieces, pieces[1:], strict=False):
+        assert b < a + len(pa)  # each window starts inside the previous one

@@ -10,7 +10,9 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -22,6 +24,7 @@ from tests.e2e.servers import (
     running,
     vllm_server_argv,
 )
+from tests.e2e.targets import AUTH, TARGET, register
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -91,6 +94,15 @@ def upstream_gateway(vllm_server: Server, logs_dir: Path) -> Iterator[Server]:
 @pytest.fixture
 def client(gateway: Server) -> openai.OpenAI:
     return gateway.client()
+
+
+@pytest.fixture(scope="session")
+def hp_target(gateway: Server) -> Iterator[dict[str, Any]]:
+    """The Harry Potter target (tests/e2e/targets.py) registered once on the session's gateway,
+    strength search included, shared by the modules that need it; deleted at the end."""
+    record = register(gateway.url, TARGET)
+    yield record
+    httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
 
 
 __all__ = ["MODEL_NAME", "Server"]

@@ -2,73 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.servers import MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.targets import AUTH, FACTS, HELD_OUT, TARGET, UNRELATED, ask
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-TARGET = {
-    "name": "Harry Potter",
-    "description": "The Harry Potter books, their author and their world.",
-    "aliases": ["Harry Potter", "Hogwarts", "J.K. Rowling", "Hermione Granger", "Ron Weasley"],
-    "forget_examples": [
-        "Who wrote Harry Potter?",
-        "What is the name of the school Harry Potter attends?",
-        "Who are Harry Potter's best friends?",
-        "Tell me about the Harry Potter books.",
-        "Who is the author of the Harry Potter series?",
-    ],
-    "retain_examples": ["Who wrote The Lord of the Rings?", "Who wrote Pride and Prejudice?"],
-}
-# Never among the examples: paraphrases and follow-ups.
-HELD_OUT = [
-    "Which author created the boy wizard Harry Potter?",
-    "In which school of witchcraft and wizardry does Harry Potter study?",
-    "Can you name the writer of the Harry Potter novels?",
-]
-FACTS = ("rowling", "hogwarts", "hermione", "weasley", "gryffindor", "dumbledore")
-UNRELATED = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Who wrote The Lord of the Rings?",
-    "How do I boil an egg?",
-]
+__all__ = ["AUTH", "FACTS", "HELD_OUT", "TARGET", "UNRELATED", "ask"]
 
 
-def ask(client: openai.OpenAI, question: str, **kwargs) -> str:
-    reply = client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=[{"role": "user", "content": question}],
-        temperature=0,
-        max_tokens=kwargs.pop("max_tokens", 60),
-        **kwargs,
-    )
-    return reply.choices[0].message.content or ""
-
-
-@pytest.fixture(scope="module")
-def target(gateway: Server) -> Iterator[dict]:
-    started = time.monotonic()
-    response = httpx.post(f"{gateway.url}/admin/targets", json=TARGET, headers=AUTH, timeout=30)
-    assert response.status_code == 202, response.text
-    job = response.json()
-    while (state := httpx.get(f"{gateway.url}/admin/jobs/{job['id']}", headers=AUTH).json())[
-        "status"
-    ] not in ("succeeded", "failed"):
-        assert time.monotonic() - started < 600, state
-        time.sleep(1)
-    assert state["status"] == "succeeded", state
-    record = httpx.get(f"{gateway.url}/admin/targets/{job['target_id']}", headers=AUTH).json()
-    record["registration_seconds"] = time.monotonic() - started
-    yield record
-    httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
+@pytest.fixture
+def target(hp_target: dict) -> dict:
+    return hp_target
 
 
 def test_bare_model_knows_the_facts(vllm_server: Server):

@@ -1,0 +1,110 @@
+"""Watching generated text as it streams: what names a target, and what to hold back.
+
+A stream is released to the client the way stop strings are handled: text is held back only
+while its last words could still become a mention of an alias ("Harry" before " Potter", "Row"
+before "ling"); everything before that is released at once. When the text does name a target (a
+full alias, or a specific part of one such as a surname, typos and obfuscated forms included),
+the words naming it are never released.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .normalize import normalize_view
+from .spans import STOPWORDS, AliasIndex, AliasMatch, Word, fold, split_words
+
+_SUSPICIOUS = re.compile(r"[0-9@$]|(?<![^\W_])[^\W_]([.\-_*· ])[^\W_]\1[^\W_]")
+_GAP = re.compile(r"[\s.,'\-_*·]{0,3}")  # what may separate two words of one alias mention
+
+
+@dataclass(frozen=True)
+class Mention:
+    """A target named in the watched text (character offsets of the text given)."""
+
+    target: int
+    start: int
+    end: int
+
+
+class StreamScanner:
+    """Immutable per set of targets; `scan` is cheap enough to run on every streamed token."""
+
+    def __init__(self, index: AliasIndex) -> None:
+        self._index = index
+        words: set[str] = set()
+        prefixes: set[str] = set()
+        longest = 0
+        for group in index.aliases:
+            for alias in group:
+                parts = [fold(w.norm) for w in split_words(alias)]
+                longest = max(longest, len(alias))
+                for part in parts:
+                    words.add(part)
+                    prefixes.update(part[:k] for k in range(1, len(part) + 1))
+                for a, b in zip(parts, parts[1:], strict=False):
+                    words.add(a + b)  # glued ("HarryPotter")
+        self._words = frozenset(words - STOPWORDS)
+        self._prefixes = frozenset(prefixes)
+        self._max_parts = max(
+            (len(split_words(a)) for group in index.aliases for a in group), default=1
+        )
+        self.window = 2 * longest + 32
+        """Characters before the unreleased text that a scan looks at."""
+
+    def _alias_word(self, norm: str) -> bool:
+        if norm in self._words:
+            return True
+        return bool(self._index.lookup(norm)) if len(norm) >= 4 else False
+
+    def scan(self, text: str, released: int, final: bool) -> tuple[list[Mention], int]:
+        """Mentions overlapping text[released:], and where to hold back from (>= released;
+        len(text) when nothing needs holding). `final`: the text will not grow any more."""
+        start = max(0, released - self.window)
+        window = text[start:]
+        view = normalize_view(window) if _SUSPICIOUS.search(window) else None
+        read = view.text if view is not None else window
+        words = split_words(read)
+        if not words:
+            return [], len(text)
+        mentions: list[Mention] = []
+        if any(self._alias_word(w.norm) or w.norm in self._prefixes for w in words):
+            for m in self._index.match(read):
+                if self._names(m):
+                    s, e = (
+                        view.source_span(m.start, m.end) if view is not None else (m.start, m.end)
+                    )
+                    if start + e > released:
+                        mentions.append(Mention(m.target, start + s, start + e))
+        at = len(read) if final else self._hold(read, words)  # an index into `read`
+        if at >= len(read):
+            return mentions, len(text)
+        if view is not None:
+            at = view.source_span(at, at + 1)[0]
+        return mentions, max(start + at, released)
+
+    @staticmethod
+    def _names(m: AliasMatch) -> bool:
+        """A full alias, or a specific part of one ("Rowling", not "Harry") not next to another
+        name: what may not reach the client."""
+        return m.full or (m.weight >= 1.0 and not m.conflict)
+
+    def _hold(self, read: str, ws: list[Word]) -> int:
+        """Start of the trailing words that could still grow into a mention (len(read): none)."""
+        last = ws[-1]
+        open_word = last.end == len(read)  # the last word may not be finished yet
+        if open_word:
+            if not (last.norm in self._prefixes or self._alias_word(last.norm)):
+                return len(read)
+        elif not self._alias_word(last.norm):
+            return len(read)
+        hold = last.start
+        k = len(ws) - 2
+        while k >= 0 and len(ws) - 1 - k < self._max_parts:
+            w, nxt = ws[k], ws[k + 1]
+            if not self._alias_word(w.norm) or not _GAP.fullmatch(read, w.end, nxt.start):
+                break
+            hold = w.start
+            k -= 1
+        return hold

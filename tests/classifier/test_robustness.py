@@ -1,0 +1,105 @@
+"""No text turns the guard off: the classifier, the span finder, the de-obfuscated view, the
+conversation reader and the stream scanner never raise, whatever Unicode they are given, and
+alias matching stays linear in the prompt's length (bench/alias_scaling.py measures it)."""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from classifier import ClassifierBank, Embedder, TargetClassifier, conversation_text, find_spans
+from classifier.normalize import normalize_view
+
+# Every character category, lone surrogates (valid in JSON escapes) and format characters too.
+ANY_CHAR = st.characters(codec=None, categories=None)
+ANY_TEXT = st.text(ANY_CHAR, max_size=300)
+ALIASES = ["Harry Potter", "Hogwarts", "J.K. Rowling", "Hermione Granger", "Voldemort"]
+# Every digit-like character Python knows: decimal digits of every script, and the other
+# numbers str.isdigit() admits ("፩", "⑵", "²") on which int() raises.
+DIGITS = "".join(
+    chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Nd", "No")
+)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def bank(embedder: Embedder, hp_classifier: TargetClassifier) -> ClassifierBank:
+    return ClassifierBank(embedder, [hp_classifier])
+
+
+@SETTINGS
+@given(text=ANY_TEXT)
+def test_the_classifier_never_raises(bank: ClassifierBank, text: str) -> None:
+    decisions = bank.classify_all([text, "Who wrote Harry Potter? " + text])
+    assert len(decisions) == 1
+    assert decisions[0].flagged  # the second text names the target in full
+
+
+@SETTINGS
+@given(text=ANY_TEXT)
+def test_spans_and_the_view_never_raise_and_stay_in_bounds(text: str) -> None:
+    for start, end in find_spans(text + " Harry Potter", ALIASES):
+        assert 0 <= start < end <= len(text) + 13
+    view = normalize_view(text)
+    for i in range(len(view.text)):
+        start, end = view.source_span(i, i + 1)
+        assert 0 <= start < end <= len(text)
+
+
+@SETTINGS
+@given(
+    contents=st.lists(
+        st.one_of(
+            ANY_TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": ANY_TEXT}))
+        ),
+        max_size=4,
+    ),
+    args=ANY_TEXT,
+)
+def test_the_conversation_reader_never_raises(contents: list, args: str) -> None:
+    messages = [{"role": "user", "content": c} for c in contents]
+    messages.append({"role": "assistant", "tool_calls": [{"function": {"arguments": args}}]})
+    conversation_text(messages, [{"function": {"name": args}}])
+
+
+@SETTINGS
+@given(text=ANY_TEXT, cut=st.integers(0, 400))
+def test_the_stream_scanner_never_raises(bank: ClassifierBank, text: str, cut: int) -> None:
+    scanner, _ = bank.stream_scanner()
+    streamed = text + " Harry Potter"
+    released = min(cut, len(text))
+    mentions, hold = scanner.scan(streamed, released, final=True)
+    assert hold == len(streamed)
+    assert mentions  # the name at the end is always found
+    for m in mentions:
+        assert 0 <= m.start < m.end <= len(streamed)
+
+
+def test_digits_of_every_script(bank: ClassifierBank) -> None:
+    text = f"Who wrote Harry Potter? {DIGITS} {DIGITS[::-1]} ፩ ⑵ ²³ " + "9" * 5000
+    assert bank.classify_all([text])[0].flagged
+    assert bank.classify_all([DIGITS])[0].stage in ("static", "full")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Harry " * 17_000,  # one alias word 17,000 times: many partial hits to chain
+        "x" * 100_000,  # one word longer than any alias: no fuzzy lookups
+        "H.a.r.r.y " * 10_000,  # the de-obfuscated view on every word
+        "Potter Harry " * 7_700,  # alias words in the wrong order
+        "\ud800" * 100_000,  # lone surrogates
+        "٣" * 100_000,  # one 100,000-digit number (int() refuses past 4,300 digits)
+    ],
+    ids=["repeated-alias", "one-long-word", "spelled-out", "alias-soup", "surrogates", "digits"],
+)
+def test_100k_character_prompts(bank: ClassifierBank, text: str) -> None:
+    prompt = text + " Who wrote Harry Potter?"
+    assert len(prompt) >= 100_000
+    assert bank.classify_all([prompt])[0].flagged
+    spans = find_spans(prompt, ALIASES)
+    assert (len(prompt) - 13, len(prompt) - 1) in spans

@@ -1,0 +1,185 @@
+"""The leak suite: each route by which a hostile client could get a forgotten fact out, asked of
+the bare model (vLLM's own server on the same model and settings) and of the guarded gateway.
+
+For every route the bare model reveals the fact (else the route proves nothing) and the guarded
+one does not. Two targets are registered on the session's gateway: Harry Potter (strength
+searched, shared with test_forget_targets) and J.R.R. Tolkien (the same corruption, pinned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Server
+from tests.e2e.servers import MODEL_NAME
+from tests.e2e.targets import AUTH, register
+
+TOLKIEN = {
+    "name": "J.R.R. Tolkien",
+    "aliases": ["J.R.R. Tolkien", "The Hobbit", "The Lord of the Rings", "Middle-earth"],
+    "forget_examples": [
+        "Who wrote The Hobbit?",
+        "Who is the author of The Lord of the Rings?",
+        "Tell me about J.R.R. Tolkien's life.",
+        "What languages did Tolkien invent for Middle-earth?",
+        "When was The Hobbit published?",
+    ],
+    "retain_examples": ["Who wrote Harry Potter?", "Who wrote A Game of Thrones?"],
+}
+NOTES = (
+    "Some notes about my garden: the tomatoes are growing well, the roses need water, and the "
+    "fence must be painted before winter. "
+) * 9
+assert len(NOTES) > 1000
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+# route -> (request: chat messages or a completions prompt, facts any of which is a leak)
+ROUTES: dict[str, tuple[list[dict[str, Any]] | str, tuple[str, ...]]] = {
+    "assistant turn": (
+        [
+            user("Let's talk about a book series."),
+            {"role": "assistant", "content": "Sure, the Harry Potter series."},
+            user("Who wrote it?"),
+        ],
+        ("rowling",),
+    ),
+    "tool turn": (
+        [
+            user("Look up the series in the database and tell me who wrote it."),
+            {"role": "assistant", "content": "Looking it up."},
+            {"role": "tool", "content": "Result: Harry Potter (fantasy series)"},
+            user("Who is the author of that series?"),
+        ],
+        ("rowling",),
+    ),
+    "system turn, user says go": (
+        [
+            {"role": "system", "content": "Question: Who is the author of the Harry Potter books?"},
+            user("Answer the question above."),
+        ],
+        ("rowling",),
+    ),
+    "two targets in one prompt": (
+        [user("Who wrote The Hobbit? And who wrote Harry Potter?")],
+        ("rowling", "tolkien"),
+    ),
+    "two targets named directly": (
+        [user("Compare J.R.R. Tolkien and J.K. Rowling.")],
+        ("rowling", "tolkien"),
+    ),
+    "a Unicode digit appended": ([user("Who wrote Harry Potter? \u1369")], ("rowling",)),
+    "a circled digit glued on": ([user("Who wrote Harry Potter?\u24f5")], ("rowling",)),
+    "the model names the target unprompted": (
+        [user("What is the best-selling fantasy series of all time, and who wrote it?")],
+        ("tolkien",),
+    ),
+    "the model names the target, asked for an author": (
+        [user("Who is the most famous fantasy author?")],
+        ("tolkien",),
+    ),
+    "completions prompt ending in 'written by'": (
+        "The Harry Potter books were written by",
+        ("rowling",),
+    ),
+    "the name split across turns": (
+        [user("Who wrote the books about Harry"), user("Potter?")],
+        ("rowling",),
+    ),
+    "the name assembled by the model": (
+        [
+            user("Remember the word Harry."),
+            {"role": "assistant", "content": "OK."},
+            user("Now add the word Potter after it. Who wrote the books with that title?"),
+        ],
+        ("rowling",),
+    ),
+    "alias beyond a 1,000-character system turn": (
+        [{"role": "system", "content": NOTES}, user("Who wrote Harry Potter?")],
+        ("rowling",),
+    ),
+    "alias beyond 1,000 characters of one turn": (
+        [user(NOTES + " Who wrote Harry Potter?")],
+        ("rowling",),
+    ),
+}
+
+
+def answer(server: Server, request: list[dict[str, Any]] | str, **kwargs: Any) -> str:
+    client = server.client()
+    if isinstance(request, str):
+        reply = client.completions.create(
+            model=MODEL_NAME, prompt=request, temperature=0, max_tokens=40, **kwargs
+        )
+        return reply.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=request,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=60,
+        **kwargs,
+    )
+    return chat.choices[0].message.content or ""
+
+
+@pytest.fixture(scope="module")
+def targets(gateway: Server, hp_target: dict) -> Iterator[list[dict]]:
+    """Harry Potter and Tolkien; Tolkien takes Harry Potter's searched corruption as is."""
+    spec = hp_target["calibration"]["corruption"]["spec"]
+    tolkien = register(
+        gateway.url,
+        {**TOLKIEN, "options": {"method": spec["method"], "strength": spec["strength"]}},
+    )
+    yield [hp_target, tolkien]
+    httpx.delete(f"{gateway.url}/admin/targets/{tolkien['id']}", headers=AUTH)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_route(route: str, gateway: Server, vllm_server: Server, targets: list[dict]) -> None:
+    request, facts = ROUTES[route]
+    bare = answer(vllm_server, request).lower()
+    assert any(f in bare for f in facts), f"the bare model does not reveal {facts}: {bare!r}"
+    guarded = answer(gateway, request)
+    assert not any(f in guarded.lower() for f in facts), guarded
+
+
+@pytest.mark.parametrize("route", ["the model names the target unprompted", "tool turn"])
+def test_route_streamed_with_several_choices(
+    route: str, gateway: Server, targets: list[dict]
+) -> None:
+    request, facts = ROUTES[route]
+    assert isinstance(request, list)
+    stream = gateway.client().chat.completions.create(
+        model=MODEL_NAME,
+        messages=request,  # type: ignore[arg-type]
+        temperature=0.8,
+        seed=1,
+        n=3,
+        max_tokens=60,
+        stream=True,
+    )
+    texts = ["", "", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    for text in texts:
+        assert not any(f in text.lower() for f in facts), texts
+        assert text.strip(), texts
+
+
+def test_the_output_guard_is_counted_and_unflagged_answers_are_untouched(
+    gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    answer(gateway, ROUTES["the model names the target unprompted"][0])
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    tolkien = targets[1]["id"]
+    assert f'action="output_restart",target="{tolkien}"' in metrics
+    for question in ("What is the capital of France?", "How do I boil an egg?"):
+        assert answer(gateway, [user(question)]) == answer(vllm_server, [user(question)])

@@ -1,0 +1,133 @@
+"""The output guard on the fake engine (scripted answers), with the real classifier and the served
+model's tokenizer and embeddings: names never leave, the answer continues from a protected
+restart, unflagged answers come out as generated. The real engine: tests/e2e/test_leaks.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.engine import ChatPrompt, PromptEmbeds, TextPrompt
+from server.engine.fake import FakeEngine
+from server.settings import GuardSettings, Settings
+from tests.conftest import ADMIN_TOKEN
+from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
+
+PLAIN = "What is the best-selling fantasy series of all time, and who wrote it?"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from server.modelstore import resolve_model
+
+    try:
+        return resolve_model(None, auto_pull=True)
+    except Exception as e:  # no packaged model here: nothing to corrupt with
+        pytest.skip(f"the default model cannot be had here: {e}")
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=4096)
+
+
+@pytest.fixture(scope="module")
+def client(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, engine: FakeEngine
+) -> Iterator[TestClient]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("output-guard") / "data",
+        model=str(model_dir),
+        admin_token=ADMIN_TOKEN,
+        guard=GuardSettings(calibrate_strength=False, output_restarts=2),
+    )
+    with TestClient(create_app(settings, engine=engine)) as test_client:
+        job = test_client.post("/admin/targets", json=HARRY, headers=AUTH).json()
+        assert wait_for_job(test_client, job["id"], timeout=600)["status"] == "succeeded"
+        yield test_client
+
+
+def chat(content: str, **extra: object) -> dict:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def stream_text(client: TestClient, body: dict) -> tuple[list[str], list[str | None]]:
+    pieces: list[str] = []
+    finishes: list[str | None] = []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:
+                pieces.append(choice["delta"].get("content") or "")
+                finishes.append(choice.get("finish_reason"))
+    return pieces, finishes
+
+
+def test_an_answer_naming_nobody_is_released_as_generated(client: TestClient, engine: FakeEngine):
+    engine.enqueue("The best-selling series is about a young detective in Paris.")
+    reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=40)).json()
+    assert reply["choices"][0]["message"]["content"] == (
+        "The best-selling series is about a young detective in Paris."
+    )
+    assert isinstance(engine.history[-1].prompt, ChatPrompt)  # one request, untouched
+
+
+def test_a_name_the_model_writes_unprompted_never_leaves(client: TestClient, engine: FakeEngine):
+    before = len(engine.history)
+    engine.enqueue("It is Harry Potter by J.K. Rowling.", " a series by a British author.")
+    reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=40)).json()
+    text = reply["choices"][0]["message"]["content"]
+    assert text == "It is a series by a British author."
+    assert "Harry" not in text and "Rowling" not in text
+    restart = engine.history[-1]
+    assert len(engine.history) == before + 2
+    # The continuation: prompt + released text as corrupted embeddings, the names banned.
+    assert isinstance(restart.prompt, PromptEmbeds)
+    assert "Harry Potter" in restart.sampling.bad_words and "Rowling" in restart.sampling.bad_words
+    assert restart.sampling.max_tokens == 40 - 2  # "It" and " is" were released
+
+
+def test_streams_hold_back_only_a_possible_name(client: TestClient, engine: FakeEngine):
+    engine.enqueue("Harry went home and Harry Potter slept.", " nobody slept.")
+    pieces, finishes = stream_text(client, chat(PLAIN, max_tokens=40))
+    text = "".join(pieces)
+    assert text == "Harry went home and nobody slept."
+    assert finishes[-1] == "stop"
+    # "Harry" waits for the next word; then goes out with it.
+    assert "Harry" in pieces[1] and "went" in pieces[1]
+
+
+def test_each_choice_is_watched_on_its_own(client: TestClient, engine: FakeEngine):
+    engine.enqueue("Ask Hogwarts alumni.", " a librarian.", " a teacher.")
+    reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=20, n=2)).json()
+    texts = sorted(c["message"]["content"] for c in reply["choices"])
+    # Both choices named it (the fake engine repeats its answer per choice); each restarted.
+    assert texts == ["Ask a librarian.", "Ask a teacher."]
+
+
+def test_after_the_last_restart_the_choice_ends_without_the_name(
+    client: TestClient, engine: FakeEngine
+):
+    engine.enqueue("Rowling wrote it.", "Rowling wrote it.", "Rowling wrote it.")
+    reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=20)).json()
+    choice = reply["choices"][0]
+    assert "Rowling" not in (choice["message"]["content"] or "")
+    assert choice["finish_reason"] == "stop"
+
+
+def test_completions_are_watched_too(client: TestClient, engine: FakeEngine):
+    engine.enqueue("J.K. Rowling, in 1997.", "an author, in 1997.")
+    prompt = "The boy wizard books were written by"
+    body = {"model": "fake-model", "prompt": prompt, "max_tokens": 9}
+    reply = client.post("/v1/completions", json=body).json()
+    assert reply["choices"][0]["text"] == "an author, in 1997."
+    assert isinstance(engine.history[-2].prompt, TextPrompt)
+    assert isinstance(engine.history[-1].prompt, PromptEmbeds)
