@@ -58,7 +58,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         targets: TargetService | None = None
         registry: Registry | None = None
         if settings.guard.enabled:
-            registry = await asyncio.to_thread(Registry, settings.registry_location())
+            registry = await asyncio.to_thread(
+                lambda: Registry(
+                    settings.registry_location(), keep_versions=settings.jobs.keep_versions
+                )
+            )
             eco, targets = await asyncio.to_thread(
                 build_guard, settings, chosen, model_dir, registry, metrics
             )
@@ -81,7 +85,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             if settings.registry_poll_interval > 0:
                 # Other gateways on the same registry: their changes reach this one by polling.
                 poller = RegistryPoller(
-                    registry, targets.sync, interval_s=settings.registry_poll_interval
+                    registry,
+                    targets.sync,
+                    interval_s=settings.registry_poll_interval,
+                    retry=lambda: targets.needs_retry,
                 )
                 poller.start(seen)
         try:

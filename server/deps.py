@@ -18,6 +18,7 @@ from server.metrics import Metrics
 from server.registry import Registry
 from server.services.generation import GenerationService
 from server.services.guard import EcoGuard, PromptCorruptor
+from server.services.jobs import LeaseConfig
 from server.services.offsets import OffsetTrainer, SnapDefaults
 from server.services.strength import StrengthCalibrator
 from server.services.targets import TargetService
@@ -140,8 +141,20 @@ def build_guard(
         settings.data_dir / "offsets",
         model_dir,
         SnapDefaults(max_steps=settings.delta.snap_max_steps, lr=settings.delta.snap_lr),
+        blobs=registry.blobs,
     )
-    return guard, TargetService(registry, guard, engine, embedder, calibrator, offsets)
+    service = TargetService(
+        registry,
+        guard,
+        engine,
+        embedder,
+        calibrator,
+        offsets,
+        metrics=metrics,
+        leases=LeaseConfig(settings.jobs.lease_seconds, settings.jobs.poll_interval),
+        hidden_size=embedding_table(model_dir).hidden_size if model_dir is not None else None,
+    )
+    return guard, service
 
 
 def get_generation_service(request: Request) -> GenerationService:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,6 +44,25 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             registry=self.registry,
         )
+
+        self.targets_enforced = Gauge(
+            "obliviate_targets_enforced",
+            "Targets this gateway enforces now",
+            registry=self.registry,
+        )
+        self.target_load_failed = Gauge(
+            "obliviate_target_load_failed",
+            "1 for each target whose active version this gateway cannot load (see /admin/targets)",
+            ["target"],
+            registry=self.registry,
+        )
+
+    def set_target_health(self, enforced: int, failed: Mapping[str, str]) -> None:
+        """Targets enforced, and those that failed to load (by id)."""
+        self.targets_enforced.set(enforced)
+        self.target_load_failed.clear()
+        for target_id in failed:
+            self.target_load_failed.labels(target_id).set(1)
 
     def watch_engine(self, running: Callable[[], int]) -> None:
         """Export the engine's own count of running requests (drops when one is aborted)."""

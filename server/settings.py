@@ -130,6 +130,18 @@ class DeltaSettings(_Section):
     """Default SNAP learning rate for registration jobs."""
 
 
+class JobsSettings(_Section):
+    """Registration jobs, shared by every gateway on one registry."""
+
+    lease_seconds: float = Field(30.0, ge=1)
+    """A job's lease: the replica running it renews it every third of this; if the replica dies,
+    another one takes the job over this long after its last renewal."""
+    poll_interval: float = Field(1.0, gt=0)
+    """How often an idle gateway looks for jobs queued elsewhere or left by a dead replica."""
+    keep_versions: int = Field(10, ge=2)
+    """Versions kept per target for rollback (the active one always stays)."""
+
+
 class Settings(BaseSettings):
     """Start the obliviate gateway (OpenAI-compatible API in front of a vLLM engine)."""
 
@@ -183,6 +195,7 @@ class Settings(BaseSettings):
     guard: GuardSettings = GuardSettings()
     delta: DeltaSettings = DeltaSettings()
     limits: LimitsSettings = LimitsSettings()
+    jobs: JobsSettings = JobsSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
