@@ -421,9 +421,11 @@ class Registry:
             row = s.get(TargetRow, target_id, with_for_update=True)
             if row is None:
                 return False
-            for model in (ArtifactRow, JobRow, VersionRow, TargetRow):
-                column = TargetRow.id if model is TargetRow else model.target_id
-                s.execute(delete(model).where(column == target_id))
+            # In order, as statements: the ORM would not order deletes of unrelated mappings.
+            s.execute(delete(ArtifactRow).where(ArtifactRow.target_id == target_id))
+            s.execute(delete(JobRow).where(JobRow.target_id == target_id))
+            s.execute(delete(VersionRow).where(VersionRow.target_id == target_id))
+            s.execute(delete(TargetRow).where(TargetRow.id == target_id))
             collect_garbage(s)
             self._bump(s)
             return True
