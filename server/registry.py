@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.registry_blobs import BlobStore, collect_garbage, touch
+from server.registry_blobs import GC_GRACE_S, BlobStore, collect_garbage, touch
 from server.registry_migrate import upgrade
 from server.registry_schema import (
     SCHEMA_VERSION,
@@ -157,10 +157,12 @@ class Registry:
         *,
         connect_timeout_s: float = 10.0,
         keep_versions: int = DEFAULT_KEEP_VERSIONS,
+        blob_grace_s: float = GC_GRACE_S,
     ) -> None:
         parsed = database_url(url)
         self.url = parsed.render_as_string(hide_password=True)
         self.keep_versions = keep_versions
+        self.blob_grace_s = blob_grace_s
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self._engine = create_engine(
@@ -426,7 +428,7 @@ class Registry:
             s.execute(delete(JobRow).where(JobRow.target_id == target_id))
             s.execute(delete(VersionRow).where(VersionRow.target_id == target_id))
             s.execute(delete(TargetRow).where(TargetRow.id == target_id))
-            collect_garbage(s)
+            collect_garbage(s, self.blob_grace_s)
             self._bump(s)
             return True
 
@@ -608,7 +610,7 @@ class Registry:
             s.delete(v)
             extra -= 1
         s.flush()
-        collect_garbage(s)
+        collect_garbage(s, self.blob_grace_s)
 
     def fail_job(self, job_id: str, error: str, *, owner: str, attempt: int) -> None:
         """Record why the job failed; the target's active version (if any) stays active."""
