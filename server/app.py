@@ -21,13 +21,14 @@ from server.errors import (
     GatewayError,
     InvalidRequestError,
     NotFoundError,
+    PayloadTooLargeError,
     UnavailableError,
     error_body,
     validation_message,
 )
-from server.limits import AdmissionQueue, RateLimiter, V1Gate
+from server.limits import AdmissionQueue, BodyLimitMiddleware, RateLimiter, V1Gate
 from server.logs import RequestIdMiddleware
-from server.metrics import Metrics, MetricsMiddleware
+from server.metrics import Metrics, MetricsAuthMiddleware, MetricsMiddleware, start_metrics_server
 from server.registry import Registry
 from server.routes import admin, health, openai
 from server.services.failsafe import FailSafeGuard
@@ -78,6 +79,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.engine_failure = None
         app.state.draining = False
         starter = asyncio.create_task(_start_engine(app, chosen))
+        stop_metrics = None
+        if settings.metrics.port is not None:
+            host = settings.metrics.host or settings.host
+            stop_metrics = start_metrics_server(metrics, host, settings.metrics.port)
         poller: RegistryPoller | None = None
         if targets is not None and registry is not None:
             seen = await asyncio.to_thread(registry.revision)
@@ -96,6 +101,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         finally:
             app.state.draining = True
             starter.cancel()
+            if stop_metrics is not None:
+                stop_metrics()
             if poller is not None:
                 await poller.stop()
             if targets is not None:
@@ -125,8 +132,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     _add_v1_gate(app, settings)
     app.add_middleware(DrainMiddleware, drain=drain)  # outside the /v1 gate: queued ones count
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    _add_metrics_auth(app, settings)
     app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request has its id
     return app
+
+
+def _add_metrics_auth(app: FastAPI, settings: Settings) -> None:
+    """/metrics: a bearer token, or its own port, or (development) open."""
+    m = settings.metrics
+    tokens = [t.get_secret_value() for t in (m.token, settings.admin_token) if t is not None]
+    public = m.public or (not tokens and settings.admin_insecure_dev)
+    app.add_middleware(
+        MetricsAuthMiddleware, tokens=tokens, public=public, elsewhere=m.port is not None
+    )
 
 
 def _add_v1_gate(app: FastAPI, settings: Settings) -> None:
@@ -171,6 +190,8 @@ def _register_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Any) -> JSONResponse:
         if exc.status_code == 404:
             return respond(NotFoundError("No such route"))
+        if exc.status_code == 413:
+            return respond(PayloadTooLargeError(str(exc.detail), code="request_too_large"))
         err = GatewayError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"

@@ -99,12 +99,15 @@ class LimitsSettings(_Section):
     """Retry-After (seconds) sent with 429s."""
     max_prompt_chars: int = Field(100_000, ge=1)
     """Longest prompt in characters (all messages together); longer ones get 400."""
-    max_prompt_tokens: int | None = Field(None, ge=1)
-    """Longest prompt in tokens (token-id prompts); None: the model's context length decides."""
+    max_prompt_tokens: int = Field(32_768, ge=1)
+    """Longest token-id prompt, checked before it is decoded and classified (longer ones get
+    400); the model's context length still applies."""
     max_tokens: int = Field(4096, ge=1)
     """Largest max_tokens / max_completion_tokens a request may ask for."""
     max_n: int = Field(8, ge=1)
     """Largest n (choices per prompt) and number of prompts per completions request."""
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """Largest request body, checked before any parsing; larger ones get 413."""
     api_keys: list[SecretStr] = []
     """API keys for /v1 (Authorization: Bearer KEY); empty: /v1 is open."""
     api_keys_file: Path | None = None
@@ -128,6 +131,20 @@ class DeltaSettings(_Section):
     """Default cap on SNAP training steps per target (None: SnapConfig's epochs decide)."""
     snap_lr: float = Field(1e-4, gt=0)
     """Default SNAP learning rate for registration jobs."""
+
+
+class MetricsSettings(_Section):
+    """Prometheus /metrics: closed by default (per-target counters show what gets flagged)."""
+
+    token: SecretStr | None = None
+    """Bearer token a scraper sends to /metrics on the API port (the admin token works too)."""
+    port: int | None = Field(None, ge=1, le=65535)
+    """Serve /metrics on this port instead, with no token: keep that port off the network
+    clients reach (the API port's /metrics then answers 404)."""
+    host: str | None = None
+    """Address of that metrics listener; default: `host`."""
+    public: bool = False
+    """Serve /metrics on the API port without a token. Development only."""
 
 
 class JobsSettings(_Section):
@@ -196,6 +213,7 @@ class Settings(BaseSettings):
     delta: DeltaSettings = DeltaSettings()
     limits: LimitsSettings = LimitsSettings()
     jobs: JobsSettings = JobsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
