@@ -26,7 +26,7 @@ from server.errors import (
     error_body,
     validation_message,
 )
-from server.limits import AdmissionQueue, BodyLimitMiddleware, RateLimiter, V1Gate
+from server.limits import AdmissionQueue, BodyLimitMiddleware, Limiter, LocalLimiter, V1Gate
 from server.logs import RequestIdMiddleware
 from server.metrics import Metrics, MetricsAuthMiddleware, MetricsMiddleware, start_metrics_server
 from server.registry import Registry
@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.add_middleware(AdminAuthMiddleware, token=token)
     _register_error_handlers(app)
-    _add_v1_gate(app, settings)
+    _add_v1_gate(app, settings, metrics)
     app.add_middleware(DrainMiddleware, drain=drain)  # outside the /v1 gate: queued ones count
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
@@ -148,14 +148,30 @@ def _add_metrics_auth(app: FastAPI, settings: Settings) -> None:
     )
 
 
-def _add_v1_gate(app: FastAPI, settings: Settings) -> None:
+def _rate_limiter(settings: Settings, metrics: Metrics) -> Limiter | None:
+    """Per-key buckets in this process, or in Redis for several replicas (server.shared_limits)."""
+    lim = settings.limits
+    if not lim.requests_per_minute:
+        return None
+    if lim.backend == "redis" and lim.redis_url is not None:
+        from server.shared_limits import RedisLimiter
+
+        return RedisLimiter(
+            lim.redis_url.get_secret_value(),
+            lim.requests_per_minute,
+            on_fallback=metrics.shared_limit_fallbacks.inc,
+        )
+    return LocalLimiter(lim.requests_per_minute)
+
+
+def _add_v1_gate(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """API keys, per-key rate limits and the admission queue in front of /v1 (server.limits)."""
     lim = settings.limits
     keys = [k.get_secret_value() for k in lim.api_keys]
     app.add_middleware(
         V1Gate,
         keys=ApiKeys.load(keys, lim.api_keys_file),
-        rate=RateLimiter(lim.requests_per_minute) if lim.requests_per_minute else None,
+        rate=_rate_limiter(settings, metrics),
         admission=AdmissionQueue(lim.max_concurrent_requests, lim.max_queued_requests),
         retry_after_s=lim.retry_after_s,
     )

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from collections import OrderedDict
+from typing import Protocol
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,6 +75,24 @@ class RateLimiter:
         return bucket.take(now)
 
 
+class Limiter(Protocol):
+    """A per-key rate limit: in process (`LocalLimiter`) or shared (`server.shared_limits`)."""
+
+    async def wait_s(self, key: str) -> float:
+        """0 when a request of `key` may go now, else the seconds until one may."""
+        ...
+
+
+class LocalLimiter:
+    """The in-process token buckets: the single-gateway default."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._buckets = RateLimiter(per_minute)
+
+    async def wait_s(self, key: str) -> float:
+        return self._buckets.wait_s(key)
+
+
 class AdmissionQueue:
     """At most `slots` requests run; at most `queue` wait; the rest are refused at once."""
 
@@ -119,7 +138,7 @@ class V1Gate:
         app: ASGIApp,
         *,
         keys: ApiKeys,
-        rate: RateLimiter | None,
+        rate: Limiter | None,
         admission: AdmissionQueue,
         retry_after_s: int,
     ) -> None:
@@ -147,7 +166,7 @@ class V1Gate:
             return
         if self._rate is not None:
             key = identity or f"addr:{(scope.get('client') or ('?', 0))[0]}"
-            wait = self._rate.wait_s(key)
+            wait = await self._rate.wait_s(key)
             if wait > 0:
                 await send_error(
                     send,

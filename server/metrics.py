@@ -57,6 +57,11 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.shared_limit_fallbacks = Counter(
+            "obliviate_shared_limit_fallbacks",
+            "Rate-limit checks done in process because the shared store (Redis) did not answer",
+            registry=self.registry,
+        )
         self.targets_enforced = Gauge(
             "obliviate_targets_enforced",
             "Targets this gateway enforces now",

@@ -114,6 +114,11 @@ class LimitsSettings(_Section):
     """File with one API key per line (added to api_keys)."""
     requests_per_minute: int | None = Field(None, ge=1)
     """Per-key rate limit (token bucket; with no keys: per client address); None: no limit."""
+    backend: Literal["memory", "redis"] = "memory"
+    """Where the per-key buckets live: in this process (one gateway), or in Redis, shared by
+    every replica (several gateways: otherwise N replicas allow N times the rate)."""
+    redis_url: SecretStr | None = None
+    """Redis URL for backend=redis, e.g. redis://:PASSWORD@redis:6379/0."""
 
 
 class DeltaSettings(_Section):
@@ -224,6 +229,10 @@ class Settings(BaseSettings):
                 "the admin API is on but no token is set: set OBLIVIATE_ADMIN_TOKEN (e.g. to the "
                 "output of `openssl rand -hex 32`), or --admin-enabled false, or, on a "
                 "development machine only, --admin-insecure-dev true"
+            )
+        if self.limits.backend == "redis" and self.limits.redis_url is None:
+            raise ValueError(
+                "limits.backend=redis needs limits.redis_url (OBLIVIATE_LIMITS__REDIS_URL)"
             )
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
             raise ValueError("the admin token must be at least 16 characters")
