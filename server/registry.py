@@ -37,6 +37,7 @@ from server.registry_schema import (
     Artifact,
     ArtifactRow,
     Base,
+    BlobRow,
     JobRecord,
     JobRow,
     MetaRow,
@@ -641,3 +642,58 @@ class Registry:
                     )
                 found[row.kind] = Artifact(row.kind, row.data, dict(row.meta))
             return found
+
+
+def check_targets(url: str, *, connect_timeout_s: float = 5.0) -> list[tuple[str, str, str]]:
+    """Read-only health of every target: (level, target, message) with level ok, warn or fail.
+
+    `fail`: the target is not enforced (no active version and its registration failed, or its
+    active version's artifacts fail their checksum or miss their blobs); `warn`: a newer
+    version failed and the previous one stays active. Nothing is created or migrated.
+    """
+    parsed = database_url(url)
+    engine = create_engine(parsed, connect_args=_connect_args(parsed, connect_timeout_s))
+    found: list[tuple[str, str, str]] = []
+    try:
+        with Session(engine) as s:
+            rows = s.scalars(select(TargetRow).order_by(TargetRow.created_at)).all()
+            for row in rows:
+                versions = list(s.scalars(select(VersionRow).where(VersionRow.target_id == row.id)))
+                if not versions:
+                    continue
+                record = target_record(row, versions)
+                label = f"{record.name} ({record.id})"
+                if record.active_version is None:
+                    level = "fail" if record.status == "failed" else "ok"
+                    found.append((level, label, f"{record.status}: {record.error or 'no error'}"))
+                    continue
+                problem = _artifact_problem(s, row.id, record.active_version)
+                if problem is not None:
+                    found.append(("fail", label, f"v{record.active_version} {problem}"))
+                elif record.failed is not None:
+                    found.append(("warn", label, f"v{record.version} active; {record.error}"))
+                else:
+                    state = "enabled" if record.enabled else "disabled"
+                    found.append(("ok", label, f"v{record.version} active, {state}"))
+    except SQLAlchemyError as e:
+        raise RegistryError(_unreachable(parsed, e)) from e
+    finally:
+        engine.dispose()
+    return found
+
+
+def _artifact_problem(s: Session, target_id: str, version: int) -> str | None:
+    artifacts = s.scalars(
+        select(ArtifactRow).where(
+            ArtifactRow.target_id == target_id, ArtifactRow.version == version
+        )
+    ).all()
+    if not any(a.kind == "classifier" for a in artifacts):
+        return "has no classifier artifact"
+    for a in artifacts:
+        if hashlib.sha256(a.data).hexdigest() != a.sha256:
+            return f"artifact {a.kind} fails its checksum"
+        for digest in (a.meta or {}).get("blobs", []):
+            if s.get(BlobRow, digest) is None:
+                return f"artifact {a.kind} refers to a missing blob {str(digest)[:12]}"
+    return None

@@ -306,3 +306,38 @@ def test_unreferenced_blobs_are_collected_after_their_grace(tmp_path: Path):
     registry.delete_target(target_id)
     assert not registry.blobs.has(digest)
     registry.close()
+
+
+def test_doctor_reports_failed_targets(tmp_path: Path):
+    from server.doctor import check_registry_targets
+    from server.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    registry = Registry(url)
+    ok_id, _ = _new_target(registry, "Fine")
+    _finish(registry)
+    broken_id, _ = _new_target(registry, "Broken")
+    _finish(registry)
+    _new_target(registry, "Never")
+    job = registry.claim_job("A", 30)
+    assert job is not None
+    registry.fail_job(job.id, "ValueError: no examples", owner="A", attempt=1)
+    registry.create_version(ok_id, **SPEC)
+    job = registry.claim_job("A", 30)
+    assert job is not None
+    registry.fail_job(job.id, "RuntimeError: engine down", owner="A", attempt=1)
+    with registry._engine.begin() as conn:
+        conn.execute(
+            text("UPDATE obliviate_artifacts SET data = :d WHERE target_id = :t"),
+            {"d": b"rot", "t": broken_id},
+        )
+    registry.close()
+
+    settings = Settings(data_dir=tmp_path, admin_token="x" * 20, registry_url=url)
+    findings = {f.check.split(" (")[0]: f for f in check_registry_targets(settings)}
+    assert findings["target Fine"].level == "warn"
+    assert "version 2 failed: RuntimeError: engine down" in findings["target Fine"].message
+    assert findings["target Broken"].level == "fail"
+    assert "fails its checksum" in findings["target Broken"].message
+    assert findings["target Never"].level == "fail"
+    assert "no examples" in findings["target Never"].message
