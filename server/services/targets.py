@@ -48,6 +48,7 @@ from server.registry import (
     VersionPendingError,
     VersionRecord,
 )
+from server.registry_blobs import bundle_digest
 from server.services.guard import ActiveTarget, EcoGuard
 from server.services.jobs import JobRunner, Lease, LeaseConfig
 from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
@@ -167,8 +168,14 @@ class TargetService:
     def _load(self, record: TargetRecord) -> ActiveTarget:
         assert record.active_version is not None
         artifacts = self._registry.load_artifacts(record.id, record.active_version)
+        return self._active(record.id, record.name, record.current, artifacts)
+
+    def _active(
+        self, target_id: str, name: str, version: VersionRecord, artifacts: dict[str, Artifact]
+    ) -> ActiveTarget:
+        """What the guard enforces for one version (TargetLoadError when it cannot be)."""
         if "classifier" not in artifacts:
-            raise TargetLoadError(f"version {record.active_version} has no classifier artifact")
+            raise TargetLoadError(f"version {version.version} has no classifier artifact")
         classifier = TargetClassifier.from_bytes(artifacts["classifier"].data)
         if classifier.embedder_fingerprint != self._embedder.fingerprint:
             raise TargetLoadError(
@@ -186,9 +193,9 @@ class TargetService:
             if self._offsets is None:
                 raise TargetLoadError("δ targets need the offset models, not set up here")
             offset = self._offsets.resolve(json.loads(artifacts["offset"].data))
-        scope = str(record.options.get("scope", "flagged"))
+        scope = str(version.options.get("scope", "flagged"))
         return ActiveTarget(
-            record.id, record.name, record.aliases, spec, classifier, offset=offset, scope=scope
+            target_id, name, version.aliases, spec, classifier, offset=offset, scope=scope
         )
 
     # --- admin operations ------------------------------------------------------------------
@@ -399,6 +406,11 @@ class TargetService:
         progress = self._progress(lease)
         artifacts, calibration = await self._build(lease, record.name, version, progress)
         progress("activate", 0.95)
+        # Loaded before the switch (δ folders fetched, checks passed), so that this gateway
+        # enforces the version as soon as the registry says it is active.
+        ready = await asyncio.to_thread(
+            self._active, record.id, record.name, version, {a.kind: a for a in artifacts}
+        )
         async with self._write_lock:
             await asyncio.to_thread(
                 lambda: self._registry.finish_job(
@@ -409,6 +421,7 @@ class TargetService:
                     attempt=lease.attempt,
                 )
             )
+            self._loaded[(record.id, version.version)] = ready
             await self.reload()
         logger.info("Target %s (%s) v%d is active", record.name, record.id, version.version)
 
@@ -484,7 +497,9 @@ class TargetService:
             spec, report = await offsets.prepare(request, self._progress(lease))
             self._progress(lease)("upload", 0.9)
             data, blobs = await asyncio.to_thread(offsets.publish, spec, dict(version.options))
-            done = {"data": data, "blobs": blobs, "report": {**asdict(spec), **report}}
+            local = await asyncio.to_thread(offsets.resolve, data)  # this replica's copy
+            report = {**report, "unlearned_model": local.unlearned, "bundles": _bundles(data)}
+            done = {"data": data, "blobs": blobs, "report": {**asdict(local), **report}}
             await asyncio.to_thread(
                 lambda: self._registry.save_checkpoint(
                     lease.job.id, {"offset": done}, owner=lease.owner, attempt=lease.attempt
@@ -558,6 +573,15 @@ def _spec(new: NewTarget) -> dict[str, Any]:
         "retain_examples": new.retain_examples,
         "mode": new.mode,
         "options": new.options,
+    }
+
+
+def _bundles(data: dict[str, Any]) -> dict[str, str]:
+    """The registry bundles an offset artifact names (for its calibration report)."""
+    return {
+        role: bundle_digest(ref["bundle"])
+        for role, ref in data.items()
+        if isinstance(ref, dict) and "bundle" in ref
     }
 
 
