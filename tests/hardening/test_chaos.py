@@ -257,9 +257,9 @@ def test_chaos(cluster: Cluster, record_property):
         ).is_success
         late = _register(a, LATE)
         time.sleep(0.3)  # B may have claimed the job: it is taken over below
+        killed = time.monotonic()  # streams in flight on B from here on are cut
         os.killpg(cluster.procs["b"].pid, signal.SIGKILL)
         cluster.procs["b"].wait(timeout=30)
-        killed = time.monotonic()
         assert httpx.patch(
             f"{a}/admin/targets/{churn['target_id']}", json={"enabled": True}, headers=AUTH
         ).is_success
