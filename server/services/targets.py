@@ -412,7 +412,7 @@ class TargetService:
             self._active, record.id, record.name, version, {a.kind: a for a in artifacts}
         )
         async with self._write_lock:
-            await asyncio.to_thread(
+            switched = await asyncio.to_thread(
                 lambda: self._registry.finish_job(
                     job.id,
                     artifacts=artifacts,
@@ -421,7 +421,13 @@ class TargetService:
                     attempt=lease.attempt,
                 )
             )
+            # Swap it in at once, before anything else runs on this loop (a client that saw the
+            # job succeed is served with it); then re-read the whole set from the registry.
             self._loaded[(record.id, version.version)] = ready
+            others = [t for t in self._guard.active.values() if t.id != record.id]
+            if switched.enabled:
+                others.append(_with_threshold(ready, switched.threshold_override))
+            self._guard.set_targets(others)
             await self.reload()
         logger.info("Target %s (%s) v%d is active", record.name, record.id, version.version)
 
