@@ -141,7 +141,7 @@ def main() -> None:
                 print(f"round {r + 1} {name:5s} {result['tok_per_s']:.1f} tok/s")
         rss_after = tree_rss(proc.pid)
         after = answers(url, HELD_OUT + NEIGHBOURS)
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     delta_decisions = sum(
         float(line.split()[-1])
         for line in metrics.splitlines()

@@ -95,7 +95,9 @@ async def one_round_with(
 def guard_seconds(url: str) -> tuple[float, float]:
     """(total seconds, requests) of the gateway's guard, from its Prometheus histogram."""
     total = count = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+    for line in httpx.get(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+    ).text.splitlines():
         if line.startswith("obliviate_guard_seconds_sum"):
             total = float(line.split()[-1])
         elif line.startswith("obliviate_guard_seconds_count"):

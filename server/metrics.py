@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import AuthenticationError, GatewayError, NotFoundError, error_body
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -44,6 +56,30 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             registry=self.registry,
         )
+
+        self.shared_limit_fallbacks = Counter(
+            "obliviate_shared_limit_fallbacks",
+            "Rate-limit checks done in process because the shared store (Redis) did not answer",
+            registry=self.registry,
+        )
+        self.targets_enforced = Gauge(
+            "obliviate_targets_enforced",
+            "Targets this gateway enforces now",
+            registry=self.registry,
+        )
+        self.target_load_failed = Gauge(
+            "obliviate_target_load_failed",
+            "1 for each target whose active version this gateway cannot load (see /admin/targets)",
+            ["target"],
+            registry=self.registry,
+        )
+
+    def set_target_health(self, enforced: int, failed: Mapping[str, str]) -> None:
+        """Targets enforced, and those that failed to load (by id)."""
+        self.targets_enforced.set(enforced)
+        self.target_load_failed.clear()
+        for target_id in failed:
+            self.target_load_failed.labels(target_id).set(1)
 
     def watch_engine(self, running: Callable[[], int]) -> None:
         """Export the engine's own count of running requests (drops when one is aborted)."""
@@ -90,6 +126,87 @@ class MetricsMiddleware:
             route = _route_name(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+METRICS_PATH = "/metrics"
+
+
+class MetricsAuthMiddleware:
+    """Pure ASGI in front of /metrics, closed by default.
+
+    Per-target decision counters tell whoever reads them, in real time, whether a probe was
+    flagged, so /metrics on the API port needs a bearer token (the metrics token or the admin
+    token), unless the operator opened it (`public`) or serves it on its own listener
+    (`elsewhere`: then the API port answers 404).
+    """
+
+    def __init__(self, app: ASGIApp, *, tokens: list[str], public: bool, elsewhere: bool) -> None:
+        self.app = app
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens if t]
+        self._public = public
+        self._elsewhere = elsewhere
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != METRICS_PATH:
+            await self.app(scope, receive, send)
+            return
+        if self._elsewhere:
+            await _send(send, NotFoundError("No such route (metrics are on their own port)"))
+            return
+        if self._public or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await _send(
+            send,
+            AuthenticationError(
+                "/metrics needs Authorization: Bearer <metrics token or admin token>",
+                code="invalid_metrics_token",
+            ),
+            [(b"www-authenticate", b'Bearer realm="obliviate-metrics"')],
+        )
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                given = value
+        scheme, _, token = given.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        # Every digest is compared (no early exit): the timing says nothing about which matched.
+        matches = [hmac.compare_digest(digest, d) for d in self._digests]
+        return any(matches)
+
+
+async def _send(
+    send: Send, err: GatewayError, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(error_body(err)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": int(err.status_code),
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def start_metrics_server(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
+    """Serve /metrics on its own listener (prometheus_client's); returns its stop function."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 def _route_name(scope: Scope) -> str:

@@ -109,18 +109,26 @@ class LimitsSettings(_Section):
     """Retry-After (seconds) sent with 429s."""
     max_prompt_chars: int = Field(100_000, ge=1)
     """Longest prompt in characters (all messages together); longer ones get 400."""
-    max_prompt_tokens: int | None = Field(None, ge=1)
-    """Longest prompt in tokens (token-id prompts); None: the model's context length decides."""
+    max_prompt_tokens: int = Field(32_768, ge=1)
+    """Longest token-id prompt, checked before it is decoded and classified (longer ones get
+    400); the model's context length still applies."""
     max_tokens: int = Field(4096, ge=1)
     """Largest max_tokens / max_completion_tokens a request may ask for."""
     max_n: int = Field(8, ge=1)
     """Largest n (choices per prompt) and number of prompts per completions request."""
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """Largest request body, checked before any parsing; larger ones get 413."""
     api_keys: list[SecretStr] = []
     """API keys for /v1 (Authorization: Bearer KEY); empty: /v1 is open."""
     api_keys_file: Path | None = None
     """File with one API key per line (added to api_keys)."""
     requests_per_minute: int | None = Field(None, ge=1)
     """Per-key rate limit (token bucket; with no keys: per client address); None: no limit."""
+    backend: Literal["memory", "redis"] = "memory"
+    """Where the per-key buckets live: in this process (one gateway), or in Redis, shared by
+    every replica (several gateways: otherwise N replicas allow N times the rate)."""
+    redis_url: SecretStr | None = None
+    """Redis URL for backend=redis, e.g. redis://:PASSWORD@redis:6379/0."""
 
 
 class DeltaSettings(_Section):
@@ -138,6 +146,32 @@ class DeltaSettings(_Section):
     """Default cap on SNAP training steps per target (None: SnapConfig's epochs decide)."""
     snap_lr: float = Field(1e-4, gt=0)
     """Default SNAP learning rate for registration jobs."""
+
+
+class MetricsSettings(_Section):
+    """Prometheus /metrics: closed by default (per-target counters show what gets flagged)."""
+
+    token: SecretStr | None = None
+    """Bearer token a scraper sends to /metrics on the API port (the admin token works too)."""
+    port: int | None = Field(None, ge=1, le=65535)
+    """Serve /metrics on this port instead, with no token: keep that port off the network
+    clients reach (the API port's /metrics then answers 404)."""
+    host: str | None = None
+    """Address of that metrics listener; default: `host`."""
+    public: bool = False
+    """Serve /metrics on the API port without a token. Development only."""
+
+
+class JobsSettings(_Section):
+    """Registration jobs, shared by every gateway on one registry."""
+
+    lease_seconds: float = Field(30.0, ge=1)
+    """A job's lease: the replica running it renews it every third of this; if the replica dies,
+    another one takes the job over this long after its last renewal."""
+    poll_interval: float = Field(1.0, gt=0)
+    """How often an idle gateway looks for jobs queued elsewhere or left by a dead replica."""
+    keep_versions: int = Field(10, ge=2)
+    """Versions kept per target for rollback (the active one always stays)."""
 
 
 class Settings(BaseSettings):
@@ -193,6 +227,8 @@ class Settings(BaseSettings):
     guard: GuardSettings = GuardSettings()
     delta: DeltaSettings = DeltaSettings()
     limits: LimitsSettings = LimitsSettings()
+    jobs: JobsSettings = JobsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -203,6 +239,10 @@ class Settings(BaseSettings):
                 "the admin API is on but no token is set: set OBLIVIATE_ADMIN_TOKEN (e.g. to the "
                 "output of `openssl rand -hex 32`), or --admin-enabled false, or, on a "
                 "development machine only, --admin-insecure-dev true"
+            )
+        if self.limits.backend == "redis" and self.limits.redis_url is None:
+            raise ValueError(
+                "limits.backend=redis needs limits.redis_url (OBLIVIATE_LIMITS__REDIS_URL)"
             )
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
             raise ValueError("the admin token must be at least 16 characters")

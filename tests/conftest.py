@@ -38,6 +38,18 @@ def postgres_server() -> Iterator[str]:
 
 
 @pytest.fixture
+def redis_server() -> Iterator[tuple[str, object]]:
+    """A real Redis server for one test (tests/redis_server.py): its URL and process."""
+    from tests.redis_server import RedisUnavailable, running_redis
+
+    try:
+        with running_redis() as (url, proc):
+            yield url, proc
+    except RedisUnavailable as e:
+        pytest.skip(f"no Redis server could be started: {e}")
+
+
+@pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""
     from tests.postgres import create_database

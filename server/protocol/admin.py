@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from server.protocol.chat import ChatMessage
 
+OptionalName = Annotated[
+    str | None, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+]
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
 
 
@@ -69,6 +72,21 @@ class CreateTargetRequest(_Strict):
     options: TargetOptions = Field(default_factory=TargetOptions)
 
 
+class NewVersionRequest(CreateTargetRequest):
+    """PUT /admin/targets/{id}: the whole spec of the target's next version."""
+
+    # Optional here, unlike on POST: the name cannot change, so it may be left out.
+    name: OptionalName = Field(  # type: ignore[assignment]
+        None, description="The target's name (it cannot change); default: the current one."
+    )
+
+
+class RollbackRequest(_Strict):
+    version: int | None = Field(
+        None, ge=1, description="The version to activate; default: the one before the active."
+    )
+
+
 class UpdateTargetRequest(_Strict):
     enabled: bool | None = None
     threshold: float | None = Field(
@@ -94,6 +112,16 @@ class JobResponse(BaseModel):
     result: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
+    version: int | None = Field(None, description="The target version the job builds.")
+    attempts: int = Field(0, description="Times a replica claimed the job (takeovers add one).")
+    owner: str | None = Field(None, description="The replica holding (or last holding) it.")
+
+
+class VersionSummary(BaseModel):
+    version: int
+    status: str
+    job_id: str | None
+    error: str | None
 
 
 class TargetResponse(BaseModel):
@@ -119,6 +147,39 @@ class TargetResponse(BaseModel):
     n_retain_examples: int
     created_at: datetime
     updated_at: datetime
+    active_version: int | None = Field(None, description="The version enforced now.")
+    pending_version: VersionSummary | None = Field(
+        None, description="A newer version being built; the active one stays until it is ready."
+    )
+    failed_version: VersionSummary | None = Field(
+        None, description="The newest version, when it failed (the active one stayed)."
+    )
+    load_error: str | None = Field(
+        None, description="Why this gateway cannot enforce the active version (status failed)."
+    )
+
+
+class VersionResponse(BaseModel):
+    object: Literal["target.version"] = "target.version"
+    version: int
+    status: str
+    active: bool
+    description: str
+    aliases: list[str]
+    mode: str
+    options: dict[str, Any]
+    calibration: dict[str, Any] | None
+    error: str | None
+    job_id: str | None
+    n_forget_examples: int
+    n_retain_examples: int
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class VersionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VersionResponse]
 
 
 class TargetList(BaseModel):

@@ -12,11 +12,15 @@ from server.protocol.admin import (
     ClassifyResponse,
     CreateTargetRequest,
     JobResponse,
+    NewVersionRequest,
+    RollbackRequest,
     TargetList,
     TargetResponse,
     UpdateTargetRequest,
+    VersionList,
+    VersionResponse,
 )
-from server.registry import JobRecord
+from server.registry import JobRecord, VersionRecord
 from server.services.targets import NewTarget, TargetService
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -34,27 +38,78 @@ def _job(job: JobRecord) -> JobResponse:
     return JobResponse(**{k: getattr(job, k) for k in JobResponse.model_fields if k != "object"})
 
 
-@router.post("/targets", status_code=202, response_model=JobResponse)
-async def create_target(body: CreateTargetRequest, service: TargetServiceDep) -> Response:
-    """Register a forget target; answers 202 with the registration job."""
+def _new_target(body: CreateTargetRequest, name: str) -> NewTarget:
     examples = [
         (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
     ]
-    job = await service.register(
-        NewTarget(
-            name=body.name,
-            description=body.description,
-            aliases=body.aliases,
-            forget_examples=examples,
-            retain_examples=body.retain_examples,
-            mode=body.mode,
-            options=body.options.model_dump(exclude_none=True),
-        )
+    return NewTarget(
+        name=name,
+        description=body.description,
+        aliases=body.aliases,
+        forget_examples=examples,
+        retain_examples=body.retain_examples,
+        mode=body.mode,
+        options=body.options.model_dump(exclude_none=True),
     )
+
+
+def _accepted(job: JobRecord) -> Response:
     return JSONResponse(
         _job(job).model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/admin/jobs/{job.id}"},
+    )
+
+
+@router.post("/targets", status_code=202, response_model=JobResponse)
+async def create_target(body: CreateTargetRequest, service: TargetServiceDep) -> Response:
+    """Register a forget target; answers 202 with the registration job."""
+    return _accepted(await service.register(_new_target(body, body.name)))
+
+
+@router.put("/targets/{target_id}", status_code=202, response_model=JobResponse)
+async def put_target(
+    target_id: str, body: NewVersionRequest, service: TargetServiceDep
+) -> Response:
+    """Register the target's next version (202 + job); the active version stays until it is
+    ready, and stays if it fails."""
+    name = body.name or (await service.get_target(target_id)).name
+    return _accepted(await service.new_version(target_id, _new_target(body, name)))
+
+
+@router.post("/targets/{target_id}/rollback", response_model=TargetResponse)
+async def rollback_target(
+    target_id: str, service: TargetServiceDep, body: RollbackRequest | None = None
+) -> TargetResponse:
+    """Activate an earlier version at once (default: the one before the active one)."""
+    version = body.version if body is not None else None
+    return service.describe(await service.rollback(target_id, version))
+
+
+@router.get("/targets/{target_id}/versions", response_model=VersionList)
+async def list_versions(target_id: str, service: TargetServiceDep) -> VersionList:
+    """Every kept version of a target, oldest first."""
+    record = await service.get_target(target_id)
+    versions = await service.list_versions(target_id)
+    return VersionList(data=[_version(v, record.active_version) for v in versions])
+
+
+def _version(v: VersionRecord, active: int | None) -> VersionResponse:
+    return VersionResponse(
+        version=v.version,
+        status=v.status,
+        active=v.version == active,
+        description=v.description,
+        aliases=list(v.aliases),
+        mode=v.mode,
+        options=dict(v.options),
+        calibration=dict(v.calibration) if v.calibration else None,
+        error=v.error,
+        job_id=v.job_id,
+        n_forget_examples=len(v.forget_examples),
+        n_retain_examples=len(v.retain_examples),
+        created_at=v.created_at,
+        activated_at=v.activated_at,
     )
 
 

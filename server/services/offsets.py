@@ -11,6 +11,11 @@
 Training runs in its own process: a crash leaves no half-written folder under the final name,
 the gateway's event loop and torch threads stay free, and the job can be cancelled by killing it.
 A job re-run after a crash reuses a folder that finished training.
+
+Replicas share no disk: `publish` stores the model folders in the registry as bundles
+(`server.registry_blobs`) and the offset artifact names them; `resolve`, on any replica, fetches
+them once into `<data_dir>/offsets/cache/<bundle>` (checksummed) and returns local paths. The
+small base defaults to the served model, which every replica has locally: it is not copied.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 from offset import DeltaSpec
 from offset.snap import native_bf16
+from server.registry_blobs import BlobStore, Manifest, bundle_digest, manifest_blobs
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +63,70 @@ class OffsetTrainer:
     """Produces the `DeltaSpec` of a δ target (see the module docstring)."""
 
     def __init__(
-        self, root: Path, default_base: Path | None, defaults: SnapDefaults = SnapDefaults()
+        self,
+        root: Path,
+        default_base: Path | None,
+        defaults: SnapDefaults = SnapDefaults(),
+        blobs: BlobStore | None = None,
     ) -> None:
         self._root = root
         self._default_base = default_base
         self._defaults = defaults
+        self._blobs = blobs
+
+    @property
+    def cache(self) -> Path:
+        """Where model folders fetched from the registry live on this replica."""
+        return self._root / "cache"
+
+    def publish(self, spec: DeltaSpec, options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The offset artifact (folders stored in the registry) and the blobs it refers to."""
+        if self._blobs is None:
+            return {"unlearned": spec.unlearned, "base": spec.base, "alpha": spec.alpha}, []
+        unlearned = self._blobs.put_folder(Path(spec.unlearned))
+        data: dict[str, Any] = {"alpha": spec.alpha, "unlearned": {"bundle": unlearned}}
+        blobs = manifest_blobs(unlearned)
+        if options.get("small_base"):
+            base = self._blobs.put_folder(Path(spec.base))
+            data["base"] = {"bundle": base}
+            blobs += manifest_blobs(base)
+        else:
+            data["base"] = {"served": True}
+        self._adopt(Path(spec.unlearned), unlearned)
+        return data, sorted(set(blobs))
+
+    def _adopt(self, folder: Path, manifest: Manifest) -> None:
+        """A folder this replica trained becomes its cached copy (no second copy on disk)."""
+        if folder.resolve().parent != self._root.resolve():
+            return  # the operator's own folder (options.unlearned_model): left where it is
+        target = self.cache / bundle_digest(manifest)
+        if target.exists():
+            return
+        self.cache.mkdir(parents=True, exist_ok=True)
+        (folder / ".obliviate-bundle").write_text(json.dumps(manifest, sort_keys=True))
+        folder.rename(target)
+
+    def resolve(self, data: dict[str, Any]) -> DeltaSpec:
+        """The local `DeltaSpec` of an offset artifact, fetching its folders when needed."""
+        if isinstance(data.get("unlearned"), str):  # written before folders were shared
+            return DeltaSpec(str(data["unlearned"]), str(data["base"]), float(data["alpha"]))
+        return DeltaSpec(
+            str(self._folder(data["unlearned"])),
+            str(self._folder(data["base"])),
+            float(data["alpha"]),
+        )
+
+    def _folder(self, ref: dict[str, Any]) -> Path:
+        if ref.get("served"):
+            if self._default_base is None:
+                raise ValueError(
+                    "this δ target's small base is the served model, and this gateway has no "
+                    "local copy of it (--model PATH)"
+                )
+            return self._default_base.resolve()
+        if self._blobs is None:
+            raise ValueError("this gateway has no registry to fetch the δ model folders from")
+        return self._blobs.materialize(ref["bundle"], self.cache).resolve()
 
     def base_for(self, options: dict[str, Any]) -> Path:
         """The small base model folder of a target (its option, else the served model's)."""

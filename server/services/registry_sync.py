@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from server.registry import Registry
@@ -24,10 +25,15 @@ class RegistryPoller:
         on_change: Callable[[], Awaitable[None]],
         *,
         interval_s: float,
+        retry: Callable[[], bool] | None = None,
+        retry_s: float = 30.0,
     ) -> None:
         self._registry = registry
         self._on_change = on_change
         self._interval_s = interval_s
+        self._retry = retry
+        self._retry_s = retry_s
+        self._last_reload = time.monotonic()
         self._seen: int | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -50,12 +56,22 @@ class RegistryPoller:
         # Read the revision before reloading: a change committed during the reload moves it
         # again, so the next poll reloads once more instead of keeping a stale set.
         revision = await asyncio.to_thread(self._registry.revision)
-        if revision == self._seen:
+        if revision == self._seen and not self._due_retry():
             return False
         await self._on_change()
-        logger.info("Registry revision %s -> %s: targets reloaded", self._seen, revision)
+        self._last_reload = time.monotonic()
+        if revision != self._seen:
+            logger.info("Registry revision %s -> %s: targets reloaded", self._seen, revision)
         self._seen = revision
         return True
+
+    def _due_retry(self) -> bool:
+        """A target failed to load (a transient fault?): try again every `retry_s`."""
+        return (
+            self._retry is not None
+            and self._retry()
+            and time.monotonic() - self._last_reload >= self._retry_s
+        )
 
     async def _run(self) -> None:
         while True:

@@ -1,4 +1,6 @@
-"""Per-request size limits: prompt characters (and tokens for token-id prompts), max_tokens, n.
+"""Per-request size limits: prompt characters (and tokens for token-id prompts), max_tokens, n,
+and the range of numeric fields an engine would choke on (seed, top_k, min_tokens, logit_bias,
+repetition_penalty, token ids).
 
 Each breach is a 400 `invalid_request_error` whose `param` names the field.
 """
@@ -6,6 +8,7 @@ Each breach is a 400 `invalid_request_error` whose `param` names the field.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from server.errors import InvalidRequestError
@@ -18,7 +21,7 @@ class RequestLimits:
     """Per-request size limits; each breach is a 400 naming the parameter."""
 
     max_prompt_chars: int = 100_000
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = 32_768
     max_tokens: int = 4096
     max_n: int = 8
 
@@ -28,6 +31,7 @@ class RequestLimits:
         self._check_tokens(req.max_completion_tokens, "max_completion_tokens")
         self._check_tokens(req.max_tokens, "max_tokens")
         self._check_n(req.n, "n")
+        _check_numbers(req, self.max_tokens)
 
     def check_completion(self, req: CompletionRequest) -> None:
         prompt = req.prompt
@@ -40,15 +44,25 @@ class RequestLimits:
         for p in prompts:
             if isinstance(p, str):
                 self._check_chars(len(p), "prompt")
-            elif self.max_prompt_tokens is not None and len(p) > self.max_prompt_tokens:
-                raise InvalidRequestError(
-                    f"The prompt has {len(p)} tokens; this server accepts at most "
-                    f"{self.max_prompt_tokens}.",
-                    param="prompt",
-                    code="prompt_too_long",
-                )
+            else:
+                self._check_token_ids(p)
         self._check_tokens(req.max_tokens, "max_tokens")
         self._check_n(req.n, "n")
+        _check_numbers(req, self.max_tokens)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        # Before the ids are decoded and classified: their number and range.
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"The prompt has {len(ids)} tokens; this server accepts at most "
+                f"{self.max_prompt_tokens}.",
+                param="prompt",
+                code="prompt_too_long",
+            )
+        if ids and not (0 <= min(ids) and max(ids) <= MAX_TOKEN_ID):
+            raise InvalidRequestError(
+                f"Token ids must be between 0 and {MAX_TOKEN_ID}.", param="prompt"
+            )
 
     def _check_chars(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_chars:
@@ -71,6 +85,38 @@ class RequestLimits:
             raise InvalidRequestError(
                 f"{value} {what} asked for; this server allows at most {self.max_n}.",
                 param=param,
+            )
+
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_TOKEN_ID = 2**31 - 1
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's own limit
+LOGIT_BIAS_RANGE = 100.0
+
+
+def _check_numbers(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> None:
+    """Numeric fields whose type allows values no engine handles."""
+    if req.seed is not None and not INT64[0] <= req.seed <= INT64[1]:
+        raise InvalidRequestError("seed must fit in a signed 64-bit integer.", param="seed")
+    if req.top_k is not None and req.top_k > MAX_TOKEN_ID:
+        raise InvalidRequestError(f"top_k must be at most {MAX_TOKEN_ID}.", param="top_k")
+    if req.repetition_penalty is not None and not math.isfinite(req.repetition_penalty):
+        raise InvalidRequestError("repetition_penalty must be finite.", param="repetition_penalty")
+    if req.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens={req.min_tokens} is above this server's limit of {max_tokens}.",
+            param="min_tokens",
+        )
+    bias = req.logit_bias or {}
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(
+            f"logit_bias may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens.", param="logit_bias"
+        )
+    for token, value in bias.items():
+        if not (math.isfinite(value) and -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):
+            raise InvalidRequestError(
+                f"logit_bias values must be between -100 and 100 (token {token[:20]!r}).",
+                param="logit_bias",
             )
 
 

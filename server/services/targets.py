@@ -1,10 +1,15 @@
-"""Forget targets: registration jobs, activation, enable/disable, delete, dry-run classify.
+"""Forget targets: versioned registrations, leased jobs, isolated loading, dry-run classify.
 
-A registration runs as a background job: train the target's classifier (seconds), find its
-corruption strength against the served model (offline zeroth-order search), store both as the
-target's next version in one registry transaction, then swap the guard's active set. Requests in
-flight never see a half-registered target. Jobs a crashed process left unfinished are re-run at
-start, from the inputs the registry kept.
+A registration (POST, version 1) or a new version (PUT) is a job in the registry, run by whichever
+replica claims it (`services.jobs`): train the target's classifier (seconds), find its corruption
+strength against the served model, train or adopt its δ model, store the artifacts as that
+version and make it the active one in one registry transaction. Until then the previous version
+stays active; a failed version leaves it active and records why. Rollback re-activates a kept one.
+
+Loading is per target: a target whose artifacts fail their checksum, were made with another
+embedder, or whose δ models cannot be fetched is reported as failed on this gateway (admin API,
+/metrics) and every other target is enforced as usual. Loaded targets are cached by version,
+so a reload after a change elsewhere only loads what changed.
 """
 
 from __future__ import annotations
@@ -21,11 +26,17 @@ from typing import Any
 import torch
 
 from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target, warm_up
-from corruption import CorruptionSpec
-from offset import DeltaSpec
+from corruption import CORRUPTION_METHODS, CorruptionSpec
 from server.engine import ChatPrompt, Engine, GenerationRequest, SamplingOptions, TextPrompt
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
-from server.protocol.admin import ClassifyResponse, Span, TargetDecision, TargetResponse
+from server.metrics import Metrics
+from server.protocol.admin import (
+    ClassifyResponse,
+    Span,
+    TargetDecision,
+    TargetResponse,
+    VersionSummary,
+)
 from server.protocol.common import ChatMessageParam
 from server.registry import (
     Artifact,
@@ -34,8 +45,12 @@ from server.registry import (
     Registry,
     RegistryError,
     TargetRecord,
+    VersionPendingError,
+    VersionRecord,
 )
+from server.registry_blobs import bundle_digest
 from server.services.guard import ActiveTarget, EcoGuard
+from server.services.jobs import JobRunner, Lease, LeaseConfig
 from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
 from server.services.strength import StrengthCalibrator
 
@@ -44,6 +59,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODES = ("eco", "delta", "eco+delta")
 ECO_MODES = ("eco", "eco+delta")
 DELTA_MODES = ("delta", "eco+delta")
+PINNING_OPTIONS = ("method", "strength", "dims")
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,10 @@ class NewTarget:
     retain_examples: Sequence[str]
     mode: str
     options: dict[str, Any]
+
+
+class TargetLoadError(Exception):
+    """A target's active version cannot be enforced on this gateway (the message says why)."""
 
 
 def _logit(p: float) -> float:
@@ -74,6 +94,9 @@ class TargetService:
         offsets: OffsetTrainer | None = None,
         *,
         min_recall: float = 0.9,
+        metrics: Metrics | None = None,
+        leases: LeaseConfig | None = None,
+        hidden_size: int | None = None,
     ) -> None:
         self._registry = registry
         self._guard = guard
@@ -82,43 +105,86 @@ class TargetService:
         self._calibrator = calibrator
         self._offsets = offsets
         self._min_recall = min_recall
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
+        self._metrics = metrics
+        self._hidden_size = hidden_size
         self._write_lock = asyncio.Lock()
+        self._loaded: dict[tuple[str, int], ActiveTarget] = {}
+        self.load_errors: dict[str, str] = {}
+        """Targets this gateway cannot enforce, by id, with the reason."""
+        self.jobs = JobRunner(
+            registry, self._run, config=leases or LeaseConfig(), prepare=self._warm_up
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every active target, re-queue unfinished jobs, start the job worker."""
+        """Load every active target (each on its own), then start taking jobs."""
         await self.reload()
-        for job in await asyncio.to_thread(self._registry.unfinished_jobs):
-            logger.info("Re-running registration job %s left unfinished", job.id)
-            self._queue.put_nowait(job.id)
-        self._worker = asyncio.create_task(self._work())
+        self.jobs.start()
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        await self.jobs.stop()
+
+    async def _warm_up(self) -> None:
+        # Embed the classifier's shipped negatives once (10-30 s) before a job needs them.
+        await asyncio.to_thread(warm_up, self._embedder)
 
     async def reload(self) -> None:
-        """Rebuild the guard's active set from the registry (checksums checked)."""
+        """Rebuild the guard's active set from the registry, target by target."""
         records = await asyncio.to_thread(self._registry.list_targets)
-        active = []
+        active: list[ActiveTarget] = []
+        loaded: dict[tuple[str, int], ActiveTarget] = {}
+        errors: dict[str, str] = {}
         for record in records:
-            if record.status == "active" and record.enabled:
-                active.append(await asyncio.to_thread(self._load, record))
+            if record.active_version is None or not record.enabled:
+                continue
+            key = (record.id, record.active_version)
+            target = self._loaded.get(key)
+            if target is None:
+                try:
+                    target = await asyncio.to_thread(self._load, record)
+                except Exception as e:
+                    errors[record.id] = f"{type(e).__name__}: {e}"
+                    logger.error(
+                        "Target %s (%s) v%d cannot be enforced on this gateway: %s",
+                        record.name, record.id, record.active_version, errors[record.id],
+                    )  # fmt: skip
+                    continue
+            loaded[key] = target
+            active.append(_with_threshold(target, record.threshold_override))
         self._guard.set_targets(active)
+        self._loaded, self.load_errors = loaded, errors
+        if self._metrics is not None:
+            self._metrics.set_target_health(len(active), errors)
 
     async def sync(self) -> None:
         """Reload after a change made elsewhere (another gateway), never mid-way through ours."""
         async with self._write_lock:
             await self.reload()
 
+    @property
+    def needs_retry(self) -> bool:
+        """Some target failed to load: worth trying again even if nothing changed."""
+        return bool(self.load_errors)
+
     def _load(self, record: TargetRecord) -> ActiveTarget:
-        artifacts = self._registry.load_artifacts(record.id, record.version)
+        assert record.active_version is not None
+        artifacts = self._registry.load_artifacts(record.id, record.active_version)
+        return self._active(record.id, record.name, record.current, artifacts)
+
+    def _active(
+        self, target_id: str, name: str, version: VersionRecord, artifacts: dict[str, Artifact]
+    ) -> ActiveTarget:
+        """What the guard enforces for one version (TargetLoadError when it cannot be)."""
+        if "classifier" not in artifacts:
+            raise TargetLoadError(f"version {version.version} has no classifier artifact")
         classifier = TargetClassifier.from_bytes(artifacts["classifier"].data)
-        if record.threshold_override is not None:
-            classifier = replace(classifier, threshold_logit=_logit(record.threshold_override))
+        if classifier.embedder_fingerprint != self._embedder.fingerprint:
+            raise TargetLoadError(
+                f"its classifier was trained with embedder {classifier.embedder_fingerprint}, "
+                f"this gateway runs {self._embedder.fingerprint} (guard.embedder_path differs "
+                "between replicas?)"
+            )
         spec = (
             CorruptionSpec.from_dict(json.loads(artifacts["corruption"].data))
             if "corruption" in artifacts
@@ -126,39 +192,95 @@ class TargetService:
         )
         offset = None
         if "offset" in artifacts:
-            offset = DeltaSpec(**json.loads(artifacts["offset"].data))
-        scope = str(record.options.get("scope", "flagged"))
+            if self._offsets is None:
+                raise TargetLoadError("δ targets need the offset models, not set up here")
+            offset = self._offsets.resolve(json.loads(artifacts["offset"].data))
+        scope = str(version.options.get("scope", "flagged"))
         return ActiveTarget(
-            record.id, record.name, record.aliases, spec, classifier, offset=offset, scope=scope
+            target_id, name, version.aliases, spec, classifier, offset=offset, scope=scope
         )
 
     # --- admin operations ------------------------------------------------------------------
 
     async def register(self, new: NewTarget) -> JobRecord:
-        """Record the target and queue its registration job (202)."""
+        """Record the target and queue the job that builds its version 1 (202)."""
+        self._check(new)
+        try:
+            _, job = await asyncio.to_thread(
+                lambda: self._registry.create_target(name=new.name, **_spec(new))
+            )
+        except DuplicateTargetError as e:
+            raise ConflictError(str(e), param="name", code="target_exists") from e
+        self.jobs.wake()
+        return job
+
+    async def new_version(self, target_id: str, new: NewTarget) -> JobRecord:
+        """Queue the next version of a target; the active one stays enforced meanwhile (202)."""
+        record = await self.get_target(target_id)
+        if new.name != record.name:
+            raise InvalidRequestError(
+                f"a target's name cannot change ({record.name!r}); register a new target instead",
+                param="name",
+            )
+        self._check(new)
+        try:
+            job = await asyncio.to_thread(
+                lambda: self._registry.create_version(target_id, **_spec(new))
+            )
+        except VersionPendingError as e:
+            raise ConflictError(str(e), param=None, code="version_pending") from e
+        if job is None:
+            raise NotFoundError(f"No target {target_id}", param="target_id")
+        self.jobs.wake()
+        return job
+
+    async def rollback(self, target_id: str, version: int | None) -> TargetRecord:
+        """Activate an earlier ready version at once (default: the one before the active)."""
+        async with self._write_lock:
+            try:
+                record = await asyncio.to_thread(self._registry.rollback, target_id, version)
+            except RegistryError as e:
+                raise ConflictError(str(e), param="version", code="no_such_version") from e
+            if record is None:
+                raise NotFoundError(f"No target {target_id}", param="target_id")
+            await self.reload()
+        return record
+
+    async def list_versions(self, target_id: str) -> list[VersionRecord]:
+        versions = await asyncio.to_thread(self._registry.list_versions, target_id)
+        if versions is None:
+            raise NotFoundError(f"No target {target_id}", param="target_id")
+        return versions
+
+    def _check(self, new: NewTarget) -> None:
         if new.mode not in SUPPORTED_MODES:
             raise InvalidRequestError(
                 f"mode {new.mode!r} is not available yet; supported: {', '.join(SUPPORTED_MODES)}",
                 param="mode",
             )
+        self._check_corruption_options(new.options)
         if new.mode in DELTA_MODES:
             self._check_delta_options(new.options)
-        try:
-            _, job = await asyncio.to_thread(
-                lambda: self._registry.create_target(
-                    name=new.name,
-                    description=new.description,
-                    aliases=new.aliases,
-                    forget_examples=[json.dumps([p, a]) for p, a in new.forget_examples],
-                    retain_examples=new.retain_examples,
-                    mode=new.mode,
-                    options=new.options,
-                )
+
+    def _check_corruption_options(self, options: dict[str, Any]) -> None:
+        method = options.get("method")
+        if method is not None and method not in CORRUPTION_METHODS:
+            raise InvalidRequestError(
+                f"unknown corruption method {method!r}; known: "
+                f"{', '.join(sorted(CORRUPTION_METHODS))}",
+                param="options.method",
             )
-        except DuplicateTargetError as e:
-            raise ConflictError(str(e), param="name", code="target_exists") from e
-        self._queue.put_nowait(job.id)
-        return job
+        dims = options.get("dims")
+        if dims is not None and self._hidden_size is not None and dims > self._hidden_size:
+            raise InvalidRequestError(
+                f"options.dims={dims} is more than the model's {self._hidden_size} hidden dims",
+                param="options.dims",
+            )
+        if options.get("strength") is not None and method is not None:
+            try:
+                CorruptionSpec(method, float(options["strength"]), dims)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param="options.strength") from e
 
     def _check_delta_options(self, options: dict[str, Any]) -> None:
         if self._offsets is None:
@@ -210,6 +332,7 @@ class TargetService:
     def describe(self, record: TargetRecord) -> TargetResponse:
         """The admin view of a target, with the threshold the guard applies now."""
         active = self._guard.active.get(record.name)
+        load_error = self.load_errors.get(record.id)
         return TargetResponse(
             id=record.id,
             name=record.name,
@@ -217,7 +340,7 @@ class TargetService:
             aliases=list(record.aliases),
             mode=record.mode,
             options=dict(record.options),
-            status=record.status,
+            status="failed" if load_error else record.status,
             enabled=record.enabled,
             active=active is not None and active.id == record.id,
             threshold=active.classifier.threshold if active else None,
@@ -225,11 +348,17 @@ class TargetService:
             heldout_recall=_heldout_recall(record),
             version=record.version,
             calibration=dict(record.calibration) if record.calibration else None,
-            error=record.error,
+            error=f"cannot be enforced on this gateway: {load_error}"
+            if load_error
+            else record.error,
             n_forget_examples=len(record.forget_examples),
             n_retain_examples=len(record.retain_examples),
             created_at=record.created_at,
             updated_at=record.updated_at,
+            active_version=record.active_version,
+            pending_version=_summary(record.pending),
+            failed_version=_summary(record.failed),
+            load_error=load_error,
         )
 
     async def dry_run(
@@ -267,68 +396,88 @@ class TargetService:
             )
         return ClassifyResponse(flagged=any(r.flagged for r in results), text=text, results=results)
 
-    # --- registration jobs -----------------------------------------------------------------
+    # --- jobs (run by whichever replica holds the lease) -----------------------------------
 
-    async def _work(self) -> None:
-        # Embed the classifier's shipped negatives once (10-30 s) before a job needs them.
-        await asyncio.to_thread(warm_up, self._embedder)
-        while True:
-            job_id = await self._queue.get()
-            try:
-                await self._run(job_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                logger.exception("Registration job %s failed", job_id)
-                try:
-                    message = f"{type(e).__name__}: {e}"
-                    await asyncio.to_thread(self._registry.fail_job, job_id, message)
-                except Exception:  # the registry is down too: the job re-runs at the next start
-                    logger.exception("Could not record the failure of job %s", job_id)
+    async def _run(self, lease: Lease) -> None:
+        job = lease.job
+        record = await asyncio.to_thread(self._registry.get_target, job.target_id)
+        version = (
+            await asyncio.to_thread(self._registry.get_version, job.target_id, job.version)
+            if record is not None and job.version is not None
+            else None
+        )
+        if record is None or version is None:
+            return  # deleted meanwhile
+        progress = self._progress(lease)
+        artifacts, calibration = await self._build(lease, record.name, version, progress)
+        progress("activate", 0.95)
+        # Loaded before the switch (δ folders fetched, checks passed), so that this gateway
+        # enforces the version as soon as the registry says it is active.
+        ready = await asyncio.to_thread(
+            self._active, record.id, record.name, version, {a.kind: a for a in artifacts}
+        )
+        async with self._write_lock:
+            switched = await asyncio.to_thread(
+                lambda: self._registry.finish_job(
+                    job.id,
+                    artifacts=artifacts,
+                    calibration=calibration,
+                    owner=lease.owner,
+                    attempt=lease.attempt,
+                )
+            )
+            # Swap it in at once, before anything else runs on this loop (a client that saw the
+            # job succeed is served with it); then re-read the whole set from the registry.
+            self._loaded[(record.id, version.version)] = ready
+            others = [t for t in self._guard.active.values() if t.id != record.id]
+            if switched.enabled:
+                others.append(_with_threshold(ready, switched.threshold_override))
+            self._guard.set_targets(others)
+            await self.reload()
+        logger.info("Target %s (%s) v%d is active", record.name, record.id, version.version)
 
-    async def _run(self, job_id: str) -> None:
-        job = await asyncio.to_thread(self._registry.get_job, job_id)
-        if job is None or job.status not in ("queued", "running"):
-            return
-        record = await self.get_target(job.target_id)
-        examples = [tuple(json.loads(e)) for e in record.forget_examples]
-        progress = self._progress(job_id)
-
+    async def _build(
+        self,
+        lease: Lease,
+        name: str,
+        version: VersionRecord,
+        progress: Callable[[str, float], None],
+    ) -> tuple[list[Artifact], dict[str, Any]]:
+        """The version's artifacts and calibration report."""
+        examples = [tuple(json.loads(e)) for e in version.forget_examples]
+        prompts = [p for p, _ in examples]
+        options = dict(version.options)
         progress("classifier", 0.05)
         spec = TargetSpec(
-            name=record.name,
-            aliases=list(record.aliases),
-            forget_examples=[p for p, _ in examples],
-            retain_examples=list(record.retain_examples),
-            description=record.description,
+            name=name,
+            aliases=list(version.aliases),
+            forget_examples=prompts,
+            retain_examples=list(version.retain_examples),
+            description=version.description,
         )
-        config = TrainConfig(
-            fpr=float(record.options.get("fpr", 0.01)), seed=int(record.options.get("seed", 0))
-        )
+        config = TrainConfig(fpr=float(options.get("fpr", 0.01)), seed=int(options.get("seed", 0)))
         classifier = await asyncio.to_thread(train_target, spec, self._embedder, config)
         recall = classifier.report.heldout_recall
-        if recall < self._min_recall and not record.options.get("allow_low_recall"):
+        if recall < self._min_recall and not options.get("allow_low_recall"):
             raise LowRecallError(
                 f"the classifier flags only {recall:.0%} of held-out prompts about "
-                f"{record.name!r} (floor {self._min_recall:.0%}); add aliases (every name it "
+                f"{name!r} (floor {self._min_recall:.0%}); add aliases (every name it "
                 "goes by) and varied forget examples, or set options.allow_low_recall"
             )
-
-        prompts = [p for p, _ in examples]
         calibration: dict[str, Any] = {"classifier": _report(classifier)}
         artifacts = [
             Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"})
         ]
-        if record.mode in ECO_MODES:
+        if version.mode in ECO_MODES:
             progress("answers", 0.2)
             while not self._engine.ready:  # the bare answers come from the engine
                 await asyncio.sleep(0.5)
             answers = [a if a else await self._bare_answer(p) for p, a in examples]
             progress("corruption", 0.25)
-            corruption, strength_report = await asyncio.to_thread(
-                self._corruption_spec, record, prompts, answers
+            corruption, report = await asyncio.to_thread(
+                self._corruption_spec, options, list(version.aliases), prompts, answers
             )
-            calibration["corruption"] = {"spec": corruption.to_dict(), **strength_report}
+            calibration["corruption"] = {"spec": corruption.to_dict(), **report}
             artifacts.append(
                 Artifact(
                     "corruption",
@@ -336,41 +485,60 @@ class TargetService:
                     {"torch": torch.__version__},
                 )
             )
-        if record.mode in DELTA_MODES:
-            if self._offsets is None:
-                raise RuntimeError("δ modes need a local model to train on")
-            progress("snap", 0.3)
+        if version.mode in DELTA_MODES:
+            artifacts.append(await self._offset(lease, name, version, prompts, calibration))
+        return artifacts, calibration
+
+    async def _offset(
+        self,
+        lease: Lease,
+        name: str,
+        version: VersionRecord,
+        prompts: list[str],
+        calibration: dict[str, Any],
+    ) -> Artifact:
+        """Train (or adopt) the δ model and store its folders in the registry, once per job."""
+        if self._offsets is None:
+            raise RuntimeError("δ modes need a local model to train on")
+        offsets = self._offsets
+        done = (lease.job.checkpoint or {}).get("offset")
+        if done is None:  # a takeover after the upload skips the training
+            self._progress(lease)("snap", 0.3)
             request = OffsetRequest(
-                job_id,
-                record.name,
-                record.aliases,
+                lease.job.id,
+                name,
+                version.aliases,
                 prompts,
-                record.retain_examples,
-                dict(record.options),
+                version.retain_examples,
+                dict(version.options),
             )
-            offset, offset_report = await self._offsets.prepare(request, progress)
-            calibration["offset"] = {**asdict(offset), **offset_report}
-            artifacts.append(
-                Artifact("offset", json.dumps(asdict(offset)).encode(), {"format": "offset/json"})
-            )
-
-        progress("activate", 0.95)
-        async with self._write_lock:
-            try:
-                await asyncio.to_thread(
-                    lambda: self._registry.finish_job(
-                        job_id, artifacts=artifacts, calibration=calibration
-                    )
+            spec, report = await offsets.prepare(request, self._progress(lease))
+            self._progress(lease)("upload", 0.9)
+            data, blobs = await asyncio.to_thread(offsets.publish, spec, dict(version.options))
+            local = await asyncio.to_thread(offsets.resolve, data)  # this replica's copy
+            report = {**report, "unlearned_model": local.unlearned, "bundles": _bundles(data)}
+            done = {"data": data, "blobs": blobs, "report": {**asdict(local), **report}}
+            await asyncio.to_thread(
+                lambda: self._registry.save_checkpoint(
+                    lease.job.id, {"offset": done}, owner=lease.owner, attempt=lease.attempt
                 )
-            except RegistryError as e:  # deleted while training: nothing to activate
-                logger.info("Job %s: %s", job_id, e)
-                return
-            await self.reload()
-        logger.info("Target %s (%s) is active", record.name, record.id)
+            )
+        calibration["offset"] = done["report"]
+        return Artifact(
+            "offset",
+            json.dumps(done["data"]).encode(),
+            {"format": "offset/json+bundles", "blobs": done["blobs"]},
+        )
 
-    def _progress(self, job_id: str) -> Callable[[str, float], None]:
+    def _progress(self, lease: Lease) -> Callable[[str, float], None]:
         def report(stage: str, fraction: float) -> None:
-            self._registry.update_job(job_id, stage=stage, progress=fraction)
+            self._registry.update_job(
+                lease.job.id,
+                stage=stage,
+                progress=fraction,
+                owner=lease.owner,
+                attempt=lease.attempt,
+            )
 
         return report
 
@@ -387,25 +555,67 @@ class TargetService:
             parts += [c.text for c in chunk.choices]
         return "".join(parts)
 
+    def _default_spec(self) -> CorruptionSpec:
+        if self._calibrator is not None:
+            return self._calibrator.default_spec()
+        corruptor = self._guard.corruptor
+        return corruptor.default_spec() if corruptor else CorruptionSpec.recommended(1.0)
+
     def _corruption_spec(
-        self, record: TargetRecord, prompts: list[str], answers: list[str]
+        self, options: dict[str, Any], aliases: list[str], prompts: list[str], answers: list[str]
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
-        options = record.options
-        base = (
-            CorruptionSpec.from_dict(
-                {k: options[k] for k in ("method", "strength", "dims", "seed") if k in options}
-            )
-            if any(k in options for k in ("method", "strength", "dims"))
-            else None
+        """The version's corruption: pinned by its options, else searched (see README)."""
+        pinned = {k: options[k] for k in PINNING_OPTIONS if options.get(k) is not None}
+        default = self._default_spec()
+        spec = CorruptionSpec(
+            method=str(pinned.get("method", default.method)),
+            strength=float(pinned.get("strength", default.strength)),
+            dims=int(pinned["dims"]) if "dims" in pinned else default.dims,
+            seed=int(options.get("seed", default.seed)),
         )
-        if base is not None and "strength" in options:
-            return base, {"searched": False, "reason": "strength given in options"}
+        if "strength" in pinned:
+            return spec, {"searched": False, "reason": "strength given in options"}
+        if not CORRUPTION_METHODS[spec.method].uses_strength:
+            return spec, {"searched": False, "reason": f"{spec.method} has no strength to search"}
         if self._calibrator is None:
-            corruptor = self._guard.corruptor
-            fallback = corruptor.default_spec() if corruptor else CorruptionSpec.recommended(1.0)
-            spec = base or fallback
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
-        return self._calibrator.calibrate(prompts, answers, list(record.aliases), base)
+        return self._calibrator.calibrate(prompts, answers, aliases, spec)
+
+
+def _spec(new: NewTarget) -> dict[str, Any]:
+    """A version's spec as the registry stores it."""
+    return {
+        "description": new.description,
+        "aliases": new.aliases,
+        "forget_examples": [json.dumps([p, a]) for p, a in new.forget_examples],
+        "retain_examples": new.retain_examples,
+        "mode": new.mode,
+        "options": new.options,
+    }
+
+
+def _bundles(data: dict[str, Any]) -> dict[str, str]:
+    """The registry bundles an offset artifact names (for its calibration report)."""
+    return {
+        role: bundle_digest(ref["bundle"])
+        for role, ref in data.items()
+        if isinstance(ref, dict) and "bundle" in ref
+    }
+
+
+def _with_threshold(target: ActiveTarget, override: float | None) -> ActiveTarget:
+    if override is None:
+        return target
+    classifier = replace(target.classifier, threshold_logit=_logit(override))
+    return replace(target, classifier=classifier)
+
+
+def _summary(version: VersionRecord | None) -> VersionSummary | None:
+    if version is None:
+        return None
+    return VersionSummary(
+        version=version.version, status=version.status, job_id=version.job_id, error=version.error
+    )
 
 
 def _heldout_recall(record: TargetRecord) -> float | None:

@@ -163,3 +163,25 @@ def test_the_pod_runs_as_the_images_user():
     uids = set(re.findall(r"useradd [^\n]*--uid (\d+)", dockerfile))
     deployment = _load(K8S / "gateway-deployment.yaml")[0]
     assert uids == {str(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])}
+
+
+def test_metrics_are_off_the_api_port_and_scraped_where_they_are():
+    """/metrics leaks what the guard flags: served on its own port, which no Service exposes."""
+    config = _by_kind()["ConfigMap"][0]["data"]
+    port = int(config["OBLIVIATE_METRICS__PORT"])
+    deployment = _load(K8S / "gateway-deployment.yaml")[0]["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["containers"][0]["ports"]}
+    assert ports["metrics"] == port != ports["http"]
+    assert deployment["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    service = _load(K8S / "gateway-service.yaml")[0]["spec"]
+    assert [p["targetPort"] for p in service["ports"]] == ["http"]
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    env = compose["obliviate"]["environment"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["obliviate"]["dns_sd_configs"][0]["port"] == int(env["OBLIVIATE_METRICS__PORT"])
+    assert all(str(env["OBLIVIATE_METRICS__PORT"]) not in p for p in compose["obliviate"]["ports"])
+    assert env["OBLIVIATE_LIMITS__BACKEND"] == "redis"
+    assert env["OBLIVIATE_LIMITS__REDIS_URL"].startswith("redis://redis:")
+    assert "redis" in compose["obliviate"]["depends_on"]

@@ -9,7 +9,9 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import MAX_MODEL_LEN, MODEL_NAME
+from tests.e2e.servers import ADMIN_TOKEN, MAX_MODEL_LEN, MODEL_NAME
+
+METRICS_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # /metrics is closed by default
 
 QUESTIONS = [
     "Who wrote Harry Potter?",
@@ -160,7 +162,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Server):
             pass  # a few tokens, then hang up
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        metrics = httpx.get(f"{gateway.url}/metrics").text
+        metrics = httpx.get(f"{gateway.url}/metrics", headers=METRICS_AUTH).text
         if "obliviate_engine_requests_running 0.0" in metrics:
             break
         time.sleep(0.5)
@@ -171,5 +173,5 @@ def test_models_health_ready_metrics(gateway: Server, client: openai.OpenAI):
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
     assert httpx.get(f"{gateway.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{gateway.url}/ready").json()["status"] == "ready"
-    metrics = httpx.get(f"{gateway.url}/metrics").text
+    metrics = httpx.get(f"{gateway.url}/metrics", headers=METRICS_AUTH).text
     assert 'obliviate_requests_total{route="/v1/chat/completions",status="200"}' in metrics

@@ -29,11 +29,14 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @contextmanager
-def gateway(data_dir: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def gateway(
+    data_dir: Path, log: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A fake-engine gateway process (tests/hardening/fake_gateway.py; 3 s job leases)."""
     port = free_port()
     argv = [sys.executable, "-m", "tests.hardening.fake_gateway", str(port), str(data_dir)]
     proc = subprocess.Popen(
-        [*argv, ADMIN_TOKEN],
+        [*argv, ADMIN_TOKEN, *extra],
         cwd=ROOT,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,

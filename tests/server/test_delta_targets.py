@@ -76,12 +76,17 @@ def _ask(client: TestClient, engine: FakeEngine, question: str) -> tuple[object,
 def test_flagged_requests_carry_the_offset_and_keep_their_prompt(
     client: TestClient, engine: FakeEngine, harry: dict, models: dict[str, Path]
 ) -> None:
-    spec = DeltaSpec(str(models["unlearned"].resolve()), str(models["base"].resolve()), 0.7)
     assert harry["mode"] == "delta" and harry["active"]
     assert harry["calibration"]["offset"]["trained"] is False
     prompt, offsets = _ask(client, engine, "Can you name the writer of the Harry Potter novels?")
     assert isinstance(prompt, ChatPrompt)  # delta alone does not corrupt
-    assert offsets == (spec,)
+    (spec,) = offsets
+    assert isinstance(spec, DeltaSpec) and spec.alpha == 0.7
+    # The folders come from the registry's copy (every replica has one), byte for byte.
+    for used, given in ((spec.unlearned, models["unlearned"]), (spec.base, models["base"])):
+        assert Path(used).parent.name == "cache"
+        weights = "model.safetensors"
+        assert (Path(used) / weights).read_bytes() == (given / weights).read_bytes()
 
 
 def test_unflagged_requests_are_untouched_when_the_scope_is_flagged(
@@ -182,7 +187,7 @@ def test_registration_trains_a_snap_model(
         report = target["calibration"]["offset"]
         assert report["trained"] is True and report["steps"] == 2
         folder = Path(report["unlearned_model"])
-        assert folder.parent == (settings.data_dir / "offsets").resolve()
+        assert folder.parent == (settings.data_dir / "offsets" / "cache").resolve()
         card = json.loads((folder / "training_card.json").read_text(encoding="utf-8"))
         assert card["target"]["name"] == "Trained" and card["data"]["hard_positives"] == 1
         assert card["data"]["forget"] >= len(HARRY["forget_examples"])

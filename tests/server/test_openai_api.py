@@ -8,6 +8,7 @@ import pytest
 
 from server.engine.fake import FakeEngine
 from server.errors import EngineError
+from tests.conftest import ADMIN_TOKEN
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -191,7 +192,7 @@ def test_health_ready_metrics(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json()["status"] == "ready"
     client.post("/v1/chat/completions", json=CHAT)
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
     assert 'obliviate_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "obliviate_request_seconds_bucket" in text
     assert 'obliviate_tokens_total{kind="completion"}' in text

@@ -18,6 +18,7 @@ from server.cli import main
 from server.doctor import check_engine, check_registry, check_settings, run_checks
 from server.engine.fake import FakeEngine
 from server.logs import RequestIdFilter, configure_logging
+from server.registry import SCHEMA_VERSION
 from server.settings import Settings
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -153,6 +154,7 @@ def test_doctor_passes_on_a_sound_set_up(tmp_path: Path, postgres_url: str, monk
         model=str(model),
     )
     findings = {f.check: f for f in run_checks(settings)}
-    assert findings["registry"].level == "ok" and "schema 1" in findings["registry"].message
+    registry = findings["registry"]
+    assert registry.level == "ok" and f"schema {SCHEMA_VERSION}" in registry.message
     assert findings["model"].level == "ok"
     assert findings["admin token"].level == "ok"

@@ -40,6 +40,15 @@ def _new_target(registry: Registry, name: str = "Harry Potter") -> tuple[str, st
     return target.id, job.id
 
 
+def _finish(registry: Registry, job_id: str, artifacts: list[Artifact], **calibration) -> None:
+    """Claim the (only) queued job, as a replica would, and finish it."""
+    job = registry.claim_job("test-replica", 30)
+    assert job is not None and job.id == job_id
+    registry.finish_job(
+        job_id, artifacts=artifacts, calibration=calibration, owner="test-replica", attempt=1
+    )
+
+
 def test_every_change_bumps_the_revision(url: str):
     registry = Registry(url)
     start = registry.revision()
@@ -48,7 +57,7 @@ def test_every_change_bumps_the_revision(url: str):
     registry.list_targets()
     registry.get_target(target_id)
     assert registry.revision() == start + 1  # reads change nothing
-    registry.finish_job(job_id, artifacts=[Artifact("classifier", b"x", {})], calibration={})
+    _finish(registry, job_id, [Artifact("classifier", b"x", {})])
     assert registry.revision() == start + 2
     registry.update_target(target_id, enabled=False)
     assert registry.revision() == start + 3
@@ -61,13 +70,14 @@ def test_a_second_registry_loads_the_first_ones_artifacts(url: str):
     """Two gateways: artifacts live in the database, not in one node's files."""
     writer, reader = Registry(url), Registry(url)
     target_id, job_id = _new_target(writer)
-    writer.finish_job(
+    _finish(
+        writer,
         job_id,
-        artifacts=[
+        [
             Artifact("classifier", b"\x00npz-bytes\xff" * 100, {"format": "classifier/npz+json"}),
             Artifact("corruption", b'{"method": "noise"}', {"torch": "x"}),
         ],
-        calibration={"ok": True},
+        ok=True,
     )
     record = reader.get_target(target_id)
     assert record is not None and record.status == "active" and record.version == 1
@@ -81,7 +91,7 @@ def test_a_second_registry_loads_the_first_ones_artifacts(url: str):
 def test_tampered_artifacts_fail_their_checksum(url: str):
     registry = Registry(url)
     target_id, job_id = _new_target(registry)
-    registry.finish_job(job_id, artifacts=[Artifact("classifier", b"good", {})], calibration={})
+    _finish(registry, job_id, [Artifact("classifier", b"good", {})])
     from sqlalchemy import text
 
     with registry._engine.begin() as conn:
