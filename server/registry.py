@@ -395,6 +395,14 @@ class Registry:
             row = s.get(_Job, job_id)
             return _job(row) if row else None
 
+    def list_jobs(self, *, target_id: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """The newest jobs first, all of them or one target's."""
+        query = select(_Job).order_by(_Job.created_at.desc()).limit(limit)
+        if target_id is not None:
+            query = query.where(_Job.target_id == target_id)
+        with self._tx() as s:
+            return [_job(r) for r in s.scalars(query).all()]
+
     def unfinished_jobs(self) -> list[JobRecord]:
         """Jobs a previous process queued or ran but never finished (it crashed or stopped)."""
         with self._tx() as s:

@@ -130,6 +130,24 @@ class DeltaSettings(_Section):
     """Default SNAP learning rate for registration jobs."""
 
 
+class ConsoleSettings(_Section):
+    """The operators' web console at /admin/console (served with the admin API)."""
+
+    enabled: bool = True
+    """Serve the console (login with the admin token; it is kept in no URL and no cookie)."""
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    """How long a console login lasts."""
+    cookie_secure: bool | None = None
+    """Mark the session cookie Secure; None: when the request came over https (behind a TLS
+    proxy, let uvicorn see X-Forwarded-Proto or set this to true)."""
+    activity_bucket_s: int = Field(60, ge=1)
+    """Seconds per bar of the console's activity chart (samples of the decision counters)."""
+    activity_buckets: int = Field(60, ge=1, le=10_000)
+    """Bars kept (default: the last hour)."""
+    audit_entries: int = Field(500, ge=1, le=100_000)
+    """Latest audit entries kept in memory for the console (the audit log keeps them all)."""
+
+
 class Settings(BaseSettings):
     """Start the obliviate gateway (OpenAI-compatible API in front of a vLLM engine)."""
 
@@ -183,6 +201,7 @@ class Settings(BaseSettings):
     guard: GuardSettings = GuardSettings()
     delta: DeltaSettings = DeltaSettings()
     limits: LimitsSettings = LimitsSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -30,29 +30,33 @@ def get_target_service(request: Request) -> TargetService:
 TargetServiceDep = Annotated[TargetService, Depends(get_target_service)]
 
 
-def _job(job: JobRecord) -> JobResponse:
+def job_response(job: JobRecord) -> JobResponse:
+    """A job record as the API shows it."""
     return JobResponse(**{k: getattr(job, k) for k in JobResponse.model_fields if k != "object"})
+
+
+def new_target(body: CreateTargetRequest) -> NewTarget:
+    """The service's view of a registration request (the API's and the console's)."""
+    examples = [
+        (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
+    ]
+    return NewTarget(
+        name=body.name,
+        description=body.description,
+        aliases=body.aliases,
+        forget_examples=examples,
+        retain_examples=body.retain_examples,
+        mode=body.mode,
+        options=body.options.model_dump(exclude_none=True),
+    )
 
 
 @router.post("/targets", status_code=202, response_model=JobResponse)
 async def create_target(body: CreateTargetRequest, service: TargetServiceDep) -> Response:
     """Register a forget target; answers 202 with the registration job."""
-    examples = [
-        (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
-    ]
-    job = await service.register(
-        NewTarget(
-            name=body.name,
-            description=body.description,
-            aliases=body.aliases,
-            forget_examples=examples,
-            retain_examples=body.retain_examples,
-            mode=body.mode,
-            options=body.options.model_dump(exclude_none=True),
-        )
-    )
+    job = await service.register(new_target(body))
     return JSONResponse(
-        _job(job).model_dump(mode="json"),
+        job_response(job).model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/admin/jobs/{job.id}"},
     )
@@ -61,7 +65,7 @@ async def create_target(body: CreateTargetRequest, service: TargetServiceDep) ->
 @router.get("/jobs/{job_id}", response_model=JobResponse)
 async def get_job(job_id: str, service: TargetServiceDep) -> JobResponse:
     """A registration job's progress and outcome."""
-    return _job(await service.get_job(job_id))
+    return job_response(await service.get_job(job_id))
 
 
 @router.get("/targets", response_model=TargetList)
