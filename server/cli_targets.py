@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliImplicitFlag,
+    CliPositionalArg,
+    CliSubCommand,
+    SettingsConfigDict,
+)
 
 from server.admin_client import (
     DEFAULT_URL,
@@ -384,3 +391,22 @@ class Targets(BaseModel):
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
+
+
+class _TargetsOnly(BaseSettings):
+    """obliviate: an OpenAI-compatible gateway that makes a served LLM forget."""
+
+    # The same `obliviate targets` as server.cli's, without importing the rest of the CLI.
+    model_config = SettingsConfigDict(
+        cli_prog_name="obliviate", cli_kebab_case=True, env_prefix="OBLIVIATE_CLI_"
+    )
+
+    targets: CliSubCommand[Targets]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def run(argv: list[str]) -> None:
+    """`obliviate targets …` with `argv` starting at `targets`."""
+    CliApp.run(_TargetsOnly, cli_args=argv)

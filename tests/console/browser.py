@@ -42,7 +42,10 @@ def browser_page(viewport: tuple[int, int] = (1366, 860)) -> Iterator[Any]:
     executable = chromium_path()
     if executable is None:
         raise RuntimeError("no chromium on PATH: run scripts/setup.sh (Debian package chromium)")
-    with tempfile.TemporaryDirectory(prefix="obliviate-chromium-") as profile, sync_playwright() as p:
+    with (
+        tempfile.TemporaryDirectory(prefix="obliviate-chromium-") as profile,
+        sync_playwright() as p,
+    ):
         context = p.chromium.launch_persistent_context(
             profile,
             executable_path=executable,
