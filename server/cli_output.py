@@ -39,7 +39,7 @@ class Output:
         # Piped output is read by people in logs too: wide enough that ids are never cut.
         width = None if sys.stdout.isatty() else 200
         self.out = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
-        self.err = Console(file=sys.stderr, highlight=False)
+        self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
     def _json(self, data: Any) -> None:
         sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
