@@ -90,6 +90,17 @@ def _target(gateway: Server, name: str) -> dict[str, Any] | None:
     return next((t for t in targets if t["name"] == name), None)
 
 
+JOB_STATE = """() => {
+  const box = document.querySelector("#job-status");
+  const current = box.querySelector("li[aria-current='step']");
+  return {
+    status: box.dataset.status,
+    stage: current ? current.dataset.stage : "",
+    progress: box.querySelector("progress").getAttribute("value"),
+  };
+}"""
+
+
 @pytest.fixture(scope="module")
 def registered(
     gateway: Server, page: Any, shots: Path, timings: dict[str, Any]
@@ -119,19 +130,10 @@ def registered(
     status = ""
     while status not in ("succeeded", "failed"):
         assert time.monotonic() - started < 600, seen
-        box = page.locator("#job-status")
-        status = box.get_attribute("data-status") or ""
-        current = page.locator("#job-status li[aria-current='step']")
-        stage = (current.get_attribute("data-stage") or "") if current.count() else ""
+        state = page.evaluate(JOB_STATE)  # one read of the DOM that htmx keeps swapping
+        status, stage = state["status"], state["stage"]
         if not seen or (seen[-1]["status"], seen[-1]["stage"]) != (status, stage):
-            seen.append(
-                {
-                    "s": round(time.monotonic() - started, 1),
-                    "status": status,
-                    "stage": stage,
-                    "progress": page.locator("#job-status progress").get_attribute("value"),
-                }
-            )
+            seen.append({"s": round(time.monotonic() - started, 1), **state})
             if stage == "corruption":
                 screenshot(page, shots, "console-job-running")
         time.sleep(0.5)
