@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from server.protocol.admin import ClassifyRequest, ClassifyResponse, JobResponse
+from server.protocol.chat import ChatMessage
 
 
 class JobList(BaseModel):
@@ -18,6 +19,7 @@ class JobList(BaseModel):
 class PlaygroundRequest(ClassifyRequest):
     """A prompt (one user turn) or a conversation, answered twice: bare and guarded."""
 
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     max_tokens: int = Field(64, ge=1, le=512, description="Length of each of the two answers.")
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from pydantic import ValidationError
+
 from server.engine import ChatPrompt, Engine, GenerationRequest, SamplingOptions
-from server.errors import GatewayError
+from server.errors import GatewayError, InvalidRequestError, validation_message
 from server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from server.protocol.common import ChatMessageParam
 from server.protocol.operations import PlaygroundResponse, Refusal
@@ -33,10 +35,11 @@ class PlaygroundService:
         self, messages: list[ChatMessageParam], *, max_tokens: int
     ) -> PlaygroundResponse:
         request_id = f"playground-{uuid.uuid4().hex[:16]}"
+        request = self._chat_request(messages, max_tokens)  # refuses what a client would get
         classification = await self._targets.dry_run(prompt=None, messages=messages)
         bare, guarded = await asyncio.gather(
             self._bare(messages, max_tokens, request_id),
-            self._guarded(messages, max_tokens, request_id),
+            self._guarded(request, request_id),
             return_exceptions=True,
         )
         if isinstance(bare, BaseException):
@@ -68,15 +71,22 @@ class PlaygroundService:
             parts += [c.text for c in chunk.choices]
         return "".join(parts)
 
-    async def _guarded(self, messages: list[ChatMessageParam], max_tokens: int, rid: str) -> str:
-        request = ChatCompletionRequest.model_validate(
-            {
-                "model": self._engine.model.id,
-                "messages": messages,
-                "max_tokens": max_tokens,
-                "temperature": 0.0,
-            }
-        )
+    def _chat_request(
+        self, messages: list[ChatMessageParam], max_tokens: int
+    ) -> ChatCompletionRequest:
+        body = {
+            "model": self._engine.model.id,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        }
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            message, param = validation_message([dict(d) for d in e.errors()])
+            raise InvalidRequestError(message, param=param) from e
+
+    async def _guarded(self, request: ChatCompletionRequest, rid: str) -> str:
         response = await self._generation.create_chat_completion(request, rid)
         assert isinstance(response, ChatCompletionResponse)  # stream=False
         return response.choices[0].message.content or ""

@@ -290,6 +290,12 @@ def test_jobs_and_playground_json_endpoints(client: TestClient, registry: Regist
     assert answer["classification"]["flagged"] is False
     both = client.post("/admin/playground", json={"prompt": "a", "messages": []}, headers=AUTH)
     assert both.status_code == 400
+    empty = client.post("/admin/playground", json={"messages": []}, headers=AUTH)
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
+    huge = client.post(
+        "/admin/playground", json={"prompt": "a", "max_tokens": 10_000}, headers=AUTH
+    )
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_tokens"
 
 
 def test_static_files_are_served(client: TestClient) -> None:
