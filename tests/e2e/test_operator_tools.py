@@ -85,6 +85,10 @@ def page(gateway: Server) -> Iterator[Any]:
         yield p
 
 
+def _cli_env(gateway: Server, token: str = ADMIN_TOKEN) -> dict[str, str]:
+    return {**os.environ, "OBLIVIATE_URL": gateway.url, "OBLIVIATE_ADMIN_TOKEN": token}
+
+
 def _target(gateway: Server, name: str) -> dict[str, Any] | None:
     targets = httpx.get(f"{gateway.url}/admin/targets", headers=AUTH).json()["data"]
     return next((t for t in targets if t["name"] == name), None)
@@ -126,6 +130,15 @@ def registered(
     page.get_by_role("button", name="Register").click()
     page.wait_for_url(f"{console}/jobs/*")
     page.evaluate("window.__sameDocument = true")  # gone if the page reloads instead of polling
+    # An operator at a terminal follows the same job with `obliviate targets wait`.
+    job_id = page.url.rsplit("/", 1)[1]
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "server", "targets", "wait", job_id],
+        env=_cli_env(gateway),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: list[dict[str, Any]] = []
     status = ""
     while status not in ("succeeded", "failed"):
@@ -139,12 +152,18 @@ def registered(
         time.sleep(0.5)
     timings["console_registration_s"] = round(time.monotonic() - started, 1)
     timings["console_job_page"] = seen
+    wait_out, wait_err = waiting.communicate(timeout=120)
+    timings["cli_wait_output"] = wait_out.splitlines()
     assert page.evaluate("window.__sameDocument") is True
     screenshot(page, shots, "console-job")
     assert status == "succeeded", page.locator("#job-status").inner_text()
     target = _target(gateway, "Harry Potter")
     assert target is not None and target["active"]
-    yield {"target": target, "stages": seen}
+    yield {
+        "target": target,
+        "stages": seen,
+        "wait": (waiting.returncode, wait_out, wait_err),
+    }
     if _target(gateway, "Harry Potter") is not None:
         httpx.delete(f"{gateway.url}/admin/targets/{target['id']}", headers=AUTH)
 
@@ -182,7 +201,7 @@ def test_targets_page_shows_the_calibration(
     strength = target["calibration"]["corruption"]["spec"]["strength"]
     assert cells[6].startswith(f"{strength:.3f}")
     screenshot(page, shots, "console-targets")
-    row.get_by_role("link", name="Harry Potter").click()
+    row.get_by_role("link", name="Harry Potter", exact=True).click()
     assert page.get_by_role("heading", name="Calibration").is_visible()
     screenshot(page, shots, "console-target")
 
@@ -264,10 +283,9 @@ def test_delete_asks_for_confirmation(
 def obliviate(
     gateway: Server, *args: str, token: str = ADMIN_TOKEN
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OBLIVIATE_URL": gateway.url, "OBLIVIATE_ADMIN_TOKEN": token}
     return subprocess.run(
         [sys.executable, "-m", "server", "targets", *args],
-        env=env,
+        env=_cli_env(gateway, token),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -280,14 +298,32 @@ def as_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(result.stdout)
 
 
+def test_cli_wait_followed_the_same_job(registered: dict[str, Any]) -> None:
+    code, out, err = registered["wait"]
+    assert code == 0, err
+    lines = out.splitlines()
+    stages = [line.split()[-2] for line in lines[:-1] if line.split()]
+    assert "corruption" in stages and stages[-1] == "done", lines  # it saw the long stage
+    assert lines[-1].startswith("✓ Harry Potter is active (version 1): threshold ")
+
+
 @pytest.fixture(scope="module")
 def cli_target(
-    gateway: Server, tmp_path_factory: pytest.TempPathFactory, timings: dict[str, Any]
+    gateway: Server,
+    registered: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+    timings: dict[str, Any],
 ) -> Iterator[dict[str, Any]]:
+    """Registered with the CLI. The strength search (the long part, followed live above) is
+    skipped by pinning the corruption to the one just calibrated for the console's target."""
+    spec = registered["target"]["calibration"]["corruption"]["spec"]
     path = tmp_path_factory.mktemp("cli") / "sherlock.yaml"
     path.write_text(CLI_TARGET_YAML)
     started = time.monotonic()
-    result = obliviate(gateway, "add", "--file", str(path), "--wait")
+    result = obliviate(
+        gateway, "add", "--file", str(path), "--wait",
+        "--option", f"method={spec['method']}", "--option", f"strength={spec['strength']}",
+    )  # fmt: skip
     timings["cli_registration_s"] = round(time.monotonic() - started, 1)
     timings["cli_output"] = result.stdout.splitlines()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -302,9 +338,19 @@ def test_cli_add_follows_the_job_to_the_end(cli_target: dict[str, Any]) -> None:
     lines = cli_target["stdout"].splitlines()
     assert lines[0].startswith("Registering: job ")
     stages = [line.split()[-2] for line in lines[1:-1] if line.split()]
-    assert {"corruption", "done"} <= set(stages), lines
+    assert stages[-1] == "done", lines
     assert lines[-1].startswith("✓ Sherlock Holmes is active (version 1)")
-    assert cli_target["target"]["mode"] == "eco" and cli_target["target"]["active"]
+    target = cli_target["target"]
+    assert target["mode"] == "eco" and target["active"]
+    assert target["description"] == "The detective stories of Arthur Conan Doyle."
+    assert target["aliases"] == [
+        "Sherlock Holmes",
+        "Dr. Watson",
+        "Baker Street",
+        "Arthur Conan Doyle",
+    ]
+    assert target["n_forget_examples"] == 3 and target["n_retain_examples"] == 1
+    assert target["calibration"]["corruption"]["searched"] is False  # the pinned options arrived
 
 
 def test_cli_manages_the_target(gateway: Server, cli_target: dict[str, Any]) -> None:
