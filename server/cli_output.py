@@ -20,9 +20,15 @@ from rich.prompt import Confirm
 from rich.table import Table
 from rich.text import Text
 
-from server.console.views import figures, highlight, num, pct, seconds
+from server.console.views import figures, highlight, num, pct
 
 Json = dict[str, Any]
+
+
+def _clock(elapsed: float) -> str:
+    """Elapsed time as m:ss."""
+    s = int(elapsed)
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def _applied(t: Json) -> str:
@@ -78,7 +84,7 @@ class Output:
                     last.append((key, now))
                     self.out.print(
                         Text(
-                            f"{seconds(time.monotonic() - started):>9}  {job['status']:<9} "
+                            f"{_clock(time.monotonic() - started):>6}  {job['status']:<9} "
                             f"{job['stage'] or '-':<14} {pct(job['progress'], 0):>4}"
                         )
                     )

@@ -215,7 +215,7 @@ def test_playground_flags_the_prompt_and_shows_both_answers(
     guarded = page.locator("#guarded-answer")
     guarded.wait_for(timeout=120_000)
     assert page.get_by_role("heading", name="Flagged: Harry Potter").is_visible()
-    assert page.locator("#result mark").all_inner_texts() == ["Harry Potter"]
+    assert page.locator("#result blockquote.classified mark").all_inner_texts() == ["Harry Potter"]
     row = page.locator("#result tbody tr").filter(has_text="Harry Potter")
     assert "flagged" in row.inner_text()
     bare = page.locator("#bare-answer").inner_text().lower()
