@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -409,4 +409,10 @@ class _TargetsOnly(BaseSettings):
 
 def run(argv: list[str]) -> None:
     """`obliviate targets …` with `argv` starting at `targets`."""
-    CliApp.run(_TargetsOnly, cli_args=argv)
+    try:
+        CliApp.run(_TargetsOnly, cli_args=argv)
+    except ValidationError as e:  # a flag's value is wrong: say which, like argparse does
+        for err in e.errors():
+            where = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "argument"
+            sys.stderr.write(f"error: {where}: {err['msg']}\n")
+        raise SystemExit(USAGE) from None

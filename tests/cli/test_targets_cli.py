@@ -80,6 +80,8 @@ def test_json_files_are_read_as_json(tmp_path: Path) -> None:
         (["add", "--name", "X", "--example", "Who?", "--option", "novalue"], "KEY=VALUE"),
         (["add", "--file", "/nonexistent/target.yaml"], "cannot read"),
         (["threshold", "X", "high"], "not a number"),
+        (["add", "--name", "X", "--example", "Who?", "--mode", "nope"], "--mode"),
+        (["add", "--name", "X", "--example", "Who?", "--fpr", "lots"], "--fpr"),
     ],
 )
 def test_usage_errors_exit_2(
