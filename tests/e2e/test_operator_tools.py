@@ -52,8 +52,8 @@ description: The detective stories of Arthur Conan Doyle.
 aliases: [Sherlock Holmes, Dr. Watson, Baker Street, Arthur Conan Doyle]
 forget_examples:
   - Who wrote the Sherlock Holmes stories?
-  - Where does Sherlock Holmes live?
-  - Who is Sherlock Holmes's friend and assistant?
+  - {prompt: "Where does Sherlock Holmes live?", answer: At 221B Baker Street in London.}
+  - {prompt: "Who is Sherlock Holmes's friend and assistant?", answer: Dr. John Watson.}
 retain_examples:
   - Who wrote Murder on the Orient Express?
 """
