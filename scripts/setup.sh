@@ -35,31 +35,29 @@ if [[ ! -f "$stamp" ]]; then
   touch "$stamp"
 fi
 
-# The tests start a throwaway PostgreSQL server (several gateways on one registry): with the dev
-# extras, install Debian's package when initdb is nowhere to be found. Quick when it is there.
-if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v initdb >/dev/null 2>&1 \
-  && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+# Servers and a browser the tests start themselves, from Debian's packages when missing (with the
+# dev extras only; quick when they are there). Without apt-get their tests skip locally.
+apt_install() {  # PACKAGE WHY
   if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-    echo "Installing PostgreSQL (Debian package) for the registry tests..."
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    echo "Installing $1 (Debian package) for $2..."
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$1"
   else
-    echo "PostgreSQL is not installed and apt-get is missing: the PostgreSQL tests will skip." >&2
+    echo "$1 is not installed and apt-get is missing: $2 will skip." >&2
   fi
-fi
-
-# The shared rate-limit tests start a throwaway Redis server: install Debian's when missing.
-if [[ ",$EXTRAS," == *,dev,* ]] && ! command -v redis-server >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-    echo "Installing redis-server (Debian package) for the shared rate-limit tests..."
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server
-  else
-    echo "redis-server is not installed and apt-get is missing: the Redis tests will skip." >&2
+}
+if [[ ",$EXTRAS," == *,dev,* ]]; then
+  # Several gateways on one registry: a throwaway PostgreSQL server (initdb + pg_ctl).
+  if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    apt_install postgresql "the registry tests"
+  fi
+  # Rate limits shared across replicas: a throwaway Redis server.
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server "the shared rate-limit tests"
+  # The console's browser tests drive a real headless Chromium (Playwright never downloads one).
+  if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    apt_install chromium "the console's browser tests"
   fi
 fi
 

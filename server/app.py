@@ -10,11 +10,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import AdminAuthMiddleware, ApiKeys
+from server.console import ConsoleSessions
 from server.deps import build_engine, build_guard, local_model_dir
 from server.engine import Engine
 from server.errors import (
@@ -30,10 +31,13 @@ from server.limits import AdmissionQueue, BodyLimitMiddleware, Limiter, LocalLim
 from server.logs import RequestIdMiddleware
 from server.metrics import Metrics, MetricsAuthMiddleware, MetricsMiddleware, start_metrics_server
 from server.registry import Registry
-from server.routes import admin, health, openai
+from server.routes import admin, health, openai, operations
+from server.routes.console import console_error, mount_console
+from server.services.activity import ActivityRecorder, AuditTrail
 from server.services.failsafe import FailSafeGuard
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
 from server.services.output_guard import OutputGuard, OutputWatcher
+from server.services.playground import PlaygroundService
 from server.services.registry_sync import RegistryPoller
 from server.services.request_limits import RequestLimits
 from server.services.targets import TargetService
@@ -47,6 +51,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     """Build the gateway. `engine` replaces the one the settings describe (tests, embedding)."""
     settings = settings or Settings()
     metrics = Metrics()
+    activity = ActivityRecorder(
+        metrics, bucket_s=settings.console.activity_bucket_s, keep=settings.console.activity_buckets
+    )
+    audit_trail = AuditTrail(settings.console.audit_entries)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,6 +94,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         )
         app.state.generation = GenerationService(chosen, guard, metrics, request_limits, output)
         app.state.targets = targets
+        if targets is not None:
+            app.state.playground = PlaygroundService(targets, app.state.generation, chosen)
+            app.state.activity, app.state.audit_trail = activity, audit_trail
+            audit_trail.install()
+            await activity.start()
         app.state.engine_failure = None
         app.state.draining = False
         starter = asyncio.create_task(_start_engine(app, chosen))
@@ -117,6 +130,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 await poller.stop()
             if targets is not None:
                 await targets.stop()
+                await activity.stop()
+                audit_trail.remove()
             await chosen.stop()
             if registry is not None:
                 registry.close()
@@ -136,8 +151,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.include_router(health.router)
     if settings.admin_enabled and settings.guard.enabled:
         app.include_router(admin.router)
+        app.include_router(operations.router)
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
-        app.add_middleware(AdminAuthMiddleware, token=token)
+        sessions = None
+        if settings.console.enabled:
+            max_age = round(settings.console.session_hours * 3600)
+            sessions = ConsoleSessions(token, max_age_s=max_age)
+            mount_console(app, sessions, cookie_secure=settings.console.cookie_secure)
+        app.add_middleware(AdminAuthMiddleware, token=token, sessions=sessions)
     _register_error_handlers(app)
     _add_v1_gate(app, settings, metrics)
     app.add_middleware(DrainMiddleware, drain=drain)  # outside the /v1 gate: queued ones count
@@ -204,24 +225,26 @@ def _register_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(err), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: Any) -> JSONResponse:
-        return respond(exc)
+    async def gateway_error(request: Request, exc: Any) -> Response:
+        return console_error(request, exc) or respond(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: Any) -> JSONResponse:
+    async def validation_error(request: Request, exc: Any) -> Response:
         message, param = validation_message(list(exc.errors()))
-        return respond(InvalidRequestError(message, param=param))
+        err = InvalidRequestError(message, param=param)
+        return console_error(request, err) or respond(err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: Any) -> JSONResponse:
+    async def http_error(request: Request, exc: Any) -> Response:
         if exc.status_code == 404:
-            return respond(NotFoundError("No such route"))
-        if exc.status_code == 413:
-            return respond(PayloadTooLargeError(str(exc.detail), code="request_too_large"))
-        err = GatewayError(str(exc.detail))
-        err.status_code = exc.status_code
-        err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        return respond(err)
+            err: GatewayError = NotFoundError("No such route")
+        elif exc.status_code == 413:
+            err = PayloadTooLargeError(str(exc.detail), code="request_too_large")
+        else:
+            err = GatewayError(str(exc.detail))
+            err.status_code = exc.status_code
+            err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return console_error(request, err) or respond(err)
 
     @app.exception_handler(DBAPIError)
     async def registry_unreachable(_: Request, exc: Any) -> JSONResponse:

@@ -5,13 +5,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from pathlib import Path
+from urllib.parse import quote
 
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.console.session import COOKIE_NAME, ConsoleSessions
 from server.errors import AuthenticationError, error_body
 
 ADMIN_PREFIX = "/admin"
+CONSOLE_PREFIX = "/admin/console"
+CONSOLE_LOGIN = CONSOLE_PREFIX + "/login"
+# The only /admin paths open without a token: the login form and the console's static files
+# (plain names, no dot segments or doubled slashes).
+_CONSOLE_STATIC = re.compile(r"/admin/console/static/[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def _digest(token: str) -> bytes:
@@ -24,46 +33,84 @@ class AdminAuthMiddleware:
     Only the token's sha256 is kept, and digests are compared in constant time, so neither the
     token nor its length leaks through memory dumps or timing. `token=None` means the operator
     explicitly chose the insecure development mode.
+
+    With `sessions` (the web console on), /admin/console also takes a console session cookie
+    instead of the header, its login page and static files need neither, and a browser without a
+    session is sent to the login page. The cookie opens nothing outside /admin/console. How the
+    request was let in is left in `scope["state"]["admin_auth"]` (`bearer`, `session`, `open`)
+    for the console's CSRF check.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str | None, sessions: ConsoleSessions | None = None
+    ) -> None:
         self.app = app
         self._digest = _digest(token) if token is not None else None
+        self._sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if (
-            scope["type"] != "http"
-            or self._digest is None
-            or not (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"))
+        if scope["type"] != "http" or not (
+            path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
         ):
             await self.app(scope, receive, send)
             return
-        given = b""
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                given = value
-        scheme, _, token = given.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(_digest(token.strip()), self._digest):
-            await self.app(scope, receive, send)
+        if self._digest is None:
+            await self._let_in(scope, receive, send, "open")
             return
-        err = AuthenticationError(
-            "Missing or invalid admin token (Authorization: Bearer <OBLIVIATE_ADMIN_TOKEN>)",
-            code="invalid_admin_token",
+        headers = dict(scope.get("headers", []))
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(_digest(token.strip()), self._digest):
+            await self._let_in(scope, receive, send, "bearer")
+            return
+        console = self._sessions is not None and (
+            path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
         )
-        body = json.dumps(error_body(err)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="obliviate-admin"'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        if console and (path == CONSOLE_LOGIN or _CONSOLE_STATIC.fullmatch(path)):
+            await self._let_in(scope, receive, send, "open")
+            return
+        if console and self._sessions is not None:
+            cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
+            if self._sessions.verify(cookies.get(COOKIE_NAME)) is not None:
+                await self._let_in(scope, receive, send, "session")
+                return
+            if scope.get("method") in ("GET", "HEAD") and b"hx-request" not in headers:
+                await _redirect_to_login(path, send)
+                return
+        await _refuse(send, htmx=console and b"hx-request" in headers)
+
+    async def _let_in(self, scope: Scope, receive: Receive, send: Send, how: str) -> None:
+        scope.setdefault("state", {})["admin_auth"] = how
+        await self.app(scope, receive, send)
+
+
+async def _redirect_to_login(path: str, send: Send) -> None:
+    location = f"{CONSOLE_LOGIN}?next={quote(path, safe='/')}"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _refuse(send: Send, *, htmx: bool) -> None:
+    err = AuthenticationError(
+        "Missing or invalid admin token (Authorization: Bearer <OBLIVIATE_ADMIN_TOKEN>)",
+        code="invalid_admin_token",
+    )
+    body = json.dumps(error_body(err)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b'Bearer realm="obliviate-admin"'),
+    ]
+    if htmx:  # a console page whose session ran out while it polled: htmx goes to the login
+        headers.append((b"hx-redirect", CONSOLE_LOGIN.encode()))
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ApiKeys:

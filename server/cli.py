@@ -1,4 +1,4 @@
-"""`obliviate` command line: serve, models pull / list, doctor."""
+"""`obliviate` command line: serve, targets, models pull / list, doctor, snap, eval."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfi
 
 from evaluation.cli import TofuCommand
 from offset.snap import SnapJob
+from server.cli_targets import Targets
 from server.settings import Settings
 
 
@@ -125,6 +126,7 @@ class Obliviate(BaseSettings):
     model_config = SettingsConfigDict(cli_prog_name="obliviate", cli_kebab_case=True)
 
     serve: CliSubCommand[Serve]
+    targets: CliSubCommand[Targets]
     models: CliSubCommand[Models]
     eval: CliSubCommand[Eval]
     doctor: CliSubCommand[Doctor]

@@ -4,6 +4,7 @@
     ├── InvalidRequestError           400 invalid_request_error (param names the field)
     │   └── ContextLengthError        400 code=context_length_exceeded
     ├── AuthenticationError           401 authentication_error
+    ├── PermissionDeniedError         403 permission_error (console: CSRF check failed)
     ├── NotFoundError                 404 not_found_error (code=model_not_found for models)
     ├── ConflictError                 409 conflict_error
     ├── RateLimitError                429 rate_limit_error (Retry-After)
@@ -59,6 +60,11 @@ class PayloadTooLargeError(InvalidRequestError):
 class AuthenticationError(GatewayError):
     status_code = HTTPStatus.UNAUTHORIZED
     error_type = "authentication_error"
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = HTTPStatus.FORBIDDEN
+    error_type = "permission_error"
 
 
 class NotFoundError(GatewayError):

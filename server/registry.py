@@ -440,6 +440,14 @@ class Registry:
             row = s.get(JobRow, job_id)
             return job_record(row) if row else None
 
+    def list_jobs(self, *, target_id: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """The newest jobs first, all of them or one target's."""
+        query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+        if target_id is not None:
+            query = query.where(JobRow.target_id == target_id)
+        with self._tx() as s:
+            return [job_record(r) for r in s.scalars(query).all()]
+
     def unfinished_jobs(self) -> list[JobRecord]:
         """Jobs queued or running (under a lease, or left by a replica that died)."""
         with self._tx() as s:

@@ -174,6 +174,24 @@ class JobsSettings(_Section):
     """Versions kept per target for rollback (the active one always stays)."""
 
 
+class ConsoleSettings(_Section):
+    """The operators' web console at /admin/console (served with the admin API)."""
+
+    enabled: bool = True
+    """Serve the console (login with the admin token; it is kept in no URL and no cookie)."""
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    """How long a console login lasts."""
+    cookie_secure: bool | None = None
+    """Mark the session cookie Secure; None: when the request came over https (behind a TLS
+    proxy, let uvicorn see X-Forwarded-Proto or set this to true)."""
+    activity_bucket_s: int = Field(60, ge=1)
+    """Seconds per bar of the console's activity chart (samples of the decision counters)."""
+    activity_buckets: int = Field(60, ge=1, le=10_000)
+    """Bars kept (default: the last hour)."""
+    audit_entries: int = Field(500, ge=1, le=100_000)
+    """Latest audit entries kept in memory for the console (the audit log keeps them all)."""
+
+
 class Settings(BaseSettings):
     """Start the obliviate gateway (OpenAI-compatible API in front of a vLLM engine)."""
 
@@ -229,6 +247,8 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     jobs: JobsSettings = JobsSettings()
     metrics: MetricsSettings = MetricsSettings()
+
+    console: ConsoleSettings = ConsoleSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -34,16 +34,18 @@ def get_target_service(request: Request) -> TargetService:
 TargetServiceDep = Annotated[TargetService, Depends(get_target_service)]
 
 
-def _job(job: JobRecord) -> JobResponse:
+def job_response(job: JobRecord) -> JobResponse:
+    """A job record as the API shows it."""
     return JobResponse(**{k: getattr(job, k) for k in JobResponse.model_fields if k != "object"})
 
 
-def _new_target(body: CreateTargetRequest, name: str) -> NewTarget:
+def new_target(body: CreateTargetRequest, name: str | None = None) -> NewTarget:
+    """The service's view of a registration request (the API's and the console's)."""
     examples = [
         (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
     ]
     return NewTarget(
-        name=name,
+        name=name or body.name,
         description=body.description,
         aliases=body.aliases,
         forget_examples=examples,
@@ -55,7 +57,7 @@ def _new_target(body: CreateTargetRequest, name: str) -> NewTarget:
 
 def _accepted(job: JobRecord) -> Response:
     return JSONResponse(
-        _job(job).model_dump(mode="json"),
+        job_response(job).model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/admin/jobs/{job.id}"},
     )
@@ -64,7 +66,7 @@ def _accepted(job: JobRecord) -> Response:
 @router.post("/targets", status_code=202, response_model=JobResponse)
 async def create_target(body: CreateTargetRequest, service: TargetServiceDep) -> Response:
     """Register a forget target; answers 202 with the registration job."""
-    return _accepted(await service.register(_new_target(body, body.name)))
+    return _accepted(await service.register(new_target(body)))
 
 
 @router.put("/targets/{target_id}", status_code=202, response_model=JobResponse)
@@ -74,7 +76,7 @@ async def put_target(
     """Register the target's next version (202 + job); the active version stays until it is
     ready, and stays if it fails."""
     name = body.name or (await service.get_target(target_id)).name
-    return _accepted(await service.new_version(target_id, _new_target(body, name)))
+    return _accepted(await service.new_version(target_id, new_target(body, name)))
 
 
 @router.post("/targets/{target_id}/rollback", response_model=TargetResponse)
@@ -116,7 +118,7 @@ def _version(v: VersionRecord, active: int | None) -> VersionResponse:
 @router.get("/jobs/{job_id}", response_model=JobResponse)
 async def get_job(job_id: str, service: TargetServiceDep) -> JobResponse:
     """A registration job's progress and outcome."""
-    return _job(await service.get_job(job_id))
+    return job_response(await service.get_job(job_id))
 
 
 @router.get("/targets", response_model=TargetList)

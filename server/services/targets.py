@@ -312,6 +312,12 @@ class TargetService:
             raise NotFoundError(f"No job {job_id}", param="job_id")
         return job
 
+    async def list_jobs(self, target_id: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """The newest jobs first, all of them or one target's."""
+        return await asyncio.to_thread(
+            lambda: self._registry.list_jobs(target_id=target_id, limit=limit)
+        )
+
     async def update_target(self, target_id: str, changes: dict[str, Any]) -> TargetRecord:
         """Enable, disable or override the threshold; the guard follows at once."""
         async with self._write_lock:

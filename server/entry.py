@@ -1,0 +1,22 @@
+"""The `obliviate` console script: `targets` starts fast, everything else loads the full CLI.
+
+`obliviate targets …` is a thin client of a gateway's admin API; importing the full command line
+(`server.cli`) would import torch and the evaluation stack first, seconds per command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `obliviate` console script and `python -m server`."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["targets"]:
+        from server.cli_targets import run
+
+        run(args)
+        return
+    from server.cli import main as full
+
+    full(args)
