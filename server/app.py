@@ -34,6 +34,7 @@ from server.services.failsafe import FailSafeGuard
 from server.services.generation import GenerationService, PassthroughGuard, PromptGuard
 from server.services.registry_sync import RegistryPoller
 from server.services.request_limits import RequestLimits
+from server.services.responses import ResponsesService
 from server.services.targets import TargetService
 from server.settings import Settings
 from server.shutdown import Drain, DrainMiddleware
@@ -69,7 +70,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         request_limits = RequestLimits(
             lim.max_prompt_chars, lim.max_prompt_tokens, lim.max_tokens, lim.max_n
         )
-        app.state.generation = GenerationService(chosen, guard, metrics, request_limits)
+        app.state.generation = generation = GenerationService(
+            chosen, guard, metrics, request_limits
+        )
+        app.state.responses = ResponsesService(generation)
         app.state.targets = targets
         app.state.engine_failure = None
         app.state.draining = False
@@ -109,6 +113,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     metrics.watch_engine(lambda: getattr(getattr(app.state, "engine", None), "running", 0))
     app.state.drain = drain = Drain(on_begin=lambda: setattr(app.state, "draining", True))
     app.include_router(openai.router)
+    app.include_router(openai.tokens_router)
     app.include_router(health.router)
     if settings.admin_enabled and settings.guard.enabled:
         app.include_router(admin.router)
@@ -126,9 +131,10 @@ def _add_v1_gate(app: FastAPI, settings: Settings) -> None:
     """API keys, per-key rate limits and the admission queue in front of /v1 (server.limits)."""
     lim = settings.limits
     keys = [k.get_secret_value() for k in lim.api_keys]
+    app.state.api_keys = api_keys = ApiKeys.load(keys, lim.api_keys_file)
     app.add_middleware(
         V1Gate,
-        keys=ApiKeys.load(keys, lim.api_keys_file),
+        keys=api_keys,
         rate=RateLimiter(lim.requests_per_minute) if lim.requests_per_minute else None,
         admission=AdmissionQueue(lim.max_concurrent_requests, lim.max_queued_requests),
         retry_after_s=lim.retry_after_s,

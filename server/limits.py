@@ -25,7 +25,7 @@ from server.auth import ApiKeys
 from server.errors import AuthenticationError, GatewayError, RateLimitError, error_body
 
 V1_PREFIX = "/v1/"
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
 class TokenBucket:

@@ -113,6 +113,23 @@ class LimitsSettings(_Section):
     """Per-key rate limit (token bucket; with no keys: per client address); None: no limit."""
 
 
+class ToolsSettings(_Section):
+    """Tool calling (vLLM's `--tool-call-parser` and `--enable-auto-tool-choice`)."""
+
+    tool_call_parser: str | None = None
+    """vLLM tool-call parser for the served model's format (e.g. hermes, llama3_json,
+    pythonic); needed for tool_choice `required` or a named tool. engine=openai_upstream: the
+    upstream's parser, used for flagged requests (sent as prompt embeddings)."""
+    enable_auto_tool_choice: bool = False
+    """Let the model decide when to call tools (tool_choice `auto`, the default with tools)."""
+
+    @model_validator(mode="after")
+    def _parser_for_auto(self) -> ToolsSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("tools.enable_auto_tool_choice needs tools.tool_call_parser")
+        return self
+
+
 class DeltaSettings(_Section):
     """δ mode: the logit offset of a SNAP-unlearned small model against its base."""
 
@@ -183,6 +200,7 @@ class Settings(BaseSettings):
     guard: GuardSettings = GuardSettings()
     delta: DeltaSettings = DeltaSettings()
     limits: LimitsSettings = LimitsSettings()
+    tools: ToolsSettings = ToolsSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -18,6 +18,7 @@ from server.protocol.admin import (
 )
 from server.registry import JobRecord
 from server.services.targets import NewTarget, TargetService
+from server.services.tenancy import SCOPE_OPTION, Caller, TenantScope, key_digest
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -40,6 +41,11 @@ async def create_target(body: CreateTargetRequest, service: TargetServiceDep) ->
     examples = [
         (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
     ]
+    options = body.options.model_dump(exclude_none=True)
+    if body.scope is not None:
+        scope = TenantScope.from_request(body.scope.api_keys, body.scope.tenants)
+        if not scope.everyone:
+            options[SCOPE_OPTION] = scope.to_option()
     job = await service.register(
         NewTarget(
             name=body.name,
@@ -48,7 +54,7 @@ async def create_target(body: CreateTargetRequest, service: TargetServiceDep) ->
             forget_examples=examples,
             retain_examples=body.retain_examples,
             mode=body.mode,
-            options=body.options.model_dump(exclude_none=True),
+            options=options,
         )
     )
     return JSONResponse(
@@ -100,4 +106,8 @@ async def delete_target(target_id: str, service: TargetServiceDep) -> Response:
 async def classify(body: ClassifyRequest, service: TargetServiceDep) -> ClassifyResponse:
     """Dry run: each active target's score, threshold, decision and spans; nothing is sent."""
     messages = [m.to_param() for m in body.messages] if body.messages is not None else None
-    return await service.dry_run(prompt=body.prompt, messages=messages)
+    caller = None
+    if body.tenant is not None or body.api_key is not None:
+        digest = key_digest(body.api_key) if body.api_key is not None else None
+        caller = Caller(key_digest=digest, tenant=body.tenant)
+    return await service.dry_run(prompt=body.prompt, messages=messages, caller=caller)

@@ -30,6 +30,7 @@ from server.engine.base import Prompt
 from server.engine.templating import render_prompt
 from server.errors import InvalidRequestError, UnavailableError
 from server.metrics import Metrics
+from server.services.tenancy import Caller, TenantScope
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("obliviate.audit")
@@ -49,6 +50,8 @@ class ActiveTarget:
     """The target's δ offset (modes delta and eco+delta)."""
     scope: str = "flagged"
     """Which requests get the offset: `flagged` ones or `all`."""
+    tenants: TenantScope = TenantScope()
+    """Which callers the target applies to (default: all traffic)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,13 @@ class EcoGuard:
         """Active targets by name."""
         return self._targets
 
+    def in_scope(self, caller: Caller | None) -> Mapping[str, ActiveTarget]:
+        """The active targets that apply to `caller` (tenant scoping)."""
+        targets = self._targets
+        if all(t.tenants.everyone for t in targets.values()):
+            return targets
+        return {name: t for name, t in targets.items() if t.tenants.applies_to(caller)}
+
     def set_targets(self, targets: Sequence[ActiveTarget]) -> None:
         """Swap the whole active set at once; requests in flight keep the set they started with."""
         by_name = {t.name: t for t in targets}
@@ -176,11 +186,15 @@ class EcoGuard:
         return (await asyncio.to_thread(self._bank.classify, [text]))[0]
 
     async def protect(
-        self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
+        self,
+        prompt: ChatPrompt | TextPrompt | TokenPrompt,
+        request_id: str,
+        caller: Caller | None = None,
     ) -> Guarded:
         """The prompt, untouched or corrupted for the most confident flagged ECO target, and the
-        δ offsets in scope."""
-        targets = self._targets
+        δ offsets in scope (only targets whose tenant scope includes `caller` apply)."""
+        targets = self.in_scope(caller)
+        tenant = caller.label if caller else "-"
         if not targets:
             return Guarded(prompt)
         always = [t.offset for t in targets.values() if t.offset is not None and t.scope == "all"]
@@ -191,7 +205,7 @@ class EcoGuard:
         flagged = [d for d in decisions if d.flagged and d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
-            self._metrics.decisions.labels("none", "pass").inc()
+            self._metrics.decisions.labels("none", "pass", tenant).inc()
             return Guarded(prompt, tuple(always))
         offsets = always + [
             t.offset
@@ -201,8 +215,9 @@ class EcoGuard:
         eco = [d for d in flagged if targets[d.target].corruption is not None]
         if not eco:
             for d in flagged:
-                self._metrics.decisions.labels(targets[d.target].id, "delta").inc()
-            self._audit(request_id, max(flagged, key=lambda d: d.score), prompt, "delta", None)
+                self._metrics.decisions.labels(targets[d.target].id, "delta", tenant).inc()
+            best = max(flagged, key=lambda d: d.score)
+            self._audit(request_id, best, prompt, "delta", None, caller)
             return Guarded(prompt, tuple(dict.fromkeys(offsets)))
         decision = max(eco, key=lambda d: d.score)
         target = targets[decision.target]
@@ -215,8 +230,8 @@ class EcoGuard:
         corrupted, positions = await asyncio.to_thread(
             self._corruptor.corrupt, prompt, target.aliases, target.corruption
         )
-        self._metrics.decisions.labels(target.id, "corrupt").inc()
-        self._audit(request_id, decision, prompt, "corrupt", positions)
+        self._metrics.decisions.labels(target.id, "corrupt", tenant).inc()
+        self._audit(request_id, decision, prompt, "corrupt", positions, caller)
         return Guarded(corrupted, tuple(dict.fromkeys(offsets)))
 
     def _audit(
@@ -226,11 +241,15 @@ class EcoGuard:
         prompt: ChatPrompt | TextPrompt | TokenPrompt,
         action: str,
         positions: int | None,
+        caller: Caller | None = None,
     ) -> None:
         target = self._targets[decision.target]
         audit.info(
-            "flagged request_id=%s target_id=%s action=%s score=%.4f threshold=%.4f positions=%s%s",
+            "flagged request_id=%s tenant=%s user=%r target_id=%s action=%s score=%.4f "
+            "threshold=%.4f positions=%s%s",
             request_id,
+            caller.label if caller else "-",
+            caller.end_user if caller else None,
             target.id,
             action,
             decision.score,

@@ -38,6 +38,7 @@ from server.registry import (
 from server.services.guard import ActiveTarget, EcoGuard
 from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
 from server.services.strength import StrengthCalibrator
+from server.services.tenancy import Caller, TenantScope
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,14 @@ class TargetService:
             offset = DeltaSpec(**json.loads(artifacts["offset"].data))
         scope = str(record.options.get("scope", "flagged"))
         return ActiveTarget(
-            record.id, record.name, record.aliases, spec, classifier, offset=offset, scope=scope
+            record.id,
+            record.name,
+            record.aliases,
+            spec,
+            classifier,
+            offset=offset,
+            scope=scope,
+            tenants=TenantScope.from_options(record.options),
         )
 
     # --- admin operations ------------------------------------------------------------------
@@ -229,17 +237,23 @@ class TargetService:
         )
 
     async def dry_run(
-        self, *, prompt: str | None, messages: list[ChatMessageParam] | None
+        self,
+        *,
+        prompt: str | None,
+        messages: list[ChatMessageParam] | None,
+        caller: Caller | None = None,
     ) -> ClassifyResponse:
-        """What the guard would decide for this input, target by target."""
+        """What the guard would decide for this input, target by target (those in the caller's
+        tenant scope)."""
         source: ChatPrompt | TextPrompt = (
             ChatPrompt(messages) if messages is not None else TextPrompt(prompt or "")
         )
         text = self._guard.prompt_text(source)
         decisions = await self._guard.classify(text)
+        in_scope = self._guard.in_scope(caller)
         results = []
         for d in decisions:
-            target = self._guard.active.get(d.target)
+            target = in_scope.get(d.target)
             if target is None:
                 continue
             positions = None
