@@ -107,16 +107,19 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """
     from server.protocol.unsupported import reason
 
-    refused: list[tuple[str, str]] = []
+    kinds: list[tuple[str | None, str]] = []
+    refused: list[tuple[str | None, str]] = []
     parts: list[tuple[str | None, str]] = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         if err.get("type") == "extra_forbidden" and param:
             refused.append((param, f"Unsupported parameter: {loc[-1]} ({reason(loc[-1])})"))
+        elif loc and loc[-1] == "type":  # an unsupported kind (a tool, a part) explains the rest
+            kinds.append((param, str(err.get("msg"))))
         else:
             parts.append((param, str(err.get("msg"))))
-    ordered = refused + parts
+    ordered = kinds + refused + parts
     if not ordered:
         return "Invalid request", None
     message = "; ".join(f"{p}: {m}" if p else m for p, m in ordered)

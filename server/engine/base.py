@@ -78,6 +78,17 @@ class ChatPrompt:
         default_factory=lambda: {"add_generation_prompt": True, "continue_final_message": False}
     )
 
+    def openai_messages(self) -> list[dict[str, Any]]:
+        """The turns in OpenAI's request shape (for an upstream server or vLLM's parsers)."""
+        out = []
+        for message in self.messages:
+            turn: dict[str, Any] = {k: v for k, v in message.items() if k != "parts"}
+            parts = message.get("parts")
+            if parts is not None:
+                turn["content"] = [{"type": "text", "text": t} for t in parts] or None
+            out.append(turn)
+        return out
+
 
 @dataclass(frozen=True)
 class TextPrompt:

@@ -127,9 +127,8 @@ class FakeEngine:
                 if first and request.sampling.prompt_logprobs is not None:
                     ids = self._prompt_ids(request)
                     chunk.prompt_token_ids = ids
-                    chunk.prompt_logprobs = [
-                        PromptLogprob(t, chr(t), None if i == 0 else -1.0, None if i == 0 else 1)
-                        for i, t in enumerate(ids)
+                    chunk.prompt_logprobs = [PromptLogprob(ids[0], chr(ids[0]), None, None)] + [
+                        PromptLogprob(t, chr(t), -1.0, 1, ((t, chr(t), -1.0, 1),)) for t in ids[1:]
                     ]
                 first = False
                 yield chunk

@@ -151,7 +151,7 @@ class OpenAIUpstreamEngine:
         """/tokenize on the upstream (vLLM serves it next to /v1)."""
         body: dict[str, Any] = {"model": self._upstream_model}
         if isinstance(prompt, ChatPrompt):
-            body["messages"] = list(prompt.messages)
+            body["messages"] = prompt.openai_messages()
             if prompt.tools:
                 body["tools"] = [dict(t) for t in prompt.tools]
             body.update(_template_fields(prompt.template_kwargs))
@@ -196,7 +196,7 @@ class OpenAIUpstreamEngine:
         p = request.prompt
         if isinstance(p, ChatPrompt):
             path = "chat/completions"
-            body["messages"] = list(p.messages)
+            body["messages"] = p.openai_messages()
             body.update(_template_fields(p.template_kwargs))
             if request.tools is not None:
                 body["tools"] = [dict(t) for t in request.tools.tools]

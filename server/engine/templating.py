@@ -2,13 +2,13 @@
 
 vLLM 0.32 (`vllm/renderers/chat_utils.py`, `vllm/renderers/hf.py`) turns a request into the
 template's input this way, and so does `render_prompt`:
-- each turn keeps its role, its text (text parts joined by newlines), `name`, an assistant's
+- each turn keeps its role, its text (text parts joined by newlines; templates that loop over
+  content parts get each part as `{"type": "text"}`, tool results as text), `name`, an assistant's
   `tool_calls` (arguments parsed from the JSON string into an object; invalid or non-object
   JSON becomes `{}`; an empty list is dropped) and a tool turn's `tool_call_id`; a `developer`
   turn carries `tools: None`;
 - a template that never names the `developer` role gets `developer` turns as `system`, and then
   every system turn merged into one first turn (contents joined by blank lines);
-- templates that loop over content parts get the text as one `{"type": "text"}` part;
 - the tool definitions go in as `tools`, and the template kwargs (`chat_template_kwargs`, then
   `add_generation_prompt`, `continue_final_message`, `documents`, `reasoning_effort`) as
   keyword arguments; the text is tokenized without extra special tokens.
@@ -73,7 +73,12 @@ def template_conversation(
     for message in messages:
         turn: dict[str, Any] = {"role": message["role"]}
         content = message["content"]
-        turn["content"] = [{"type": "text", "text": content}] if parts else content
+        if parts and message["role"] != "tool":  # tool results reach templates as text
+            texts = message.get("parts")
+            texts = [content] if texts is None else texts
+            turn["content"] = [{"type": "text", "text": t} for t in texts]
+        else:
+            turn["content"] = content
         if message["role"] == "assistant" and message.get("tool_calls"):
             turn["tool_calls"] = [_template_call(c) for c in message.get("tool_calls", [])]
         if message["role"] == "tool" and "tool_call_id" in message:

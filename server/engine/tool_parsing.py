@@ -110,7 +110,7 @@ class ToolParsing:
 
         body: dict[str, Any] = {
             "model": "obliviate",
-            "messages": list(prompt.messages) if prompt else [{"role": "user", "content": ""}],
+            "messages": prompt.openai_messages() if prompt else [{"role": "user", "content": ""}],
             "tools": [dict(t) for t in tools.tools],
             "tool_choice": tools.tool_choice,
             "parallel_tool_calls": tools.parallel_tool_calls,

@@ -89,16 +89,25 @@ class ChatMessage(OpenAIBaseModel):
             raise ValueError("tool_call_id is only allowed in tool messages")
         return self
 
+    def parts(self) -> list[str] | None:
+        """The text of each content part (None for string content, [] for none)."""
+        if self.content is None:
+            return []
+        if isinstance(self.content, list):
+            return [part[TEXT_PARTS[part["type"]]] for part in self.content]
+        return None
+
     def text(self) -> str:
         """The content as vLLM hands it to a text template: text parts joined by newlines."""
-        content = self.content
-        if isinstance(content, list):
-            return "\n".join(part[TEXT_PARTS[part["type"]]] for part in content)
-        return content or ""
+        parts = self.parts()
+        return "\n".join(parts) if parts is not None else str(self.content)
 
     def to_param(self) -> ChatMessageParam:
         """The turn as the engine and the guard read it (role as sent, text, tool fields)."""
         param: ChatMessageParam = {"role": self.role, "content": self.text()}
+        parts = self.parts()
+        if parts is not None:
+            param["parts"] = parts
         if self.name is not None:
             param["name"] = self.name
         if self.tool_calls:

@@ -32,6 +32,9 @@ class ChatMessageParam(TypedDict):
 
     role: str
     content: str
+    parts: NotRequired[list[str]]
+    """The text of each part when the content was sent as a list of parts ([] for null
+    content): templates that loop over parts get them one by one, as vLLM gives them."""
     name: NotRequired[str]
     tool_calls: NotRequired[list[ToolCallParam]]
     tool_call_id: NotRequired[str]
