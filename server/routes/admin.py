@@ -103,11 +103,17 @@ async def delete_target(target_id: str, service: TargetServiceDep) -> Response:
 
 
 @router.post("/classify", response_model=ClassifyResponse)
-async def classify(body: ClassifyRequest, service: TargetServiceDep) -> ClassifyResponse:
-    """Dry run: each active target's score, threshold, decision and spans; nothing is sent."""
+async def classify(
+    body: ClassifyRequest, service: TargetServiceDep, request: Request
+) -> ClassifyResponse:
+    """Dry run: each active target's score, threshold, decision and spans; nothing is sent.
+    With `tenant` and/or `api_key`: as that caller's traffic (tenant-scoped targets)."""
     messages = [m.to_param() for m in body.messages] if body.messages is not None else None
     caller = None
     if body.tenant is not None or body.api_key is not None:
         digest = key_digest(body.api_key) if body.api_key is not None else None
-        caller = Caller(key_digest=digest, tenant=body.tenant)
+        tenant = body.tenant
+        if tenant is None and body.api_key is not None:
+            tenant = request.app.state.api_keys.tenant_of(body.api_key)
+        caller = Caller(key_digest=digest, tenant=tenant)
     return await service.dry_run(prompt=body.prompt, messages=messages, caller=caller)
