@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NotRequired, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,19 @@ class UsageInfo(StrictModel):
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="Only false: usage comes once, in the last chunk (include_usage)."
+    )
     include_obfuscation: bool | None = Field(
         None, description="Accepted: this server never adds obfuscation padding to events."
     )
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous_usage(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("usage on every chunk is not served: use include_usage")
+        return value
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

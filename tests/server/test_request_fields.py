@@ -349,6 +349,11 @@ def test_each_field_is_served_or_refused_by_name(
             "tools.0.type",
         ),
         ("/v1/completions", {"best_of": 2}, "best_of"),
+        (
+            "/v1/completions",
+            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            "stream_options.continuous_usage_stats",
+        ),
         ("/v1/responses", {"store": True}, "store"),
         ("/v1/responses", {"truncation": "auto"}, "truncation"),
         ("/v1/responses", {"tools": [{"type": "web_search"}]}, "tools.0.type"),
