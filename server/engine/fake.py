@@ -26,7 +26,7 @@ from server.engine.base import (
     ToolCallDelta,
     TopLogprob,
 )
-from server.errors import ContextLengthError, GatewayError
+from server.errors import ContextLengthError, GatewayError, InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,13 @@ class FakeEngine:
     ) -> RenderedPrompt:
         rendered = self.render(prompt)
         if token_strs:
-            rendered = replace(rendered, token_strs=[chr(i) for i in rendered.token_ids])
+            rendered = replace(rendered, token_strs=[_text(i) for i in rendered.token_ids])
         return rendered
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return "".join(chr(i) for i in token_ids)
+        if any(i >= 0x110000 for i in token_ids):
+            raise InvalidRequestError("token id outside the vocabulary", param="tokens")
+        return "".join(_text(i) for i in token_ids)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         p = request.prompt
@@ -127,8 +129,11 @@ class FakeEngine:
                 if first and request.sampling.prompt_logprobs is not None:
                     ids = self._prompt_ids(request)
                     chunk.prompt_token_ids = ids
-                    chunk.prompt_logprobs = [PromptLogprob(ids[0], chr(ids[0]), None, None)] + [
-                        PromptLogprob(t, chr(t), -1.0, 1, ((t, chr(t), -1.0, 1),)) for t in ids[1:]
+                    chunk.prompt_logprobs = [
+                        PromptLogprob(t, _text(t), None, None)
+                        if i == 0
+                        else PromptLogprob(t, _text(t), -1.0, 1, ((t, _text(t), -1.0, 1),))
+                        for i, t in enumerate(ids)
                     ]
                 first = False
                 yield chunk
@@ -160,3 +165,11 @@ class FakeEngine:
                 )
                 if error:
                     raise error
+
+
+def _text(token_id: int) -> str:
+    """The fake's tokens are characters (ids beyond Unicode shown as `<id>`, surrogates as the
+    replacement character, as a real tokenizer decodes bytes it cannot)."""
+    if 0xD800 <= token_id < 0xE000:
+        return "\ufffd"
+    return chr(token_id) if 0 <= token_id < 0x110000 else f"<{token_id}>"

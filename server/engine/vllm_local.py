@@ -187,8 +187,15 @@ class VllmLocalEngine:
         return rendered
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
-        """/detokenize: token ids -> text."""
-        return str(self._require_tokenizer().decode(list(token_ids)))
+        """/detokenize: token ids -> text (ids outside the vocabulary: 400, as vLLM)."""
+        tokenizer = self._require_tokenizer()
+        size = len(tokenizer)
+        bad = next((t for t in token_ids if t >= size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"Token id {bad} is out of vocabulary (size {size})", param="tokens"
+            )
+        return str(tokenizer.decode(list(token_ids)))
 
     def _require_tokenizer(self) -> Any:
         if self._tokenizer is None:

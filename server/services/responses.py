@@ -22,8 +22,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from server.engine import ChoiceDelta, TokenLogprob
-from server.errors import GatewayError, error_body
+from server.errors import GatewayError, InvalidRequestError, error_body, validation_message
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.common import dump
 from server.protocol.responses import (
@@ -104,7 +106,24 @@ def chat_request(req: ResponsesRequest, model: str) -> ChatCompletionRequest:
         )
     elif req.tool_choice not in (None, "auto", "none"):
         body["tool_choice"] = "required"  # chat's own 400: tool_choice needs tools
-    return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    try:
+        return ChatCompletionRequest.model_validate(
+            {k: v for k, v in body.items() if v is not None}
+        )
+    except ValidationError as e:
+        message, param = validation_message([dict(err) for err in e.errors()])
+        root = (param or "").split(".")[0]
+        raise InvalidRequestError(message, param=_RESPONSES_PARAM.get(root, root or None)) from e
+
+
+# Chat fields a Responses request fills, by the Responses field they come from.
+_RESPONSES_PARAM = {
+    "messages": "input",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text",
+    "reasoning_effort": "reasoning",
+    "logprobs": "include",
+}
 
 
 def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], bool]:

@@ -42,6 +42,7 @@ SEARCH = {
     "type": "function",
     "function": {
         "name": "search_books",
+        "strict": True,  # the arguments are held to the schema (vLLM's structural tag)
         "parameters": {
             "type": "object",
             "properties": {"author": {"type": "string", "maxLength": 40}},

@@ -256,7 +256,7 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
     ],
 )
 def test_tool_calls_match_vllm(gateway: Server, vllm_server: Server, shape, kwargs):
-    ours, theirs = both(gateway, vllm_server, messages=ASK_WEATHER, max_tokens=48, **kwargs)
+    ours, theirs = both(gateway, vllm_server, messages=ASK_WEATHER, max_tokens=64, **kwargs)
     assert_same_answer(ours, theirs)
     if "required" in shape or "named" in shape or "parsed" in shape:
         assert calls(ours.choices[0].message), shape  # not trivially equal: a call was made
@@ -448,7 +448,7 @@ def test_responses_function_call_matches_vllm(gateway: Server, vllm_server: Serv
         "input": "Weather in Paris?",
         "tools": [tool],
         "tool_choice": "required",
-        "max_output_tokens": 48,
+        "max_output_tokens": 96,
     }
     ours = _response_text(gateway.client(), **kwargs)
     theirs = _response_text(vllm_server.client(), **kwargs)
@@ -474,7 +474,7 @@ def test_responses_function_call_matches_vllm(gateway: Server, vllm_server: Serv
 def test_tokenize_and_detokenize_match_vllm(gateway: Server, vllm_server: Server, body):
     ours = httpx.post(f"{gateway.url}/tokenize", json={"model": MODEL_NAME, **body}).json()
     theirs = httpx.post(f"{vllm_server.url}/tokenize", json={"model": MODEL_NAME, **body}).json()
-    assert ours == theirs and ours["count"] > 5
+    assert ours == theirs and ours["count"] >= 5
     detok = {"model": MODEL_NAME, "tokens": ours["tokens"]}
     assert (
         httpx.post(f"{gateway.url}/detokenize", json=detok).json()
