@@ -264,6 +264,11 @@ class OpenAIUpstreamEngine:
         request, tools = self._local_tools(request)
         path, body = self._body(request)
         chat = path.startswith("chat")
+        if chat and request.tools is not None and not request.stream:
+            # vLLM parses a whole answer's tool calls differently from a stream's (a call cut
+            # short stays text in the whole answer): ask for the answer the client asked for.
+            yield await self._whole_chat(request, path, body)
+            return
         prompt_tokens = completion_tokens = 0
         self._streams += 1
         try:
@@ -302,6 +307,35 @@ class OpenAIUpstreamEngine:
             raise EngineError(f"The upstream engine is unreachable: {type(e).__name__}") from e
         finally:
             self._streams -= 1
+
+    async def _whole_chat(
+        self, request: GenerationRequest, path: str, body: dict[str, Any]
+    ) -> GenerationChunk:
+        """One non-streaming chat answer (closing the request aborts it upstream, as vLLM
+        aborts a non-streaming request whose client is gone)."""
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        self._streams += 1
+        try:
+            response = await self._client.post(
+                path, json=body, headers={"X-Request-Id": request.request_id}
+            )
+        except httpx.TimeoutException as e:
+            raise EngineError("The upstream engine timed out") from e
+        except httpx.HTTPError as e:
+            raise EngineError(f"The upstream engine is unreachable: {type(e).__name__}") from e
+        finally:
+            self._streams -= 1
+        if response.status_code >= 400:
+            raise _upstream_error(response)
+        try:
+            data = response.json()
+            choices = [
+                _delta({**c, "delta": c.get("message") or {}}, True) for c in data["choices"]
+            ]
+            used = data["usage"]
+            return GenerationChunk(choices, used["prompt_tokens"], used["completion_tokens"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineError("The upstream sent a malformed answer") from e
 
     async def _generate_delta(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._delta is None:
@@ -363,12 +397,12 @@ def _delta(choice: dict[str, Any], chat: bool) -> ChoiceDelta:
     text = (message.get("content") or "") if chat else choice.get("text") or ""
     calls = [
         ToolCallDelta(
-            index=int(c.get("index", 0)),
+            index=int(c.get("index", i)),  # whole answers list their calls without an index
             id=c.get("id"),
             name=(c.get("function") or {}).get("name"),
             arguments=(c.get("function") or {}).get("arguments"),
         )
-        for c in (message.get("tool_calls") or [] if chat else [])
+        for i, c in enumerate(message.get("tool_calls") or [] if chat else [])
     ]
     logprobs = choice.get("logprobs")
     parsed: list[TokenLogprob] | None = None

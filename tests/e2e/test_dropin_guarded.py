@@ -45,7 +45,7 @@ SEARCH = {
         "strict": True,  # the arguments are held to the schema (vLLM's structural tag)
         "parameters": {
             "type": "object",
-            "properties": {"author": {"type": "string", "maxLength": 40}},
+            "properties": {"author": {"type": "string", "maxLength": 16}},
             "required": ["author"],
         },
     },
@@ -102,7 +102,7 @@ def test_flagged_tool_call_reads_the_corrupted_template_and_stays_valid(
     gateway: Server, vllm_server: Server, target: dict
 ):
     before = corrupted(gateway.url, target["id"])
-    kwargs = {"tools": [SEARCH], "tool_choice": "required", "max_tokens": 40}
+    kwargs = {"tools": [SEARCH], "tool_choice": "required", "max_tokens": 96}
     ours = chat(gateway.client(), QUESTION, **kwargs)
     theirs = chat(vllm_server.client(), QUESTION, **kwargs)
     assert corrupted(gateway.url, target["id"]) == before + 1
@@ -226,7 +226,7 @@ def test_flagged_tools_through_an_upstream_are_parsed_here(tenant_gateway: Serve
         QUESTION,
         tools=[SEARCH],
         tool_choice={"type": "function", "function": {"name": "search_books"}},
-        max_tokens=40,
+        max_tokens=96,
     )
     (call,) = reply.choices[0].message.tool_calls
     assert call.function.name == "search_books"
