@@ -195,11 +195,13 @@ def test_a_tenant_scoped_target_applies_to_its_tenant_only(
 ):
     target = httpx.get(f"{tenant_gateway.url}/admin/targets", headers=AUTH).json()["data"][0]
     assert target["options"]["tenant_scope"] == {"api_keys": [], "tenants": ["team-a"]}
-    bare = chat(vllm_server.client(), QUESTION, max_tokens=40).choices[0].message.content
+
+    def ask(client: openai.OpenAI) -> str:
+        return chat(client, QUESTION, max_tokens=24).choices[0].message.content
+
+    bare = ask(vllm_server.client())
     assert any(f in bare.lower() for f in FACTS), bare  # the premise: the model knows
-    a = chat(keyed(tenant_gateway, "sk-a"), QUESTION, max_tokens=40).choices[0].message.content
-    b = chat(keyed(tenant_gateway, "sk-b"), QUESTION, max_tokens=40).choices[0].message.content
-    c = chat(keyed(tenant_gateway, "sk-c"), QUESTION, max_tokens=40).choices[0].message.content
+    a, b, c = (ask(keyed(tenant_gateway, key)) for key in ("sk-a", "sk-b", "sk-c"))
     assert not any(f in a.lower() for f in FACTS), a  # team-a: flagged and corrupted
     assert b == bare and c == bare  # team-b and a key without a tenant: untouched
     assert corrupted(tenant_gateway.url, target["id"], "team-a") == 1

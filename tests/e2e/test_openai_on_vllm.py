@@ -256,7 +256,9 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
     ],
 )
 def test_tool_calls_match_vllm(gateway: Server, vllm_server: Server, shape, kwargs):
-    ours, theirs = both(gateway, vllm_server, messages=ASK_WEATHER, max_tokens=64, **kwargs)
+    # Prose answers are compared on a short budget; calls need room to finish.
+    budget = 24 if shape.endswith(("auto", "none")) else 64
+    ours, theirs = both(gateway, vllm_server, messages=ASK_WEATHER, max_tokens=budget, **kwargs)
     assert_same_answer(ours, theirs)
     if "required" in shape or "named" in shape or "parsed" in shape:
         assert calls(ours.choices[0].message), shape  # not trivially equal: a call was made

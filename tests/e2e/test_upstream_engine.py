@@ -71,10 +71,6 @@ def test_tools_structured_outputs_and_responses_pass_through(
     shapes = [
         {"tools": [WEATHER, TIME], "tool_choice": "required"},
         {
-            "tools": [WEATHER],
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-        },
-        {
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": "y", "schema": YES_NO},
