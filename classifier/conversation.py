@@ -24,7 +24,8 @@ _KEYWORDS = frozenset(
     """function name description parameters properties items required enum default arguments
     additionalProperties strict title anyOf oneOf allOf not const examples format pattern
     minimum maximum minLength maxLength minItems maxItems $defs definitions $ref $schema
-    text url image_url input_audio file detail data""".split()
+    text url image_url input_audio file detail data add_generation_prompt continue_final_message
+    reasoning_effort enable_thinking documents""".split()
 )
 _MAX_DEPTH = 64  # nested JSON deeper than this is read as its raw string
 
@@ -113,13 +114,19 @@ def tool_strings(tool: Any) -> list[str]:
 
 
 def conversation_pieces(
-    messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Any] = (),
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[str, list[TextPiece]]:
-    """All texts of the tool definitions and of every message, in order, joined by newlines."""
+    """All texts of the tool definitions, of the chat template's variables (a template may
+    render any of them: RAG `documents`, custom fields) and of every message, in order, joined
+    by newlines."""
     found: list[tuple[str, str]] = []
     for k, tool in enumerate(tools):
         text = " ".join(tool_strings(tool))
         found.append((f"tools[{k}]", text))
+    for key, value in (template_kwargs or {}).items():
+        found.append((f"template_kwargs.{key}", " ".join(_strings(value))))
     for i, message in enumerate(messages):
         found += message_texts(message, f"messages[{i}]")
     pieces: list[TextPiece] = []
@@ -136,9 +143,14 @@ def conversation_pieces(
     return "\n".join(chunks), pieces
 
 
-def conversation_text(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()) -> str:
-    """Every text of every turn (any role) and of the tool definitions, joined by newlines."""
-    return conversation_pieces(messages, tools)[0]
+def conversation_text(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Any] = (),
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """Every text of every turn (any role), the tool definitions and the template's variables,
+    joined by newlines."""
+    return conversation_pieces(messages, tools, template_kwargs)[0]
 
 
 def content_text(content: Any) -> str:

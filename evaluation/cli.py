@@ -6,6 +6,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -50,6 +51,9 @@ class TofuCommand(BaseModel):
     alpha: float = 1.0
     """δ strength."""
     seed: int = 0
+    eco_scoring: Literal["transformers", "gateway"] = "transformers"
+    """Score eco answers with transformers (question flagged, prompt corrupted) or through the
+    gateway's own prompt logprobs (the guard also reads and corrupts the answer)."""
 
     def cli_cmd(self) -> None:
         from evaluation.finetune import FinetuneConfig
@@ -79,6 +83,7 @@ class TofuCommand(BaseModel):
             snap_max_steps=self.snap_max_steps,
             forget_authors=self.forget_authors,
             utility_questions=self.utility_questions,
+            eco_scoring=self.eco_scoring,
             cache_dir=self.cache_dir or default_eval_cache(),
             out_dir=self.out_dir,
             command="obliviate " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "",

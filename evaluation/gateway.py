@@ -36,6 +36,8 @@ class Gateway:
     token: str
     concurrency: int = 16
     timeout_s: float = 900.0
+    model: str = SERVED_NAME
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout_s)
@@ -45,7 +47,8 @@ class Gateway:
         self._http.close()
 
     def _post(self, path: str, body: dict[str, Any], *, admin: bool = False) -> Any:
-        r = self._http.post(path, json=body, headers=self._admin if admin else None)
+        client = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        r = self._http.post(path, json=body, headers=self._admin if admin else client)
         if r.status_code >= 400:
             raise GatewayFailedError(f"POST {path}: {r.status_code} {r.text[:500]}")
         return r.json()
@@ -58,7 +61,7 @@ class Gateway:
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
         """Greedy reply text."""
         body = {
-            "model": SERVED_NAME,
+            "model": self.model,
             "messages": messages,
             "temperature": 0,
             "max_tokens": max_tokens,
@@ -68,7 +71,7 @@ class Gateway:
     def first_token_logprobs(self, messages: list[dict[str, str]]) -> dict[str, float]:
         """Top-20 log-probabilities of the reply's first token (multiple-choice scoring)."""
         body = {
-            "model": SERVED_NAME,
+            "model": self.model,
             "messages": messages,
             "temperature": 0,
             "max_tokens": 1,
@@ -77,6 +80,40 @@ class Gateway:
         }
         content = self._post("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
         return {t["token"]: float(t["logprob"]) for t in content[0]["top_logprobs"]}
+
+    def answer_logprobs(self, messages: list[dict[str, str]], answer: str) -> list[float]:
+        """Teacher-forced log-probability of each token of `answer` as the reply to `messages`,
+        through the gateway itself: the answer goes in as the final assistant turn (continued,
+        not closed), and the engine's prompt logprobs are those of what it read (for a flagged
+        conversation, the corrupted embeddings; the guard reads the answer too)."""
+        prefix = self._post(
+            "/tokenize", {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        )["tokens"]
+        body = {
+            "model": self.model,
+            "messages": [*messages, {"role": "assistant", "content": answer}],
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+            "temperature": 0,
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+        }
+        positions = self._post("/v1/chat/completions", body)["prompt_logprobs"]
+        whole = self._post(
+            "/tokenize",
+            {
+                "model": self.model,
+                "messages": body["messages"],
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+            },
+        )["tokens"]
+        if whole[: len(prefix)] != prefix or len(whole) != len(positions):
+            raise GatewayFailedError("the answer does not extend the templated prompt")
+        # With prompt_logprobs=0 each position lists the prompt's own token only.
+        return [
+            float(positions[i][str(whole[i])]["logprob"]) for i in range(len(prefix), len(whole))
+        ]
 
     def register(self, target: dict[str, Any], *, timeout_s: float = 3600.0) -> dict[str, Any]:
         """POST /admin/targets and wait for the job; returns the active target's record."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from evaluation import metrics
 from evaluation.gateway import Gateway
-from evaluation.scoring import AnswerScorer, ScoreItem
+from evaluation.scoring import ScoreItem, Scorer
 from evaluation.tofu_data import QA, MmluQuestion, TofuSubset
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _letter(top: dict[str, float]) -> int | None:
 
 
 def split_scores(
-    scorer: AnswerScorer, system: str | None, rows: Sequence[QA], *, multiple_choice: bool
+    scorer: Scorer, system: str | None, rows: Sequence[QA], *, multiple_choice: bool
 ) -> dict[str, Any]:
     """Answer probability and truth ratios of one split (one scorer call, sorted batches)."""
     items: list[ScoreItem] = []
@@ -83,7 +83,7 @@ def split_scores(
 def measure_mode(
     mode: str,
     gateway: Gateway,
-    scorer: AnswerScorer,
+    scorer: Scorer,
     subset: TofuSubset,
     mmlu: Sequence[MmluQuestion],
     *,

@@ -51,8 +51,10 @@ DIFFERENCES = """\
   refuses logprobs for δ requests (vLLM takes them before the offset), so delta's first token
   comes from the combined logits in transformers.
 - Answer probabilities are computed with transformers on the weights and prompts each mode
-  serves (the gateway's /v1/completions has no `echo`): eco feeds the corrupted prompt
-  embeddings the gateway sends for flagged prompts; delta combines the logits as the engine does.
+  serves: eco feeds the corrupted prompt embeddings the gateway sends for flagged prompts
+  (`--eco-scoring gateway` instead asks the gateway's own prompt logprobs, where the guard also
+  reads the answer and corrupts its target mentions: the ECO paper's protocol); delta combines
+  the logits as the engine does (the gateway refuses logprobs for δ requests).
 - δ and SNAP (the paper has neither: they are obliviate's modes): the SNAP copy of the target is
   trained once by `python -m offset.snap` with the arguments a δ registration job passes (target
   name, aliases, the operator's examples, the retain authors' prompts as hard positives, lr 1e-4)
@@ -212,5 +214,7 @@ def run_key_of(card: dict[str, Any], subset: dict[str, Any]) -> str:
     import hashlib
 
     kept = {k: v for k, v in card.items() if k not in ("modes", "command")}
+    if kept.get("eco_scoring", "transformers") == "transformers":
+        kept.pop("eco_scoring", None)  # the default: runs from before the option still match
     blob = json.dumps({"config": kept, "subset": subset}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ from evaluation.modes import (
     target_request,
     train_snap,
 )
-from evaluation.scoring import AnswerScorer, load_model
+from evaluation.scoring import AnswerScorer, GatewayScorer, Scorer, load_model
 from evaluation.tofu_data import (
     MmluQuestion,
     TofuSubset,
@@ -80,6 +80,10 @@ class TofuEvalConfig:
     finetune_threads: int | None = None
     """Torch threads for the two fine-tunes, which run alone before anything else; None: every
     core (measured here: 2 threads 80-93 tokens/s against 44-71 for one)."""
+    eco_scoring: str = "transformers"
+    """How eco answers are scored: `transformers` (the flag decided on the question, only the
+    prompt corrupted, recomputed here) or `gateway` (through the gateway's own prompt logprobs:
+    the guard reads the answer too and corrupts its target mentions, the ECO paper's protocol)."""
 
 
 @dataclass
@@ -129,7 +133,7 @@ def _measure(
     state: RunState,
     mode: str,
     gw: Gateway,
-    scorer: AnswerScorer,
+    scorer: Scorer,
     *,
     system: str | None = None,
     classify: bool = False,
@@ -211,13 +215,17 @@ def _eco(
     record = gw.register(target_request(names, forget_examples, retain_examples, "eco"))
     _timed(state, "eco registration", start)
     state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
-    scorer = AnswerScorer(
-        tokenizer,
-        [(target, 1.0)],
-        prompt_embedder=EcoPromptEmbedder(gw, target_dir, record),
-        cache=state.scores,
-        weights_key="target",
-    )
+    scorer: Scorer
+    if state.config.eco_scoring == "gateway":
+        scorer = GatewayScorer(gw)
+    else:
+        scorer = AnswerScorer(
+            tokenizer,
+            [(target, 1.0)],
+            prompt_embedder=EcoPromptEmbedder(gw, target_dir, record),
+            cache=state.scores,
+            weights_key="target",
+        )
     state.results["eco"] = _measure(state, "eco", gw, scorer, classify=True)
     gw.delete_target(record["id"])
 

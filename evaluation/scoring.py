@@ -1,7 +1,9 @@
-"""Log-probabilities of given answers under the model a mode serves, computed with transformers.
+"""Log-probabilities of given answers under the model a mode serves.
 
-The gateway's /v1/completions refuses `echo`, so it cannot score given text; the probabilities
-are computed here from the same weights and the same prompt the engine receives:
+`GatewayScorer` asks the gateway itself (the answer as a continued assistant turn, the engine's
+prompt logprobs: what the engine read, the guard's corruption included; the ECO paper's protocol,
+where the answer's target mentions are corrupted too). `AnswerScorer` computes them with
+transformers from the same weights and the same prompt the engine receives:
 - plain modes (none, prompt, snap, reference): the served folder, the templated chat prompt;
 - eco: the target model fed the prompt embeddings the gateway would send (flag decision from
   the gateway's /admin/classify, corruption by the gateway's own `PromptCorruptor` with the
@@ -16,7 +18,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +33,27 @@ PromptEmbedder = Callable[[Messages], torch.Tensor | None]
 class ScoreItem:
     messages: Messages
     answer: str
+
+
+class Scorer(Protocol):
+    def mean_logprobs(self, items: Sequence[ScoreItem]) -> list[float]:
+        """Per-token mean log-probability of each answer."""
+
+
+class GatewayScorer:
+    """Answer log-probabilities through the gateway (`Gateway.answer_logprobs`), in parallel."""
+
+    def __init__(self, gateway: Any) -> None:
+        self._gateway = gateway
+
+    def token_logprobs(self, items: Sequence[ScoreItem]) -> list[list[float]]:
+        """Log-probability of every answer token, per item."""
+        gw = self._gateway
+        return list(gw.map(lambda it: gw.answer_logprobs(list(it.messages), it.answer), items))
+
+    def mean_logprobs(self, items: Sequence[ScoreItem]) -> list[float]:
+        """Per-token mean log-probability of each answer."""
+        return [sum(lp) / len(lp) for lp in self.token_logprobs(items)]
 
 
 def load_model(folder: Path) -> Any:

@@ -40,6 +40,7 @@ from server.services.output_guard import OutputGuard, OutputWatcher
 from server.services.playground import PlaygroundService
 from server.services.registry_sync import RegistryPoller
 from server.services.request_limits import RequestLimits
+from server.services.responses import ResponsesService
 from server.services.targets import TargetService
 from server.settings import Settings
 from server.shutdown import Drain, DrainMiddleware
@@ -92,7 +93,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         request_limits = RequestLimits(
             lim.max_prompt_chars, lim.max_prompt_tokens, lim.max_tokens, lim.max_n
         )
-        app.state.generation = GenerationService(chosen, guard, metrics, request_limits, output)
+        app.state.generation = generation = GenerationService(
+            chosen, guard, metrics, request_limits, output
+        )
+        app.state.responses = ResponsesService(generation)
         app.state.targets = targets
         if targets is not None:
             app.state.playground = PlaygroundService(targets, app.state.generation, chosen)
@@ -148,6 +152,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     metrics.watch_engine(lambda: getattr(getattr(app.state, "engine", None), "running", 0))
     app.state.drain = drain = Drain(on_begin=lambda: setattr(app.state, "draining", True))
     app.include_router(openai.router)
+    app.include_router(openai.tokens_router)
     app.include_router(health.router)
     if settings.admin_enabled and settings.guard.enabled:
         app.include_router(admin.router)
@@ -199,9 +204,10 @@ def _add_v1_gate(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """API keys, per-key rate limits and the admission queue in front of /v1 (server.limits)."""
     lim = settings.limits
     keys = [k.get_secret_value() for k in lim.api_keys]
+    app.state.api_keys = api_keys = ApiKeys.load(keys, lim.api_keys_file)
     app.add_middleware(
         V1Gate,
-        keys=ApiKeys.load(keys, lim.api_keys_file),
+        keys=api_keys,
         rate=_rate_limiter(settings, metrics),
         admission=AdmissionQueue(lim.max_concurrent_requests, lim.max_queued_requests),
         retry_after_s=lim.retry_after_s,

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.console.session import COOKIE_NAME, ConsoleSessions
 from server.errors import AuthenticationError, error_body
+from server.services.tenancy import Caller
 
 ADMIN_PREFIX = "/admin"
 CONSOLE_PREFIX = "/admin/console"
@@ -114,10 +115,21 @@ async def _refuse(send: Send, *, htmx: bool) -> None:
 
 
 class ApiKeys:
-    """The /v1 API keys, kept as sha256 digests; none configured means /v1 is open."""
+    """The /v1 API keys, kept as sha256 digests, each with its tenant; none means /v1 is open.
+
+    A keys entry is `KEY` or `KEY TENANT` (whitespace between): the tenant is the key group
+    that forget targets can be scoped to (`scope.tenants` at registration).
+    """
 
     def __init__(self, keys: list[str]) -> None:
-        self._digests = {_digest(k): f"key:{i}" for i, k in enumerate(keys) if k}
+        self._digests: dict[bytes, str] = {}
+        self._tenants: dict[bytes, str] = {}
+        for i, entry in enumerate(k for k in keys if k.strip()):
+            key, *tenant = entry.split(None, 1)
+            digest = _digest(key)
+            self._digests[digest] = f"key:{i}"
+            if tenant:
+                self._tenants[digest] = tenant[0].strip()
 
     @classmethod
     def load(cls, keys: list[str], path: Path | None) -> ApiKeys:
@@ -141,3 +153,19 @@ class ApiKeys:
         if token is None:
             return None
         return self._digests.get(_digest(token))
+
+    def caller(self, token: str | None) -> Caller | None:
+        """Who is calling (key digest and tenant); an empty Caller when /v1 is open; None when
+        the key is refused."""
+        if not self._digests:
+            return Caller()
+        if token is None:
+            return None
+        digest = _digest(token)
+        if digest not in self._digests:
+            return None
+        return Caller(key_digest=digest.hex(), tenant=self._tenants.get(digest))
+
+    def tenant_of(self, key: str) -> str | None:
+        """The tenant a key belongs to (None: unknown key or no tenant)."""
+        return self._tenants.get(_digest(key))

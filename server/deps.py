@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from offset.delta_args import FQCN as DELTA_FQCN
+from server.auth import ApiKeys
 from server.engine import Engine
 from server.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamConfig
+from server.engine.tool_parsing import ToolParserConfig, ToolParsing
 from server.engine.upstream_delta import UpstreamDeltaDecoder
+from server.errors import AuthenticationError
 from server.logs import current_request_id, sane_request_id
 from server.metrics import Metrics
 from server.registry import Registry
@@ -21,8 +24,10 @@ from server.services.generation import GenerationService
 from server.services.guard import EcoGuard
 from server.services.jobs import LeaseConfig
 from server.services.offsets import OffsetTrainer, SnapDefaults
+from server.services.responses import ResponsesService
 from server.services.strength import StrengthCalibrator
 from server.services.targets import TargetService
+from server.services.tenancy import Caller
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,6 +63,7 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
                 max_connections=up.max_connections,
             ),
             delta=_upstream_delta(settings, model_dir) if settings.delta.enabled else None,
+            tool_parsing=_upstream_tools(settings, model_dir),
         )
         return upstream, model_dir
     from server.engine.vllm_local import VllmEngineConfig, VllmLocalEngine
@@ -80,9 +86,25 @@ def build_engine(settings: Settings) -> tuple[Engine, Path | None]:
             max_logprobs=v.max_logprobs,
             seed=v.seed,
             logits_processors=(DELTA_FQCN,) if settings.delta.enabled else (),
+            tools=_tool_config(settings),
         )
     )
     return engine, path
+
+
+def _tool_config(settings: Settings) -> ToolParserConfig:
+    t = settings.tools
+    return ToolParserConfig(t.tool_call_parser, t.enable_auto_tool_choice)
+
+
+def _upstream_tools(settings: Settings, model_dir: Path | None) -> ToolParsing | None:
+    """The upstream's tool parser, here, for flagged requests (they go as prompt embeddings)."""
+    if settings.tools.tool_call_parser is None or model_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return ToolParsing(_tool_config(settings), tokenizer)
 
 
 @functools.cache
@@ -180,7 +202,28 @@ def get_request_id(request: Request) -> str:
     return current_request_id() or sane_request_id(request.headers.get("x-request-id"))
 
 
+def get_caller(request: Request) -> Caller:
+    """Who is calling, from the API key (the /v1 gate has already refused bad keys; routes
+    outside /v1, such as /tokenize, are refused here)."""
+    keys: ApiKeys = request.app.state.api_keys
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    caller = keys.caller(token.strip() if scheme.lower() == "bearer" else None)
+    if caller is None:
+        raise AuthenticationError(
+            "Missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"
+        )
+    return caller
+
+
+def get_responses_service(request: Request) -> ResponsesService:
+    service: ResponsesService = request.app.state.responses
+    return service
+
+
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
+ResponsesServiceDep = Annotated[ResponsesService, Depends(get_responses_service)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]

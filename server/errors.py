@@ -110,12 +110,28 @@ def error_sse(err: GatewayError) -> str:
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """Turn pydantic's error list into one readable message and the offending parameter."""
-    parts: list[str] = []
-    first_param: str | None = None
+    """Turn pydantic's error list into one readable message and the offending parameter.
+
+    A field no model declares comes first, refused by name with the reason
+    (`server.protocol.unsupported`): never silently ignored.
+    """
+    from server.protocol.unsupported import reason
+
+    kinds: list[tuple[str | None, str]] = []
+    refused: list[tuple[str | None, str]] = []
+    parts: list[tuple[str | None, str]] = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
-        first_param = first_param or param
-        parts.append(f"{param}: {err.get('msg')}" if param else str(err.get("msg")))
-    return "; ".join(parts) or "Invalid request", first_param
+        if err.get("type") == "extra_forbidden" and param:
+            refused.append((param, f"Unsupported parameter: {loc[-1]} ({reason(loc[-1])})"))
+        elif loc and loc[-1] == "type":  # an unsupported kind (a tool, a part) explains the rest
+            kinds.append((param, str(err.get("msg"))))
+        else:
+            parts.append((param, str(err.get("msg"))))
+    ordered = kinds + refused + parts
+    if not ordered:
+        return "Invalid request", None
+    message = "; ".join(f"{p}: {m}" if p else m for p, m in ordered)
+    first = next((p for p, _ in ordered if p), None)
+    return message, first

@@ -33,7 +33,7 @@ from server.errors import (
 )
 
 V1_PREFIX = "/v1/"
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
 class TokenBucket:

@@ -46,8 +46,9 @@ class Metrics:
         )
         self.decisions = Counter(
             "obliviate_guard_decisions",
-            "Guard decisions per target (passed requests have target='none')",
-            ["target", "action"],
+            "Guard decisions per target and tenant (passed requests have target='none'; "
+            "tenant '-' for callers without one)",
+            ["target", "action", "tenant"],
             registry=self.registry,
         )
         self.guard_seconds = Histogram(

@@ -131,6 +131,23 @@ class LimitsSettings(_Section):
     """Redis URL for backend=redis, e.g. redis://:PASSWORD@redis:6379/0."""
 
 
+class ToolsSettings(_Section):
+    """Tool calling (vLLM's `--tool-call-parser` and `--enable-auto-tool-choice`)."""
+
+    tool_call_parser: str | None = None
+    """vLLM tool-call parser for the served model's format (e.g. hermes, llama3_json,
+    pythonic); needed for tool_choice `required` or a named tool. engine=openai_upstream: the
+    upstream's parser, used for flagged requests (sent as prompt embeddings)."""
+    enable_auto_tool_choice: bool = False
+    """Let the model decide when to call tools (tool_choice `auto`, the default with tools)."""
+
+    @model_validator(mode="after")
+    def _parser_for_auto(self) -> ToolsSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("tools.enable_auto_tool_choice needs tools.tool_call_parser")
+        return self
+
+
 class DeltaSettings(_Section):
     """δ mode: the logit offset of a SNAP-unlearned small model against its base."""
 
@@ -247,8 +264,8 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     jobs: JobsSettings = JobsSettings()
     metrics: MetricsSettings = MetricsSettings()
-
     console: ConsoleSettings = ConsoleSettings()
+    tools: ToolsSettings = ToolsSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

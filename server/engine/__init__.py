@@ -8,11 +8,14 @@ from server.engine.base import (
     GenerationRequest,
     ModelCard,
     PromptEmbeds,
+    PromptLogprob,
     RenderedPrompt,
     SamplingOptions,
     TextPrompt,
     TokenLogprob,
     TokenPrompt,
+    ToolCallDelta,
+    ToolOptions,
     TopLogprob,
 )
 
@@ -24,10 +27,13 @@ __all__ = [
     "GenerationRequest",
     "ModelCard",
     "PromptEmbeds",
+    "PromptLogprob",
     "RenderedPrompt",
     "SamplingOptions",
     "TextPrompt",
     "TokenLogprob",
     "TokenPrompt",
+    "ToolCallDelta",
+    "ToolOptions",
     "TopLogprob",
 ]

@@ -17,7 +17,7 @@ import torch
 from offset.delta import DeltaSpec
 from server.protocol.common import ChatMessageParam
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,18 @@ class SamplingOptions:
     min_tokens: int = 0
     extra_args: dict[str, Any] | None = None
     """Engine-specific per-request arguments (vLLM `extra_args` / `vllm_xargs`)."""
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     bad_words: tuple[str, ...] = ()
-    """Words the engine must not generate (vLLM `bad_words`; the output guard's restarts)."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    prompt_logprobs: int | None = None
+    """Top alternatives per prompt token (-1: all); None: no prompt logprobs."""
+    structured: Mapping[str, Any] | None = None
+    """Structured-output constraint (vLLM `StructuredOutputsParams` keywords: json, regex,
+    choice, grammar, json_object, …), already merged from `response_format`."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,26 @@ class PromptEmbeds:
 
 @dataclass(frozen=True)
 class ChatPrompt:
+    """A conversation as the client sent it: every turn (`ChatMessageParam`: role as sent,
+    text, `name`, `tool_calls`, `tool_call_id`), the tool definitions as sent (OpenAI's
+    `{"type": "function", "function": {...}}`), and the chat template's keyword arguments."""
+
     messages: Sequence[ChatMessageParam]
-    tools: Sequence[Mapping[str, Any]] = ()
-    """Tool definitions offered to the model (rendered by the chat template, read by the guard)."""
+    tools: Sequence[Mapping[str, Any]] | None = None
+    template_kwargs: Mapping[str, Any] = field(
+        default_factory=lambda: {"add_generation_prompt": True, "continue_final_message": False}
+    )
+
+    def openai_messages(self) -> list[dict[str, Any]]:
+        """The turns in OpenAI's request shape (for an upstream server or vLLM's parsers)."""
+        out = []
+        for message in self.messages:
+            turn: dict[str, Any] = {k: v for k, v in message.items() if k != "parts"}
+            parts = message.get("parts")
+            if parts is not None:
+                turn["content"] = [{"type": "text", "text": t} for t in parts] or None
+            out.append(turn)
+        return out
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,17 @@ Prompt = ChatPrompt | TextPrompt | TokenPrompt | PromptEmbeds
 
 
 @dataclass(frozen=True)
+class ToolOptions:
+    """Tool calling for one chat request (the tool definitions travel in the ChatPrompt)."""
+
+    tools: Sequence[Mapping[str, Any]]
+    """The tool definitions as sent (also in `ChatPrompt.tools`; a flagged prompt has none)."""
+    tool_choice: str | Mapping[str, Any] = "auto"
+    """`none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`."""
+    parallel_tool_calls: bool | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt: Prompt
@@ -85,6 +123,8 @@ class GenerationRequest:
     """False lets the engine send a single final chunk per choice."""
     offsets: tuple[DeltaSpec, ...] = ()
     """δ mode: add Σ α·(small_unlearned − small_base) to the logits at every step."""
+    tools: ToolOptions | None = None
+    """Chat with tools: the engine constrains and parses tool calls (ChoiceDelta.tool_calls)."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +140,44 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call: the first piece has `id` and `name`, later ones add
+    `arguments` text (OpenAI's streamed `tool_calls` deltas; whole calls come as one piece)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token as the engine read it: its logprob and the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    """None where the engine gives none (the first prompt token)."""
+    rank: int | None
+    top: tuple[tuple[int, str, float, int | None], ...] = ()
+    """(token id, text, logprob, rank) of each alternative, the prompt token itself first."""
+
+
 @dataclass
 class ChoiceDelta:
     index: int
     text: str = ""
+    """Answer text for the client: with tools, the content left after tool calls are parsed."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    raw_text: str | None = None
+    """What the model wrote in this delta when tool parsing changed it (else `text`)."""
+    null_content: bool = False
+    """The message's content is null, not "" (an answer that is only tool calls)."""
 
 
 @dataclass
@@ -116,6 +186,10 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     """Total generated so far over all choices."""
+    prompt_logprobs: list[PromptLogprob] | None = None
+    """First chunk only, when asked for: one entry per prompt token."""
+    prompt_token_ids: list[int] | None = None
+    """First chunk only, with prompt_logprobs: the prompt's token ids."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +205,8 @@ class RenderedPrompt:
 
     text: str
     token_ids: list[int]
+    token_strs: list[str] | None = None
+    """The tokens' vocabulary strings, when asked for (/tokenize `return_token_strs`)."""
 
 
 @runtime_checkable
@@ -155,6 +231,18 @@ class Engine(Protocol):
 
     def render(self, prompt: ChatPrompt | TextPrompt) -> RenderedPrompt | None:
         """Template and tokenize like the engine would; None when the engine cannot tell."""
+
+    async def tokenize(
+        self,
+        prompt: ChatPrompt | TextPrompt,
+        add_special_tokens: bool | None = None,
+        token_strs: bool = False,
+    ) -> RenderedPrompt:
+        """Template and tokenize like the engine does (the /tokenize endpoint); None for
+        `add_special_tokens` is vLLM's default (on for text, off for chat)."""
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text (the /detokenize endpoint)."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream deltas; closing the iterator aborts the engine request."""

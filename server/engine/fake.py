@@ -7,7 +7,8 @@ the real vLLM engine (tests/e2e).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 
 from server.engine.base import (
     ChatPrompt,
@@ -17,13 +18,23 @@ from server.engine.base import (
     GenerationRequest,
     ModelCard,
     PromptEmbeds,
+    PromptLogprob,
     RenderedPrompt,
     TextPrompt,
     TokenLogprob,
     TokenPrompt,
+    ToolCallDelta,
     TopLogprob,
 )
-from server.errors import ContextLengthError, GatewayError
+from server.errors import ContextLengthError, GatewayError, InvalidRequestError
+
+
+@dataclass(frozen=True)
+class FakeToolCall:
+    """A queued reply that is one tool call (sent as one piece, finish_reason `tool_calls`)."""
+
+    name: str
+    arguments: str
 
 
 class FakeEngine:
@@ -33,7 +44,7 @@ class FakeEngine:
         self._card = ModelCard(id=model_id, max_model_len=max_model_len, root="fake")
         self._ready = False
         self.history: list[GenerationRequest] = []
-        self._queue: deque[str | GatewayError] = deque()
+        self._queue: deque[str | GatewayError | FakeToolCall] = deque()
         self._running = 0
 
     @property
@@ -48,7 +59,7 @@ class FakeEngine:
     def running(self) -> int:
         return self._running
 
-    def enqueue(self, *replies: str | GatewayError) -> None:
+    def enqueue(self, *replies: str | GatewayError | FakeToolCall) -> None:
         """Queue replies; a GatewayError is raised mid-stream after the first token."""
         self._queue.extend(replies)
 
@@ -67,6 +78,28 @@ class FakeEngine:
             text = prompt.text
         return RenderedPrompt(text=text, token_ids=[ord(c) for c in text])
 
+    async def tokenize(
+        self,
+        prompt: ChatPrompt | TextPrompt,
+        add_special_tokens: bool | None = None,
+        token_strs: bool = False,
+    ) -> RenderedPrompt:
+        rendered = self.render(prompt)
+        if token_strs:
+            rendered = replace(rendered, token_strs=[_text(i) for i in rendered.token_ids])
+        return rendered
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        if any(i >= 0x110000 for i in token_ids):
+            raise InvalidRequestError("token id outside the vocabulary", param="tokens")
+        return "".join(_text(i) for i in token_ids)
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        p = request.prompt
+        if isinstance(p, TokenPrompt | PromptEmbeds):
+            return list(p.token_ids)
+        return self.render(p).token_ids
+
     def _prompt_len(self, request: GenerationRequest) -> int:
         p = request.prompt
         if isinstance(p, TokenPrompt | PromptEmbeds):
@@ -80,12 +113,29 @@ class FakeEngine:
         if prompt_len >= limit:
             raise ContextLengthError(f"This model's maximum context length is {limit} tokens")
         reply = self._queue.popleft() if self._queue else "ok"
-        error = reply if isinstance(reply, GatewayError) else None
-        words = ["fake"] if error else str(reply).split(" ")
-        max_tokens = request.sampling.max_tokens or len(words)
         self._running += 1
         try:
+            if isinstance(reply, FakeToolCall):
+                call = ToolCallDelta(0, f"call-{reply.name}", reply.name, reply.arguments)
+                delta = ChoiceDelta(0, "", [0], None, "tool_calls", tool_calls=[call])
+                delta.null_content = True
+                yield GenerationChunk([delta], prompt_len, 1)
+                return
+            error = reply if isinstance(reply, GatewayError) else None
+            words = ["fake"] if error else str(reply).split(" ")
+            max_tokens = request.sampling.max_tokens or len(words)
+            first = True
             async for chunk in self._emit(request, words, max_tokens, prompt_len, error):
+                if first and request.sampling.prompt_logprobs is not None:
+                    ids = self._prompt_ids(request)
+                    chunk.prompt_token_ids = ids
+                    chunk.prompt_logprobs = [
+                        PromptLogprob(t, _text(t), None, None)
+                        if i == 0
+                        else PromptLogprob(t, _text(t), -1.0, 1, ((t, _text(t), -1.0, 1),))
+                        for i, t in enumerate(ids)
+                    ]
+                first = False
                 yield chunk
         finally:
             self._running -= 1
@@ -115,3 +165,11 @@ class FakeEngine:
                 )
                 if error:
                     raise error
+
+
+def _text(token_id: int) -> str:
+    """The fake's tokens are characters (ids beyond Unicode shown as `<id>`, surrogates as the
+    replacement character, as a real tokenizer decodes bytes it cannot)."""
+    if 0xD800 <= token_id < 0xE000:
+        return "\ufffd"
+    return chr(token_id) if 0 <= token_id < 0x110000 else f"<{token_id}>"

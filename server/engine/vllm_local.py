@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,9 @@ from server.engine.base import (
     TokenPrompt,
     TopLogprob,
 )
+from server.engine.prompt_logprobs import prompt_logprobs
 from server.engine.templating import render_prompt
+from server.engine.tool_parsing import ToolParserConfig, ToolParsing, ToolStream
 from server.errors import ContextLengthError, EngineError, InvalidRequestError, UnavailableError
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ class VllmEngineConfig:
     seed: int = 0
     logits_processors: tuple[str, ...] = ()
     disable_log_stats: bool = True
+    tools: ToolParserConfig = ToolParserConfig()
 
 
 def resolve_device(device: str) -> str:
@@ -95,6 +98,7 @@ class VllmLocalEngine:
         self._tokenizer: Any = None
         self._defaults: dict[str, Any] = {}
         self._max_model_len = config.max_model_len
+        self._tool_parsing: ToolParsing | None = None
 
     @property
     def model(self) -> ModelCard:
@@ -124,6 +128,7 @@ class VllmLocalEngine:
         model_config = self._llm.model_config
         self._defaults = model_config.get_diff_sampling_param()
         self._max_model_len = model_config.max_model_len
+        self._tool_parsing = ToolParsing(self._config.tools, self._tokenizer)
         if self._defaults:
             logger.info("Sampling defaults from the model's generation_config: %s", self._defaults)
 
@@ -163,6 +168,35 @@ class VllmLocalEngine:
         """Template + tokenize as vLLM's server does."""
         return render_prompt(self._require_tokenizer(), prompt)
 
+    async def tokenize(
+        self,
+        prompt: ChatPrompt | TextPrompt,
+        add_special_tokens: bool | None = None,
+        token_strs: bool = False,
+    ) -> RenderedPrompt:
+        """/tokenize: the prompt's token ids as this engine reads them."""
+        tokenizer = self._require_tokenizer()
+        rendered = self.render(prompt)
+        default = isinstance(prompt, TextPrompt)
+        if add_special_tokens is not None and add_special_tokens != default:
+            ids = tokenizer.encode(rendered.text, add_special_tokens=add_special_tokens)
+            rendered = RenderedPrompt(text=rendered.text, token_ids=ids)
+        if token_strs:
+            strs = [str(t) for t in tokenizer.convert_ids_to_tokens(rendered.token_ids)]
+            rendered = replace(rendered, token_strs=strs)
+        return rendered
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        """/detokenize: token ids -> text (ids outside the vocabulary: 400, as vLLM)."""
+        tokenizer = self._require_tokenizer()
+        size = len(tokenizer)
+        bad = next((t for t in token_ids if t >= size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"Token id {bad} is out of vocabulary (size {size})", param="tokens"
+            )
+        return str(tokenizer.decode(list(token_ids)))
+
     def _require_tokenizer(self) -> Any:
         if self._tokenizer is None:
             raise UnavailableError("The engine is still loading")
@@ -192,19 +226,33 @@ class VllmLocalEngine:
             name: value if (value := given[name]) is not None else self._defaults.get(name, default)
             for name, default in _OPENAI_DEFAULTS.items()
         }
+        stop_ids = list(options.stop_token_ids)
+        for tid in self._defaults.get("stop_token_ids") or ():  # as vLLM merges them
+            if tid not in stop_ids:
+                stop_ids.append(tid)
         try:
             return SamplingParams.from_optional(
                 n=options.n,
                 **sampling,
                 seed=options.seed,
                 stop=list(options.stop) or None,
+                stop_token_ids=stop_ids or None,
+                bad_words=list(options.bad_words) or None,
+                include_stop_str_in_output=options.include_stop_str_in_output,
+                ignore_eos=options.ignore_eos,
                 logprobs=options.logprobs,
+                prompt_logprobs=options.prompt_logprobs,
                 max_tokens=max_tokens,
                 min_tokens=options.min_tokens,
+                skip_special_tokens=options.skip_special_tokens,
+                spaces_between_special_tokens=options.spaces_between_special_tokens,
                 logit_bias=options.logit_bias,
+                allowed_token_ids=(
+                    list(options.allowed_token_ids) if options.allowed_token_ids else None
+                ),
+                structured_outputs=_structured(options.structured),
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
                 extra_args=options.extra_args,
-                bad_words=list(options.bad_words) or None,
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
@@ -215,7 +263,16 @@ class VllmLocalEngine:
         if isinstance(p, PromptEmbeds):
             # Embeddings only: vLLM 0.32 reads positions from prompt_token_ids whenever they are
             # given without a prompt_is_token_ids mask, which would silently undo the corruption.
-            return {"prompt_embeds": p.embeds}, list(p.token_ids)
+            if prompt.sampling.prompt_logprobs is None:
+                return {"prompt_embeds": p.embeds}, list(p.token_ids)
+            # Prompt logprobs need the ids as targets; the all-False mask keeps every position
+            # read from the (corrupted) embeddings, so the logprobs are those of what it read.
+            ids = list(p.token_ids)
+            return {
+                "prompt_embeds": p.embeds,
+                "prompt_token_ids": ids,
+                "prompt_is_token_ids": [False] * len(ids),
+            }, ids
         ids = list(p.token_ids) if isinstance(p, TokenPrompt) else self.render(p).token_ids
         return {"prompt_token_ids": ids}, ids
 
@@ -232,6 +289,16 @@ class VllmLocalEngine:
         extra = {**(options.extra_args or {}), **delta_extra_args(request.offsets, prompt_ids)}
         return replace(options, extra_args=extra)
 
+    def _tool_stream(self, request: GenerationRequest) -> tuple[ToolStream | None, SamplingOptions]:
+        """Tool calls: vLLM's checks, its constraint for the tool choice, and its parsing."""
+        options = request.sampling
+        if request.tools is None or self._tool_parsing is None:
+            return None, options
+        self._tool_parsing.check(request.tools)
+        chat = request.prompt if isinstance(request.prompt, ChatPrompt) else None
+        session = self._tool_parsing.session(chat, request.tools, options.structured)
+        return ToolStream(session, request.stream), replace(options, structured=session.constraint)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream `RequestOutput` deltas as `GenerationChunk`s."""
         llm = self._llm
@@ -239,9 +306,11 @@ class VllmLocalEngine:
             raise UnavailableError("The engine is still loading")
         engine_prompt, prompt_ids = self._engine_prompt(request)
         prompt_len = len(prompt_ids)
-        options = self._with_offsets(request, prompt_ids)
+        tools, options = self._tool_stream(request)
+        options = self._with_offsets(replace(request, sampling=options), prompt_ids)
         params = self._sampling_params(options, prompt_len, request.stream)
         completion_tokens = 0
+        first = True
         tok = self._tokenizer
         try:
             async for out in llm.generate(engine_prompt, params, request.request_id):  # type: ignore[arg-type]
@@ -249,17 +318,24 @@ class VllmLocalEngine:
                 for o in out.outputs:
                     ids = list(o.token_ids)
                     completion_tokens += len(ids)
-                    deltas.append(
-                        ChoiceDelta(
-                            index=o.index,
-                            text=o.text,
-                            token_ids=ids,
-                            logprobs=_logprobs(ids, o.logprobs, request.sampling.logprobs, tok),
-                            finish_reason=_finish(o.finish_reason),
-                            stop_reason=o.stop_reason,
-                        )
+                    delta: ChoiceDelta | None = ChoiceDelta(
+                        index=o.index,
+                        text=o.text,
+                        token_ids=ids,
+                        logprobs=_logprobs(ids, o.logprobs, request.sampling.logprobs, tok),
+                        finish_reason=_finish(o.finish_reason),
+                        stop_reason=o.stop_reason,
                     )
-                yield GenerationChunk(deltas, prompt_len, completion_tokens)
+                    if tools is not None and delta is not None:
+                        delta = tools.apply(delta, prompt_ids)
+                    if delta is not None:
+                        deltas.append(delta)
+                chunk = GenerationChunk(deltas, prompt_len, completion_tokens)
+                if first and options.prompt_logprobs is not None:
+                    chunk.prompt_logprobs = prompt_logprobs(out.prompt_logprobs, prompt_ids, tok)
+                    chunk.prompt_token_ids = prompt_ids
+                first = False
+                yield chunk
         except ValueError as e:  # vLLM's own request validation
             raise InvalidRequestError(str(e)) from e
         except (asyncio.CancelledError, GeneratorExit):
@@ -269,6 +345,18 @@ class VllmLocalEngine:
                 raise InvalidRequestError(str(e)) from e
             logger.exception("vLLM failed request %s", request.request_id)
             raise EngineError(f"The engine failed: {type(e).__name__}") from e
+
+
+def _structured(constraint: Mapping[str, Any] | None) -> Any:
+    """vLLM's StructuredOutputsParams for a constraint (None: unconstrained)."""
+    if not constraint:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    try:
+        return StructuredOutputsParams(**constraint)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(str(e), param="response_format") from e
 
 
 def _finish(reason: str | None) -> FinishReason | None:

@@ -62,6 +62,19 @@ class TargetOptions(_Strict):
     snap_lr: float | None = Field(None, gt=0, le=1, description="δ modes: SNAP learning rate.")
 
 
+class TargetScope(_Strict):
+    """Which callers a target applies to; omitted (or both lists empty): all traffic."""
+
+    api_keys: list[Annotated[str, StringConstraints(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="API keys (as in the keys file); only their sha256 is stored.",
+    )
+    tenants: list[NonEmpty] = Field(
+        default_factory=list, max_length=1000, description="Tenants named in the keys file."
+    )
+
+
 class CreateTargetRequest(_Strict):
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     description: str = Field("", max_length=4000)
@@ -70,6 +83,9 @@ class CreateTargetRequest(_Strict):
     retain_examples: list[NonEmpty] = Field(default_factory=list, max_length=2000)
     mode: Literal["eco", "delta", "eco+delta"] = "eco"
     options: TargetOptions = Field(default_factory=TargetOptions)
+    scope: TargetScope | None = Field(
+        None, description="Tenant scope: the API keys and/or tenants it applies to (default all)."
+    )
 
 
 class NewVersionRequest(CreateTargetRequest):
@@ -190,6 +206,8 @@ class TargetList(BaseModel):
 class ClassifyRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tenant: str | None = Field(None, description="Classify as this tenant's traffic.")
+    api_key: str | None = Field(None, description="Classify as this API key's traffic.")
 
     @model_validator(mode="after")
     def _one_input(self) -> ClassifyRequest:

@@ -22,6 +22,7 @@ from server.protocol.admin import (
 )
 from server.registry import JobRecord, VersionRecord
 from server.services.targets import NewTarget, TargetService
+from server.services.tenancy import SCOPE_OPTION, Caller, TenantScope, key_digest
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -44,6 +45,11 @@ def new_target(body: CreateTargetRequest, name: str | None = None) -> NewTarget:
     examples = [
         (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
     ]
+    options = body.options.model_dump(exclude_none=True)
+    if body.scope is not None:  # only key digests are stored
+        scope = TenantScope.from_request(body.scope.api_keys, body.scope.tenants)
+        if not scope.everyone:
+            options[SCOPE_OPTION] = scope.to_option()
     return NewTarget(
         name=name or body.name,
         description=body.description,
@@ -51,7 +57,7 @@ def new_target(body: CreateTargetRequest, name: str | None = None) -> NewTarget:
         forget_examples=examples,
         retain_examples=body.retain_examples,
         mode=body.mode,
-        options=body.options.model_dump(exclude_none=True),
+        options=options,
     )
 
 
@@ -154,7 +160,17 @@ async def delete_target(target_id: str, service: TargetServiceDep) -> Response:
 
 
 @router.post("/classify", response_model=ClassifyResponse)
-async def classify(body: ClassifyRequest, service: TargetServiceDep) -> ClassifyResponse:
-    """Dry run: each active target's score, threshold, decision and spans; nothing is sent."""
+async def classify(
+    body: ClassifyRequest, service: TargetServiceDep, request: Request
+) -> ClassifyResponse:
+    """Dry run: each active target's score, threshold, decision and spans; nothing is sent.
+    With `tenant` and/or `api_key`: as that caller's traffic (tenant-scoped targets)."""
     messages = [m.to_param() for m in body.messages] if body.messages is not None else None
-    return await service.dry_run(prompt=body.prompt, messages=messages)
+    caller = None
+    if body.tenant is not None or body.api_key is not None:
+        digest = key_digest(body.api_key) if body.api_key is not None else None
+        tenant = body.tenant
+        if tenant is None and body.api_key is not None:
+            tenant = request.app.state.api_keys.tenant_of(body.api_key)
+        caller = Caller(key_digest=digest, tenant=tenant)
+    return await service.dry_run(prompt=body.prompt, messages=messages, caller=caller)

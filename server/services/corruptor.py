@@ -173,7 +173,7 @@ def _content_ranges(prompt: ChatPrompt, text: str) -> list[Span]:
     falls back to every non-special token.
     """
     ranges: list[Span] = []
-    for tool in prompt.tools:  # rendered where the template puts them (usually first)
+    for tool in prompt.tools or ():  # rendered where the template puts them (usually first)
         for piece in tool_strings(tool):
             at = text.find(piece) if len(piece) >= 8 else -1
             if at >= 0:

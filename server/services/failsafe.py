@@ -22,6 +22,7 @@ from server.metrics import Metrics
 from server.services.corruptor import PromptCorruptor
 from server.services.generation import PromptGuard
 from server.services.guard import Guarded
+from server.services.tenancy import Caller
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,14 @@ class FailSafeGuard:
         self.failures = 0
 
     async def protect(
-        self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
+        self,
+        prompt: ChatPrompt | TextPrompt | TokenPrompt,
+        request_id: str,
+        caller: Caller | None = None,
     ) -> Guarded:
+        tenant = caller.label if caller else "-"
         try:
-            return await self._inner.protect(prompt, request_id)
+            return await self._inner.protect(prompt, request_id, caller)
         except (GatewayError, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -59,9 +64,9 @@ class FailSafeGuard:
                 "treating it as flagged" if self._fail_closed else "sending it unguarded",
             )
             if not self._fail_closed:
-                self._metrics.decisions.labels("none", "guard_error_pass").inc()
+                self._metrics.decisions.labels("none", "guard_error_pass", tenant).inc()
                 return Guarded(prompt)
-        self._metrics.decisions.labels("none", "guard_error_corrupt").inc()
+        self._metrics.decisions.labels("none", "guard_error_corrupt", tenant).inc()
         if self._corruptor is None:
             raise UnavailableError(
                 "The guard could not check this request and the gateway is set to fail closed "
@@ -70,9 +75,11 @@ class FailSafeGuard:
             )
         spec: CorruptionSpec = self._corruptor.default_spec()
         corrupted, _ = await asyncio.to_thread(self._corruptor.corrupt, prompt, (), fallback=spec)
-        return Guarded(corrupted, self._all_offsets())
+        return Guarded(corrupted, self._all_offsets(caller))
 
-    def _all_offsets(self) -> tuple[DeltaSpec, ...]:
-        """Failing closed also applies every δ target's offset (the guard could not scope them)."""
-        active = getattr(self._inner, "active", {})
+    def _all_offsets(self, caller: Caller | None) -> tuple[DeltaSpec, ...]:
+        """Failing closed also applies every δ target's offset in the caller's scope (the guard
+        could not tell which ones the prompt concerns)."""
+        in_scope = getattr(self._inner, "in_scope", None)
+        active = in_scope(caller) if in_scope is not None else getattr(self._inner, "active", {})
         return tuple(t.offset for t in active.values() if getattr(t, "offset", None) is not None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from server.engine import (
@@ -29,6 +30,7 @@ from server.engine import (
     SamplingOptions,
     TextPrompt,
     TokenPrompt,
+    ToolOptions,
 )
 from server.errors import GatewayError, InvalidRequestError, NotFoundError, error_sse
 from server.metrics import Metrics
@@ -36,9 +38,11 @@ from server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from server.protocol.common import UsageInfo, usage
 from server.protocol.completion import CompletionRequest, CompletionResponse
 from server.protocol.models import ModelList, ModelObject
+from server.services import requests
 from server.services.formatting import (
     DONE,
     ChoiceState,
+    Echo,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -47,23 +51,30 @@ from server.services.formatting import (
 from server.services.guard import Guarded
 from server.services.output_guard import OutputWatcher, UnwatchedOutput
 from server.services.request_limits import RequestLimits
+from server.services.tenancy import Caller
 
 
 class PromptGuard(Protocol):
     """Decides what the engine sees: the prompt untouched, or a protected version of it."""
 
     async def protect(
-        self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
+        self,
+        prompt: ChatPrompt | TextPrompt | TokenPrompt,
+        request_id: str,
+        caller: Caller | None = None,
     ) -> Guarded:
         """The prompt to send (a flagged one comes back as corrupted embeddings) and the δ
-        offsets to add to the engine's logits."""
+        offsets to add to the engine's logits; `caller` scopes the targets (tenants)."""
 
 
 class PassthroughGuard:
     """No targets: every prompt goes to the engine as it came."""
 
     async def protect(
-        self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
+        self,
+        prompt: ChatPrompt | TextPrompt | TokenPrompt,
+        request_id: str,
+        caller: Caller | None = None,
     ) -> Guarded:
         return Guarded(prompt)
 
@@ -89,6 +100,18 @@ class GenerationService:
         self._limits = limits or RequestLimits()
         self._created = int(time.time())
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self._limits
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
     def list_models(self) -> ModelList:
         """The one served model."""
         card = self._engine.model
@@ -103,9 +126,10 @@ class GenerationService:
             ]
         )
 
-    def _check_model(self, name: str) -> str:
+    def check_model(self, name: str | None) -> str:
+        """The served model's name; 404 for any other (a missing name means the served one)."""
         served = self._engine.model.id
-        if name != served:
+        if name is not None and name != served:
             raise NotFoundError(
                 f"The model `{name}` does not exist; this server serves `{served}`.",
                 param="model",
@@ -114,57 +138,91 @@ class GenerationService:
         return served
 
     async def create_chat_completion(
-        self, req: ChatCompletionRequest, request_id: str
+        self, req: ChatCompletionRequest, request_id: str, caller: Caller | None = None
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """Run one chat request; a stream comes back as SSE strings."""
-        model = self._check_model(req.model)
+        model = self.check_model(req.model)
         self._limits.check_chat(req)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
-        prompt = ChatPrompt([m.to_param() for m in req.messages])
-        sampling = _sampling(
-            req,
-            max_tokens=req.max_completion_tokens or req.max_tokens,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
+        prompt = requests.chat_prompt(req)
+        sampling = requests.chat_sampling(req)
         rid = f"chatcmpl-{request_id}"
-        primed = await self._start([prompt], sampling, rid, req.stream)
+        primed = await self.start(
+            [prompt], sampling, rid, req.stream, tools=requests.chat_tools(req), caller=caller
+        )
         created = int(time.time())
+        echo = _chat_echo(req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._chat_stream(rid, created, model, primed, sampling.n, include_usage)
-        states, used = await self._collect(primed, sampling.n)
-        return chat_response(rid, created, model, states, used)
+            return self._chat_stream(rid, created, model, primed, sampling.n, include_usage, echo)
+        states, used = await self.collect(primed, sampling.n)
+        prompt_logprobs = primed[0][0].prompt_logprobs
+        return chat_response(
+            rid, created, model, states, used, echo=echo, prompt_logprobs=prompt_logprobs
+        )
 
     async def create_completion(
-        self, req: CompletionRequest, request_id: str
+        self, req: CompletionRequest, request_id: str, caller: Caller | None = None
     ) -> CompletionResponse | AsyncIterator[str]:
         """Run one completions request (one or several prompts)."""
-        model = self._check_model(req.model)
+        model = self.check_model(req.model)
         self._limits.check_completion(req)
-        prompts = _completion_prompts(req.prompt)
-        sampling = _sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+        prompts = requests.completion_prompts(req.prompt)
+        sampling = requests.completion_sampling(req)
         rid = f"cmpl-{request_id}"
-        primed = await self._start(prompts, sampling, rid, req.stream)
+        primed = await self.start(prompts, sampling, rid, req.stream, caller=caller)
         created = int(time.time())
+        echoes = await self._echoes(req, prompts, primed) if req.echo else []
+        top_n = req.logprobs or 0
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._completion_stream(rid, created, model, primed, sampling.n, include_usage)
-        states, used = await self._collect(primed, sampling.n)
-        return completion_response(rid, created, model, states, used)
+            return self._completion_stream(
+                rid, created, model, primed, sampling.n, include_usage, echoes, top_n
+            )
+        states, used = await self.collect(primed, sampling.n)
+        prompt_logprobs = [primed[i // sampling.n][0].prompt_logprobs for i in range(len(states))]
+        return completion_response(
+            rid,
+            created,
+            model,
+            states,
+            used,
+            echoes=echoes,
+            prompt_logprobs=prompt_logprobs,
+            top_n=top_n,
+        )
 
-    async def _start(
+    async def _echoes(
+        self,
+        req: CompletionRequest,
+        prompts: Sequence[TextPrompt | TokenPrompt],
+        primed: list[Primed],
+    ) -> list[Echo | None]:
+        """Per choice: the prompt's text and the logprobs of the prompt the engine read."""
+        out: list[Echo | None] = []
+        for prompt, (first, _) in zip(prompts, primed, strict=True):
+            if isinstance(prompt, TextPrompt):
+                text = prompt.text
+            else:
+                text = await self._engine.detokenize(prompt.token_ids)
+            echo = Echo(text, first.prompt_logprobs, only_prompt=req.max_tokens == 0)
+            out += [echo] * req.n
+        return out
+
+    async def start(
         self,
         prompts: Sequence[ChatPrompt | TextPrompt | TokenPrompt],
         sampling: SamplingOptions,
         rid: str,
         stream: bool,
+        *,
+        tools: ToolOptions | None = None,
+        caller: Caller | None = None,
     ) -> list[Primed]:
         """Guard every prompt, start the engine on all at once and wait for each first chunk."""
 
         async def prime(i: int, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> Primed:
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
-            guarded = await self._guard.protect(prompt, sub_id)
+            guarded = await self._guard.protect(prompt, sub_id, caller)
             if guarded.offsets and sampling.logprobs is not None:
                 # vLLM reports logprobs before logits processors run (and an upstream only has
                 # the big model's): they would show the very answer the offset steers away from.
@@ -174,10 +232,15 @@ class GenerationService:
                     "model is meant to forget",
                     param="logprobs",
                 )
+            if guarded.offsets and sampling.prompt_logprobs is not None:
+                raise InvalidRequestError(
+                    "prompt logprobs are not available for requests answered in δ mode",
+                    param="prompt_logprobs",
+                )
             request = GenerationRequest(
-                sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets
+                sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets, tools=tools
             )
-            iterator = aiter(self._output.generate(prompt, guarded, request))
+            iterator = aiter(self._output.generate(prompt, guarded, request, caller))
             try:
                 return await anext(iterator), iterator
             except BaseException:
@@ -198,12 +261,22 @@ class GenerationService:
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def _chat_stream(
-        self, rid: str, created: int, model: str, primed: list[Primed], n: int, include_usage: bool
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        primed: list[Primed],
+        n: int,
+        include_usage: bool,
+        echo: str = "",
     ) -> AsyncIterator[str]:
         for index in range(n * len(primed)):
             yield chat_chunk(rid, created, model, role_for=index)
+        if echo:
+            for index in range(n * len(primed)):
+                yield chat_chunk(rid, created, model, role_for=index, text=echo)
         tally = Tally(len(primed))
-        async for item in _stream_all(primed, n, tally):
+        async for item in stream_all(primed, n, tally):
             if isinstance(item, GatewayError):
                 yield error_sse(item)
                 break
@@ -215,29 +288,51 @@ class GenerationService:
         yield DONE
 
     async def _completion_stream(
-        self, rid: str, created: int, model: str, primed: list[Primed], n: int, include_usage: bool
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        primed: list[Primed],
+        n: int,
+        include_usage: bool,
+        echoes: Sequence[Echo | None] = (),
+        top_n: int = 0,
     ) -> AsyncIterator[str]:
         offsets: dict[int, int] = {}
+        echoed: set[int] = set()
         tally = Tally(len(primed))
-        async for item in _stream_all(primed, n, tally):
+        async for item in stream_all(primed, n, tally):
             if isinstance(item, GatewayError):
                 yield error_sse(item)
                 break
+            echo = echoes[item.index] if item.index < len(echoes) else None
+            if echo is not None and item.index in echoed:
+                if echo.only_prompt:
+                    continue  # max_tokens=0: nothing generated is shown
+                echo = None
+            elif echo is not None:
+                echoed.add(item.index)
+                if echo.only_prompt:
+                    item = replace(
+                        item, text="", logprobs=[] if item.logprobs is not None else None
+                    )
             start = offsets.get(item.index, 0)
-            offsets[item.index] = start + len(item.text)
-            yield completion_chunk(rid, created, model, item, offset=start)
+            shown = (echo.text if echo else "") + item.text
+            offsets[item.index] = start + len(shown)
+            yield completion_chunk(rid, created, model, item, offset=start, echo=echo, top_n=top_n)
         else:
             if include_usage:
                 yield completion_chunk(rid, created, model, None, usage=tally.usage())
         self._metrics.count_tokens(tally.prompt_tokens, tally.completion_tokens)
         yield DONE
 
-    async def _collect(
+    async def collect(
         self, primed: list[Primed], n: int
     ) -> tuple[dict[int, ChoiceState], UsageInfo]:
+        """Every choice's whole answer and the request's usage."""
         states: dict[int, ChoiceState] = {}
         tally = Tally(len(primed))
-        async for item in _stream_all(primed, n, tally):
+        async for item in stream_all(primed, n, tally):
             if isinstance(item, GatewayError):
                 raise item
             states.setdefault(item.index, ChoiceState()).add(item)
@@ -247,46 +342,13 @@ class GenerationService:
         return states, tally.usage()
 
 
-def _sampling(
-    req: ChatCompletionRequest | CompletionRequest, *, max_tokens: int | None, logprobs: int | None
-) -> SamplingOptions:
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    try:
-        bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
-    except ValueError as e:
-        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from e
-    return SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-        stop=stop,
-        n=req.n,
-        logprobs=logprobs,
-        logit_bias=bias,
-        min_tokens=req.min_tokens,
-    )
-
-
-def _completion_prompts(
-    prompt: str | list[str] | list[int] | list[list[int]],
-) -> list[TextPrompt | TokenPrompt]:
-    if isinstance(prompt, str):
-        return [TextPrompt(prompt)]
-    if all(isinstance(p, int) for p in prompt):
-        return [TokenPrompt([int(p) for p in prompt])]  # type: ignore[arg-type]
-    if all(isinstance(p, str) for p in prompt):
-        return [TextPrompt(str(p)) for p in prompt]
-    if all(isinstance(p, list) for p in prompt):
-        return [TokenPrompt(list(p)) for p in prompt]  # type: ignore[arg-type]
-    raise InvalidRequestError(
-        "prompt must be a string, strings, token ids or lists of them", param="prompt"
-    )
+def _chat_echo(req: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: the last message's text, when it has the answer's role."""
+    if not req.echo:
+        return ""
+    role = "assistant" if req.add_generation_prompt else req.messages[-1].role
+    last = req.messages[-1]
+    return last.text() if last.role == role else ""
 
 
 class Tally:
@@ -312,7 +374,7 @@ class Tally:
         return usage(self.prompt_tokens, self.completion_tokens)
 
 
-async def _stream_all(
+async def stream_all(
     primed: list[Primed], n: int, tally: Tally
 ) -> AsyncIterator[ChoiceDelta | GatewayError]:
     """Merge the prompts' streams; choice i of prompt p becomes index p * n + i.

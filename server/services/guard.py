@@ -32,6 +32,7 @@ from server.engine.base import Prompt
 from server.errors import InvalidRequestError, UnavailableError
 from server.metrics import Metrics
 from server.services.corruptor import CorruptionTarget, PromptCorruptor
+from server.services.tenancy import Caller, TenantScope
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("obliviate.audit")
@@ -52,6 +53,8 @@ class ActiveTarget:
     """The target's δ offset (modes delta and eco+delta)."""
     scope: str = "flagged"
     """Which requests get the offset: `flagged` ones or `all`."""
+    tenants: TenantScope = TenantScope()
+    """Which callers the target applies to (default: all traffic)."""
 
     def corruption_target(self, default: CorruptionSpec) -> CorruptionTarget:
         """This target for the corruptor (δ-only targets corrupt with `default` when the
@@ -105,6 +108,13 @@ class EcoGuard:
         """Active targets by name."""
         return self._targets
 
+    def in_scope(self, caller: Caller | None) -> Mapping[str, ActiveTarget]:
+        """The active targets that apply to `caller` (tenant scoping)."""
+        targets = self._targets
+        if all(t.tenants.everyone for t in targets.values()):
+            return targets
+        return {name: t for name, t in targets.items() if t.tenants.applies_to(caller)}
+
     def set_targets(self, targets: Sequence[ActiveTarget]) -> None:
         """Swap the whole active set at once; requests in flight keep the set they started with."""
         by_name = {t.name: t for t in targets}
@@ -120,7 +130,9 @@ class EcoGuard:
     def texts(self, prompt: PromptIn) -> list[str]:
         """What the classifier reads: every text joined, then each text alone (no template)."""
         if isinstance(prompt, ChatPrompt):
-            joined, pieces = conversation_pieces(list(prompt.messages), list(prompt.tools))
+            joined, pieces = conversation_pieces(
+                list(prompt.messages), list(prompt.tools or ()), prompt.template_kwargs
+            )
             return [joined, *(p.text for p in pieces)] if len(pieces) > 1 else [joined]
         if isinstance(prompt, TextPrompt):
             return [prompt.text]
@@ -144,10 +156,13 @@ class EcoGuard:
         decisions: list[Decision] = await self.run(self._bank.classify_all, list(texts))
         return decisions
 
-    async def protect(self, prompt: PromptIn, request_id: str) -> Guarded:
+    async def protect(
+        self, prompt: PromptIn, request_id: str, caller: Caller | None = None
+    ) -> Guarded:
         """The prompt, untouched or with every flagged ECO target corrupted, and the δ offsets
-        in scope."""
-        targets = self._targets
+        in scope (only targets whose tenant scope includes `caller` apply)."""
+        targets = self.in_scope(caller)
+        tenant = caller.label if caller else "-"
         if not targets:
             return Guarded(prompt)
         always = [t.offset for t in targets.values() if t.offset is not None and t.scope == "all"]
@@ -158,7 +173,7 @@ class EcoGuard:
         flagged = [targets[d.target] for d in decisions if d.flagged and d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
-            self._metrics.decisions.labels("none", "pass").inc()
+            self._metrics.decisions.labels("none", "pass", tenant).inc()
             return Guarded(prompt, tuple(always))
         by_name = {d.target: d for d in decisions}
         names = tuple(t.name for t in flagged)
@@ -167,14 +182,14 @@ class EcoGuard:
         eco = [t for t in flagged if t.corruption is not None]
         if not eco:
             for t in flagged:
-                self._metrics.decisions.labels(t.id, "delta").inc()
-                self._audit(request_id, t, by_name[t.name], prompt, "delta", None)
+                self._metrics.decisions.labels(t.id, "delta", tenant).inc()
+                self._audit(request_id, t, by_name[t.name], prompt, "delta", None, caller)
             return Guarded(prompt, offsets, names)
         corrupted, positions = await self.corrupt(prompt, eco)
         for t in flagged:
             action = "corrupt" if t.corruption is not None else "delta"
-            self._metrics.decisions.labels(t.id, action).inc()
-            self._audit(request_id, t, by_name[t.name], prompt, action, positions)
+            self._metrics.decisions.labels(t.id, action, tenant).inc()
+            self._audit(request_id, t, by_name[t.name], prompt, action, positions, caller)
         return Guarded(corrupted, offsets, names)
 
     async def corrupt(self, prompt: Any, targets: Sequence[ActiveTarget]) -> tuple[Any, int]:
@@ -197,11 +212,14 @@ class EcoGuard:
         prompt: PromptIn,
         action: str,
         positions: int | None,
+        caller: Caller | None = None,
     ) -> None:
         audit.info(
-            "flagged request_id=%s target_id=%s action=%s stage=%s score=%.4f threshold=%.4f "
-            "positions=%s%s",
+            "flagged request_id=%s tenant=%s user=%r target_id=%s action=%s stage=%s "
+            "score=%.4f threshold=%.4f positions=%s%s",
             request_id,
+            caller.label if caller else "-",
+            caller.end_user if caller else None,
             target.id,
             action,
             decision.stage,

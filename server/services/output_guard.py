@@ -36,6 +36,7 @@ from server.engine.base import Prompt
 from server.errors import EngineError, GatewayError
 from server.metrics import Metrics
 from server.services.guard import ActiveTarget, EcoGuard, Guarded, PromptIn
+from server.services.tenancy import Caller
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("obliviate.audit")
@@ -49,7 +50,11 @@ class OutputWatcher(Protocol):
     """Turns a guarded request into the stream the client may see."""
 
     def generate(
-        self, prompt: PromptIn, guarded: Guarded, request: GenerationRequest
+        self,
+        prompt: PromptIn,
+        guarded: Guarded,
+        request: GenerationRequest,
+        caller: Caller | None = None,
     ) -> AsyncIterator[GenerationChunk]: ...
 
 
@@ -60,7 +65,11 @@ class UnwatchedOutput:
         self._engine = engine
 
     def generate(
-        self, prompt: PromptIn, guarded: Guarded, request: GenerationRequest
+        self,
+        prompt: PromptIn,
+        guarded: Guarded,
+        request: GenerationRequest,
+        caller: Caller | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         return self._engine.generate(request)
 
@@ -99,20 +108,32 @@ class OutputGuard:
         self._classify = classify
 
     def generate(
-        self, prompt: PromptIn, guarded: Guarded, request: GenerationRequest
+        self,
+        prompt: PromptIn,
+        guarded: Guarded,
+        request: GenerationRequest,
+        caller: Caller | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        if not self._guard.active:
+        targets = self._guard.in_scope(caller)
+        if not targets:
             return self._engine.generate(request)
-        return self._watch(prompt, guarded, request)
+        return self._watch(prompt, guarded, request, targets, caller.label if caller else "-")
 
     async def _watch(
-        self, prompt: PromptIn, guarded: Guarded, request: GenerationRequest
+        self,
+        prompt: PromptIn,
+        guarded: Guarded,
+        request: GenerationRequest,
+        targets: Mapping[str, ActiveTarget],
+        tenant: str,
     ) -> AsyncIterator[GenerationChunk]:
         scanner, names = self._guard.bank.stream_scanner()
-        targets = self._guard.active
         choices = {i: _Choice() for i in range(request.sampling.n)}
         streams = _Streams()
-        streams.add(_ORIGINAL, self._engine.generate(request))
+        # Token by token even when the client wants one answer: text before a name can then be
+        # released (a tool-parsing request keeps the engine's mode: its parser depends on it).
+        engine_request = request if request.tools else replace(request, stream=True)
+        streams.add(_ORIGINAL, self._engine.generate(engine_request))
         counts: dict[int, tuple[int, int]] = {}  # source -> (prompt tokens, completion tokens)
         next_source = _ORIGINAL + 1
         try:
@@ -128,7 +149,9 @@ class OutputGuard:
                     if st is None or st.done or st.source != source:
                         continue  # a choice restarted elsewhere: its old tokens are dropped
                     try:
-                        found = await self._check(st, delta, scanner, names, targets, guarded)
+                        found = await self._check(
+                            st, delta, scanner, names, targets, guarded, tenant
+                        )
                     except _CheckFailed:  # fail closed: the choice ends with what was released
                         found, st.restarts = [], self._max_restarts
                     else:
@@ -137,7 +160,9 @@ class OutputGuard:
                             if (released := self._release(st, index, final=final)) is not None:
                                 out.append(released)
                             continue
-                    restart = await self._restart(prompt, guarded, request, st, index, found)
+                    restart = await self._restart(
+                        prompt, guarded, request, st, index, found, tenant
+                    )
                     # A restart stream serves one choice; the original, with n > 1, several.
                     if source != _ORIGINAL or request.sampling.n == 1:
                         await streams.drop(source)
@@ -148,10 +173,17 @@ class OutputGuard:
                         st.source = next_source
                         streams.add(next_source, self._engine.generate(restart), index)
                         next_source += 1
-                if out:
+                scored = chunk.prompt_logprobs if source == _ORIGINAL else None
+                if out or scored is not None:
                     prompt_tokens = counts[_ORIGINAL][0] if _ORIGINAL in counts else 0
                     completion = sum(c for _, c in counts.values())
-                    yield GenerationChunk(out, prompt_tokens, completion)
+                    yield GenerationChunk(
+                        out,
+                        prompt_tokens,
+                        completion,
+                        prompt_logprobs=scored,
+                        prompt_token_ids=chunk.prompt_token_ids if scored is not None else None,
+                    )
         except GatewayError:
             raise
         except (asyncio.CancelledError, GeneratorExit):
@@ -170,10 +202,11 @@ class OutputGuard:
         names: Sequence[str],
         targets: Mapping[str, ActiveTarget],
         guarded: Guarded,
+        tenant: str,
     ) -> list[ActiveTarget]:
         """Add `delta` to the choice; the targets its text now names (nothing released yet)."""
         st.held.append(delta)
-        st.text += delta.text
+        st.text += _written(delta)
         final = delta.finish_reason is not None
         mentions, hold = scanner.scan(st.text, st.released, final)
         st.hold = hold
@@ -189,7 +222,7 @@ class OutputGuard:
                     decisions = await self._guard.classify([window])
                 except Exception as e:
                     logger.error("The output guard's classifier failed (%s)", type(e).__name__)
-                    self._metrics.decisions.labels("none", "output_guard_error").inc()
+                    self._metrics.decisions.labels("none", "output_guard_error", tenant).inc()
                     raise _CheckFailed from e
                 found = [
                     targets[d.target]
@@ -203,8 +236,8 @@ class OutputGuard:
         """The held deltas that end before the hold point, merged into one (None: nothing)."""
         hold = len(st.text) if final else st.hold
         pos, k = st.released, 0
-        while k < len(st.held) and pos + len(st.held[k].text) <= hold:
-            pos += len(st.held[k].text)
+        while k < len(st.held) and pos + len(_written(st.held[k])) <= hold:
+            pos += len(_written(st.held[k]))
             k += 1
         if k == 0:
             return None
@@ -218,6 +251,8 @@ class OutputGuard:
         last = batch[-1]
         if last.finish_reason is not None:
             st.done = True
+        calls = [c for d in batch for c in (d.tool_calls or [])]
+        raw = [d.raw_text for d in batch if d.raw_text is not None]
         return ChoiceDelta(
             index=index,
             text="".join(d.text for d in batch),
@@ -225,6 +260,9 @@ class OutputGuard:
             logprobs=logprobs,
             finish_reason=last.finish_reason,
             stop_reason=last.stop_reason,
+            tool_calls=calls or None,
+            raw_text="".join(raw) if raw else None,
+            null_content=all(d.null_content for d in batch),
         )
 
     async def _restart(
@@ -235,13 +273,16 @@ class OutputGuard:
         st: _Choice,
         index: int,
         found: list[ActiveTarget],
+        tenant: str,
     ) -> GenerationRequest | None:
         """The request that continues this choice with `found` protected (None: end it)."""
         for target in found:
-            self._metrics.decisions.labels(target.id, "output_restart").inc()
+            self._metrics.decisions.labels(target.id, "output_restart", tenant).inc()
             audit.info(
-                "output request_id=%s target_id=%s action=restart restarts=%d released_chars=%d",
+                "output request_id=%s tenant=%s target_id=%s action=restart restarts=%d "
+                "released_chars=%d",
                 request.request_id,
+                tenant,
                 target.id,
                 st.restarts,
                 st.released,
@@ -272,7 +313,8 @@ class OutputGuard:
         else:
             new_prompt = TokenPrompt(await self._guard.run(corruptor.token_ids, continuation))
         banned = tuple(dict.fromkeys(a for t in found for a in _spellings(t.aliases)))
-        return GenerationRequest(
+        return replace(  # tools, structured outputs and the rest carry over
+            request,
             request_id=f"{request.request_id}-out{index}-{st.restarts}",
             prompt=new_prompt,
             sampling=replace(
@@ -281,14 +323,20 @@ class OutputGuard:
                 max_tokens=left,
                 min_tokens=max(0, sampling.min_tokens - st.released_tokens),
                 bad_words=tuple(dict.fromkeys((*sampling.bad_words, *banned))),
+                prompt_logprobs=None,  # the client's prompt was scored by the first request
             ),
-            stream=request.stream,
+            stream=request.stream or not request.tools,
             offsets=tuple(dict.fromkeys(offsets)),
         )
 
 
 class _CheckFailed(Exception):
     """The output could not be checked: the choice ends where it is (fail closed)."""
+
+
+def _written(delta: ChoiceDelta) -> str:
+    """What the model wrote in a delta: tool-call arguments included (the client gets them)."""
+    return delta.raw_text if delta.raw_text is not None else delta.text
 
 
 def _spellings(aliases: Sequence[str]) -> list[str]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.errors import InvalidRequestError
-from server.protocol.chat import ChatCompletionRequest
+from server.protocol.chat import ChatCompletionRequest, ChatMessage
 from server.protocol.completion import CompletionRequest
 
 
@@ -26,12 +27,25 @@ class RequestLimits:
     max_n: int = 8
 
     def check_chat(self, req: ChatCompletionRequest) -> None:
-        chars = sum(_chars(m.to_param().get("content")) for m in req.messages)
-        self._check_chars(chars, "messages")
+        self.check_messages(req.messages)
+        if req.tools:
+            self._check_chars(_chars([t.model_dump() for t in req.tools]), "tools")
         self._check_tokens(req.max_completion_tokens, "max_completion_tokens")
         self._check_tokens(req.max_tokens, "max_tokens")
         self._check_n(req.n, "n")
         _check_numbers(req, self.max_tokens)
+
+    def check_messages(self, messages: Sequence[ChatMessage]) -> None:
+        """Every turn's text, tool calls and names count towards the prompt size."""
+        chars = 0
+        for m in messages:
+            param = m.to_param()
+            chars += len(param["content"])
+            chars += _chars(param.get("tool_calls")) + len(param.get("name", ""))
+        self._check_chars(chars, "messages")
+
+    def check_text(self, text: str) -> None:
+        self._check_chars(len(text), "prompt")
 
     def check_completion(self, req: CompletionRequest) -> None:
         prompt = req.prompt

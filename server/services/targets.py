@@ -53,6 +53,7 @@ from server.services.guard import ActiveTarget, EcoGuard
 from server.services.jobs import JobRunner, Lease, LeaseConfig
 from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
 from server.services.strength import StrengthCalibrator
+from server.services.tenancy import Caller, TenantScope
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,14 @@ class TargetService:
             offset = self._offsets.resolve(json.loads(artifacts["offset"].data))
         scope = str(version.options.get("scope", "flagged"))
         return ActiveTarget(
-            target_id, name, version.aliases, spec, classifier, offset=offset, scope=scope
+            target_id,
+            name,
+            version.aliases,
+            spec,
+            classifier,
+            offset=offset,
+            scope=scope,
+            tenants=TenantScope.from_options(version.options),
         )
 
     # --- admin operations ------------------------------------------------------------------
@@ -368,9 +376,14 @@ class TargetService:
         )
 
     async def dry_run(
-        self, *, prompt: str | None, messages: list[ChatMessageParam] | None
+        self,
+        *,
+        prompt: str | None,
+        messages: list[ChatMessageParam] | None,
+        caller: Caller | None = None,
     ) -> ClassifyResponse:
-        """What the guard would decide for this input, target by target."""
+        """What the guard would decide for this input, target by target (those in the caller's
+        tenant scope)."""
         source: ChatPrompt | TextPrompt = (
             ChatPrompt(messages) if messages is not None else TextPrompt(prompt or "")
         )
@@ -378,9 +391,10 @@ class TargetService:
         text = texts[0]
         decisions = await self._guard.classify(texts)
         named = self._guard.bank.find_spans(text, [d.target for d in decisions if d.flagged])
+        in_scope = self._guard.in_scope(caller)
         results = []
         for d in decisions:
-            target = self._guard.active.get(d.target)
+            target = in_scope.get(d.target)
             if target is None:
                 continue
             positions = None

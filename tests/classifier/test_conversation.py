@@ -82,6 +82,17 @@ def test_pieces_say_where_each_text_came_from() -> None:
         assert text[p.start : p.end] == p.text
 
 
+def test_template_variables_are_read() -> None:
+    kwargs = {
+        "add_generation_prompt": True,
+        "documents": [{"title": "notes", "text": "Hogwarts letters"}],
+        "custom": {"hint": "about Gryffindor"},
+    }
+    text = conversation_text([{"role": "user", "content": "hi"}], [], kwargs)
+    assert "Hogwarts letters" in text and "about Gryffindor" in text and "notes" in text
+    assert "add_generation_prompt" not in text
+
+
 def test_malformed_arguments_are_read_raw() -> None:
     messages = [
         {"role": "assistant", "tool_calls": [{"function": {"arguments": "{not json Harry"}}]}

@@ -97,12 +97,22 @@ def client(gateway: Server) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="session")
-def hp_target(gateway: Server) -> Iterator[dict[str, Any]]:
+def hp_registered(gateway: Server) -> Iterator[dict[str, Any]]:
     """The Harry Potter target (tests/e2e/targets.py) registered once on the session's gateway,
-    strength search included, shared by the modules that need it; deleted at the end."""
+    strength search included (about a minute); deleted at the end."""
     record = register(gateway.url, TARGET)
     yield record
     httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
+
+
+@pytest.fixture(scope="module")
+def hp_target(gateway: Server, hp_registered: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The shared Harry Potter target, enabled for the module that asks for it and disabled
+    after it, so that other modules see a gateway with no active target."""
+    url = f"{gateway.url}/admin/targets/{hp_registered['id']}"
+    assert httpx.patch(url, json={"enabled": True}, headers=AUTH).status_code == 200
+    yield hp_registered
+    httpx.patch(url, json={"enabled": False}, headers=AUTH)
 
 
 __all__ = ["MODEL_NAME", "Server"]

@@ -14,6 +14,9 @@ ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"
 # to 0.4 in logprob); benchmarks pass bfloat16, the fastest dtype here.
 MAX_MODEL_LEN = 2048
 DTYPE = "float32"
+# Tool calling on both sides (vLLM's flags; the gateway's settings of the same name). Requests
+# without tools are unaffected: vLLM only consults the parser when tools are offered.
+TOOL_PARSER = "hermes"
 
 
 def vllm_server_argv(model_path: Path, port: int, *, dtype: str = DTYPE) -> list[str]:
@@ -26,6 +29,8 @@ def vllm_server_argv(model_path: Path, port: int, *, dtype: str = DTYPE) -> list
         "--max-model-len", str(MAX_MODEL_LEN),
         "--enforce-eager",
         "--enable-prompt-embeds",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser", TOOL_PARSER,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--disable-log-stats",
@@ -43,6 +48,8 @@ def gateway_argv(port: int, *extra: str, dtype: str = DTYPE) -> list[str]:
         "--vllm.max-model-len", str(MAX_MODEL_LEN),
         "--log-level", "warning",
         "--admin-token", ADMIN_TOKEN,
+        "--tools.tool-call-parser", TOOL_PARSER,
+        "--tools.enable-auto-tool-choice", "true",
         *extra,
     ]  # fmt: skip
 

@@ -79,7 +79,10 @@ def test_unrelated_questions_are_untouched(
 def test_metrics_count_decisions(gateway: Server, target: dict):
     ask(gateway.client(), HELD_OUT[1])
     metrics = httpx.get(f"{gateway.url}/metrics", headers=AUTH).text
-    assert f'obliviate_guard_decisions_total{{action="corrupt",target="{target["id"]}"}}' in metrics
+    assert (
+        f'obliviate_guard_decisions_total{{action="corrupt",target="{target["id"]}",tenant="-"}}'
+        in metrics
+    )
 
 
 def test_restart_keeps_targets_and_upstream_engine_protects_too(

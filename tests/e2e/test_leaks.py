@@ -178,8 +178,8 @@ def test_the_output_guard_is_counted_and_unflagged_answers_are_untouched(
     gateway: Server, vllm_server: Server, targets: list[dict]
 ) -> None:
     answer(gateway, ROUTES["the model names the target unprompted"][0])
-    metrics = httpx.get(f"{gateway.url}/metrics").text
+    metrics = httpx.get(f"{gateway.url}/metrics", headers=AUTH).text
     tolkien = targets[1]["id"]
-    assert f'action="output_restart",target="{tolkien}"' in metrics
+    assert f'action="output_restart",target="{tolkien}",tenant="-"' in metrics
     for question in ("What is the capital of France?", "How do I boil an egg?"):
         assert answer(gateway, [user(question)]) == answer(vllm_server, [user(question)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -57,3 +58,40 @@ def test_upstream_errors_keep_the_envelope(upstream_gateway: Server):
             model=MODEL_NAME, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=4
         )
     assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_tools_structured_outputs_and_responses_pass_through(
+    upstream_gateway: Server, vllm_server: Server
+):
+    """In front of an upstream, tools, tool choices, structured outputs and the Responses API
+    reach it as vLLM reads them (unflagged requests), with the same answers."""
+    from tests.e2e.test_openai_on_vllm import ASK_WEATHER, TIME, WEATHER, YES_NO, assert_same_answer
+
+    kwargs = {"model": MODEL_NAME, "messages": ASK_WEATHER, "temperature": 0, "max_tokens": 40}
+    shapes = [
+        {"tools": [WEATHER, TIME], "tool_choice": "required"},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "y", "schema": YES_NO},
+            }
+        },
+    ]
+    for shape in shapes:
+        ours = upstream_gateway.client().chat.completions.create(**kwargs, **shape)
+        theirs = vllm_server.client().chat.completions.create(**kwargs, **shape)
+        assert_same_answer(ours, theirs)
+    assert ours.choices[0].message.content
+    args = {
+        "model": MODEL_NAME,
+        "input": "Name a colour.",
+        "temperature": 0,
+        "max_output_tokens": 16,
+    }
+    ours_r = upstream_gateway.client().responses.create(**args)
+    assert ours_r.output_text == vllm_server.client().responses.create(**args).output_text
+    tokens = {"model": MODEL_NAME, "messages": ASK_WEATHER, "tools": [WEATHER]}
+    assert (
+        httpx.post(f"{upstream_gateway.url}/tokenize", json=tokens).json()
+        == httpx.post(f"{vllm_server.url}/tokenize", json=tokens).json()
+    )
