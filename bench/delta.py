@@ -17,7 +17,6 @@ trains one (minutes).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -30,7 +29,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.overhead import TOPICS, one_round_with  # noqa: E402
+from bench.workload import TOPICS, run_burst  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
@@ -130,15 +129,17 @@ def main() -> None:
         started = time.perf_counter()
         target = register(url, options)
         registration_s = time.perf_counter() - started
-        asyncio.run(one_round_with(url, plain[:4], 8))  # warm-up
+        run_burst(url, MODEL_NAME, plain[:4], 8, stream=False)  # warm-up
         rss_before = tree_rss(proc.pid)
-        asyncio.run(one_round_with(url, flagged[:2], 8))  # loads the small models
+        run_burst(url, MODEL_NAME, flagged[:2], 8, stream=False)  # loads the small models
         rounds: dict[str, list[float]] = {"plain": [], "delta": []}
         for r in range(args.rounds):
             for name, prompts in (("plain", plain), ("delta", flagged)):
-                result = asyncio.run(one_round_with(url, prompts[: args.concurrency], args.tokens))
-                rounds[name].append(float(result["tok_per_s"]))  # type: ignore[arg-type]
-                print(f"round {r + 1} {name:5s} {result['tok_per_s']:.1f} tok/s")
+                result = run_burst(
+                    url, MODEL_NAME, prompts[: args.concurrency], args.tokens, stream=False
+                )
+                rounds[name].append(result.tok_per_s)
+                print(f"round {r + 1} {name:5s} {result.tok_per_s:.1f} tok/s")
         rss_after = tree_rss(proc.pid)
         after = answers(url, HELD_OUT + NEIGHBOURS)
         metrics = httpx.get(f"{url}/metrics").text
