@@ -13,6 +13,8 @@ import asyncio
 import json
 import logging
 import math
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -287,6 +289,7 @@ class TargetService:
         record = await self.get_target(job.target_id)
         examples = [tuple(json.loads(e)) for e in record.forget_examples]
         progress = self._progress(job_id)
+        clock = _StageClock()
 
         progress("classifier", 0.05)
         spec = TargetSpec(
@@ -300,6 +303,7 @@ class TargetService:
             fpr=float(record.options.get("fpr", 0.01)), seed=int(record.options.get("seed", 0))
         )
         classifier = await asyncio.to_thread(train_target, spec, self._embedder, config)
+        clock.lap("classifier")
 
         prompts = [p for p, _ in examples]
         calibration: dict[str, Any] = {"classifier": _report(classifier)}
@@ -310,11 +314,14 @@ class TargetService:
             progress("answers", 0.2)
             while not self._engine.ready:  # the bare answers come from the engine
                 await asyncio.sleep(0.5)
-            answers = [a if a else await self._bare_answer(p) for p, a in examples]
+            # All at once: the engine batches them (one at a time took ~1 s each).
+            answers = list(await asyncio.gather(*(self._given_or_bare(p, a) for p, a in examples)))
+            clock.lap("answers")
             progress("corruption", 0.25)
             corruption, strength_report = await asyncio.to_thread(
                 self._corruption_spec, record, prompts, answers
             )
+            clock.lap("corruption")
             calibration["corruption"] = {"spec": corruption.to_dict(), **strength_report}
             artifacts.append(
                 Artifact(
@@ -336,12 +343,14 @@ class TargetService:
                 dict(record.options),
             )
             offset, offset_report = await self._offsets.prepare(request, progress)
+            clock.lap("snap")
             calibration["offset"] = {**asdict(offset), **offset_report}
             artifacts.append(
                 Artifact("offset", json.dumps(asdict(offset)).encode(), {"format": "offset/json"})
             )
 
         progress("activate", 0.95)
+        calibration["stage_seconds"] = clock.laps  # activation follows: POST to live adds it
         async with self._write_lock:
             try:
                 await asyncio.to_thread(
@@ -361,10 +370,13 @@ class TargetService:
 
         return report
 
+    async def _given_or_bare(self, prompt: str, answer: str | None) -> str:
+        return answer if answer else await self._bare_answer(prompt)
+
     async def _bare_answer(self, prompt: str) -> str:
         """What the model says today: the knowledge the corruption must remove."""
         request = GenerationRequest(
-            request_id=f"register-{abs(hash(prompt))}",
+            request_id=f"register-{uuid.uuid4().hex}",  # unique: answers run concurrently
             prompt=ChatPrompt([{"role": "user", "content": prompt}]),
             sampling=SamplingOptions(max_tokens=48, temperature=0.0),
             stream=False,
@@ -393,6 +405,19 @@ class TargetService:
             spec = base or fallback
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
         return self._calibrator.calibrate(prompts, answers, list(record.aliases), base)
+
+
+class _StageClock:
+    """Seconds per stage of a registration job, for its calibration record."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 3)
+        self._last = now
 
 
 def _report(classifier: TargetClassifier) -> dict[str, Any]:
