@@ -45,6 +45,7 @@ from bench.workload import (  # noqa: E402
     histogram,
     histogram_delta,
     histogram_quantile,
+    histogram_sum,
     percentile,
     run_burst,
     tree_rss_mib,
@@ -112,12 +113,14 @@ def measure_level(
     sides = ["vllm", "obliviate"] + (["flagged"] if targets else [])
     rounds: dict[str, list[Round]] = {side: [] for side in sides}
     guard = dict.fromkeys(histogram(urls["obliviate"], GUARD), 0.0)
+    guard_total_s = 0.0
     false_flags = 0.0
     identical = compared = 0
     for r in range(args.rounds):
         for side in sides:
             url = urls["vllm" if side == "vllm" else "obliviate"]
             before = histogram(url, GUARD) if side == "obliviate" else {}
+            sum_before = histogram_sum(url, GUARD) if side == "obliviate" else 0.0
             flags_before = (
                 counter(url, "obliviate_guard_decisions", action="corrupt")
                 if side == "obliviate"
@@ -131,6 +134,7 @@ def measure_level(
             if side == "obliviate":
                 for le, n in histogram_delta(before, histogram(url, GUARD)).items():
                     guard[le] = guard.get(le, 0.0) + n
+                guard_total_s += histogram_sum(url, GUARD) - sum_before
                 false_flags += (
                     counter(url, "obliviate_guard_decisions", action="corrupt") - flags_before
                 )
@@ -156,6 +160,7 @@ def measure_level(
     if p50 is not None and p99 is not None:
         level.update(guard_p50_ms=1000 * p50, guard_p99_ms=1000 * p99)
         level["guarded_requests"] = guard[float("inf")]
+        level["guard_mean_ms"] = 1000 * guard_total_s / max(1.0, guard[float("inf")])
     if targets:
         mine = summary(rounds["flagged"])
         level["flagged"] = mine

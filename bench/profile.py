@@ -81,14 +81,16 @@ def summarise(raw: Path, rate: int, wall_s: float) -> tuple[str, dict[str, float
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        process = next((f for f in frames if f.startswith("process ")), "process ?")
-        name = "gateway" if "server serve" in process or "-m server" in process else "engine"
+        procs = [f for f in frames if f.startswith("process ")]
+        process = procs[-1] if procs else "process ?"  # children are nested in their parent
+        name = "gateway"
         if "EngineCore" in process:
             name = "vLLM EngineCore"
         elif "Worker" in process:
             name = "vLLM Worker"
         thread = next((f for f in frames if f.startswith("thread ")), "thread ?")
-        kind = "main" if "MainThread" in thread or "Main" in thread else "other threads"
+        kind = thread.split(": ", 1)[-1] if ": " in thread else "?"
+        kind = "main" if kind == "MainThread" else kind.rstrip("_0123456789") or kind
         code = [f for f in frames if not f.startswith(("process ", "thread "))]
         category = categorise(code)
         by[(name, kind, category)] += int(count)

@@ -125,6 +125,14 @@ def histogram(url: str, name: str) -> dict[float, float]:
     return buckets
 
 
+def histogram_sum(url: str, name: str) -> float:
+    """The `_sum` sample of a Prometheus histogram on /metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"{name}_sum"):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def histogram_delta(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
     return {le: after[le] - before.get(le, 0.0) for le in after}
 
