@@ -28,6 +28,7 @@ from corruption.functions import (
 from corruption.strength import (
     AnswerPreferenceObjective,
     Calibration,
+    EmbedsGenerator,
     FluencyReport,
     ForgetExample,
     SearchStep,
@@ -43,6 +44,7 @@ from corruption.strength import (
 __all__ = [
     "AnswerPreferenceObjective",
     "Calibration",
+    "EmbedsGenerator",
     "FluencyReport",
     "ForgetExample",
     "SearchStep",

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AnswerPreferenceObjective",
     "Calibration",
+    "EmbedsGenerator",
     "FluencyReport",
     "ForgetExample",
     "SearchStep",
@@ -320,6 +321,10 @@ class AnswerPreferenceObjective:
         return self.evaluate([strength])[0]
 
 
+EmbedsGenerator = Callable[[list[torch.Tensor], list[list[int]], int], list[list[int]]]
+"""(prompt embeddings (T, H) each, their token ids, max new tokens) -> greedy token ids each."""
+
+
 @dataclass(frozen=True)
 class FluencyReport:
     """Greedy answers from corrupted prompts, scored as replies to the clean prompts.
@@ -344,8 +349,13 @@ def measure_fluency(
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
     batch_size: int = 16,
+    generate_with: EmbedsGenerator | None = None,
 ) -> FluencyReport:
-    """Generate greedily from corrupted prompts; score the answers given the clean prompts."""
+    """Generate greedily from corrupted prompts; score the answers given the clean prompts.
+
+    `generate_with(embeds, prompt_ids, max_new_tokens)` generates instead of `model.generate`,
+    e.g. the serving engine itself: the answers are then the ones the guard would serve.
+    """
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     stops = {eos} if isinstance(eos, int) else set(eos or ())
     answers: list[list[int]] = []
@@ -353,6 +363,16 @@ def measure_fluency(
     generate = cast("Callable[..., torch.Tensor]", model.generate)
     with torch.inference_mode():
         corrupted = _embed_prompts(model, examples, spec)
+        rows = (
+            generate_with(corrupted, [ex.prompt_ids for ex in examples], max_new_tokens)
+            if generate_with is not None
+            else []
+        )
+        if rows and all(t >= 0 for row in rows for t in row):  # ids known (not an upstream's)
+            for row in rows:
+                cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                answers.append(list(row[:cut]))
+            corrupted = []  # generated already
         for first in range(0, len(corrupted), batch_size):
             embeds, attention, _ = _left_pad(corrupted[first : first + batch_size])
             generated = generate(
@@ -403,6 +423,7 @@ def calibrate_strength(
     min_distinct: float = DEFAULT_MIN_DISTINCT,
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
+    generate_with: EmbedsGenerator | None = None,
 ) -> Calibration:
     """Search the weakest strength that forgets (`bracket_strength`), then check fluency there.
 
@@ -435,6 +456,7 @@ def calibrate_strength(
         min_distinct=min_distinct,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
+        generate_with=generate_with,
     )
     seconds = {"search": searched - started, "fluency": time.perf_counter() - searched}
     logger.info(

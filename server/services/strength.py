@@ -26,6 +26,7 @@ from classifier import find_spans
 from corruption import (
     CorruptionSpec,
     EmbeddingTable,
+    EmbedsGenerator,
     StrengthSearchConfig,
     calibrate_strength,
     make_forget_example,
@@ -108,15 +109,23 @@ class StrengthCalibrator:
         answers: list[str],
         aliases: list[str],
         base: CorruptionSpec | None,
+        *,
+        generate_with: EmbedsGenerator | None = None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
         """Search the weakest strength that forgets; returns the spec and a report (with the
-        seconds each stage took: loading the model, the search, the fluency check)."""
+        seconds each stage took: loading the model, the search, the fluency check).
+
+        `generate_with` generates the fluency check's answers (the serving engine); without it,
+        or when it cannot give token ids, the model copy generates them.
+        """
         with self._lock, _torch_threads(self._threads):
             started = time.perf_counter()
             model, tokenizer = self._load()
             try:
                 load_s = time.perf_counter() - started
-                return self._search(model, tokenizer, prompts, answers, aliases, base, load_s)
+                return self._search(
+                    model, tokenizer, prompts, answers, aliases, base, load_s, generate_with
+                )
             finally:
                 # Nothing else refers to the model: dropping these frees it (checked by tests).
                 del model, tokenizer
@@ -132,6 +141,7 @@ class StrengthCalibrator:
         aliases: list[str],
         base: CorruptionSpec | None,
         load_s: float,
+        generate_with: EmbedsGenerator | None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
         std = self._table.std
         spec = base or self.default_spec()
@@ -149,6 +159,7 @@ class StrengthCalibrator:
             StrengthSearchConfig.for_embeddings(std),
             fluency_bound=FLUENCY_BOUND,
             eos_token_id=tokenizer.eos_token_id,
+            generate_with=generate_with,
         )
         search = result.search
         report = {

@@ -15,17 +15,24 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target, warm_up
-from corruption import CorruptionSpec
+from corruption import CorruptionSpec, EmbedsGenerator
 from offset import DeltaSpec
-from server.engine import ChatPrompt, Engine, GenerationRequest, SamplingOptions, TextPrompt
+from server.engine import (
+    ChatPrompt,
+    Engine,
+    GenerationRequest,
+    PromptEmbeds,
+    SamplingOptions,
+    TextPrompt,
+)
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.protocol.admin import ClassifyResponse, Span, TargetDecision, TargetResponse
 from server.protocol.common import ChatMessageParam
@@ -42,6 +49,7 @@ from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
 from server.services.strength import StrengthCalibrator
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUPPORTED_MODES = ("eco", "delta", "eco+delta")
 ECO_MODES = ("eco", "eco+delta")
@@ -289,7 +297,7 @@ class TargetService:
         record = await self.get_target(job.target_id)
         examples = [tuple(json.loads(e)) for e in record.forget_examples]
         progress = self._progress(job_id)
-        clock = _StageClock()
+        stages: dict[str, float] = {}
 
         progress("classifier", 0.05)
         spec = TargetSpec(
@@ -302,55 +310,75 @@ class TargetService:
         config = TrainConfig(
             fpr=float(record.options.get("fpr", 0.01)), seed=int(record.options.get("seed", 0))
         )
-        classifier = await asyncio.to_thread(train_target, spec, self._embedder, config)
-        clock.lap("classifier")
-
-        prompts = [p for p, _ in examples]
-        calibration: dict[str, Any] = {"classifier": _report(classifier)}
-        artifacts = [
-            Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"})
-        ]
-        if record.mode in ECO_MODES:
-            progress("answers", 0.2)
-            while not self._engine.ready:  # the bare answers come from the engine
-                await asyncio.sleep(0.5)
-            # All at once: the engine batches them (one at a time took ~1 s each).
-            answers = list(await asyncio.gather(*(self._given_or_bare(p, a) for p, a in examples)))
-            clock.lap("answers")
-            progress("corruption", 0.25)
-            corruption, strength_report = await asyncio.to_thread(
-                self._corruption_spec, record, prompts, answers
+        # The classifier trains on one core while the engine answers and the strength is
+        # searched: neither needs the other.
+        training = asyncio.ensure_future(
+            _timed(
+                stages, "classifier", asyncio.to_thread(train_target, spec, self._embedder, config)
             )
-            clock.lap("corruption")
-            calibration["corruption"] = {"spec": corruption.to_dict(), **strength_report}
-            artifacts.append(
-                Artifact(
-                    "corruption",
-                    json.dumps(corruption.to_dict()).encode(),
-                    {"torch": torch.__version__},
+        )
+        try:
+            prompts = [p for p, _ in examples]
+            calibration: dict[str, Any] = {}
+            artifacts = []
+            if record.mode in ECO_MODES:
+                progress("answers", 0.2)
+                while not self._engine.ready:  # the bare answers come from the engine
+                    await asyncio.sleep(0.5)
+                # All at once: the engine batches them (one at a time took ~1 s each).
+                answers = list(
+                    await _timed(
+                        stages,
+                        "answers",
+                        asyncio.gather(*(self._given_or_bare(p, a) for p, a in examples)),
+                    )
                 )
-            )
-        if record.mode in DELTA_MODES:
-            if self._offsets is None:
-                raise RuntimeError("δ modes need a local model to train on")
-            progress("snap", 0.3)
-            request = OffsetRequest(
-                job_id,
-                record.name,
-                record.aliases,
-                prompts,
-                record.retain_examples,
-                dict(record.options),
-            )
-            offset, offset_report = await self._offsets.prepare(request, progress)
-            clock.lap("snap")
-            calibration["offset"] = {**asdict(offset), **offset_report}
-            artifacts.append(
-                Artifact("offset", json.dumps(asdict(offset)).encode(), {"format": "offset/json"})
-            )
+                progress("corruption", 0.25)
+                generate = self._engine_generator(asyncio.get_running_loop())
+                corruption, strength_report = await _timed(
+                    stages,
+                    "corruption",
+                    asyncio.to_thread(self._corruption_spec, record, prompts, answers, generate),
+                )
+                calibration["corruption"] = {"spec": corruption.to_dict(), **strength_report}
+                artifacts.append(
+                    Artifact(
+                        "corruption",
+                        json.dumps(corruption.to_dict()).encode(),
+                        {"torch": torch.__version__},
+                    )
+                )
+            if record.mode in DELTA_MODES:
+                if self._offsets is None:
+                    raise RuntimeError("δ modes need a local model to train on")
+                progress("snap", 0.3)
+                request = OffsetRequest(
+                    job_id,
+                    record.name,
+                    record.aliases,
+                    prompts,
+                    record.retain_examples,
+                    dict(record.options),
+                )
+                offset, offset_report = await _timed(
+                    stages, "snap", self._offsets.prepare(request, progress)
+                )
+                calibration["offset"] = {**asdict(offset), **offset_report}
+                artifacts.append(
+                    Artifact(
+                        "offset", json.dumps(asdict(offset)).encode(), {"format": "offset/json"}
+                    )
+                )
+            classifier = await training
+        finally:
+            training.cancel()  # a no-op once awaited; after a failure its result is not wanted
+        calibration = {"classifier": _report(classifier), **calibration}
+        artifacts.insert(
+            0, Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"})
+        )
 
         progress("activate", 0.95)
-        calibration["stage_seconds"] = clock.laps  # activation follows: POST to live adds it
+        calibration["stage_seconds"] = stages  # the classifier overlaps the others
         async with self._write_lock:
             try:
                 await asyncio.to_thread(
@@ -386,8 +414,46 @@ class TargetService:
             parts += [c.text for c in chunk.choices]
         return "".join(parts)
 
+    def _engine_generator(self, loop: asyncio.AbstractEventLoop) -> EmbedsGenerator:
+        """Greedy generation from prompt embeddings by the serving engine, callable from a
+        worker thread (the strength search's fluency check): the answers the guard would serve.
+        """
+
+        async def one(embeds: torch.Tensor, ids: list[int], max_new: int) -> list[int]:
+            request = GenerationRequest(
+                request_id=f"register-{uuid.uuid4().hex}",
+                prompt=PromptEmbeds(embeds=embeds, token_ids=ids),
+                sampling=SamplingOptions(max_tokens=max_new, temperature=0.0),
+                stream=False,
+            )
+            out: list[int] = []
+            async for chunk in self._engine.generate(request):
+                for choice in chunk.choices:
+                    out += choice.token_ids
+            return out
+
+        async def every(
+            embeds: list[torch.Tensor], ids: list[list[int]], max_new: int
+        ) -> list[list[int]]:
+            return list(
+                await asyncio.gather(
+                    *(one(e, i, max_new) for e, i in zip(embeds, ids, strict=True))
+                )
+            )
+
+        def generate(
+            embeds: list[torch.Tensor], ids: list[list[int]], max_new: int
+        ) -> list[list[int]]:
+            return asyncio.run_coroutine_threadsafe(every(embeds, ids, max_new), loop).result()
+
+        return generate
+
     def _corruption_spec(
-        self, record: TargetRecord, prompts: list[str], answers: list[str]
+        self,
+        record: TargetRecord,
+        prompts: list[str],
+        answers: list[str],
+        generate: EmbedsGenerator | None = None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
         options = record.options
         base = (
@@ -404,20 +470,18 @@ class TargetService:
             fallback = corruptor.default_spec() if corruptor else CorruptionSpec.recommended(1.0)
             spec = base or fallback
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
-        return self._calibrator.calibrate(prompts, answers, list(record.aliases), base)
+        return self._calibrator.calibrate(
+            prompts, answers, list(record.aliases), base, generate_with=generate
+        )
 
 
-class _StageClock:
-    """Seconds per stage of a registration job, for its calibration record."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.laps[stage] = round(now - self._last, 3)
-        self._last = now
+async def _timed(stages: dict[str, float], stage: str, work: Awaitable[T]) -> T:
+    """Await `work`, recording its seconds under `stage`."""
+    started = time.perf_counter()
+    try:
+        return await work
+    finally:
+        stages[stage] = round(time.perf_counter() - started, 3)
 
 
 def _report(classifier: TargetClassifier) -> dict[str, Any]:

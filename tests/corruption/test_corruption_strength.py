@@ -270,7 +270,9 @@ def test_bracket_edges():
     )
     assert floor.reached and floor.strength == 0.25 and floor.failing_below is None
     # A zero start is tried as such.
-    zero = bracket_strength(lambda s: [0.0 for _ in s], StrengthSearchConfig(initial=0.0, lr=1.0, eps=0.1))
+    zero = bracket_strength(
+        lambda s: [0.0 for _ in s], StrengthSearchConfig(initial=0.0, lr=1.0, eps=0.1)
+    )
     assert zero.reached and zero.strength == 0.0 and zero.evaluations == 1
     with pytest.raises(ValueError):
         StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, tolerance=1.0)
@@ -285,3 +287,27 @@ def test_batched_objective_matches_one_at_a_time(tiny):
     ]
     assert together == pytest.approx(apart, abs=1e-5)
     assert len(set(together)) == 3  # the strengths really differ
+
+
+def test_fluency_answers_can_come_from_the_serving_engine(tiny):
+    examples = _examples()
+    own = measure_fluency(tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0)
+    calls = []
+
+    def engine(embeds, ids, max_new):  # stands in for the engine: same greedy answers
+        calls.append((len(embeds), [len(i) for i in ids], max_new))
+        assert all(e.shape == (len(i), 16) for e, i in zip(embeds, ids, strict=True))
+        return [a + [0, 5] if a[-1:] == [0] else a for a in own.answers]  # past EOS: cut
+
+    served = measure_fluency(
+        tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0, generate_with=engine
+    )
+    assert calls == [(3, [6, 8, 7], 4)]
+    assert served.answers == own.answers
+    assert served.perplexity == pytest.approx(own.perplexity, rel=1e-5)
+    # An engine that cannot tell token ids (an upstream server: -1) leaves it to the model.
+    blind = measure_fluency(
+        tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0,
+        generate_with=lambda embeds, ids, n: [[-1] * n for _ in embeds],
+    )  # fmt: skip
+    assert blind.answers == own.answers
