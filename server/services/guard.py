@@ -30,6 +30,7 @@ from server.engine.base import Prompt
 from server.engine.templating import render_prompt
 from server.errors import InvalidRequestError, UnavailableError
 from server.metrics import Metrics
+from server.services.batching import BatchingExecutor
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("obliviate.audit")
@@ -128,6 +129,11 @@ class EcoGuard:
         log_prompts: bool = False,
     ) -> None:
         self._bank = bank
+        # A thread of its own, not asyncio's pool shared with registry calls and registration
+        # jobs; requests waiting together are classified in one call (server.services.batching).
+        self._classifier = BatchingExecutor(
+            lambda texts: self._bank.classify(texts), name="obliviate-guard"
+        )
         self._corruptor = corruptor
         self._metrics = metrics
         self._log_prompts = log_prompts
@@ -173,7 +179,7 @@ class EcoGuard:
         """Every active target's decision on `text`."""
         if not self._targets:
             return []
-        return (await asyncio.to_thread(self._bank.classify, [text]))[0]
+        return await self._classifier.submit(text)
 
     async def protect(
         self, prompt: ChatPrompt | TextPrompt | TokenPrompt, request_id: str
