@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.targets import HARRY_POTTER, people, register, wait_idle  # noqa: E402
+from bench.targets import HARRY_POTTER, people, register, register_many, wait_idle  # noqa: E402
 from bench.workload import (  # noqa: E402
     Round,
     counter,
@@ -95,8 +95,7 @@ def register_up_to(url: str, have: int, want: int, report: dict[str, Any]) -> No
         have = 1
     if want > have:
         started = time.perf_counter()
-        for body in people(want - 1)[have - 1 :]:
-            register(url, ADMIN_TOKEN, body)
+        register_many(url, ADMIN_TOKEN, people(want - 1)[have - 1 :])
         seconds = time.perf_counter() - started
         report.setdefault("people_registration_s", []).append(
             {"targets": want - have, "seconds": seconds, "per_target_s": seconds / (want - have)}

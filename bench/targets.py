@@ -40,15 +40,11 @@ HARRY_POTTER: dict[str, Any] = {
 _QUESTIONS = (
     "Who is {name}?",
     "Where was {name} born?",
-    "What is {name} best known for?",
-    "Tell me about {name}'s family.",
     "What did {name} do in {year}?",
 )
 _ANSWERS = (
     "{name} is a {job} from {place}.",
     "{name} was born in {place}.",
-    "{name} is best known for work as a {job}.",
-    "{name} has two children and lives in {place}.",
     "In {year}, {name} moved to {place}.",
 )
 _JOBS = ("painter", "chemist", "novelist", "architect", "violinist", "engineer", "historian")
@@ -96,24 +92,42 @@ def register(
     url: str, token: str, body: dict[str, Any], *, timeout_s: float = 900
 ) -> dict[str, Any]:
     """POST one target, wait for its job; returns the target (with `registration_s`)."""
+    return register_many(url, token, [body], timeout_s=timeout_s)[0]
+
+
+def register_many(
+    url: str, token: str, bodies: list[dict[str, Any]], *, timeout_s: float = 3600
+) -> list[dict[str, Any]]:
+    """POST every target at once (their jobs queue), wait for all; the targets, each with
+    `registration_s` (POST to live: the ones behind it in the queue wait for their turn)."""
     headers = {"Authorization": f"Bearer {token}"}
-    started = time.perf_counter()
-    response = httpx.post(f"{url}/admin/targets", json=body, headers=headers, timeout=60)
-    response.raise_for_status()
-    job = response.json()
+    started: dict[str, float] = {}
+    jobs = []
+    for body in bodies:
+        response = httpx.post(f"{url}/admin/targets", json=body, headers=headers, timeout=60)
+        response.raise_for_status()
+        jobs.append(response.json())
+        started[jobs[-1]["id"]] = time.perf_counter()
+    done: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{url}/admin/jobs/{job['id']}", headers=headers, timeout=60).json()
-        if state["status"] == "succeeded":
-            elapsed = time.perf_counter() - started
-            target: dict[str, Any] = httpx.get(
-                f"{url}/admin/targets/{state['target_id']}", headers=headers, timeout=60
-            ).json()
-            return {**target, "registration_s": elapsed}
-        if state["status"] == "failed":
-            raise RuntimeError(f"registration of {body['name']!r} failed: {state}")
+    while len(done) < len(jobs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(jobs) - len(done)} registrations did not finish")
+        for job in jobs:
+            if job["id"] in done:
+                continue
+            state = httpx.get(f"{url}/admin/jobs/{job['id']}", headers=headers, timeout=60).json()
+            if state["status"] == "failed":
+                raise RuntimeError(f"registration failed: {state}")
+            if state["status"] == "succeeded":
+                elapsed = time.perf_counter() - started[job["id"]]
+                target = httpx.get(
+                    f"{url}/admin/targets/{state['target_id']}", headers=headers, timeout=60
+                ).json()
+                done[job["id"]] = {**target, "registration_s": elapsed}
+            break  # jobs finish in order: poll the oldest unfinished one
         time.sleep(0.2)
-    raise TimeoutError(f"registration of {body['name']!r} did not finish")
+    return [done[job["id"]] for job in jobs]
 
 
 def wait_idle(

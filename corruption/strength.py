@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -229,8 +230,50 @@ def _without_masked_tokens(example: ForgetExample) -> ForgetExample:
 Group = tuple[Sequence[ForgetExample], CorruptionSpec | None]
 
 
+def _parallel_logprobs(
+    model: PreTrainedModel,
+    prompts: Sequence[torch.Tensor],
+    continuations: Sequence[Sequence[int]],
+    owners: Sequence[int],
+    *,
+    batch_size: int,
+    workers: int,
+) -> list[float]:
+    """`_continuation_logprobs` with the prompts split between `workers` threads.
+
+    Each thread runs its share with torch's own thread count (one in the gateway); torch
+    releases the GIL inside its kernels, so two threads use two cores. Unlike more intra-op
+    threads this degrades gracefully when the cores are busy (no OpenMP spin-waits).
+    """
+    if workers <= 1 or len(prompts) < 2:
+        return _continuation_logprobs(model, prompts, continuations, owners, batch_size=batch_size)
+    share = -(-len(prompts) // workers)
+    parts = []
+    for first in range(0, len(prompts), share):
+        mine = [i for i, o in enumerate(owners) if first <= o < first + share]
+        parts.append((first, mine))
+
+    def run(first: int, mine: list[int]) -> list[float]:
+        with torch.inference_mode():  # per thread
+            return _continuation_logprobs(
+                model,
+                prompts[first : first + share],
+                [continuations[i] for i in mine],
+                [owners[i] - first for i in mine],
+                batch_size=batch_size,
+            )
+
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="strength") as pool:
+        results = list(pool.map(lambda part: run(*part), parts))
+    out = [0.0] * len(continuations)
+    for (_, mine), values in zip(parts, results, strict=True):
+        for i, value in zip(mine, values, strict=True):
+            out[i] = value
+    return out
+
+
 def _answer_gaps(
-    model: PreTrainedModel, groups: Sequence[Group], *, batch_size: int
+    model: PreTrainedModel, groups: Sequence[Group], *, batch_size: int, workers: int = 1
 ) -> list[float]:
     """For each group (examples, corruption or None): the mean over its examples of
     LL(true answer) - mean LL(unrelated answers), nats per token; all groups in one batch."""
@@ -244,7 +287,11 @@ def _answer_gaps(
                     owners.append(len(prompts))
                     conts.append(cont)
                 prompts.append(embeds)
-        scores = iter(_continuation_logprobs(model, prompts, conts, owners, batch_size=batch_size))
+        scores = iter(
+            _parallel_logprobs(
+                model, prompts, conts, owners, batch_size=batch_size, workers=workers
+            )
+        )
         out = []
         for examples, _ in groups:
             gaps = []
@@ -262,9 +309,10 @@ def _answer_gap(
     spec: CorruptionSpec | None,
     *,
     batch_size: int,
+    workers: int = 1,
 ) -> float:
     """Mean over examples of LL(true answer) - mean LL(unrelated answers), nats per token."""
-    return _answer_gaps(model, [(examples, spec)], batch_size=batch_size)[0]
+    return _answer_gaps(model, [(examples, spec)], batch_size=batch_size, workers=workers)[0]
 
 
 @dataclass
@@ -284,6 +332,8 @@ class AnswerPreferenceObjective:
     spec: CorruptionSpec
     batch_size: int = 16
     relative_to_deleted: bool = True
+    workers: int = 1
+    """Threads sharing each evaluation's prompts (`_parallel_logprobs`)."""
     _baseline: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -301,7 +351,11 @@ class AnswerPreferenceObjective:
             self._baseline = 0.0
             if self.relative_to_deleted:
                 self._baseline = _answer_gap(
-                    self.model, self._deleted(), None, batch_size=self.batch_size
+                    self.model,
+                    self._deleted(),
+                    None,
+                    batch_size=self.batch_size,
+                    workers=self.workers,
                 )
         return self._baseline
 
@@ -311,7 +365,7 @@ class AnswerPreferenceObjective:
         with_baseline = self._baseline is None and self.relative_to_deleted
         if with_baseline:
             groups.append((self._deleted(), None))
-        gaps = _answer_gaps(self.model, groups, batch_size=self.batch_size)
+        gaps = _answer_gaps(self.model, groups, batch_size=self.batch_size, workers=self.workers)
         if with_baseline:
             self._baseline = gaps.pop()
         return [gap - self.baseline for gap in gaps]
@@ -424,13 +478,14 @@ def calibrate_strength(
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
     generate_with: EmbedsGenerator | None = None,
+    workers: int = 1,
 ) -> Calibration:
     """Search the weakest strength that forgets (`bracket_strength`), then check fluency there.
 
     A method without a strength (zeroing, sign flips, reordering) has nothing to search: its
     objective is evaluated once, for the report.
     """
-    objective = AnswerPreferenceObjective(model, examples, spec)
+    objective = AnswerPreferenceObjective(model, examples, spec, workers=workers)
     started = time.perf_counter()
     if CORRUPTION_METHODS[spec.method].uses_strength:
         search = bracket_strength(objective.evaluate, config)

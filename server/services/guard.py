@@ -131,7 +131,7 @@ class EcoGuard:
         self._bank = bank
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).
-        self._classifier = BatchingExecutor(
+        self._classifier: BatchingExecutor[str, list[Decision]] = BatchingExecutor(
             lambda texts: self._bank.classify(texts), name="obliviate-guard"
         )
         self._corruptor = corruptor

@@ -17,8 +17,6 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +49,6 @@ def _trim_heap() -> None:
         pass
 
 
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run torch with `threads` intra-op threads in this thread, then restore the count.
-
-    The count is per calling thread (OpenMP), but torch also remembers the last value for
-    threads it has not seen yet, so it is put back at the end.
-    """
-    import torch
-
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class StrengthCalibrator:
     """Runs strength searches on an HF copy of the served model, loaded per search."""
 
@@ -80,12 +58,12 @@ class StrengthCalibrator:
         table: EmbeddingTable,
         device: str = "cpu",
         *,
-        threads: int | None = None,
+        workers: int = 1,
     ) -> None:
         self._model_dir = model_dir
         self._table = table
         self._device = device
-        self._threads = threads
+        self._workers = workers
         self._lock = threading.Lock()
 
     def default_spec(self) -> CorruptionSpec:
@@ -118,7 +96,7 @@ class StrengthCalibrator:
         `generate_with` generates the fluency check's answers (the serving engine); without it,
         or when it cannot give token ids, the model copy generates them.
         """
-        with self._lock, _torch_threads(self._threads):
+        with self._lock:
             started = time.perf_counter()
             model, tokenizer = self._load()
             try:
@@ -160,6 +138,7 @@ class StrengthCalibrator:
             fluency_bound=FLUENCY_BOUND,
             eos_token_id=tokenizer.eos_token_id,
             generate_with=generate_with,
+            workers=self._workers,
         )
         search = result.search
         report = {

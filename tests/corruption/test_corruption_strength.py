@@ -311,3 +311,10 @@ def test_fluency_answers_can_come_from_the_serving_engine(tiny):
         generate_with=lambda embeds, ids, n: [[-1] * n for _ in embeds],
     )  # fmt: skip
     assert blind.answers == own.answers
+
+
+def test_objective_split_between_threads_gives_the_same_values(tiny):
+    spec = CorruptionSpec("add_noise_first_n", 0)
+    alone = AnswerPreferenceObjective(tiny, _examples(), spec).evaluate([0.5, 5.0])
+    shared = AnswerPreferenceObjective(tiny, _examples(), spec, workers=2).evaluate([0.5, 5.0])
+    assert shared == pytest.approx(alone, abs=1e-5)

@@ -59,8 +59,7 @@ def test_model_is_loaded_per_search_and_released(
     folder, _ = tiny_llama_factory()
     bpe_tokenizer.save_pretrained(folder)
     refs = _watch_loads(monkeypatch)
-    calibrator = StrengthCalibrator(folder, EmbeddingTable.from_model_dir(folder), threads=1)
-    before = torch.get_num_threads()
+    calibrator = StrengthCalibrator(folder, EmbeddingTable.from_model_dir(folder), workers=2)
     for _ in range(2):
         spec, report = calibrator.calibrate(
             ["Who wrote Harry Potter?", "Who is Hermione Granger?"],
@@ -74,7 +73,6 @@ def test_model_is_loaded_per_search_and_released(
     assert report["searched"] and spec.strength > 0
     assert set(report["stage_seconds"]) == {"load_model", "search", "fluency"}
     assert report["evaluations"] == len(report["probes"]) >= 1
-    assert torch.get_num_threads() == before  # the search's thread count was put back
 
 
 def _rss_mib() -> float:
@@ -88,7 +86,7 @@ def test_fast_search_on_the_real_model(monkeypatch: pytest.MonkeyPatch):
     table = EmbeddingTable.from_model_dir(SMOLLM2_DIR)
     std = table.std
     refs = _watch_loads(monkeypatch)
-    calibrator = StrengthCalibrator(SMOLLM2_DIR, table, threads=torch.get_num_threads())
+    calibrator = StrengthCalibrator(SMOLLM2_DIR, table, workers=2)
     gc.collect()
     rss_before = _rss_mib()
     peak = [rss_before]
