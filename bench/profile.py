@@ -35,7 +35,13 @@ from bench.targets import wait_idle  # noqa: E402
 from bench.workload import percentile, run_burst, unflagged_prompts  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
-from tests.e2e.servers import MODEL_NAME, free_port, gateway_argv, running  # noqa: E402
+from tests.e2e.servers import (  # noqa: E402
+    MODEL_NAME,
+    free_port,
+    gateway_argv,
+    running,
+    vllm_server_argv,
+)
 
 # (category, substrings of a frame; the first rule with a frame matching wins, scanning the
 # stack from the leaf up, so the innermost known layer takes the sample).
@@ -83,7 +89,7 @@ def summarise(raw: Path, rate: int, wall_s: float) -> tuple[str, dict[str, float
         frames = stack.split(";")
         procs = [f for f in frames if f.startswith("process ")]
         process = procs[-1] if procs else "process ?"  # children are nested in their parent
-        name = "gateway"
+        name = "front end"  # the gateway, or vLLM's api_server
         if "EngineCore" in process:
             name = "vLLM EngineCore"
         elif "Worker" in process:
@@ -94,7 +100,7 @@ def summarise(raw: Path, rate: int, wall_s: float) -> tuple[str, dict[str, float
         code = [f for f in frames if not f.startswith(("process ", "thread "))]
         category = categorise(code)
         by[(name, kind, category)] += int(count)
-        if name == "gateway" and code:
+        if name == "front end" and code:
             leaves[(category, code[-1])] += int(count)
     seconds = {"/".join(k): v / rate for k, v in by.items()}
     rows = [
@@ -108,7 +114,7 @@ def summarise(raw: Path, rate: int, wall_s: float) -> tuple[str, dict[str, float
         s = n / rate
         if s >= 0.05:
             rows.append(f"| {name} | {kind} | {category} | {s:.2f} | {100 * s / wall_s:.1f}% |")
-    rows += ["", "Hottest leaf frames in the gateway process:", ""]
+    rows += ["", "Hottest leaf frames in the front-end process:", ""]
     rows += ["| category | frame | CPU s |", "|---|---|---|"]
     for (category, frame), n in leaves.most_common(25):
         rows.append(f"| {category} | `{frame[:110]}` | {n / rate:.2f} |")
@@ -120,6 +126,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--targets", type=int, default=0)
+    parser.add_argument(
+        "--server", choices=["obliviate", "vllm"], default="obliviate",
+        help="profile vLLM's own OpenAI server instead (the same burst), for comparison",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
@@ -134,13 +144,22 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="obliviate-profile-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = gateway_argv(
-        port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=args.dtype
-    )
+    if args.server == "vllm":
+        argv, ready, tag = (
+            vllm_server_argv(model, port, dtype=args.dtype),
+            f"{url}/v1/models",
+            "vllm",
+        )
+    else:
+        argv = gateway_argv(
+            port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=args.dtype
+        )
+        ready, tag = f"{url}/ready", str(args.targets)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    raw = args.out_dir / f"profile-{args.targets}.txt"
-    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as proc:
-        register_up_to(url, 0, args.targets, {})
+    raw = args.out_dir / f"profile-{tag}.txt"
+    with running(argv, ready_url=ready, log=logs / "server.log") as proc:
+        if args.server == "obliviate":
+            register_up_to(url, 0, args.targets, {})
         wait_idle(proc.pid)
         run_burst(url, MODEL_NAME, unflagged_prompts(4), 8, stream=args.stream)
         recorder = subprocess.Popen(
@@ -162,13 +181,14 @@ def main() -> None:
         os.kill(recorder.pid, signal.SIGINT)
         recorder.wait(timeout=60)
     table, _ = summarise(raw, args.rate, wall)
+    who = "vLLM's own server" if args.server == "vllm" else f"obliviate, {args.targets} targets"
     head = (
-        f"# Profile: {args.targets} targets, {args.rounds} bursts of {args.concurrency} "
+        f"# Profile: {who}, {args.rounds} bursts of {args.concurrency} "
         f"{'streamed' if args.stream else 'plain'} requests x {args.tokens} tokens\n\n"
         f"Latency p50 {1000 * percentile(latencies, 0.5):.0f} ms, "
         f"load average at the end {os.getloadavg()}\n\n"
     )
-    (args.out_dir / f"profile-{args.targets}.md").write_text(head + table)
+    (args.out_dir / f"profile-{tag}.md").write_text(head + table)
     print(head + table)
 
 

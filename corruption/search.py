@@ -203,6 +203,31 @@ def _crossing(lo: float, f_lo: float, hi: float, f_hi: float, target: float) -> 
     return math.exp(a + min(max(share, 0.1), 0.9) * (b - a))
 
 
+def _outward(f: _Memo, last: float, config: StrengthSearchConfig, *, up: bool) -> float:
+    """The factor to step by from `last` (up or down) while no probe is on the other side.
+
+    With two probes on this side, the line through them in log-strength predicts the crossing;
+    step a little past it (so the probe lands across), at least `expand` and at most expand**4.
+    """
+    side = sorted(s for s in f.values if (s < last) == up and s != last and s > 0)
+    if not side or last <= 0:
+        return config.expand
+    other = side[-1] if up else side[0]  # the previous probe (below when going up), nearest
+    guess = _line_crossing(other, f.values[other], last, f.values[last], config.target)
+    if guess is None:
+        return config.expand
+    factor = (guess / last if up else last / guess) * math.sqrt(config.tolerance)
+    return min(max(factor, config.expand), config.expand**4)
+
+
+def _line_crossing(a: float, f_a: float, b: float, f_b: float, target: float) -> float | None:
+    """Where the line through (log a, f_a) and (log b, f_b) meets `target`; None if flat."""
+    if f_a == f_b or a <= 0 or b <= 0:
+        return None
+    share = (f_a - target) / (f_a - f_b)
+    return math.exp(math.log(a) + share * (math.log(b) - math.log(a)))
+
+
 def bracket_strength(
     objective: BatchObjective | Callable[[float], float],
     config: StrengthSearchConfig,
@@ -228,10 +253,11 @@ def bracket_strength(
         hi = s0
     else:
         lo = s0
-    # Bracket: step down from a passing probe, or up from a failing one, by `expand`.
+    # Bracket: step down from a passing probe, or up from a failing one, by `expand` or by as
+    # far as the line through the last two probes says the crossing is (up to expand**4).
     while hi is None:
         assert lo is not None
-        up = min(lo * config.expand, config.max_strength)
+        up = min(lo * _outward(f, lo, config, up=True), config.max_strength)
         if up <= lo or len(f.values) >= config.max_steps:
             best = min(f.values, key=lambda s: (f.values[s], s))
             return _result(f, best, False, started, config)
@@ -240,7 +266,7 @@ def bracket_strength(
         else:
             lo = up
     while lo is None:
-        down = max(hi / config.expand, config.min_strength)
+        down = max(hi / _outward(f, hi, config, up=False), config.min_strength)
         if down >= hi or len(f.values) >= config.max_steps:
             return _result(f, hi, True, started, config)  # passes at the weakest strength tried
         if f(down) > target:
