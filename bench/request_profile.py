@@ -8,7 +8,7 @@ formatting, the guard's thread hop, the classifier, the engine client, ...) per 
 thread; CPU seconds per category are printed as a table and written with the raw stacks to
 bench/results/profile-<targets>.{txt,md}.
 
-    python bench/profile.py [--targets 0] [--rounds 2] [--concurrency 32] [--tokens 64]
+    python bench/request_profile.py [--targets 0] [--rounds 2] [--concurrency 32] [--tokens 64]
                             [--no-stream] [--rate 100]
 
 Needs py-spy (pip install py-spy) and ptrace rights over the gateway (root, or
