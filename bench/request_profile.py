@@ -121,6 +121,22 @@ def summarise(raw: Path, rate: int, wall_s: float) -> tuple[str, dict[str, float
     return "\n".join(rows) + "\n", seconds
 
 
+def _cpu_seconds(pid: int) -> dict[str, float]:
+    """user + system CPU seconds of the server process and of each child, by name."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            name = "front end" if p.pid == pid else p.name()
+            times = p.cpu_times()
+            out[name] = out.get(name, 0.0) + times.user + times.system
+        except psutil.Error:
+            continue
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -168,6 +184,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         time.sleep(2)  # py-spy attaches
+        cpu_before = _cpu_seconds(proc.pid)
         started = time.perf_counter()
         latencies: list[float] = []
         for _ in range(args.rounds):
@@ -178,6 +195,7 @@ def main() -> None:
             latencies += result.latencies
             print(f"{result.tok_per_s:.1f} tok/s", flush=True)
         wall = time.perf_counter() - started
+        cpu_after = _cpu_seconds(proc.pid)
         os.kill(recorder.pid, signal.SIGINT)
         recorder.wait(timeout=60)
     table, _ = summarise(raw, args.rate, wall)
@@ -187,6 +205,12 @@ def main() -> None:
         f"{'streamed' if args.stream else 'plain'} requests x {args.tokens} tokens\n\n"
         f"Latency p50 {1000 * percentile(latencies, 0.5):.0f} ms, "
         f"load average at the end {os.getloadavg()}\n\n"
+        "CPU seconds per process over the burst (psutil, user + system): "
+        + ", ".join(
+            f"{name} {cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0):.1f}"
+            for name in cpu_after
+        )
+        + f" (wall {wall:.1f} s)\n\n"
     )
     (args.out_dir / f"profile-{tag}.md").write_text(head + table)
     print(head + table)
