@@ -11,13 +11,20 @@ the first δ request (the small models load then). Writes bench/results/delta.js
                           [--dtype bfloat16|float32]
 
 `--unlearned` adopts a model trained by `obliviate snap train`; without it, the registration job
-trains one (minutes).
+trains one (minutes). For the cost alone any folder of the base's architecture will do (a copy of
+the base gives a zero offset at the same price).
+
+The ideal ratio is what δ would cost if the only extra work were the small models' decode steps:
+t_big / (t_big + t_small), with t_big the plain rounds' time per decode step (concurrency /
+tokens per second) and t_small both small models' batched decode step of `--concurrency`
+sequences, timed alone in this process on one thread after the rounds (about 1/3 when the three
+models are the same size). `delta_over_ideal` is the share of it reached. With a spare core the
+small models run beside the big one and the ratio can pass the ideal.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -30,7 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.overhead import TOPICS, one_round_with  # noqa: E402
+from bench.workload import TOPICS, run_burst  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
@@ -100,6 +107,28 @@ def register(url: str, options: dict[str, object]) -> dict[str, object]:
     return target
 
 
+def small_step_seconds(
+    unlearned: Path, base: Path, prompt_ids: list[list[int]], steps: int
+) -> float:
+    """Median time of one batched decode step of both small models, one thread, alone."""
+    import torch
+
+    from offset import OffsetPair
+
+    torch.set_num_threads(1)
+    pair = OffsetPair.from_folders(unlearned, base)
+    seqs = {i: list(ids) for i, ids in enumerate(prompt_ids)}
+    pair.offsets(list(seqs.items()))  # prompts
+    times = []
+    for step in range(steps):
+        for ids in seqs.values():
+            ids.append(100 + step)
+        started = time.perf_counter()
+        pair.offsets(list(seqs.items()))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -130,18 +159,41 @@ def main() -> None:
         started = time.perf_counter()
         target = register(url, options)
         registration_s = time.perf_counter() - started
-        asyncio.run(one_round_with(url, plain[:4], 8))  # warm-up
+        run_burst(url, MODEL_NAME, plain[:4], 8, stream=False)  # warm-up
         rss_before = tree_rss(proc.pid)
-        asyncio.run(one_round_with(url, flagged[:2], 8))  # loads the small models
+        run_burst(url, MODEL_NAME, flagged[:2], 8, stream=False)  # loads the small models
         rounds: dict[str, list[float]] = {"plain": [], "delta": []}
         for r in range(args.rounds):
             for name, prompts in (("plain", plain), ("delta", flagged)):
-                result = asyncio.run(one_round_with(url, prompts[: args.concurrency], args.tokens))
-                rounds[name].append(float(result["tok_per_s"]))  # type: ignore[arg-type]
-                print(f"round {r + 1} {name:5s} {result['tok_per_s']:.1f} tok/s")
+                result = run_burst(
+                    url, MODEL_NAME, prompts[: args.concurrency], args.tokens, stream=False
+                )
+                rounds[name].append(result.tok_per_s)
+                print(f"round {r + 1} {name:5s} {result.tok_per_s:.1f} tok/s")
         rss_after = tree_rss(proc.pid)
         after = answers(url, HELD_OUT + NEIGHBOURS)
         metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
+    offset = (target.get("calibration") or {}).get("offset") or {}  # type: ignore[union-attr]
+    plain_s, delta_s = statistics.median(rounds["plain"]), statistics.median(rounds["delta"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rounds": rounds, "ratio": delta_s / plain_s}, indent=2))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt_ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
+        for q in flagged[: args.concurrency]
+    ]
+    t_small = small_step_seconds(
+        Path(offset.get("unlearned", options.get("unlearned_model", model))),
+        Path(offset.get("base", model)),
+        [list(getattr(ids, "input_ids", ids)) for ids in prompt_ids],
+        args.tokens,
+    )
+    t_big = args.concurrency / statistics.median(rounds["plain"])
+    ideal = t_big / (t_big + t_small)
     delta_decisions = sum(
         float(line.split()[-1])
         for line in metrics.splitlines()
@@ -156,6 +208,11 @@ def main() -> None:
         "delta_tok_per_s": statistics.median(rounds["delta"]),
         "ratio_delta_over_plain": statistics.median(rounds["delta"])
         / statistics.median(rounds["plain"]),
+        "big_step_s": t_big,
+        "small_models_step_s": t_small,
+        "ideal_ratio": ideal,
+        "delta_over_ideal": statistics.median(rounds["delta"])
+        / statistics.median(rounds["plain"]) / ideal,
         "rounds": rounds,
         "memory_added_mib": (rss_after - rss_before) / 2**20,
         "memory_before_mib": rss_before / 2**20,

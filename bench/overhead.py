@@ -1,30 +1,57 @@
 """Overhead of obliviate against vLLM's own OpenAI server, same model, same settings, one run.
 
-Both servers run side by side; rounds alternate (vLLM, obliviate, vLLM, ...) so drift on the
-machine hits both. Each round sends `--concurrency` chat requests at once, each generating
-exactly `--tokens` tokens greedily (min_tokens = max_tokens). Prints the throughput ratio and
-the latency obliviate adds (p50, p99), and writes JSON to bench/results/overhead.json.
+Both servers run side by side. For each number of registered targets (0, 1, 20, 100 up to
+`--targets N`), rounds alternate (vLLM, obliviate, obliviate flagged, vLLM, ...) so drift on the
+machine hits every side. Each round sends `--concurrency` chat requests at once, each generating
+exactly `--tokens` tokens greedily (min_tokens = max_tokens). For every level it reports:
 
-    python bench/overhead.py [--rounds 3] [--concurrency 32] [--tokens 64] [--target]
+- unflagged throughput against vLLM's and the latency obliviate adds (p50, p99), and whether
+  the greedy answers are byte-identical to vLLM's;
+- the guard's p50 / p99 per request under the burst (obliviate_guard_seconds, Prometheus'
+  histogram_quantile over the unflagged rounds);
+- flagged traffic (prompts about the Harry Potter target: corrupted prompt embeddings) against
+  unflagged, on the same gateway;
+- the resident memory of the gateway's process tree beyond vLLM server's (both trees hold one
+  engine on the same model and KV cache size).
 
-`--target` registers a forget target first, so the guard classifies every (unrelated) request.
+The first target is the README's Harry Potter target, registered with default options (its
+POST-to-live time and the job's stage timings are reported); the others come from
+bench/targets.py (person targets of the shipped kind, corruption pinned, answers given).
+Writes bench/results/overhead.json and overhead.md.
+
+    python bench/overhead.py [--targets 100] [--rounds 3] [--concurrency 32] [--tokens 64]
+                             [--stream] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.targets import HARRY_POTTER, people, register, register_many, wait_idle  # noqa: E402
+from bench.workload import (  # noqa: E402
+    Round,
+    counter,
+    flagged_prompts,
+    histogram,
+    histogram_delta,
+    histogram_quantile,
+    histogram_sum,
+    percentile,
+    run_burst,
+    tree_rss_mib,
+    unflagged_prompts,
+)
+from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
     ADMIN_TOKEN,
@@ -35,108 +62,151 @@ from tests.e2e.servers import (  # noqa: E402
     vllm_server_argv,
 )
 
-DTYPE = "bfloat16"  # the fastest here; both servers get the same
-
-TOPICS = [
-    "the water cycle", "photosynthesis", "the Roman empire", "volcanoes", "prime numbers",
-    "the French revolution", "black holes", "how vaccines work", "the stock market", "jazz",
-    "machine learning", "the Great Wall of China", "climate change", "the human heart",
-    "electric cars", "chess openings", "coffee", "the moon landing", "earthquakes", "bees",
-    "the printing press", "tides", "the Amazon rainforest", "DNA", "the Olympic games",
-    "glaciers", "bread baking", "the Internet", "penguins", "the Renaissance", "rainbows",
-    "solar panels",
-]  # fmt: skip
+LEVELS = (0, 1, 20, 100)
+GUARD = "obliviate_guard_seconds"
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def levels_up_to(n: int) -> list[int]:
+    return sorted({level for level in LEVELS if level <= n} | {n})
 
 
-async def one_round(url: str, concurrency: int, tokens: int) -> dict[str, float | list[float]]:
-    prompts = [f"Tell me about {TOPICS[i % len(TOPICS)]}." for i in range(concurrency)]
-    return await one_round_with(url, prompts, tokens)
+def summary(rounds: list[Round]) -> dict[str, float]:
+    lat = [x for r in rounds for x in r.latencies]
+    out = {
+        "tok_per_s_median": statistics.median(r.tok_per_s for r in rounds),
+        "latency_p50_ms": 1000 * percentile(lat, 0.5),
+        "latency_p99_ms": 1000 * percentile(lat, 0.99),
+    }
+    ttft = [x for r in rounds for x in r.ttft]
+    if ttft:
+        out["ttft_p50_ms"] = 1000 * percentile(ttft, 0.5)
+    return out
 
 
-async def one_round_with(
-    url: str, prompts: list[str], tokens: int
-) -> dict[str, float | list[float]]:
-    """Send every prompt at once (greedy, exactly `tokens` tokens each); throughput, latencies."""
-    concurrency = len(prompts)
-
-    async def one(client: httpx.AsyncClient, i: int) -> tuple[float, int]:
-        body = {
-            "model": MODEL_NAME,
-            "messages": [{"role": "user", "content": prompts[i]}],
-            "temperature": 0,
-            "max_tokens": tokens,
-            "min_tokens": tokens,
+def register_up_to(url: str, have: int, want: int, report: dict[str, Any]) -> None:
+    """Register targets `have`..`want`-1: Harry Potter first (default options), then people."""
+    if have == 0 and want > 0:
+        target = register(url, ADMIN_TOKEN, HARRY_POTTER)
+        report["harry_potter"] = {
+            "registration_s": target["registration_s"],
+            "calibration": target.get("calibration"),
         }
-        start = time.perf_counter()
-        response = await client.post(f"{url}/v1/chat/completions", json=body)
-        response.raise_for_status()
-        return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
+        print(f"Harry Potter live {target['registration_s']:.1f} s after its POST", flush=True)
+        have = 1
+    if want > have:
+        started = time.perf_counter()
+        register_many(url, ADMIN_TOKEN, people(want - 1)[have - 1 :])
+        seconds = time.perf_counter() - started
+        report.setdefault("people_registration_s", []).append(
+            {"targets": want - have, "seconds": seconds, "per_target_s": seconds / (want - have)}
+        )
+        print(f"{want - have} more targets in {seconds:.0f} s", flush=True)
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(client, i) for i in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies = [r[0] for r in results]
-    generated = sum(r[1] for r in results)
-    return {
-        "wall_s": wall,
-        "tokens": generated,
-        "tok_per_s": generated / wall,
-        "latencies": latencies,
+
+def measure_level(
+    urls: dict[str, str], pids: dict[str, int], targets: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Alternated rounds at one number of targets."""
+    plain = unflagged_prompts(args.concurrency)
+    flagged = flagged_prompts(args.concurrency)
+    sides = ["vllm", "obliviate"] + (["flagged"] if targets else [])
+    rounds: dict[str, list[Round]] = {side: [] for side in sides}
+    guard = dict.fromkeys(histogram(urls["obliviate"], GUARD), 0.0)
+    guard_total_s = 0.0
+    false_flags = 0.0
+    identical = compared = 0
+    for r in range(args.rounds):
+        for side in sides:
+            url = urls["vllm" if side == "vllm" else "obliviate"]
+            before = histogram(url, GUARD) if side == "obliviate" else {}
+            sum_before = histogram_sum(url, GUARD) if side == "obliviate" else 0.0
+            flags_before = (
+                counter(url, "obliviate_guard_decisions", action="corrupt")
+                if side == "obliviate"
+                else 0.0
+            )
+            result = run_burst(
+                url, MODEL_NAME, flagged if side == "flagged" else plain, args.tokens,
+                stream=args.stream,
+            )  # fmt: skip
+            rounds[side].append(result)
+            if side == "obliviate":
+                for le, n in histogram_delta(before, histogram(url, GUARD)).items():
+                    guard[le] = guard.get(le, 0.0) + n
+                guard_total_s += histogram_sum(url, GUARD) - sum_before
+                false_flags += (
+                    counter(url, "obliviate_guard_decisions", action="corrupt") - flags_before
+                )
+                theirs = rounds["vllm"][-1].texts
+                identical += sum(a == b for a, b in zip(result.texts, theirs, strict=True))
+                compared += len(theirs)
+            print(
+                f"{targets:3d} targets, round {r + 1} {side:9s} {result.tok_per_s:6.1f} tok/s",
+                flush=True,
+            )
+    ours, theirs = summary(rounds["obliviate"]), summary(rounds["vllm"])
+    level: dict[str, Any] = {
+        "targets": targets,
+        "vllm": theirs,
+        "obliviate": ours,
+        "throughput_ratio": ours["tok_per_s_median"] / theirs["tok_per_s_median"],
+        "added_latency_p50_ms": ours["latency_p50_ms"] - theirs["latency_p50_ms"],
+        "added_latency_p99_ms": ours["latency_p99_ms"] - theirs["latency_p99_ms"],
+        "greedy_identical": f"{identical}/{compared}",
+        "unflagged_requests_flagged": false_flags,
     }
-
-
-def guard_seconds(url: str) -> tuple[float, float]:
-    """(total seconds, requests) of the gateway's guard, from its Prometheus histogram."""
-    total = count = 0.0
-    for line in httpx.get(
-        f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
-    ).text.splitlines():
-        if line.startswith("obliviate_guard_seconds_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith("obliviate_guard_seconds_count"):
-            count = float(line.split()[-1])
-    return total, count
-
-
-def register_target(url: str, token: str) -> None:
-    body = {
-        "name": "Harry Potter",
-        "aliases": ["Harry Potter", "Hogwarts", "J.K. Rowling"],
-        "forget_examples": [
-            "Who wrote Harry Potter?",
-            "What house is Harry Potter in at Hogwarts?",
-            "Who are Harry Potter's best friends?",
-        ],
-        "mode": "eco",
+    p50, p99 = histogram_quantile(guard, 0.5), histogram_quantile(guard, 0.99)
+    if p50 is not None and p99 is not None:
+        level.update(guard_p50_ms=1000 * p50, guard_p99_ms=1000 * p99)
+        level["guarded_requests"] = guard[float("inf")]
+        level["guard_mean_ms"] = 1000 * guard_total_s / max(1.0, guard[float("inf")])
+    if targets:
+        mine = summary(rounds["flagged"])
+        level["flagged"] = mine
+        level["flagged_over_unflagged"] = mine["tok_per_s_median"] / ours["tok_per_s_median"]
+    own, tree = tree_rss_mib(pids["obliviate"])
+    vllm_own, vllm_tree = tree_rss_mib(pids["vllm"])
+    level["memory_mib"] = {
+        "gateway_process": own,
+        "gateway_tree": tree,
+        "vllm_server_process": vllm_own,
+        "vllm_server_tree": vllm_tree,
+        "gateway_beyond_vllm": tree - vllm_tree,
     }
-    headers = {"Authorization": f"Bearer {token}"}
-    job = httpx.post(f"{url}/admin/targets", json=body, headers=headers, timeout=60).json()
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{url}/admin/jobs/{job['id']}", headers=headers, timeout=60).json()
-        if state["status"] in ("succeeded", "failed"):
-            if state["status"] == "failed":
-                raise RuntimeError(f"target registration failed: {state}")
-            return
-        time.sleep(1)
-    raise TimeoutError("target registration did not finish")
+    return level
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = [
+        "| targets | vLLM tok/s | obliviate tok/s | ratio | added p50 | added p99 "
+        "| guard p50 | guard p99 | flagged / unflagged | identical | RSS beyond vLLM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in report["levels"]:
+        flagged = f"{lv['flagged_over_unflagged']:.3f}" if "flagged_over_unflagged" in lv else "–"
+        guard50 = f"{lv['guard_p50_ms']:.2f} ms" if "guard_p50_ms" in lv else "–"
+        guard99 = f"{lv['guard_p99_ms']:.2f} ms" if "guard_p99_ms" in lv else "–"
+        rows.append(
+            f"| {lv['targets']} | {lv['vllm']['tok_per_s_median']:.1f} "
+            f"| {lv['obliviate']['tok_per_s_median']:.1f} | {lv['throughput_ratio']:.3f} "
+            f"| {lv['added_latency_p50_ms']:+.0f} ms | {lv['added_latency_p99_ms']:+.0f} ms "
+            f"| {guard50} | {guard99} | {flagged} | {lv['greedy_identical']} "
+            f"| {lv['memory_mib']['gateway_beyond_vllm']:+.0f} MiB |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--targets", type=int, default=100, help="largest number of targets")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--target", action="store_true", help="register a forget target first")
+    parser.add_argument("--stream", action="store_true", help="streamed requests (SSE)")
+    # Emulated bf16 (CPUs without avx512_bf16/amx_bf16) is several times slower than float32.
+    parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead.json"))
     args = parser.parse_args()
 
@@ -144,62 +214,49 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     vllm_port, gw_port = free_port(), free_port()
     extra = ["--model", str(model), "--data-dir", str(logs / "data")]
-    vllm_ready = f"http://127.0.0.1:{vllm_port}/v1/models"
-    gw_ready = f"http://127.0.0.1:{gw_port}/ready"
-    with (
-        running(
-            vllm_server_argv(model, vllm_port, dtype=DTYPE),
-            ready_url=vllm_ready,
-            log=logs / "vllm.log",
-        ),
-        running(
-            gateway_argv(gw_port, *extra, dtype=DTYPE), ready_url=gw_ready, log=logs / "gateway.log"
-        ),
-    ):
-        targets = {
-            "vllm": f"http://127.0.0.1:{vllm_port}",
-            "obliviate": f"http://127.0.0.1:{gw_port}",
-        }
-        if args.target:
-            register_target(targets["obliviate"], ADMIN_TOKEN)
-        for url in targets.values():  # warm-up: first requests pay one-off costs
-            asyncio.run(one_round(url, 4, 8))
-        rounds: dict[str, list[dict[str, float | list[float]]]] = {"vllm": [], "obliviate": []}
-        guard_before = guard_seconds(targets["obliviate"])
-        for r in range(args.rounds):
-            for name, url in targets.items():
-                result = asyncio.run(one_round(url, args.concurrency, args.tokens))
-                rounds[name].append(result)
-                print(f"round {r + 1} {name:9s} {result['tok_per_s']:.1f} tok/s")
-        guard_after = guard_seconds(targets["obliviate"])
-
-    def summary(name: str) -> dict[str, float]:
-        lat = [x for rnd in rounds[name] for x in rnd["latencies"]]  # type: ignore[union-attr]
-        return {
-            "tok_per_s_median": statistics.median(float(rnd["tok_per_s"]) for rnd in rounds[name]),  # type: ignore[arg-type]
-            "latency_p50_ms": 1000 * percentile(lat, 0.5),
-            "latency_p99_ms": 1000 * percentile(lat, 0.99),
-        }
-
-    ours, theirs = summary("obliviate"), summary("vllm")
-    report = {
+    urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "obliviate": f"http://127.0.0.1:{gw_port}"}
+    report: dict[str, Any] = {
         "workload": {
             "concurrency": args.concurrency, "tokens": args.tokens, "rounds": args.rounds,
-            "target_registered": args.target, "model": MODEL_NAME,
+            "stream": args.stream, "dtype": args.dtype, "model": MODEL_NAME,
+            "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
         },
-        "vllm": theirs,
-        "obliviate": ours,
-        "throughput_ratio": ours["tok_per_s_median"] / theirs["tok_per_s_median"],
-        "added_latency_p50_ms": ours["latency_p50_ms"] - theirs["latency_p50_ms"],
-        "added_latency_p99_ms": ours["latency_p99_ms"] - theirs["latency_p99_ms"],
-        "guard_mean_ms_per_request": 1000
-        * (guard_after[0] - guard_before[0])
-        / max(1.0, guard_after[1] - guard_before[1]),
-        "guarded_requests": guard_after[1] - guard_before[1],
+        "levels": [],
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    with (
+        running(
+            vllm_server_argv(model, vllm_port, dtype=args.dtype),
+            ready_url=f"{urls['vllm']}/v1/models",
+            log=logs / "vllm.log",
+        ) as vllm_proc,
+        running(
+            gateway_argv(gw_port, *extra, dtype=args.dtype),
+            ready_url=f"{urls['obliviate']}/ready",
+            log=logs / "gateway.log",
+        ) as gw_proc,
+    ):
+        pids = {"vllm": vllm_proc.pid, "obliviate": gw_proc.pid}
+        report["waited_for_idle_s"] = wait_idle(gw_proc.pid)
+        report["memory_at_start_mib"] = {
+            "gateway_tree": tree_rss_mib(gw_proc.pid)[1],
+            "vllm_server_tree": tree_rss_mib(vllm_proc.pid)[1],
+        }
+        for url in urls.values():  # warm-up: first requests pay one-off costs
+            run_burst(url, MODEL_NAME, unflagged_prompts(4), 8, stream=args.stream)
+        have = 0
+        for targets in levels_up_to(args.targets):
+            register_up_to(urls["obliviate"], have, targets, report)
+            if have == 0 and targets > 0:
+                report["memory_after_first_registration_mib"] = tree_rss_mib(gw_proc.pid)[1]
+            have = targets
+            wait_idle(gw_proc.pid)
+            report["levels"].append(measure_level(urls, pids, targets, args))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    args.out.with_suffix(".md").write_text(table)
+    print(json.dumps(report, indent=2, default=str))
+    print(table)
 
 
 if __name__ == "__main__":

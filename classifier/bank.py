@@ -151,12 +151,21 @@ class ClassifierBank:
     def classify_all(self, texts: Sequence[str]) -> list[Decision]:
         """One Decision per active target over several texts read together (a conversation
         joined, and each of its turns alone): flagged when flagged on any of them."""
-        unique = list(dict.fromkeys(t for t in texts if t.strip()))
-        if not unique:
-            return [self._empty(t) for t in self._snapshot.targets]
-        decided = self.classify(unique)
-        columns = zip(*decided, strict=True)  # one column of decisions per target
-        return [max(column, key=lambda d: (d.flagged, d.score)) for column in columns]
+        return self.classify_groups([texts])[0]
+
+    def classify_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Decision]]:
+        """`classify_all` for several groups of texts (several requests) in one batched pass."""
+        unique = list(dict.fromkeys(t for group in groups for t in group if t.strip()))
+        decided = dict(zip(unique, self.classify(unique), strict=True)) if unique else {}
+        out = []
+        for group in groups:
+            rows = [decided[t] for t in dict.fromkeys(group) if t in decided]
+            if not rows:
+                out.append([self._empty(t) for t in self._snapshot.targets])
+                continue
+            columns = zip(*rows, strict=True)  # one column of decisions per target
+            out.append([max(column, key=lambda d: (d.flagged, d.score)) for column in columns])
+        return out
 
     @staticmethod
     def _empty(target: TargetClassifier) -> Decision:

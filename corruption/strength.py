@@ -1,10 +1,8 @@
-"""Offline choice of a target's corruption strength: a scalar zeroth-order search (ECO).
+"""Offline choice of a target's corruption strength: the objective, its search, a fluency check.
 
-The search is generic: it minimises any `objective(strength) -> float` with central differences,
-g = (f(s + eps) - f(s - eps)) / 2 eps, s <- clip(s - lr * g, min_strength, max_strength), and stops
-at the first probe whose objective is at or below `target`. Because one large step can overshoot,
-it then bisects (geometrically) between the strongest failing strength below and that probe, so
-the strength returned is close to the weakest one that reaches the target.
+The search (`corruption.search.bracket_strength`) looks for the weakest strength whose objective
+is at or below 0, warm-started at 4x the embedding table's std and evaluating its probes in
+batches; ECO's zeroth-order search (`search_strength`) is kept for comparison.
 
 The concrete objective (`AnswerPreferenceObjective`, also in corruption/README.md):
 
@@ -30,13 +28,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from corruption.embeddings import tokenize_prompt
-from corruption.functions import CorruptionSpec, apply_corruption
+from corruption.functions import CORRUPTION_METHODS, CorruptionSpec, apply_corruption
+from corruption.search import (
+    SearchStep,
+    StrengthSearchConfig,
+    StrengthSearchResult,
+    bracket_strength,
+    search_strength,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,11 +50,13 @@ if TYPE_CHECKING:
 __all__ = [
     "AnswerPreferenceObjective",
     "Calibration",
+    "EmbedsGenerator",
     "FluencyReport",
     "ForgetExample",
     "SearchStep",
     "StrengthSearchConfig",
     "StrengthSearchResult",
+    "bracket_strength",
     "calibrate_strength",
     "make_forget_example",
     "measure_fluency",
@@ -62,136 +70,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PERPLEXITY_BOUND = 20.0
 # Plain answers have 0.55 to 1.0 distinct tokens per token (first 40), loops 0.15 to 0.3.
 DEFAULT_MIN_DISTINCT = 0.5
-
-
-@dataclass(frozen=True)
-class StrengthSearchConfig:
-    """Zeroth-order search settings; strengths in the corruption's own units."""
-
-    initial: float
-    lr: float
-    eps: float
-    target: float = 0.0
-    min_strength: float = 0.0
-    max_strength: float = math.inf
-    max_steps: int = 20
-    refine_steps: int = 4
-
-    @classmethod
-    def for_embeddings(cls, std: float, **overrides: float | int) -> StrengthSearchConfig:
-        """Defaults for additive noise, scaled by the embedding table's std (see README)."""
-        values: dict[str, float | int] = {
-            "initial": 1.0 * std,
-            "lr": 10.0 * std * std,
-            "eps": 0.25 * std,
-            "min_strength": 0.25 * std,
-            "max_strength": 16.0 * std,
-            "max_steps": 8,
-        }
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
-
-    def __post_init__(self) -> None:
-        if self.eps <= 0 or self.lr <= 0 or self.max_steps <= 0:
-            raise ValueError("eps, lr and max_steps must be positive")
-        if not self.min_strength <= self.max_strength:
-            raise ValueError("min_strength must not exceed max_strength")
-        if self.refine_steps < 0:
-            raise ValueError("refine_steps must be >= 0")
-
-
-@dataclass(frozen=True)
-class SearchStep:
-    """One search step: the centre, both probes, the gradient estimate, the next centre."""
-
-    strength: float
-    low: float
-    high: float
-    f_low: float
-    f_high: float
-    grad: float
-    next_strength: float
-
-
-@dataclass(frozen=True)
-class StrengthSearchResult:
-    """The chosen strength, its objective value, whether the target was reached, the trace."""
-
-    strength: float
-    value: float
-    reached: bool
-    trace: tuple[SearchStep, ...]
-    evaluations: int
-    seconds: float
-
-
-class _Memo:
-    """The objective with every evaluation kept: probes repeat when clipped to the bounds."""
-
-    def __init__(self, objective: Callable[[float], float]) -> None:
-        self.objective = objective
-        self.values: dict[float, float] = {}
-
-    def __call__(self, strength: float) -> float:
-        if strength not in self.values:
-            self.values[strength] = float(self.objective(strength))
-            logger.debug("objective(%.6g) = %.6g", strength, self.values[strength])
-        return self.values[strength]
-
-
-def _refine(f: _Memo, hit: float, config: StrengthSearchConfig) -> float:
-    """Bisect between the strongest failing strength below `hit` and `hit` (geometric if > 0).
-
-    A large step can overshoot the level; this walks back toward the weakest strength that
-    still reaches it, assuming the objective is monotone in between.
-    """
-    failing = [s for s, v in f.values.items() if s < hit and v > config.target]
-    low = max(failing, default=config.min_strength)
-    if low == hit:
-        return hit
-    if not failing and f(low) <= config.target:
-        return low
-    for _ in range(config.refine_steps):
-        mid = math.sqrt(low * hit) if low > 0 else (low + hit) / 2
-        if f(mid) <= config.target:
-            hit = mid
-        else:
-            low = mid
-    return hit
-
-
-def search_strength(
-    objective: Callable[[float], float], config: StrengthSearchConfig
-) -> StrengthSearchResult:
-    """Minimise `objective` over the strength until it reaches `config.target`."""
-    started = time.perf_counter()
-    f = _Memo(objective)
-    trace: list[SearchStep] = []
-
-    def done(strength: float, reached: bool) -> StrengthSearchResult:
-        return StrengthSearchResult(
-            strength=strength,
-            value=f(strength),
-            reached=reached,
-            trace=tuple(trace),
-            evaluations=len(f.values),
-            seconds=time.perf_counter() - started,
-        )
-
-    strength = min(max(config.initial, config.min_strength), config.max_strength)
-    for _ in range(config.max_steps):
-        low = max(strength - config.eps, config.min_strength)
-        high = min(strength + config.eps, config.max_strength)
-        for probe in (low, high):
-            if f(probe) <= config.target:
-                return done(_refine(f, probe, config), True)
-        grad = (f(high) - f(low)) / (high - low) if high > low else 0.0
-        step = min(max(strength - config.lr * grad, config.min_strength), config.max_strength)
-        trace.append(SearchStep(strength, low, high, f(low), f(high), grad, step))
-        logger.info("strength %.4g: f in [%.4g, %.4g], g=%.4g", strength, f(low), f(high), grad)
-        strength = step
-    best = min(f.values, key=lambda s: (f.values[s], s))
-    return done(best, False)
 
 
 @dataclass(frozen=True)
@@ -285,11 +163,16 @@ def _continuation_logprobs(
     owners: Sequence[int],
     *,
     batch_size: int,
+    rows_per_pass: int = 16,
 ) -> list[float]:
     """Mean per-token log-probability of each continuation after the prompt `owners[i]`.
 
-    Each prompt runs once; its KV cache is then copied to every continuation that follows it.
+    Prompts run `batch_size` at a time; each prompt's KV cache is then shared by the
+    continuations that follow it, which run `rows_per_pass` at a time so that their
+    (rows, L, V) logits stay small. log p = logit - logsumexp(logits): no (rows, L, V) copy.
     """
+    from transformers import DynamicCache
+
     table = model.get_input_embeddings()
     device = prompts[0].device
     means: dict[int, float] = {}
@@ -307,28 +190,33 @@ def _continuation_logprobs(
             logits_to_keep=1,
         )
         first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # (P, V)
-        owner_row = torch.tensor([owners[i] - first for i in rows], device=device)  # (C,)
-        cache = out.past_key_values
-        cache.reorder_cache(owner_row)  # (P, ...) -> (C, ...): one copy per continuation
-        longest = max(len(continuations[i]) for i in rows)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)  # (C, L)
-        cont_attention = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, : len(continuations[i])] = torch.tensor(list(continuations[i]))
-            cont_attention[r, : len(continuations[i])] = 1
-        lengths = attention.sum(-1)[owner_row]  # (C,) real prompt lengths
-        logits = model(
-            inputs_embeds=table(ids).to(embeds.dtype),  # (C, L, H)
-            attention_mask=torch.cat([attention[owner_row], cont_attention], dim=-1),
-            position_ids=lengths[:, None] + torch.arange(longest, device=device),  # (C, L)
-            past_key_values=cache,
-        ).logits  # (C, L, V): position j predicts token j + 1
-        logprobs = logits.float().log_softmax(-1)
-        for r, i in enumerate(rows):
-            n = len(continuations[i])
-            head = first_logprobs[owner_row[r], ids[r, 0]]
-            tail = logprobs[r, : n - 1].gather(-1, ids[r, 1:n, None]).squeeze(-1)  # (n - 1,)
-            means[i] = float((head + tail.sum()) / n)
+        layers = [(k, v) for k, v, *_ in out.past_key_values]  # (P, heads, L, D) each
+        lengths = attention.sum(-1)  # (P,) real prompt lengths
+        for start in range(0, len(rows), rows_per_pass):
+            part = rows[start : start + rows_per_pass]
+            owner_row = torch.tensor([owners[i] - first for i in part], device=device)  # (C,)
+            cache = DynamicCache(
+                ddp_cache_data=[(k.index_select(0, owner_row), v.index_select(0, owner_row))
+                                for k, v in layers]
+            )  # fmt: skip
+            longest = max(len(continuations[i]) for i in part)
+            ids = torch.zeros(len(part), longest, dtype=torch.long, device=device)  # (C, L)
+            cont_attention = torch.zeros_like(ids)
+            for r, i in enumerate(part):
+                ids[r, : len(continuations[i])] = torch.tensor(list(continuations[i]))
+                cont_attention[r, : len(continuations[i])] = 1
+            logits = model(
+                inputs_embeds=table(ids).to(embeds.dtype),  # (C, L, H)
+                attention_mask=torch.cat([attention[owner_row], cont_attention], dim=-1),
+                position_ids=lengths[owner_row][:, None] + torch.arange(longest, device=device),
+                past_key_values=cache,
+            ).logits.float()  # (C, L, V): position j predicts token j + 1
+            norm = logits[:, :-1].logsumexp(-1)  # (C, L - 1)
+            picked = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) - norm  # (C, L - 1)
+            for r, i in enumerate(part):
+                n = len(continuations[i])
+                head = first_logprobs[owner_row[r], ids[r, 0]]
+                means[i] = float((head + picked[r, : n - 1].sum()) / n)
     return [means[i] for i in range(len(continuations))]
 
 
@@ -339,29 +227,92 @@ def _without_masked_tokens(example: ForgetExample) -> ForgetExample:
     return ForgetExample(keep, none, example.answer_ids, example.alternative_ids)
 
 
+Group = tuple[Sequence[ForgetExample], CorruptionSpec | None]
+
+
+def _parallel_logprobs(
+    model: PreTrainedModel,
+    prompts: Sequence[torch.Tensor],
+    continuations: Sequence[Sequence[int]],
+    owners: Sequence[int],
+    *,
+    batch_size: int,
+    workers: int,
+) -> list[float]:
+    """`_continuation_logprobs` with the prompts split between `workers` threads.
+
+    Each thread runs its share with torch's own thread count (one in the gateway); torch
+    releases the GIL inside its kernels, so two threads use two cores. Unlike more intra-op
+    threads this degrades gracefully when the cores are busy (no OpenMP spin-waits).
+    """
+    if workers <= 1 or len(prompts) < 2:
+        return _continuation_logprobs(model, prompts, continuations, owners, batch_size=batch_size)
+    share = -(-len(prompts) // workers)
+    parts = []
+    for first in range(0, len(prompts), share):
+        mine = [i for i, o in enumerate(owners) if first <= o < first + share]
+        parts.append((first, mine))
+
+    def run(first: int, mine: list[int]) -> list[float]:
+        with torch.inference_mode():  # per thread
+            return _continuation_logprobs(
+                model,
+                prompts[first : first + share],
+                [continuations[i] for i in mine],
+                [owners[i] - first for i in mine],
+                batch_size=batch_size,
+            )
+
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="strength") as pool:
+        results = list(pool.map(lambda part: run(*part), parts))
+    out = [0.0] * len(continuations)
+    for (_, mine), values in zip(parts, results, strict=True):
+        for i, value in zip(mine, values, strict=True):
+            out[i] = value
+    return out
+
+
+def _answer_gaps(
+    model: PreTrainedModel, groups: Sequence[Group], *, batch_size: int, workers: int = 1
+) -> list[float]:
+    """For each group (examples, corruption or None): the mean over its examples of
+    LL(true answer) - mean LL(unrelated answers), nats per token; all groups in one batch."""
+    with torch.inference_mode():
+        prompts: list[torch.Tensor] = []
+        owners: list[int] = []
+        conts: list[list[int]] = []
+        for examples, spec in groups:
+            for ex, embeds in zip(examples, _embed_prompts(model, examples, spec), strict=True):
+                for cont in [ex.answer_ids, *ex.alternative_ids]:
+                    owners.append(len(prompts))
+                    conts.append(cont)
+                prompts.append(embeds)
+        scores = iter(
+            _parallel_logprobs(
+                model, prompts, conts, owners, batch_size=batch_size, workers=workers
+            )
+        )
+        out = []
+        for examples, _ in groups:
+            gaps = []
+            for ex in examples:
+                true = next(scores)
+                alts = [next(scores) for _ in ex.alternative_ids]
+                gaps.append(true - sum(alts) / len(alts))
+            out.append(sum(gaps) / len(gaps))
+    return out
+
+
 def _answer_gap(
     model: PreTrainedModel,
     examples: Sequence[ForgetExample],
     spec: CorruptionSpec | None,
     *,
     batch_size: int,
+    workers: int = 1,
 ) -> float:
     """Mean over examples of LL(true answer) - mean LL(unrelated answers), nats per token."""
-    with torch.inference_mode():
-        prompts = _embed_prompts(model, examples, spec)
-        owners: list[int] = []
-        conts: list[list[int]] = []
-        for index, ex in enumerate(examples):
-            for cont in [ex.answer_ids, *ex.alternative_ids]:
-                owners.append(index)
-                conts.append(cont)
-        scores = iter(_continuation_logprobs(model, prompts, conts, owners, batch_size=batch_size))
-        gaps = []
-        for ex in examples:
-            true = next(scores)
-            alts = [next(scores) for _ in ex.alternative_ids]
-            gaps.append(true - sum(alts) / len(alts))
-    return sum(gaps) / len(gaps)
+    return _answer_gaps(model, [(examples, spec)], batch_size=batch_size, workers=workers)[0]
 
 
 @dataclass
@@ -372,6 +323,8 @@ class AnswerPreferenceObjective:
     token. f <= 0: the corrupted name tells the model no more about the true answers than no name
     at all. With `relative_to_deleted=False` the baseline is 0 (plain preference gap).
     `spec` gives method, dims and seed; its strength is replaced by the probed one.
+    `evaluate` takes several strengths and runs their prompts (and, the first time, the deleted
+    baseline's) through the model together, `batch_size` prompts per forward pass.
     """
 
     model: PreTrainedModel
@@ -379,6 +332,8 @@ class AnswerPreferenceObjective:
     spec: CorruptionSpec
     batch_size: int = 16
     relative_to_deleted: bool = True
+    workers: int = 1
+    """Threads sharing each evaluation's prompts (`_parallel_logprobs`)."""
     _baseline: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -386,21 +341,42 @@ class AnswerPreferenceObjective:
             raise ValueError("no forget examples")
         self.examples = _with_default_alternatives(self.examples)
 
+    def _deleted(self) -> list[ForgetExample]:
+        return [_without_masked_tokens(ex) for ex in self.examples]
+
     @property
     def baseline(self) -> float:
         """The gap with the target's tokens deleted (computed once), or 0."""
         if self._baseline is None:
             self._baseline = 0.0
             if self.relative_to_deleted:
-                deleted = [_without_masked_tokens(ex) for ex in self.examples]
-                self._baseline = _answer_gap(self.model, deleted, None, batch_size=self.batch_size)
+                self._baseline = _answer_gap(
+                    self.model,
+                    self._deleted(),
+                    None,
+                    batch_size=self.batch_size,
+                    workers=self.workers,
+                )
         return self._baseline
+
+    def evaluate(self, strengths: Sequence[float]) -> list[float]:
+        """f at each strength, in one batched pass (with the baseline the first time)."""
+        groups: list[Group] = [(self.examples, self.spec.with_strength(s)) for s in strengths]
+        with_baseline = self._baseline is None and self.relative_to_deleted
+        if with_baseline:
+            groups.append((self._deleted(), None))
+        gaps = _answer_gaps(self.model, groups, batch_size=self.batch_size, workers=self.workers)
+        if with_baseline:
+            self._baseline = gaps.pop()
+        return [gap - self.baseline for gap in gaps]
 
     def __call__(self, strength: float) -> float:
         """Return the answer gap at `strength` minus the baseline."""
-        spec = self.spec.with_strength(strength)
-        gap = _answer_gap(self.model, self.examples, spec, batch_size=self.batch_size)
-        return gap - self.baseline
+        return self.evaluate([strength])[0]
+
+
+EmbedsGenerator = Callable[[list[torch.Tensor], list[list[int]], int], list[list[int]]]
+"""(prompt embeddings (T, H) each, their token ids, max new tokens) -> greedy token ids each."""
 
 
 @dataclass(frozen=True)
@@ -427,8 +403,13 @@ def measure_fluency(
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
     batch_size: int = 16,
+    generate_with: EmbedsGenerator | None = None,
 ) -> FluencyReport:
-    """Generate greedily from corrupted prompts; score the answers given the clean prompts."""
+    """Generate greedily from corrupted prompts; score the answers given the clean prompts.
+
+    `generate_with(embeds, prompt_ids, max_new_tokens)` generates instead of `model.generate`,
+    e.g. the serving engine itself: the answers are then the ones the guard would serve.
+    """
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     stops = {eos} if isinstance(eos, int) else set(eos or ())
     answers: list[list[int]] = []
@@ -436,6 +417,16 @@ def measure_fluency(
     generate = cast("Callable[..., torch.Tensor]", model.generate)
     with torch.inference_mode():
         corrupted = _embed_prompts(model, examples, spec)
+        rows = (
+            generate_with(corrupted, [ex.prompt_ids for ex in examples], max_new_tokens)
+            if generate_with is not None
+            else []
+        )
+        if rows and all(t >= 0 for row in rows for t in row):  # ids known (not an upstream's)
+            for row in rows:
+                cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                answers.append(list(row[:cut]))
+            corrupted = []  # generated already
         for first in range(0, len(corrupted), batch_size):
             embeds, attention, _ = _left_pad(corrupted[first : first + batch_size])
             generated = generate(
@@ -472,6 +463,8 @@ class Calibration:
     spec: CorruptionSpec
     search: StrengthSearchResult
     fluency: FluencyReport
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage: `search` (baseline included) and `fluency`."""
 
 
 def calibrate_strength(
@@ -484,11 +477,32 @@ def calibrate_strength(
     min_distinct: float = DEFAULT_MIN_DISTINCT,
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
+    generate_with: EmbedsGenerator | None = None,
+    workers: int = 1,
 ) -> Calibration:
-    """Search the weakest strength that forgets, then check fluency there."""
-    objective = AnswerPreferenceObjective(model, examples, spec)
-    search = search_strength(objective, config)
+    """Search the weakest strength that forgets (`bracket_strength`), then check fluency there.
+
+    A method without a strength (zeroing, sign flips, reordering) has nothing to search: its
+    objective is evaluated once, for the report.
+    """
+    objective = AnswerPreferenceObjective(model, examples, spec, workers=workers)
+    started = time.perf_counter()
+    if CORRUPTION_METHODS[spec.method].uses_strength:
+        search = bracket_strength(objective.evaluate, config)
+    else:
+        value = objective(spec.strength)
+        search = StrengthSearchResult(
+            strength=spec.strength,
+            value=value,
+            reached=value <= config.target,
+            trace=(),
+            evaluations=1,
+            seconds=time.perf_counter() - started,
+            rounds=1,
+            values=((spec.strength, value),),
+        )
     chosen = spec.with_strength(search.strength)
+    searched = time.perf_counter()
     fluency = measure_fluency(
         model,
         examples,
@@ -497,17 +511,21 @@ def calibrate_strength(
         min_distinct=min_distinct,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
+        generate_with=generate_with,
     )
+    seconds = {"search": searched - started, "fluency": time.perf_counter() - searched}
     logger.info(
-        "calibrated %s: strength %.4g (f=%.3g, reached=%s, %d evaluations, %.1fs), "
-        "ppl %.3g, distinct %.2f",
+        "calibrated %s: strength %.4g (f=%.3g, reached=%s, %d evaluations in %d rounds, %.1fs), "
+        "ppl %.3g, distinct %.2f (%.1fs)",
         spec.method,
         search.strength,
         search.value,
         search.reached,
         search.evaluations,
-        search.seconds,
+        search.rounds,
+        seconds["search"],
         fluency.perplexity,
         fluency.distinct_ratio,
+        seconds["fluency"],
     )
-    return Calibration(chosen, search, fluency)
+    return Calibration(chosen, search, fluency, seconds)

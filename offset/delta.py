@@ -44,7 +44,7 @@ def offset_logits(
 
 @dataclass
 class _SequenceState:
-    """What one sequence has fed to both small models so far."""
+    """What one sequence has fed to both small models so far (outside the decode batch)."""
 
     tokens: list[int]
     unlearned_cache: Any
@@ -52,31 +52,74 @@ class _SequenceState:
     offset: Tensor  # (V,), for the token after `tokens`
 
 
-def _left_padded(caches: Sequence[Any], lengths: Sequence[int], width: int) -> Any:
-    """One DynamicCache (B, H, W, D) per layer from per-sequence caches (1, H, n_i, D)."""
+Layers = list[tuple[Tensor, Tensor]]
+"""One (keys, values) pair per layer, each (B, H, W, D)."""
+
+
+def _layers(cache: Any) -> Layers:
+    return [(k, v) for k, v, *_ in cache]
+
+
+def _cache(layers: Layers) -> Any:
     from transformers import DynamicCache
 
-    layers = []
-    for per_sequence in zip(*(list(c) for c in caches), strict=True):  # one layer, every sequence
-        keys, values = [], []
-        for (k, v, *_), n in zip(per_sequence, lengths, strict=True):
-            keys.append(F.pad(k, (0, 0, width - n, 0)))  # (1, H, W, D): zeros on the left
-            values.append(F.pad(v, (0, 0, width - n, 0)))
-        layers.append((torch.cat(keys), torch.cat(values)))  # (B, H, W, D) each
     return DynamicCache(ddp_cache_data=layers)
 
 
-def _unpadded(cache: Any, lengths: Sequence[int]) -> list[Any]:
-    """Per-sequence DynamicCaches (1, H, n_i, D) from a left-padded batched one."""
-    from transformers import DynamicCache
+def _left_pad(layers: Layers, mask: Tensor, width: int) -> tuple[Layers, Tensor]:
+    """Pad (B, H, w, D) caches and their (B, w) mask on the left to `width` positions."""
+    extra = width - mask.shape[1]
+    if extra == 0:
+        return layers, mask
+    padded = [(F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))) for k, v in layers]
+    return padded, F.pad(mask, (extra, 0))
 
-    layers = [(k, v) for k, v, *_ in cache]  # (B, H, W + 1, D) each
-    return [
-        DynamicCache(
-            ddp_cache_data=[(k[row : row + 1, :, -n:], v[row : row + 1, :, -n:]) for k, v in layers]
+
+@dataclass
+class _DecodeBatch:
+    """Sequences that decode together, both models' KV caches kept batched and left-padded.
+
+    Row r holds its sequence's positions at the right end of the (B, W) mask; a decode step
+    appends one column to every row in place, so nothing is re-padded or copied while the
+    members stay the same. A change of members rebuilds the batch once.
+    """
+
+    seq_ids: list[Hashable]
+    tokens: list[list[int]]
+    mask: Tensor  # (B, W) long: 0 on the left padding
+    unlearned: Any  # DynamicCache, (B, H, W, D) per layer; grown by the models in place
+    base: Any
+    offsets: Tensor  # (B, V): for the token after each row's `tokens`
+
+    def row(self, seq_id: Hashable) -> int | None:
+        try:
+            return self.seq_ids.index(seq_id)
+        except ValueError:
+            return None
+
+    def select(self, rows: Sequence[int]) -> tuple[Layers, Layers, Tensor]:
+        """The rows' caches and mask (copies), leading all-padding columns dropped."""
+        index = torch.tensor(list(rows), device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns
+        return (
+            [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+             for k, v in _layers(self.unlearned)],
+            [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+             for k, v in _layers(self.base)],
+            mask[:, start:],
+        )  # fmt: skip
+
+    def solo(self, row: int) -> _SequenceState:
+        """Row `row` as a sequence of its own (its real positions only)."""
+        n = len(self.tokens[row])
+        unlearned, base, _ = self.select([row])
+        return _SequenceState(
+            list(self.tokens[row]),
+            _cache([(k[:, :, -n:], v[:, :, -n:]) for k, v in unlearned]),
+            _cache([(k[:, :, -n:], v[:, :, -n:]) for k, v in base]),
+            self.offsets[row],
         )
-        for row, n in enumerate(lengths)
-    ]
 
 
 def load_causal_lm(folder: str | Path, dtype: torch.dtype, device: str) -> Any:
@@ -97,7 +140,9 @@ class OffsetPair:
 
     Each sequence keeps both models' KV caches, so a call that extends the tokens seen before
     feeds only the new ones. A call whose tokens do not extend the cached ones starts over.
-    At most `max_sequences` caches are kept (least recently used are dropped).
+    Sequences that decode (one new token per call) are kept in one persistent batch whose
+    caches grow in place; a sequence on its own (a prompt, a jump) has caches of its own, at most
+    `max_sequences` of them (least recently used are dropped).
     """
 
     def __init__(self, unlearned: Any, base: Any, *, max_sequences: int = 64) -> None:
@@ -107,6 +152,9 @@ class OffsetPair:
         self.base = base.eval()
         self.max_sequences = max_sequences
         self._states: OrderedDict[Hashable, _SequenceState] = OrderedDict()
+        self._batch: _DecodeBatch | None = None
+        self.rebuilds = 0
+        """How many times the decode batch was built (members changed)."""
 
     @classmethod
     def from_folders(
@@ -138,12 +186,55 @@ class OffsetPair:
         base: Tensor = self.base(input_ids=ids).logits[0].float()  # (T, V)
         return unlearned - base
 
+    def _known(self, seq_id: Hashable) -> list[int] | None:
+        """The tokens both models have seen for `seq_id` (in the batch or on its own)."""
+        batch = self._batch
+        row = batch.row(seq_id) if batch is not None else None
+        if batch is not None and row is not None:
+            return batch.tokens[row]
+        state = self._states.get(seq_id)
+        return state.tokens if state is not None else None
+
+    def _leave_batch(self, seq_id: Hashable) -> None:
+        """Move `seq_id` out of the decode batch into a state of its own."""
+        batch = self._batch
+        row = batch.row(seq_id) if batch is not None else None
+        if batch is None or row is None:
+            return
+        self._states[seq_id] = batch.solo(row)
+        self._drop_rows([row])
+
+    def _drop_rows(self, rows: Sequence[int]) -> None:
+        batch = self._batch
+        assert batch is not None
+        keep = [r for r in range(len(batch.seq_ids)) if r not in set(rows)]
+        if not keep:
+            self._batch = None
+            return
+        unlearned, base, mask = batch.select(keep)
+        self._batch = _DecodeBatch(
+            [batch.seq_ids[r] for r in keep],
+            [batch.tokens[r] for r in keep],
+            mask,
+            _cache(unlearned),
+            _cache(base),
+            batch.offsets[keep],
+        )
+
     @torch.inference_mode()
     def offset(self, seq_id: Hashable, token_ids: Sequence[int]) -> Tensor:
         """Offset (V,) = small_unlearned − small_base for the token after `token_ids`."""
         tokens = list(token_ids)
         if not tokens:
             raise ValueError("token_ids must not be empty")
+        batch = self._batch
+        row = batch.row(seq_id) if batch is not None else None
+        if batch is not None and row is not None:
+            if tokens == batch.tokens[row]:
+                return batch.offsets[row]
+            if len(tokens) == len(batch.tokens[row]) + 1 and tokens[:-1] == batch.tokens[row]:
+                return self._step([(seq_id, tokens)])[0]
+            self._leave_batch(seq_id)
         state = self._states.get(seq_id)
         if state is not None and tokens[: len(state.tokens)] != state.tokens:
             logger.debug("sequence %r diverged from its cache; recomputing", seq_id)
@@ -176,24 +267,25 @@ class OffsetPair:
     def offsets(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> Tensor:
         """Offsets (B, V) for (seq_id, token_ids) pairs, one row each.
 
-        Sequences that extend their cache by exactly one token (a decode step) run together, one
-        left-padded step per model: a one-token step is bound by reading the weights, so a batch
-        reads them once for all its sequences instead of once each. The rest run one by one.
+        Sequences that extend what both models have seen by exactly one token (a decode step)
+        run together in the persistent decode batch, one step per model: a one-token step is
+        bound by reading the weights, so a batch reads them once for all its sequences instead
+        of once each. The rest (prompts, repeats, jumps) run one by one.
         """
         stepping: list[int] = []
         seen: set[Hashable] = set()
         for i, (seq_id, ids) in enumerate(batch):
-            state = self._states.get(seq_id)
+            known = self._known(seq_id)
             if (
-                state is not None
+                known is not None
                 and seq_id not in seen
-                and len(ids) == len(state.tokens) + 1
-                and list(ids[:-1]) == state.tokens
+                and len(ids) == len(known) + 1
+                and list(ids[:-1]) == known
             ):
                 stepping.append(i)
                 seen.add(seq_id)
         rows: dict[int, Tensor] = {}
-        if len(stepping) > 1:
+        if stepping:
             stepped = self._step([(batch[i][0], list(batch[i][1])) for i in stepping])
             rows = dict(zip(stepping, stepped, strict=True))
         return torch.stack(
@@ -203,39 +295,91 @@ class OffsetPair:
             ]
         )  # (B, V)
 
-    def _step(self, batch: Sequence[tuple[Hashable, list[int]]]) -> list[Tensor]:
-        """One decode step of several cached sequences in one batch per model."""
-        states = [self._states[seq_id] for seq_id, _ in batch]
-        lengths = [len(state.tokens) for state in states]
-        width = max(lengths)
-        new = torch.tensor([[ids[-1]] for _, ids in batch], device=self.device)  # (B, 1)
-        mask = torch.zeros((len(batch), width + 1), dtype=torch.long, device=self.device)
-        for row, n in enumerate(lengths):
-            mask[row, width - n :] = 1  # (B, W + 1): left padding is masked out
-        positions = torch.tensor([[n] for n in lengths], device=self.device)  # (B, 1)
-        logits, caches = [], []
-        for model, own in (
-            (self.unlearned, [s.unlearned_cache for s in states]),
-            (self.base, [s.base_cache for s in states]),
-        ):
+    def _regroup(self, seq_ids: Sequence[Hashable]) -> None:
+        """Make the decode batch hold exactly `seq_ids` (each in the batch or on its own)."""
+        batch = self._batch
+        wanted = set(seq_ids)
+        if batch is not None:
+            for seq_id in [s for s in batch.seq_ids if s not in wanted]:
+                self._leave_batch(seq_id)  # still alive (released ones are gone already)
+            batch = self._batch
+        pieces: list[tuple[Layers, Layers, Tensor]] = []
+        ids: list[Hashable] = []
+        tokens: list[list[int]] = []
+        offsets: list[Tensor] = []
+        if batch is not None:
+            pieces.append(batch.select(range(len(batch.seq_ids))))
+            ids += batch.seq_ids
+            tokens += batch.tokens
+            offsets += list(batch.offsets)
+        for seq_id in seq_ids:
+            if seq_id in ids:
+                continue
+            state = self._states.pop(seq_id)
+            n = len(state.tokens)
+            mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+            pieces.append((_layers(state.unlearned_cache), _layers(state.base_cache), mask))
+            ids.append(seq_id)
+            tokens.append(state.tokens)
+            offsets.append(state.offset)
+        width = max(mask.shape[1] for _, _, mask in pieces)
+        unlearned, base, masks = [], [], []
+        for u, b, mask in pieces:
+            padded_u, padded_mask = _left_pad(u, mask, width)
+            unlearned.append(padded_u)
+            base.append(_left_pad(b, mask, width)[0])
+            masks.append(padded_mask)
+        self._batch = _DecodeBatch(
+            ids, tokens, torch.cat(masks), _stacked(unlearned), _stacked(base), torch.stack(offsets)
+        )
+        self.rebuilds += 1
+
+    def _step(self, items: Sequence[tuple[Hashable, list[int]]]) -> list[Tensor]:
+        """One decode step of `items` (each one token past what the models saw), batched."""
+        batch = self._batch
+        if batch is None or set(batch.seq_ids) != {seq_id for seq_id, _ in items}:
+            self._regroup([seq_id for seq_id, _ in items])
+            batch = self._batch
+        assert batch is not None
+        rows = [batch.seq_ids.index(seq_id) for seq_id, _ in items]
+        new = torch.zeros((len(rows), 1), dtype=torch.long, device=self.device)  # (B, 1)
+        for row, (_, ids) in zip(rows, items, strict=True):
+            new[row, 0] = ids[-1]
+        positions = batch.mask.sum(-1, keepdim=True)  # (B, 1): real tokens so far
+        mask = F.pad(batch.mask, (0, 1), value=1)  # (B, W + 1)
+        logits = []
+        for model, cache in ((self.unlearned, batch.unlearned), (self.base, batch.base)):
             out = model(
                 input_ids=new,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=_left_padded(own, lengths, width),
+                past_key_values=cache,  # grows by one column, in place
                 use_cache=True,
             )
             logits.append(out.logits[:, -1].float())  # (B, V)
-            caches.append(_unpadded(out.past_key_values, [n + 1 for n in lengths]))
-        offsets = logits[0] - logits[1]  # (B, V)
-        for row, (seq_id, ids) in enumerate(batch):
-            self._states[seq_id] = _SequenceState(ids, caches[0][row], caches[1][row], offsets[row])
-            self._states.move_to_end(seq_id)
-        return list(offsets)
+        batch.offsets = logits[0] - logits[1]  # (B, V)
+        batch.mask = mask
+        for row, (_, ids) in zip(rows, items, strict=True):
+            batch.tokens[row] = ids
+        return [batch.offsets[row] for row in rows]
 
     def release(self, seq_id: Hashable) -> None:
         """Forget the caches of a finished sequence."""
         self._states.pop(seq_id, None)
+        batch = self._batch
+        row = batch.row(seq_id) if batch is not None else None
+        if row is not None:
+            self._drop_rows([row])
+
+
+def _stacked(pieces: Sequence[Layers]) -> Any:
+    """One cache whose rows are the pieces' rows, in order (all of one width)."""
+    return _cache(
+        [
+            (torch.cat([p[layer][0] for p in pieces]), torch.cat([p[layer][1] for p in pieces]))
+            for layer in range(len(pieces[0]))
+        ]
+    )
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,23 @@ models' KV caches per request, so a decode step feeds one new token to each, and
 sharing a pair of small models step together in one batch per model. If the offset cannot
 be computed (a folder vanished, a model failed), the request fails closed: its row is masked to
 end-of-sequence, so the answer stops rather than leaking what the offset should have removed.
+
+Overlap: the small models need only the tokens sampled so far, which vLLM has appended when it
+calls `update_state` at the start of a step, before the big model's forward pass. So the offsets
+are computed there, on a helper thread, while the big model runs, and `apply` only waits for
+them. On a CPU the helper thread is bound to the cores vLLM's worker is not bound to (vLLM
+reserves them for its scheduler, which spins while the worker computes); on a GPU it uses its
+own CUDA stream. Without a spare core the offsets are computed in `apply`, as before.
+`OBLIVIATE_DELTA_OVERLAP=0` turns the helper off, `=1` forces it (tests).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +58,51 @@ class _Request:
             pair.release(self.key)
 
 
+Tokens = dict[int, list[int]]
+"""Batch row -> the tokens of its request so far (prompt + output)."""
+
+
+@dataclass
+class _Offsets:
+    """Σ α·(u − b) per batch row for the tokens in `tokens`, and the rows that failed."""
+
+    tokens: Tokens
+    totals: dict[int, Tensor] = field(default_factory=dict)
+    failed: set[int] = field(default_factory=set)
+
+
+def _spare_cpus() -> set[int]:
+    """CPUs this process may use that its calling thread is not bound to (vLLM's reserve)."""
+    try:
+        bound = os.sched_getaffinity(0)
+        every = set(range(os.cpu_count() or 0))
+    except (AttributeError, OSError):
+        return set()
+    return every - bound
+
+
+def _helper(device: torch.device) -> ThreadPoolExecutor | None:
+    """The thread that computes offsets during the big model's forward pass, if it helps."""
+    mode = os.environ.get("OBLIVIATE_DELTA_OVERLAP", "auto")
+    if mode == "0":
+        return None
+    spare = _spare_cpus() if device.type == "cpu" else set()
+    if mode != "1" and device.type == "cpu" and not spare:
+        return None  # it would share the worker's core: no overlap, only switching
+
+    def bind() -> None:
+        if spare:
+            try:
+                os.sched_setaffinity(0, spare)  # this thread only (Linux)
+            except OSError:
+                logger.warning("δ: could not bind the offset thread to CPUs %s", sorted(spare))
+        if device.type == "cuda":
+            torch.cuda.set_stream(torch.cuda.Stream(device))  # type: ignore[no-untyped-call]
+
+    logger.info("δ: small models run beside the big one (spare CPUs: %s)", sorted(spare) or "-")
+    return ThreadPoolExecutor(1, thread_name_prefix="obliviate-delta", initializer=bind)
+
+
 class DeltaLogitsProcessor(LogitsProcessor):
     """Adds Σ α·(small_unlearned − small_base) to the logits of the requests that ask for it."""
 
@@ -55,6 +110,9 @@ class DeltaLogitsProcessor(LogitsProcessor):
         self._models = OffsetModels(device)
         self._requests: dict[int, _Request] = {}
         self._keys = itertools.count()
+        self._device = device
+        self._helper = _helper(device)
+        self._pending: Future[_Offsets] | None = None
         eos = vllm_config.model_config.hf_text_config.eos_token_id
         self._eos: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
 
@@ -66,8 +124,22 @@ class DeltaLogitsProcessor(LogitsProcessor):
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
+        self._settle()  # nothing below may race a computation still running
+        if batch_update is not None:
+            self._apply_update(batch_update)
+        if self._helper is not None and self._requests:
+            tokens = self._current_tokens()
+            if tokens and all(t >= 0 for ids in tokens.values() for t in ids[-1:]):
+                # (a negative id is a placeholder of async scheduling: compute it in apply)
+                self._pending = self._helper.submit(self._compute, tokens)
+
+    def _settle(self) -> _Offsets | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        return pending.result()  # _compute catches model failures itself
+
+    def _apply_update(self, batch_update: BatchUpdate) -> None:
         for index in batch_update.removed:
             self._drop(index)
         for index, params, prompt_ids, output_ids in batch_update.added:
@@ -119,9 +191,13 @@ class DeltaLogitsProcessor(LogitsProcessor):
         # logits: (B, V_big), one row per request of the persistent batch
         if not self._requests:
             return logits
-        totals = self._offsets()
+        tokens = self._current_tokens()
+        ready = self._settle()
+        result = ready if ready is not None and ready.tokens == tokens else self._compute(tokens)
+        for index in result.failed:
+            self._requests[index].failed = True
         for index, request in self._requests.items():
-            offset = totals.get(index)
+            offset = result.totals.get(index)
             if request.failed or offset is None:
                 self._end(logits, index)
                 continue
@@ -129,26 +205,34 @@ class DeltaLogitsProcessor(LogitsProcessor):
             logits[index, :v] += offset[:v].to(logits.device, logits.dtype)
         return logits
 
-    def _offsets(self) -> dict[int, Tensor]:
-        """Σ α·(u − b) (V_small,) per batch row; the rows sharing a pair go through it at once."""
+    def _current_tokens(self) -> Tokens:
+        return {i: self._tokens(r) for i, r in self._requests.items() if not r.failed}
+
+    def _compute(self, tokens: Tokens) -> _Offsets:
+        """Σ α·(u − b) (V_small,) per batch row; the rows sharing a pair go through it at once.
+
+        Runs on the helper thread during the big model's forward pass, or in `apply`; only reads
+        the requests (marking failures is left to `apply`).
+        """
+        result = _Offsets(tokens)
         members: dict[int, tuple[OffsetPair, list[tuple[int, float]]]] = {}
-        for index, request in self._requests.items():
-            if not request.failed:
-                for pair, alpha in request.terms:
-                    members.setdefault(id(pair), (pair, []))[1].append((index, alpha))
-        totals: dict[int, Tensor] = {}
+        for index in tokens:
+            for pair, alpha in self._requests[index].terms:
+                members.setdefault(id(pair), (pair, []))[1].append((index, alpha))
         for pair, rows in members.values():
-            batch = [(self._requests[i].key, self._tokens(self._requests[i])) for i, _ in rows]
+            batch = [(self._requests[i].key, tokens[i]) for i, _ in rows]
             try:
                 offsets = pair.offsets(batch)  # (B_pair, V_small)
+                if offsets.device.type == "cuda":
+                    torch.cuda.current_stream(offsets.device).synchronize()
             except Exception:
                 logger.exception("δ offset failed; failing its requests closed")
-                for i, _ in rows:
-                    self._requests[i].failed = True
+                result.failed.update(i for i, _ in rows)
                 continue
             for (i, alpha), offset in zip(rows, offsets, strict=True):
+                totals = result.totals
                 totals[i] = offset * alpha if i not in totals else totals[i] + offset * alpha
-        return totals
+        return result
 
     @staticmethod
     def _tokens(request: _Request) -> list[int]:

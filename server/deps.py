@@ -154,7 +154,9 @@ def build_guard(
         table = embedding_table(model_dir)
         corruptor = PromptCorruptor(tokenizer, table, bank.find_spans)
         if settings.guard.calibrate_strength:
-            calibrator = StrengthCalibrator(model_dir, table)
+            calibrator = StrengthCalibrator(
+                model_dir, table, workers=settings.guard.calibration_workers
+            )
     else:
         logger.warning(
             "No local copy of the served model (--model PATH): flagged requests will be refused "

@@ -81,6 +81,8 @@ class GuardSettings(_Section):
     """Where the classifier runs (it is small: the CPU keeps the GPU for the engine)."""
     calibrate_strength: bool = True
     """Search each target's corruption strength against a local copy of the model."""
+    calibration_workers: int = Field(2, ge=1)
+    """Threads (one core each) a registration's strength search uses while it runs."""
     torch_threads: int = Field(1, ge=1)
     """Torch threads of the gateway process (the guard's models; vLLM's engine has its own)."""
     fail_closed: bool = True

@@ -134,6 +134,7 @@ class VllmLocalEngine:
 
     def _build(self) -> AsyncLLM:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         config = self._config
@@ -157,7 +158,9 @@ class VllmLocalEngine:
             args.gpu_memory_utilization = config.gpu_memory_utilization
             args.tensor_parallel_size = config.tensor_parallel_size
         logger.info("Starting vLLM on %s with %s", device, config.model_path)
-        return AsyncLLM.from_engine_args(args)
+        # The server's usage context: its defaults (max_num_seqs, max_num_batched_tokens) differ
+        # from the library's on large GPUs (1024 sequences instead of 128 on an H100).
+        return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
     async def stop(self) -> None:
         if self._llm is not None:

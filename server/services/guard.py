@@ -31,6 +31,7 @@ from server.engine import ChatPrompt, TextPrompt, TokenPrompt
 from server.engine.base import Prompt
 from server.errors import InvalidRequestError, UnavailableError
 from server.metrics import Metrics
+from server.services.batching import BatchingExecutor
 from server.services.corruptor import CorruptionTarget, PromptCorruptor
 from server.services.tenancy import Caller, TenantScope
 
@@ -88,11 +89,17 @@ class EcoGuard:
         threads: int = 2,
     ) -> None:
         self._bank = bank
+        # A thread of its own, not asyncio's pool shared with registry calls and registration
+        # jobs; requests waiting together are classified in one call (server.services.batching).
+        # One item is one request's texts (joined, then each turn alone).
+        self._classifier: BatchingExecutor[tuple[str, ...], list[Decision]] = BatchingExecutor(
+            lambda groups: self._bank.classify_groups(groups), name="obliviate-guard"
+        )
         self._corruptor = corruptor
         self._metrics = metrics
         self._log_prompts = log_prompts
         self._targets: Mapping[str, ActiveTarget] = {}
-        # The guard's own threads: its work never queues behind unrelated to_thread calls.
+        # The guard's own threads for corruption: never queued behind unrelated to_thread calls.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="guard")
 
     @property
@@ -153,8 +160,7 @@ class EcoGuard:
         """Every active target's decision on texts read together (flagged on any of them)."""
         if not self._targets:
             return []
-        decisions: list[Decision] = await self.run(self._bank.classify_all, list(texts))
-        return decisions
+        return await self._classifier.submit(tuple(texts))
 
     async def protect(
         self, prompt: PromptIn, request_id: str, caller: Caller | None = None

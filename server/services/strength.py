@@ -4,12 +4,19 @@ The objective and its stopping level are written down in `corruption.strength`: 
 per-token likelihood of the target's known answers (given, or the bare model's own greedy answers)
 must fall to the level of unrelated answers, and the answers generated from the corrupted prompts
 must stay fluent (perplexity bound). The weakest strength that gets there is stored.
+
+The copy of the model (float32, as large as the served model) is loaded by each search and
+released when it ends: the gateway holds none between registrations.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,7 @@ from classifier import find_spans
 from corruption import (
     CorruptionSpec,
     EmbeddingTable,
+    EmbedsGenerator,
     StrengthSearchConfig,
     calibrate_strength,
     make_forget_example,
@@ -30,15 +38,32 @@ FLUENCY_BOUND = 20.0
 MAX_EXAMPLES = 16
 
 
-class StrengthCalibrator:
-    """Holds an HF copy of the served model (loaded on first use) for strength searches."""
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise; no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
-    def __init__(self, model_dir: Path, table: EmbeddingTable, device: str = "cpu") -> None:
+
+class StrengthCalibrator:
+    """Runs strength searches on an HF copy of the served model, loaded per search."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        table: EmbeddingTable,
+        device: str = "cpu",
+        *,
+        workers: int = 1,
+    ) -> None:
         self._model_dir = model_dir
         self._table = table
         self._device = device
-        self._model: Any = None
-        self._tokenizer: Any = None
+        self._workers = workers
         self._lock = threading.Lock()
 
     def default_spec(self) -> CorruptionSpec:
@@ -46,18 +71,15 @@ class StrengthCalibrator:
         return CorruptionSpec.recommended(self._table.std)
 
     def _load(self) -> tuple[Any, Any]:
-        if self._model is None:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            logger.info("Loading %s for strength calibration", self._model_dir)
-            self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                self._model_dir, dtype=torch.float32, local_files_only=True
-            )
-            self._model = model.to(self._device)  # type: ignore[arg-type]
-            self._model.eval()
-        return self._model, self._tokenizer
+        logger.info("Loading %s for strength calibration", self._model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(self._model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            self._model_dir, dtype=torch.float32, local_files_only=True
+        )
+        return model.to(self._device).eval(), tokenizer  # type: ignore[arg-type]
 
     def calibrate(
         self,
@@ -65,36 +87,75 @@ class StrengthCalibrator:
         answers: list[str],
         aliases: list[str],
         base: CorruptionSpec | None,
+        *,
+        generate_with: EmbedsGenerator | None = None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
-        """Search the weakest strength that forgets; returns the spec and a report."""
+        """Search the weakest strength that forgets; returns the spec and a report (with the
+        seconds each stage took: loading the model, the search, the fluency check).
+
+        `generate_with` generates the fluency check's answers (the serving engine); without it,
+        or when it cannot give token ids, the model copy generates them.
+        """
         with self._lock:
+            started = time.perf_counter()
             model, tokenizer = self._load()
-            std = self._table.std
-            spec = base or self.default_spec()
-            examples = [
-                make_forget_example(tokenizer, p, a, spans=find_spans(p, aliases))
-                for p, a in zip(prompts, answers, strict=True)
-                if a.strip()
-            ]
-            if len(examples) < 2:
-                return spec, {"searched": False, "reason": "fewer than 2 answered examples"}
-            result = calibrate_strength(
-                model,
-                examples[:MAX_EXAMPLES],
-                spec,
-                StrengthSearchConfig.for_embeddings(std),
-                fluency_bound=FLUENCY_BOUND,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            report = {
-                "searched": True,
-                "strength_in_std": result.spec.strength / std,
-                "objective": result.search.value,
-                "reached": result.search.reached,
-                "evaluations": result.search.evaluations,
-                "seconds": result.search.seconds,
-                "fluency_perplexity": result.fluency.perplexity,
-                "fluent": result.fluency.fluent,
-                "distinct_ratio": result.fluency.distinct_ratio,
-            }
-            return result.spec, report
+            try:
+                load_s = time.perf_counter() - started
+                return self._search(
+                    model, tokenizer, prompts, answers, aliases, base, load_s, generate_with
+                )
+            finally:
+                # Nothing else refers to the model: dropping these frees it (checked by tests).
+                del model, tokenizer
+                gc.collect()
+                _trim_heap()
+
+    def _search(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: list[str],
+        answers: list[str],
+        aliases: list[str],
+        base: CorruptionSpec | None,
+        load_s: float,
+        generate_with: EmbedsGenerator | None,
+    ) -> tuple[CorruptionSpec, dict[str, Any]]:
+        std = self._table.std
+        spec = base or self.default_spec()
+        examples = [
+            make_forget_example(tokenizer, p, a, spans=find_spans(p, aliases))
+            for p, a in zip(prompts, answers, strict=True)
+            if a.strip()
+        ]
+        if len(examples) < 2:
+            return spec, {"searched": False, "reason": "fewer than 2 answered examples"}
+        result = calibrate_strength(
+            model,
+            examples[:MAX_EXAMPLES],
+            spec,
+            StrengthSearchConfig.for_embeddings(std),
+            fluency_bound=FLUENCY_BOUND,
+            eos_token_id=tokenizer.eos_token_id,
+            generate_with=generate_with,
+            workers=self._workers,
+        )
+        search = result.search
+        report = {
+            "searched": True,
+            "strength_in_std": result.spec.strength / std,
+            "objective": search.value,
+            "reached": search.reached,
+            "evaluations": search.evaluations,
+            "rounds": search.rounds,
+            "failing_below_in_std": (
+                search.failing_below / std if search.failing_below is not None else None
+            ),
+            "probes": [[s / std, v] for s, v in search.values],
+            "seconds": search.seconds,
+            "fluency_perplexity": result.fluency.perplexity,
+            "fluent": result.fluency.fluent,
+            "distinct_ratio": result.fluency.distinct_ratio,
+            "stage_seconds": {"load_model": load_s, **result.seconds},
+        }
+        return result.spec, report

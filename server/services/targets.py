@@ -18,16 +18,25 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target, warm_up
-from corruption import CORRUPTION_METHODS, CorruptionSpec
-from server.engine import ChatPrompt, Engine, GenerationRequest, SamplingOptions, TextPrompt
+from corruption import CORRUPTION_METHODS, CorruptionSpec, EmbedsGenerator
+from server.engine import (
+    ChatPrompt,
+    Engine,
+    GenerationRequest,
+    PromptEmbeds,
+    SamplingOptions,
+    TextPrompt,
+)
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.metrics import Metrics
 from server.protocol.admin import (
@@ -56,6 +65,7 @@ from server.services.strength import StrengthCalibrator
 from server.services.tenancy import Caller, TenantScope
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUPPORTED_MODES = ("eco", "delta", "eco+delta")
 ECO_MODES = ("eco", "eco+delta")
@@ -476,7 +486,54 @@ class TargetService:
             description=version.description,
         )
         config = TrainConfig(fpr=float(options.get("fpr", 0.01)), seed=int(options.get("seed", 0)))
-        classifier = await asyncio.to_thread(train_target, spec, self._embedder, config)
+        stages: dict[str, float] = {}
+        # The classifier trains while the engine answers and the strength is searched: neither
+        # needs the other.
+        training = asyncio.ensure_future(
+            _timed(
+                stages, "classifier", asyncio.to_thread(train_target, spec, self._embedder, config)
+            )
+        )
+        try:
+            calibration: dict[str, Any] = {}
+            artifacts: list[Artifact] = []
+            if version.mode in ECO_MODES:
+                progress("answers", 0.2)
+                while not self._engine.ready:  # the bare answers come from the engine
+                    await asyncio.sleep(0.5)
+                # All at once: the engine batches them (one at a time took ~1 s each).
+                answers = list(
+                    await _timed(
+                        stages,
+                        "answers",
+                        asyncio.gather(*(self._given_or_bare(p, a) for p, a in examples)),
+                    )
+                )
+                progress("corruption", 0.25)
+                generate = self._engine_generator(asyncio.get_running_loop())
+                corruption, report = await _timed(
+                    stages,
+                    "corruption",
+                    asyncio.to_thread(
+                        self._corruption_spec,
+                        options,
+                        list(version.aliases),
+                        prompts,
+                        answers,
+                        generate,
+                    ),
+                )
+                calibration["corruption"] = {"spec": corruption.to_dict(), **report}
+                artifacts.append(
+                    Artifact(
+                        "corruption",
+                        json.dumps(corruption.to_dict()).encode(),
+                        {"torch": torch.__version__},
+                    )
+                )
+            classifier = await training
+        finally:
+            training.cancel()  # a no-op once awaited; after a failure its result is not wanted
         recall = classifier.report.heldout_recall
         if recall < self._min_recall and not options.get("allow_low_recall"):
             raise LowRecallError(
@@ -484,29 +541,16 @@ class TargetService:
                 f"{name!r} (floor {self._min_recall:.0%}); add aliases (every name it "
                 "goes by) and varied forget examples, or set options.allow_low_recall"
             )
-        calibration: dict[str, Any] = {"classifier": _report(classifier)}
-        artifacts = [
-            Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"})
-        ]
-        if version.mode in ECO_MODES:
-            progress("answers", 0.2)
-            while not self._engine.ready:  # the bare answers come from the engine
-                await asyncio.sleep(0.5)
-            answers = [a if a else await self._bare_answer(p) for p, a in examples]
-            progress("corruption", 0.25)
-            corruption, report = await asyncio.to_thread(
-                self._corruption_spec, options, list(version.aliases), prompts, answers
-            )
-            calibration["corruption"] = {"spec": corruption.to_dict(), **report}
-            artifacts.append(
-                Artifact(
-                    "corruption",
-                    json.dumps(corruption.to_dict()).encode(),
-                    {"torch": torch.__version__},
-                )
-            )
+        calibration = {"classifier": _report(classifier), **calibration}
+        artifacts.insert(
+            0, Artifact("classifier", classifier.to_bytes(), {"format": "classifier/npz+json"})
+        )
         if version.mode in DELTA_MODES:
-            artifacts.append(await self._offset(lease, name, version, prompts, calibration))
+            artifact = await _timed(
+                stages, "snap", self._offset(lease, name, version, prompts, calibration)
+            )
+            artifacts.append(artifact)
+        calibration["stage_seconds"] = stages  # the classifier overlaps the others
         return artifacts, calibration
 
     async def _offset(
@@ -562,10 +606,13 @@ class TargetService:
 
         return report
 
+    async def _given_or_bare(self, prompt: str, answer: str | None) -> str:
+        return answer if answer else await self._bare_answer(prompt)
+
     async def _bare_answer(self, prompt: str) -> str:
         """What the model says today: the knowledge the corruption must remove."""
         request = GenerationRequest(
-            request_id=f"register-{abs(hash(prompt))}",
+            request_id=f"register-{uuid.uuid4().hex}",  # unique: answers run concurrently
             prompt=ChatPrompt([{"role": "user", "content": prompt}]),
             sampling=SamplingOptions(max_tokens=48, temperature=0.0),
             stream=False,
@@ -581,8 +628,47 @@ class TargetService:
         corruptor = self._guard.corruptor
         return corruptor.default_spec() if corruptor else CorruptionSpec.recommended(1.0)
 
+    def _engine_generator(self, loop: asyncio.AbstractEventLoop) -> EmbedsGenerator:
+        """Greedy generation from prompt embeddings by the serving engine, callable from a
+        worker thread (the strength search's fluency check): the answers the guard would serve.
+        """
+
+        async def one(embeds: torch.Tensor, ids: list[int], max_new: int) -> list[int]:
+            request = GenerationRequest(
+                request_id=f"register-{uuid.uuid4().hex}",
+                prompt=PromptEmbeds(embeds=embeds, token_ids=ids),
+                sampling=SamplingOptions(max_tokens=max_new, temperature=0.0),
+                stream=False,
+            )
+            out: list[int] = []
+            async for chunk in self._engine.generate(request):
+                for choice in chunk.choices:
+                    out += choice.token_ids
+            return out
+
+        async def every(
+            embeds: list[torch.Tensor], ids: list[list[int]], max_new: int
+        ) -> list[list[int]]:
+            return list(
+                await asyncio.gather(
+                    *(one(e, i, max_new) for e, i in zip(embeds, ids, strict=True))
+                )
+            )
+
+        def generate(
+            embeds: list[torch.Tensor], ids: list[list[int]], max_new: int
+        ) -> list[list[int]]:
+            return asyncio.run_coroutine_threadsafe(every(embeds, ids, max_new), loop).result()
+
+        return generate
+
     def _corruption_spec(
-        self, options: dict[str, Any], aliases: list[str], prompts: list[str], answers: list[str]
+        self,
+        options: dict[str, Any],
+        aliases: list[str],
+        prompts: list[str],
+        answers: list[str],
+        generate: EmbedsGenerator | None = None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
         """The version's corruption: pinned by its options, else searched (see README)."""
         pinned = {k: options[k] for k in PINNING_OPTIONS if options.get(k) is not None}
@@ -599,7 +685,7 @@ class TargetService:
             return spec, {"searched": False, "reason": f"{spec.method} has no strength to search"}
         if self._calibrator is None:
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
-        return self._calibrator.calibrate(prompts, answers, aliases, spec)
+        return self._calibrator.calibrate(prompts, answers, aliases, spec, generate_with=generate)
 
 
 def _spec(new: NewTarget) -> dict[str, Any]:
@@ -646,6 +732,15 @@ def _heldout_recall(record: TargetRecord) -> float | None:
 
 class LowRecallError(RuntimeError):
     """A target's classifier would miss too many prompts about it to be activated."""
+
+
+async def _timed(stages: dict[str, float], stage: str, work: Awaitable[T]) -> T:
+    """Await `work`, recording its seconds under `stage`."""
+    started = time.perf_counter()
+    try:
+        return await work
+    finally:
+        stages[stage] = round(time.perf_counter() - started, 3)
 
 
 def _report(classifier: TargetClassifier) -> dict[str, Any]:

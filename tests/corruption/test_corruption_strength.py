@@ -8,6 +8,7 @@ from corruption import (
     CorruptionSpec,
     ForgetExample,
     StrengthSearchConfig,
+    bracket_strength,
     calibrate_strength,
     make_forget_example,
     measure_fluency,
@@ -74,7 +75,8 @@ def test_search_walks_back_after_overshooting():
 
 def test_search_config_scaled_by_embedding_std():
     config = StrengthSearchConfig.for_embeddings(0.1, max_steps=3)
-    assert config.initial == pytest.approx(0.1) and config.lr == pytest.approx(0.1)
+    # Warm start at 4x std: where the search lands for SmolLM2 (corruption/README.md).
+    assert config.initial == pytest.approx(0.4) and config.lr == pytest.approx(0.1)
     assert config.min_strength == pytest.approx(0.025) and config.max_steps == 3
 
 
@@ -122,7 +124,8 @@ def test_objective_reads_corruption_strength(tiny):
     examples = _examples()
     objective = AnswerPreferenceObjective(tiny, examples, CorruptionSpec("add_noise_first_n", 0.0))
     clean, again, noisy = objective(0.0), objective(0.0), objective(50.0)
-    assert clean == again and math.isfinite(noisy) and noisy != clean
+    # The first call also ran the baseline in its batch: equal up to float rounding.
+    assert clean == pytest.approx(again, abs=1e-5) and math.isfinite(noisy) and noisy != clean
     # Without alternatives the other examples' answers stand in.
     bare = [ForgetExample(e.prompt_ids, e.mask, e.answer_ids) for e in examples]
     filled = AnswerPreferenceObjective(
@@ -135,7 +138,7 @@ def test_objective_reads_corruption_strength(tiny):
         tiny, examples, CorruptionSpec("add_noise_first_n", 0.0), relative_to_deleted=False
     )
     assert plain.baseline == 0.0
-    assert plain(0.0) - objective.baseline == pytest.approx(clean)
+    assert plain(0.0) - objective.baseline == pytest.approx(clean, abs=1e-5)
     with pytest.raises(ValueError, match="non-empty"):
         ForgetExample([1, 2], torch.zeros(2, dtype=torch.bool), [])
 
@@ -176,3 +179,142 @@ def test_make_forget_example_masks_spans(bpe_tokenizer):
     whole = make_forget_example(bpe_tokenizer, question, "J.K. Rowling")
     picked = [i for i, m in zip(whole.prompt_ids, whole.mask.tolist(), strict=True) if m]
     assert bpe_tokenizer.decode(picked).strip() == question
+
+
+# --- bracket_strength: the search registration jobs use --------------------------------------
+
+
+def _counting(f):
+    calls: list[list[float]] = []
+
+    def batch(strengths):
+        calls.append(list(strengths))
+        return [f(s) for s in strengths]
+
+    return batch, calls
+
+
+@pytest.mark.parametrize(
+    ("f", "root"),
+    [
+        (lambda s: 1.0 - s, 1.0),  # linear
+        (lambda s: 0.3 - math.log(s), math.exp(0.3)),  # linear in log s
+        (lambda s: 2.0 / (1.0 + s) - 0.2, 9.0),  # convex, flattening (like the real objective)
+        (lambda s: 0.5 - s**3, 0.5 ** (1 / 3)),  # steep
+    ],
+)
+def test_bracket_finds_weakest_passing_strength_within_tolerance(f, root):
+    config = StrengthSearchConfig(
+        initial=2.0, lr=1.0, eps=0.1, min_strength=0.01, max_strength=64.0, tolerance=1.2
+    )
+    batch, calls = _counting(f)
+    result = bracket_strength(batch, config)
+    assert result.reached and result.value <= 0.0
+    assert root <= result.strength <= root * 1.2  # passes, and at most 20% above the crossing
+    assert result.failing_below is not None and f(result.failing_below) > 0
+    assert result.strength / result.failing_below <= 1.2
+    assert result.evaluations == len({s for call in calls for s in call})  # never twice
+    assert result.rounds == len(calls) <= 7
+    assert dict(result.values)[result.strength] == pytest.approx(f(result.strength))
+
+
+def test_bracket_batches_its_narrowing_probes():
+    batch, calls = _counting(lambda s: 1.0 - s)
+    config = StrengthSearchConfig(initial=4.0, lr=1.0, eps=0.1, min_strength=0.01, tolerance=1.1)
+    bracket_strength(batch, config)
+    assert calls[0] == [4.0] and calls[1] == [2.0]  # the warm start passes: step down
+    assert any(len(call) == 2 for call in calls[2:])  # then two probes per round
+
+
+# f against u = strength / std, measured on SmolLM2 for 8 Harry Potter questions
+# (corruption/README.md); linear in log u between the points.
+README_CURVE = [(0.5, 0.77), (1, 0.26), (1.5, 0.15), (2, 0.09), (2.5, 0.05), (3, 0.02),
+                (4, -0.005), (5, -0.03), (6, -0.05), (8, -0.02), (16, 0.01)]  # fmt: skip
+
+
+def _readme_f(std):
+    def f(strength):
+        u = min(max(strength / std, 0.5), 16.0)
+        for (u0, f0), (u1, f1) in zip(README_CURVE, README_CURVE[1:], strict=False):
+            if u0 <= u <= u1:
+                return f0 + (f1 - f0) * math.log(u / u0) / math.log(u1 / u0)
+        raise AssertionError(u)
+
+    return f
+
+
+def test_bracket_cheaper_than_gradient_search_and_no_stronger():
+    std = 0.1356
+    f = _readme_f(std)
+    config = StrengthSearchConfig.for_embeddings(std, initial=1.0 * std)  # the old warm start
+    slow = search_strength(f, config)
+    fast = bracket_strength(f, StrengthSearchConfig.for_embeddings(std), batched=False)
+    assert slow.reached and fast.reached and fast.value <= 0.0
+    crossing = 3.8 * std  # f(3 std) = 0.02 > 0 >= f(4 std); linear in log u: u = 3.8
+    assert crossing <= fast.strength <= crossing * 1.2
+    assert fast.strength <= slow.strength * 1.2
+    assert fast.evaluations < slow.evaluations
+
+
+def test_bracket_edges():
+    # Never reached: the best value within the bounds, reached=False.
+    capped = bracket_strength(
+        lambda s: [1.0 / (1 + x) for x in s],
+        StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, max_strength=8.0, target=-1.0),
+    )
+    assert not capped.reached and capped.strength == 8.0
+    # Reached already at the weakest strength allowed.
+    floor = bracket_strength(
+        lambda s: [-1.0 for _ in s],
+        StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, min_strength=0.25),
+    )
+    assert floor.reached and floor.strength == 0.25 and floor.failing_below is None
+    # A zero start is tried as such.
+    zero = bracket_strength(
+        lambda s: [0.0 for _ in s], StrengthSearchConfig(initial=0.0, lr=1.0, eps=0.1)
+    )
+    assert zero.reached and zero.strength == 0.0 and zero.evaluations == 1
+    with pytest.raises(ValueError):
+        StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, tolerance=1.0)
+
+
+def test_batched_objective_matches_one_at_a_time(tiny):
+    objective = AnswerPreferenceObjective(tiny, _examples(), CorruptionSpec("add_noise_first_n", 0))
+    together = objective.evaluate([0.5, 5.0, 50.0])
+    apart = [
+        AnswerPreferenceObjective(tiny, _examples(), CorruptionSpec("add_noise_first_n", 0))(s)
+        for s in (0.5, 5.0, 50.0)
+    ]
+    assert together == pytest.approx(apart, abs=1e-5)
+    assert len(set(together)) == 3  # the strengths really differ
+
+
+def test_fluency_answers_can_come_from_the_serving_engine(tiny):
+    examples = _examples()
+    own = measure_fluency(tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0)
+    calls = []
+
+    def engine(embeds, ids, max_new):  # stands in for the engine: same greedy answers
+        calls.append((len(embeds), [len(i) for i in ids], max_new))
+        assert all(e.shape == (len(i), 16) for e, i in zip(embeds, ids, strict=True))
+        return [a + [0, 5] if a[-1:] == [0] else a for a in own.answers]  # past EOS: cut
+
+    served = measure_fluency(
+        tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0, generate_with=engine
+    )
+    assert calls == [(3, [6, 8, 7], 4)]
+    assert served.answers == own.answers
+    assert served.perplexity == pytest.approx(own.perplexity, rel=1e-5)
+    # An engine that cannot tell token ids (an upstream server: -1) leaves it to the model.
+    blind = measure_fluency(
+        tiny, examples, None, bound=1e9, max_new_tokens=4, eos_token_id=0,
+        generate_with=lambda embeds, ids, n: [[-1] * n for _ in embeds],
+    )  # fmt: skip
+    assert blind.answers == own.answers
+
+
+def test_objective_split_between_threads_gives_the_same_values(tiny):
+    spec = CorruptionSpec("add_noise_first_n", 0)
+    alone = AnswerPreferenceObjective(tiny, _examples(), spec).evaluate([0.5, 5.0])
+    shared = AnswerPreferenceObjective(tiny, _examples(), spec, workers=2).evaluate([0.5, 5.0])
+    assert shared == pytest.approx(alone, abs=1e-5)

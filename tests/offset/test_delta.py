@@ -92,3 +92,52 @@ def test_identical_models_give_zero_offset(tiny_llama_dir) -> None:
 def test_missing_folder_names_the_problem(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="local model folder"):
         OffsetPair.from_folders(tmp_path / "nope", tmp_path / "nope")
+
+
+def _close_to_full(pair: OffsetPair, got: torch.Tensor, ids: list[int], msg: object) -> None:
+    torch.testing.assert_close(got, pair.full_offsets(ids)[-1], atol=1e-4, rtol=1e-4, msg=msg)
+
+
+def test_decode_batch_persists_across_steps_and_follows_membership(tiny_llama_dir) -> None:
+    """Steady decoding reuses one batch (no re-padding); joins, leaves, jumps rebuild it once."""
+    pair = OffsetPair.from_folders(tiny_llama_dir("unlearned", seed=1), tiny_llama_dir("base"))
+    gen = torch.Generator().manual_seed(3)
+    lengths = {"a": 5, "b": 9, "c": 3}
+    seqs = {k: torch.randint(3, 64, (n,), generator=gen).tolist() for k, n in lengths.items()}
+    for k, ids in seqs.items():  # prompts: each on its own
+        _close_to_full(pair, pair.offset(k, ids), ids, k)
+
+    def step(keys: str) -> torch.Tensor:
+        for k in keys:
+            seqs[k] = seqs[k] + [int(torch.randint(3, 64, (1,), generator=gen))]
+        got = pair.offsets([(k, seqs[k]) for k in keys])
+        for row, k in enumerate(keys):
+            _close_to_full(pair, got[row], seqs[k], k)
+        return got
+
+    for _ in range(4):
+        step("abc")
+    assert pair.rebuilds == 1  # built once, then grown in place step after step
+    pair.release("b")  # finished: dropped from the batch
+    step("ac")
+    step("ac")
+    assert pair.rebuilds == 1  # dropping a row needs no rebuild of the rest
+    seqs["d"] = [7, 8, 9, 10]
+    _close_to_full(pair, pair.offset("d", seqs["d"]), seqs["d"], "d")
+    step("acd")  # d joins after its prompt
+    step("acd")
+    assert pair.rebuilds == 2
+    # A repeat returns the kept offset without running the models.
+    again = pair.offsets([("a", seqs["a"]), ("c", seqs["c"]), ("d", seqs["d"])])
+    _close_to_full(pair, again[0], seqs["a"], "repeat")
+    # A jump of two tokens leaves the batch and is computed on its own; the others step on.
+    seqs["a"] = seqs["a"] + [11, 12]
+    for k in "cd":
+        seqs[k] = seqs[k] + [13]
+    got = pair.offsets([(k, seqs[k]) for k in "acd"])
+    for row, k in enumerate("acd"):
+        _close_to_full(pair, got[row], seqs[k], k)
+    step("acd")  # a is back in step with the others
+    for k in "acd":
+        pair.release(k)
+    assert pair._batch is None and not pair._states

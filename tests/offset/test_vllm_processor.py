@@ -148,3 +148,39 @@ def test_malformed_arguments_are_rejected_before_the_engine(
     ):
         with pytest.raises(ValueError):
             DeltaLogitsProcessor.validate_params(SamplingParams(extra_args=bad))
+
+
+def test_offsets_are_computed_beside_the_forward_pass(
+    spec: DeltaSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the helper on, update_state starts the small models; apply only waits for them."""
+    import threading
+
+    monkeypatch.setenv("OBLIVIATE_DELTA_OVERLAP", "1")
+    proc = _processor()
+    assert proc._helper is not None
+    prompts = [[5, 9, 12], [3, 3, 8, 1]]
+    outputs: list[list[int]] = [[], []]
+    added = [(row, _params(spec, p), None, outputs[row]) for row, p in enumerate(prompts)]
+    proc.update_state(_update(added=added))
+    pair = proc._models.pair(spec)
+    threads: list[str] = []
+    pair.unlearned.register_forward_hook(lambda *_: threads.append(threading.current_thread().name))
+    for new_tokens in (None, (17, 4), (4, 30)):
+        if new_tokens is not None:
+            for out, token in zip(outputs, new_tokens, strict=True):
+                out.append(token)
+            proc.update_state(None)
+        result = proc.apply(torch.zeros(2, V_BIG))
+        for row, prompt in enumerate(prompts):
+            want = _expected(spec, prompt + outputs[row])
+            torch.testing.assert_close(result[row, :64], want, rtol=1e-4, atol=1e-4)
+    assert threads and all(name.startswith("obliviate-delta") for name in threads)
+    # Tokens that changed after update_state (not how vLLM drives it) are recomputed in apply.
+    outputs[0].append(7)
+    result = proc.apply(torch.zeros(2, V_BIG))
+    want = _expected(spec, prompts[0] + outputs[0])
+    torch.testing.assert_close(result[0, :64], want, rtol=1e-4, atol=1e-4)
+    assert threads[-1] == threading.current_thread().name
+    monkeypatch.setenv("OBLIVIATE_DELTA_OVERLAP", "0")
+    assert _processor()._helper is None

@@ -1,0 +1,100 @@
+"""A dedicated worker thread that runs a batch function over whatever calls are waiting.
+
+The guard classifies every request. Under a burst, 32 requests arrive within milliseconds; one
+`classify([text])` each on asyncio's shared default pool means 32 small calls contending for the
+GIL and for the pool with everything else that uses `asyncio.to_thread`. `BatchingExecutor` has
+one thread of its own: a call that finds it idle runs at once, alone; calls that arrive while it
+works wait, and the next run takes all of them in one `fn(items)` call (one tokenizer pass, one
+matrix product for the lot). No timer, so a lone request never waits for company.
+
+If a batched call raises, every item is retried on its own, so one input that breaks the
+function fails only its own call, never the others in its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchingExecutor(Generic[T, R]):
+    """`await submit(item)` -> `fn([... item ...])[i]`, batching the calls that wait together."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch: int = 64,
+        name: str = "batching",
+        initializer: Callable[[], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._fn = fn
+        self._max_batch = max_batch
+        self._initializer = initializer
+        self._waiting: list[tuple[T, Future[R]]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.batches = 0
+        """How many times `fn` ran (for tests and metrics)."""
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    async def submit(self, item: T) -> R:
+        """The result for `item`, computed on the worker thread (possibly with other items)."""
+        future: Future[R] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the executor is closed")
+            self._waiting.append((item, future))
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Finish what is waiting, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if not self._waiting:
+                    return  # closed and drained
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+            live = [(item, f) for item, f in batch if f.set_running_or_notify_cancel()]
+            if live:
+                self._process(live)
+
+    def _process(self, batch: list[tuple[T, Future[R]]]) -> None:
+        self.batches += 1
+        try:
+            results = self._fn([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+        except BaseException as e:
+            if len(batch) == 1:
+                batch[0][1].set_exception(e)
+                return
+            logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), e)
+            for pair in batch:
+                self._process([pair])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)

@@ -1,0 +1,74 @@
+import asyncio
+import threading
+
+import pytest
+
+from server.services.batching import BatchingExecutor
+
+
+class Recorder:
+    """A batch function that records its batches and can be held until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.gate.wait(timeout=10)
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        if "bad" in items:
+            raise ValueError("bad input")
+        return [item.upper() for item in items]
+
+
+async def test_a_lone_call_runs_at_once_on_the_dedicated_thread():
+    fn = Recorder()
+    executor = BatchingExecutor(fn, name="guard-test")
+    assert await executor.submit("a") == "A"
+    assert fn.batches == [["a"]] and fn.threads == {"guard-test"}
+    executor.close()
+
+
+async def test_calls_waiting_together_run_as_one_batch():
+    fn = Recorder()
+    executor = BatchingExecutor(fn, max_batch=8)
+    fn.gate.clear()  # the first call holds the thread while the burst arrives
+    first = asyncio.ensure_future(executor.submit("first"))
+    while executor.batches == 0:  # the worker took `first` and waits at the gate
+        await asyncio.sleep(0.01)
+    burst = [asyncio.ensure_future(executor.submit(f"r{i}")) for i in range(10)]
+    await asyncio.sleep(0.05)
+    fn.gate.set()
+    results = await asyncio.gather(first, *burst)
+    assert results == ["FIRST", *(f"R{i}" for i in range(10))]
+    assert [len(b) for b in fn.batches] == [1, 8, 2]  # max_batch bounds a batch
+    executor.close()
+
+
+async def test_one_bad_input_fails_only_its_own_call():
+    fn = Recorder()
+    executor = BatchingExecutor(fn)
+    fn.gate.clear()
+    first = asyncio.ensure_future(executor.submit("x"))
+    while executor.batches == 0:
+        await asyncio.sleep(0.01)
+    calls = [asyncio.ensure_future(executor.submit(t)) for t in ("a", "bad", "b")]
+    await asyncio.sleep(0.05)
+    fn.gate.set()
+    assert await first == "X"
+    a, bad, b = await asyncio.gather(*calls, return_exceptions=True)
+    assert (a, b) == ("A", "B")
+    assert isinstance(bad, ValueError)
+    assert fn.batches[1] == ["a", "bad", "b"]  # tried together, then one by one
+    assert sorted(map(tuple, fn.batches[2:])) == [("a",), ("b",), ("bad",)]
+    executor.close()
+
+
+async def test_closed_executor_refuses_new_calls():
+    executor = BatchingExecutor(Recorder())
+    executor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await executor.submit("a")
