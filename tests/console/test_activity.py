@@ -26,13 +26,13 @@ AUDIT_FORMAT = (
 def test_buckets_are_the_differences_of_the_counters() -> None:
     metrics = Metrics()
     recorder = ActivityRecorder(metrics, bucket_s=60, keep=3)
-    metrics.decisions.labels("none", "pass").inc(5)
+    metrics.decisions.labels("none", "pass", "-").inc(5)
     recorder.sample(now=0.0)
-    metrics.decisions.labels("t1", "corrupt").inc(2)
-    metrics.decisions.labels("none", "pass").inc(1)
+    metrics.decisions.labels("t1", "corrupt", "-").inc(2)
+    metrics.decisions.labels("none", "pass", "-").inc(1)
     recorder.sample(now=60.0)
-    metrics.decisions.labels("t1", "corrupt").inc(1)
-    metrics.decisions.labels("t2", "delta").inc(4)
+    metrics.decisions.labels("t1", "corrupt", "-").inc(1)
+    metrics.decisions.labels("t2", "delta", "-").inc(4)
     buckets = recorder.buckets(now=90.0)
     assert [(b.start, b.end, b.passed, b.flagged) for b in buckets] == [
         (0.0, 60.0, 1, {"t1": 2}),

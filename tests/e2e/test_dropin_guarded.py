@@ -78,7 +78,7 @@ def corrupted(url: str, target_id: str, tenant: str = "-") -> float:
         rf'obliviate_guard_decisions_total{{action="corrupt",target="{target_id}",'
         rf'tenant="{re.escape(tenant)}"}} ([0-9.]+)'
     )
-    found = re.search(pattern, httpx.get(f"{url}/metrics").text)
+    found = re.search(pattern, httpx.get(f"{url}/metrics", headers=AUTH).text)
     return float(found.group(1)) if found else 0.0
 
 
