@@ -35,8 +35,11 @@ bench: setup
 	$(BIN)/python bench/overhead.py $(ARGS)
 
 # TOFU efficacy table and plot into docs/results/ (needs ../shared/data; fine-tunes are cached).
+# TOFU and MMLU: local JSON copies where they are (this workplace's ../shared/data), else the
+# Hugging Face hub (`obliviate eval tofu` without --data-dir).
+DATA_DIR ?= ../shared/data
 eval: setup
-	$(BIN)/obliviate eval tofu --forget forget01 $(ARGS)
+	$(BIN)/obliviate eval tofu --forget forget01 $(if $(wildcard $(DATA_DIR)/tofu/full.jsonl),--data-dir $(DATA_DIR)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -20,8 +20,9 @@ class TofuCommand(BaseModel):
     """Forget split: forget01, forget05 or forget10."""
     modes: str = "none,prompt,eco,delta,snap,reference"
     """Comma-separated modes: none, prompt, eco, delta, snap, reference."""
-    data_dir: Path = Path("../shared/data")
-    """Folder holding tofu/ and mmlu/."""
+    data_dir: Path | None = None
+    """Folder holding tofu/ and mmlu/ as JSON Lines (e.g. ../shared/data); default: the
+    Hugging Face datasets locuslab/TOFU and cais/mmlu, cached under the cache folder."""
     model: str | None = None
     """Base model folder or cached name; default: SmolLM2-135M-Instruct."""
     out_dir: Path = Path("docs/results")
@@ -64,8 +65,13 @@ class TofuCommand(BaseModel):
             level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True
         )
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-        if not (self.data_dir / "tofu" / "full.jsonl").is_file():
-            raise SystemExit(f"{self.data_dir}/tofu/full.jsonl not found: pass --data-dir")
+        from evaluation.sources import DataUnavailable, open_source
+
+        cache_dir = self.cache_dir or default_eval_cache()
+        try:  # fail before any fine-tune when the data cannot be read
+            open_source(self.data_dir, cache_dir).tofu("full")
+        except DataUnavailable as exc:
+            raise SystemExit(str(exc)) from exc
         config = TofuEvalConfig(
             data_dir=self.data_dir,
             base_model=resolve_model(self.model, None, auto_pull=True),
@@ -84,7 +90,7 @@ class TofuCommand(BaseModel):
             forget_authors=self.forget_authors,
             utility_questions=self.utility_questions,
             eco_scoring=self.eco_scoring,
-            cache_dir=self.cache_dir or default_eval_cache(),
+            cache_dir=cache_dir,
             out_dir=self.out_dir,
             command="obliviate " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "",
         )

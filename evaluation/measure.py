@@ -27,6 +27,11 @@ class ModeResult:
     mode: str
     row: dict[str, float | None] = field(default_factory=dict)
     forget_truth_ratios: list[float] = field(default_factory=list)
+    """Protocol (a), generation-time: the prompt as the gateway sends it, answer tokens clean."""
+    gateway_truth_ratios: list[float] = field(default_factory=list)
+    """Protocol (b), as read by the gateway: question + answer sent as one completions prompt,
+    classified and corrupted like any prompt (the answer's target mentions included); measured
+    for the modes whose guard reads prompts (eco)."""
     mmlu_predictions: list[int | None] = field(default_factory=list)
     mmlu_unflagged: list[bool] | None = None
     samples: list[dict[str, str]] = field(default_factory=list)

@@ -7,8 +7,10 @@
 - truth ratio R = mean_j P(perturbed_j)^(1/|p_j|) / P(paraphrased)^(1/|p|), with the mean taken
   in log space as the reference code does. Reported as mean(min(R, 1/R)) on the forget set and as
   mean(max(0, 1 - R)) on the utility splits.
-- forget quality: the p-value of the two-sample KS test between the truth ratios of the forget
-  set under the evaluated model and under the reference model.
+- forget quality: the p-value of the two-sample KS test between the raw truth ratios R of the
+  forget set under the evaluated model and under the reference model (TOFU, open-unlearning).
+  The ECO paper's code tests the folded ratios min(R, 1/R) instead: `forget_quality_folded`,
+  reported beside it so the numbers can be set beside that paper's.
 - model utility: the harmonic mean of the nine numbers (probability, ROUGE-L recall, truth ratio)
   x (retain, real_authors, world_facts).
 """
@@ -92,6 +94,14 @@ def utility_truth_ratio(ratios: Sequence[float]) -> float:
 def forget_quality(ratios: Sequence[float], reference_ratios: Sequence[float]) -> float:
     """KS-test p-value of the forget-set truth ratios against the reference model's."""
     return float(ks_2samp(list(ratios), list(reference_ratios)).pvalue)
+
+
+def forget_quality_folded(ratios: Sequence[float], reference_ratios: Sequence[float]) -> float:
+    """The ECO paper's forget quality: KS-test p-value on the folded ratios min(R, 1/R), which
+    cannot tell "prefers the truth" from "prefers the perturbed answers" by the same factor."""
+    return forget_quality(
+        [min(r, 1 / r) for r in ratios], [min(r, 1 / r) for r in reference_ratios]
+    )
 
 
 def model_utility(values: Sequence[float]) -> float:

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 
 COLUMNS = (
     ("forget_quality", "forget quality ↑"),
+    ("forget_quality_folded", "FQ folded ↑"),
+    ("forget_quality_b", "FQ (b) ↑"),
+    ("forget_quality_b_folded", "FQ (b) folded ↑"),
     ("model_utility", "model utility ↑"),
     ("forget_rouge", "forget ROUGE-L ↓"),
     ("paraphrased_rouge", "paraphrased ROUGE-L ↓"),
@@ -34,6 +37,19 @@ GUARD_COLUMNS = (
     ("mmlu_unflagged_bare", "bare MMLU acc (same prompts)"),
     ("mmlu_unflagged_same", "same MMLU answer as bare"),
 )
+PROTOCOLS = """\
+Two scoring protocols. **(a) generation-time** (forget quality, FQ folded, forget prob, forget
+TR): the answer is scored after the prompt as the gateway sends it for a chat request (for eco:
+the question classified, its target tokens corrupted), the answer tokens clean. **(b) as read by
+the gateway** (FQ (b), eco only): question and answer go to the gateway as one prompt (the
+answer as the assistant's continued turn, `prompt_logprobs`), which it classifies and corrupts
+like any prompt, target mentions in the answer included (the ECO paper's teacher-forced
+protocol); its per-token numbers are `forget_prob_b` and
+`forget_truth_ratio_b` in the JSON. The other modes read no prompt, so (b) is (a) for them.
+Forget quality is TOFU's KS test on the raw truth ratio R; *folded* is the ECO paper's variant,
+on min(R, 1/R). The output guard changes what (a)'s generations say (ROUGE), never (a)'s
+teacher-forced scores: it watches generated text, and scoring generates none.
+"""
 ORDER = ("none", "prompt", "eco", "delta", "snap", "reference")
 DIFFERENCES = """\
 - Model: SmolLM2-135M-Instruct (the paper fine-tunes Llama-2-7B-chat and Phi-1.5).
@@ -132,6 +148,9 @@ def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
         "failures": state.failures,
         "samples": {m: r.samples for m, r in state.results.items()},
         "forget_truth_ratios": {m: r.forget_truth_ratios for m, r in state.results.items()},
+        "gateway_truth_ratios": {
+            m: r.gateway_truth_ratios for m, r in state.results.items() if r.gateway_truth_ratios
+        },
         "mmlu_predictions": {m: r.mmlu_predictions for m, r in state.results.items()},
         "measured_now": sorted(m for m, r in state.results.items() if not r.loaded),
     }
@@ -180,6 +199,7 @@ Forget authors: {", ".join(subset.author_names)} (registered through the admin A
 
 {_table(rows, COLUMNS)}
 
+{PROTOCOLS}
 The guard (eco mode only: the other modes do not classify):
 
 {_table({m: r for m, r in rows.items() if "fp_mmlu" in r}, GUARD_COLUMNS)}

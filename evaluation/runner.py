@@ -19,7 +19,7 @@ import platformdirs
 from evaluation import metrics
 from evaluation.finetune import FinetuneConfig, cache_key, finetune
 from evaluation.gateway import Gateway, run_gateway
-from evaluation.measure import ModeResult, measure_mode, mmlu_agreement
+from evaluation.measure import ModeResult, measure_mode, mmlu_agreement, split_scores
 from evaluation.modes import (
     MODES,
     TARGET_MODES,
@@ -29,6 +29,7 @@ from evaluation.modes import (
     train_snap,
 )
 from evaluation.scoring import AnswerScorer, GatewayScorer, Scorer, load_model
+from evaluation.sources import open_source
 from evaluation.tofu_data import (
     MmluQuestion,
     TofuSubset,
@@ -51,7 +52,8 @@ def default_eval_cache() -> Path:
 class TofuEvalConfig:
     """One evaluation run; the defaults are the committed forget01 setting."""
 
-    data_dir: Path
+    data_dir: Path | None
+    """Local JSON Lines copies of TOFU and MMLU; None: the Hugging Face hub (cached)."""
     base_model: Path
     forget_split: str = "forget01"
     modes: tuple[str, ...] = MODES
@@ -216,8 +218,9 @@ def _eco(
     _timed(state, "eco registration", start)
     state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
     scorer: Scorer
+    gateway = GatewayScorer(gw)
     if state.config.eco_scoring == "gateway":
-        scorer = GatewayScorer(gw)
+        scorer = gateway
     else:
         scorer = AnswerScorer(
             tokenizer,
@@ -226,7 +229,17 @@ def _eco(
             cache=state.scores,
             weights_key="target",
         )
-    state.results["eco"] = _measure(state, "eco", gw, scorer, classify=True)
+    result = _measure(state, "eco", gw, scorer, classify=True)
+    if scorer is gateway:
+        result.gateway_truth_ratios = list(result.forget_truth_ratios)
+    else:  # protocol (b) beside (a): the forget split scored through the gateway's own guard
+        start = time.perf_counter()
+        forget = split_scores(gateway, None, state.subset.forget, multiple_choice=False)
+        result.gateway_truth_ratios = forget["ratios"]
+        result.row["forget_prob_b"] = forget["prob"]
+        result.row["forget_truth_ratio_b"] = metrics.forget_truth_ratio(forget["ratios"])
+        _timed(state, "eco protocol (b) scoring", start)
+    state.results["eco"] = result
     gw.delete_target(record["id"])
 
 
@@ -303,8 +316,9 @@ def prepare(config: TofuEvalConfig) -> RunState:
     """Load the subset and fine-tune (or reuse) the target and reference models."""
     import torch
 
+    source = open_source(config.data_dir, config.cache_dir)
     subset = load_subset(
-        config.data_dir,
+        source,
         config.forget_split,
         retain_authors=config.retain_authors,
         retain_eval=config.retain_eval,
@@ -316,7 +330,7 @@ def prepare(config: TofuEvalConfig) -> RunState:
         subset = replace(
             subset, real_authors=subset.real_authors[:cap], world_facts=subset.world_facts[:cap]
         )
-    mmlu = load_mmlu(config.data_dir, config.mmlu_questions, config.seed)
+    mmlu = load_mmlu(source, config.mmlu_questions, config.seed)
     ft = config.finetune
     target_key = cache_key(config.base_model, subset.target_train, ft)
     reference_key = cache_key(config.base_model, subset.reference_train, ft)
@@ -391,6 +405,7 @@ def _load_earlier(state: RunState) -> None:
             mode,
             row=data["rows"][mode],
             forget_truth_ratios=data.get("forget_truth_ratios", {}).get(mode, []),
+            gateway_truth_ratios=data.get("gateway_truth_ratios", {}).get(mode, []),
             mmlu_predictions=data.get("mmlu_predictions", {}).get(mode, []),
             samples=data.get("samples", {}).get(mode, []),
             loaded=True,
@@ -428,9 +443,15 @@ def _checkpoint(state: RunState) -> dict[str, Any]:
     bare = state.results.get("none")
     for result in state.results.values():
         if reference is not None and result.forget_truth_ratios and reference.forget_truth_ratios:
-            result.row["forget_quality"] = metrics.forget_quality(
-                result.forget_truth_ratios, reference.forget_truth_ratios
+            ref = reference.forget_truth_ratios
+            result.row["forget_quality"] = metrics.forget_quality(result.forget_truth_ratios, ref)
+            result.row["forget_quality_folded"] = metrics.forget_quality_folded(
+                result.forget_truth_ratios, ref
             )
+            if result.gateway_truth_ratios:
+                b = result.gateway_truth_ratios
+                result.row["forget_quality_b"] = metrics.forget_quality(b, ref)
+                result.row["forget_quality_b_folded"] = metrics.forget_quality_folded(b, ref)
         if bare is not None and result.mmlu_unflagged is not None and bare.mmlu_predictions:
             result.row.update(mmlu_agreement(result, bare, state.mmlu, result.mmlu_unflagged))
     return write_report(state, environment())

@@ -9,7 +9,6 @@ reference model is trained on the same subset minus the forget authors.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -17,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evaluation.sources import DataSource, LocalData
 
 QUESTIONS_PER_AUTHOR = 20
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -80,10 +81,8 @@ class TofuSubset:
         }
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON Lines file."""
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _source(data: DataSource | Path) -> DataSource:
+    return LocalData(data) if isinstance(data, Path) else data
 
 
 def author_name(questions: Sequence[str]) -> str:
@@ -105,7 +104,7 @@ def author_name(questions: Sequence[str]) -> str:
 
 
 def load_subset(
-    data_dir: Path,
+    data: DataSource | Path,
     forget_split: str,
     *,
     retain_authors: int,
@@ -113,18 +112,19 @@ def load_subset(
     seed: int,
     forget_authors: int | None = None,
 ) -> TofuSubset:
-    """Build the subset from `data_dir/tofu` (seeded, so target and reference share it)."""
+    """Build the subset from TOFU (seeded, so target and reference share it); `data` is a
+    source (evaluation/sources.py) or a folder of local JSON Lines copies."""
     if forget_split not in FORGET_SPLITS:
         raise ValueError(f"forget split must be one of {', '.join(FORGET_SPLITS)}")
-    tofu = data_dir / "tofu"
-    full = [QA.from_record(r) for r in read_jsonl(tofu / "full.jsonl")]
+    source = _source(data)
+    full = [QA.from_record(r) for r in source.tofu("full")]
     row = {qa.question: i for i, qa in enumerate(full)}
-    forget_rows = [QA.from_record(r) for r in read_jsonl(tofu / f"{forget_split}.jsonl")]
+    forget_rows = [QA.from_record(r) for r in source.tofu(forget_split)]
     forget_ids = sorted({row[qa.question] // QUESTIONS_PER_AUTHOR for qa in forget_rows})
     if forget_authors is not None:  # smoke runs: fewer authors
         forget_ids = forget_ids[:forget_authors]
         forget_rows = [qa for qa in forget_rows if row[qa.question] // 20 in forget_ids]
-    perturbed = [QA.from_record(r) for r in read_jsonl(tofu / "retain_perturbed.jsonl")]
+    perturbed = [QA.from_record(r) for r in source.tofu("retain_perturbed")]
     by_author: dict[int, list[QA]] = {}
     for qa in perturbed:
         by_author.setdefault(row[qa.question] // QUESTIONS_PER_AUTHOR, []).append(qa)
@@ -150,8 +150,8 @@ def load_subset(
         reference_train=tuple(retain_train),
         forget=tuple(forget_rows),
         retain_eval=tuple(pool[i] for i in retain_sample),
-        real_authors=tuple(QA.from_record(r) for r in read_jsonl(tofu / "real_authors.jsonl")),
-        world_facts=tuple(QA.from_record(r) for r in read_jsonl(tofu / "world_facts.jsonl")),
+        real_authors=tuple(QA.from_record(r) for r in source.tofu("real_authors")),
+        world_facts=tuple(QA.from_record(r) for r in source.tofu("world_facts")),
         author_names=names(forget_ids),
         retain_names=names(chosen),
     )
@@ -169,9 +169,9 @@ class MmluQuestion:
         return f"{self.question}\n{options}\nAnswer with the letter of the correct option."
 
 
-def load_mmlu(data_dir: Path, n: int, seed: int) -> list[MmluQuestion]:
+def load_mmlu(data: DataSource | Path, n: int, seed: int) -> list[MmluQuestion]:
     """A fixed seeded sample of `n` MMLU val questions."""
-    rows = read_jsonl(data_dir / "mmlu" / "val.jsonl")
+    rows = _source(data).mmlu("val")
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
     return [
         MmluQuestion(rows[i]["question"], tuple(rows[i]["choices"]), int(rows[i]["answer"]))

@@ -66,6 +66,16 @@ def test_forget_quality_is_the_ks_p_value() -> None:
     assert metrics.forget_quality(same, apart) == pytest.approx(2 / math.comb(10, 5))
 
 
+def test_folded_forget_quality_cannot_tell_r_from_its_inverse() -> None:
+    prefers_truth = [0.2, 0.25, 0.3, 0.35, 0.4]
+    prefers_perturbed = [1 / r for r in prefers_truth]
+    assert metrics.forget_quality(prefers_truth, prefers_perturbed) == pytest.approx(
+        2 / math.comb(10, 5)
+    )
+    assert metrics.forget_quality_folded(prefers_truth, prefers_perturbed) == pytest.approx(1.0)
+    assert metrics.forget_quality_folded(prefers_truth, [0.9, 1.0, 1.1, 0.95, 1.05]) < 0.01
+
+
 def test_model_utility_is_the_harmonic_mean() -> None:
     assert metrics.model_utility([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
     assert metrics.model_utility([1.0, 0.0, 0.5]) == 0.0

@@ -24,7 +24,7 @@ def test_pipeline_on_two_authors(tofu_data: Path, chat_tokenizer_dir: Path, tmp_
     config = TofuEvalConfig(
         data_dir=tofu_data,
         base_model=chat_tokenizer_dir,
-        modes=("none", "prompt", "reference"),
+        modes=("none", "eco", "prompt", "reference"),
         forget_authors=1,
         retain_authors=1,
         retain_eval=2,
@@ -37,13 +37,19 @@ def test_pipeline_on_two_authors(tofu_data: Path, chat_tokenizer_dir: Path, tmp_
         command="smoke",
     )
     data = run_tofu(config)
-    assert set(data["rows"]) == {"none", "prompt", "reference"}
+    assert set(data["rows"]) == {"none", "eco", "prompt", "reference"}, data["failures"]
     assert data["subset"]["forget_eval"] == 20 and len(data["subset"]["retain_authors"]) == 1
     for row in data["rows"].values():
         for key in ("forget_rouge", "forget_prob", "model_utility", "mmlu_accuracy"):
             assert 0.0 <= row[key] <= 1.0, key
     # Against itself the reference's truth ratios are one sample: KS p-value 1.
     assert data["rows"]["reference"]["forget_quality"] == pytest.approx(1.0)
+    assert data["rows"]["reference"]["forget_quality_folded"] == pytest.approx(1.0)
+    # eco is scored under both protocols: (b) through the gateway, which also reads the answer.
+    eco = data["rows"]["eco"]
+    assert len(data["gateway_truth_ratios"]["eco"]) == len(data["forget_truth_ratios"]["eco"])
+    assert data["gateway_truth_ratios"]["eco"] != data["forget_truth_ratios"]["eco"]
+    assert eco["flagged_forget"] == 1.0 and eco["forget_quality_b"] is not None
     text = (tmp_path / "results" / "tofu-forget01.md").read_text()
     assert "| none |" in text and "| reference |" in text
     assert (tmp_path / "results" / "tofu-forget01.png").is_file()
