@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from evaluation.runner import RunState
+from evaluation.config import RunState, config_card
 
 COLUMNS = (
     ("forget_quality", "forget quality ↑"),
@@ -128,8 +127,6 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 def write_report(state: RunState, versions: dict[str, str]) -> dict[str, Any]:
     """Write tofu-<split>.md/.json/.png under the output folder; returns the JSON data."""
-    from evaluation.runner import config_card
-
     cfg, subset = state.config, state.subset
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -224,8 +221,6 @@ Versions: {version_line}.
 
 def run_key(config: Any, subset: Any) -> str:
     """What must match for two runs' rows to share a table: the setting, not the modes."""
-    from evaluation.runner import config_card
-
     return run_key_of(config_card(config), subset.describe())
 
 

@@ -10,14 +10,13 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from evaluation import metrics
-from evaluation.finetune import FinetuneConfig, cache_key, finetune
+from evaluation.config import RunState, TofuEvalConfig, config_card, default_eval_cache
+from evaluation.finetune import cache_key, finetune
 from evaluation.gateway import Gateway, run_gateway
 from evaluation.measure import ModeResult, measure_mode, mmlu_agreement, split_scores
 from evaluation.modes import (
@@ -28,11 +27,10 @@ from evaluation.modes import (
     target_request,
     train_snap,
 )
+from evaluation.report import run_key, run_key_of, write_report
 from evaluation.scoring import AnswerScorer, GatewayScorer, Scorer, load_model
 from evaluation.sources import open_source
 from evaluation.tofu_data import (
-    MmluQuestion,
-    TofuSubset,
     load_mmlu,
     load_subset,
     operator_examples,
@@ -40,69 +38,9 @@ from evaluation.tofu_data import (
 )
 from offset.snap import native_bf16
 
+__all__ = ["RunState", "TofuEvalConfig", "config_card", "default_eval_cache", "run_tofu"]
+
 logger = logging.getLogger(__name__)
-
-
-def default_eval_cache() -> Path:
-    """Where fine-tuned and SNAP models are kept between runs (user cache dir)."""
-    return Path(platformdirs.user_cache_dir("obliviate")) / "eval"
-
-
-@dataclass(frozen=True)
-class TofuEvalConfig:
-    """One evaluation run; the defaults are the committed forget01 setting."""
-
-    data_dir: Path | None
-    """Local JSON Lines copies of TOFU and MMLU; None: the Hugging Face hub (cached)."""
-    base_model: Path
-    forget_split: str = "forget01"
-    modes: tuple[str, ...] = MODES
-    retain_authors: int = 2
-    """Retain authors sampled into both fine-tunes (seeded)."""
-    retain_eval: int = 15
-    """retain_perturbed questions (of the sampled authors) in the utility measure."""
-    mmlu_questions: int = 100
-    seed: int = 0
-    max_tokens: int = 64
-    alpha: float = 1.0
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    snap_max_steps: int | None = None
-    forget_authors: int | None = None
-    """Use only the first N forget authors (smoke runs)."""
-    utility_questions: int | None = 25
-    """Use the first N real_authors and world_facts questions (None: all 100 / 117)."""
-    cache_dir: Path = field(default_factory=default_eval_cache)
-    out_dir: Path = Path("docs/results")
-    dtype: str = "float32"
-    """Engine dtype (float32 matches the transformers scoring; bf16 is emulated on some CPUs)."""
-    command: str = ""
-    torch_threads: int = 1
-    """Torch threads of this process; one avoids OpenMP threads waiting on each other when the
-    CPU is shared (the engine runs in its own process)."""
-    finetune_threads: int | None = None
-    """Torch threads for the two fine-tunes, which run alone before anything else; None: every
-    core (measured here: 2 threads 80-93 tokens/s against 44-71 for one)."""
-    eco_scoring: str = "transformers"
-    """How eco answers are scored: `transformers` (the flag decided on the question, only the
-    prompt corrupted, recomputed here) or `gateway` (through the gateway's own prompt logprobs:
-    the guard reads the answer too and corrupts its target mentions, the ECO paper's protocol)."""
-
-
-@dataclass
-class RunState:
-    config: TofuEvalConfig
-    subset: TofuSubset
-    mmlu: list[MmluQuestion]
-    workdir: Path
-    target_dir: Path
-    reference_dir: Path
-    results: dict[str, ModeResult] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    cards: dict[str, Any] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-    earlier_commands: list[dict[str, Any]] = field(default_factory=list)
-    scores: dict[tuple[str, str, str], float] = field(default_factory=dict)
-    """Answer log-probs shared by modes that send the same prompt to the same weights."""
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -389,8 +327,6 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
 
 def _load_earlier(state: RunState) -> None:
     """Keep the rows of modes not asked for now from an earlier run of the same setting."""
-    from evaluation.report import run_key, run_key_of
-
     path = state.config.out_dir / f"tofu-{state.config.forget_split}.json"
     if not path.is_file():
         return
@@ -426,8 +362,6 @@ def _load_earlier(state: RunState) -> None:
 
 def _reference_ratios(state: RunState, reference_dir: Path) -> None:
     """The reference model's forget-set truth ratios (for forget quality) by scoring alone."""
-    from evaluation.measure import split_scores
-
     start = time.perf_counter()
     scorer = AnswerScorer(_tokenizer(reference_dir), [(load_model(reference_dir), 1.0)])
     ratios = split_scores(scorer, None, state.subset.forget, multiple_choice=False)["ratios"]
@@ -437,8 +371,6 @@ def _reference_ratios(state: RunState, reference_dir: Path) -> None:
 
 def _checkpoint(state: RunState) -> dict[str, Any]:
     """Derive the cross-mode numbers and (re)write the report with the modes measured so far."""
-    from evaluation.report import write_report
-
     reference = state.results.get("reference")
     bare = state.results.get("none")
     for result in state.results.values():
@@ -469,9 +401,3 @@ def environment() -> dict[str, str]:
             continue
     versions["cpus"] = str(os.cpu_count())
     return versions
-
-
-def config_card(config: TofuEvalConfig) -> dict[str, Any]:
-    """The config as JSON-friendly values."""
-    card = asdict(config)
-    return json.loads(json.dumps(card, default=str))  # type: ignore[no-any-return]
