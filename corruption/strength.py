@@ -90,21 +90,19 @@ class ForgetExample:
 
 def make_forget_example(
     tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
     question: str,
     answer: str,
     *,
     spans: Sequence[tuple[int, int]] = (),
     alternatives: Sequence[str] = (),
 ) -> ForgetExample:
-    """Template `question` as one user turn; mask its `spans` (char offsets in `question`).
+    """`prompt` is `question` as the served model reads it (templated by the caller: the
+    gateway's renderer, server/engine/templating.py); mask the `spans` of `question` (char
+    offsets in `question`) where it last appears in `prompt`.
 
     Without spans, every token of the question is corrupted (the gateway's fallback).
     """
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    if not isinstance(prompt, str):
-        raise TypeError("apply_chat_template(tokenize=False) did not return a string")
     start = prompt.rindex(question)
     tokens = tokenize_prompt(tokenizer, prompt)
     shifted = [(start + a, start + b) for a, b in spans]

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from server.engine.base import ChatPrompt
+from server.engine.templating import render_prompt
 from server.protocol.common import ChatMessageParam
 
 Messages = list[ChatMessageParam]
@@ -101,10 +103,7 @@ class AnswerScorer:
         self._weights_key = weights_key or ""
 
     def _prompt(self, messages: Messages) -> tuple[torch.Tensor | None, list[int]]:
-        text: str = self._tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = render_prompt(self._tokenizer, ChatPrompt(list(messages))).token_ids
         embeds = self._embedder(messages) if self._embedder is not None else None
         if embeds is not None and embeds.shape[0] != len(prompt_ids):
             raise ValueError("prompt embeddings and token ids disagree on the prompt length")

@@ -53,6 +53,11 @@ def render_prompt(tokenizer: Any, prompt: ChatPrompt | TextPrompt) -> RenderedPr
     return RenderedPrompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
 
 
+def user_turn(tokenizer: Any, text: str) -> str:
+    """`text` as one user turn, templated exactly as a chat request carrying only it."""
+    return render_prompt(tokenizer, ChatPrompt([{"role": "user", "content": text}])).text
+
+
 def template_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments the template gets (reserved names refused, as vLLM does)."""
     reserved = _RESERVED_KWARGS & given.keys()

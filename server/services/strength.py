@@ -29,6 +29,7 @@ from corruption import (
     calibrate_strength,
     make_forget_example,
 )
+from server.engine.templating import user_turn
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class StrengthCalibrator:
         std = self._table.std
         spec = base or self.default_spec()
         examples = [
-            make_forget_example(tokenizer, p, a, spans=find_spans(p, aliases))
+            make_forget_example(
+                tokenizer, user_turn(tokenizer, p), p, a, spans=find_spans(p, aliases)
+            )
             for p, a in zip(prompts, answers, strict=True)
             if a.strip()
         ]

@@ -169,14 +169,15 @@ def test_fluency_and_calibration_run(tiny):
 def test_make_forget_example_masks_spans(bpe_tokenizer):
     question = "Who wrote Harry Potter?"
     span = (question.index("Harry"), question.index("?"))
+    prompt = f"User: {question}\nAssistant:"  # templated by the caller (the gateway's renderer)
     ex = make_forget_example(
-        bpe_tokenizer, question, "J.K. Rowling", spans=[span], alternatives=["Paris"]
+        bpe_tokenizer, prompt, question, "J.K. Rowling", spans=[span], alternatives=["Paris"]
     )
     picked = [i for i, m in zip(ex.prompt_ids, ex.mask.tolist(), strict=True) if m]
     assert bpe_tokenizer.decode(picked).strip() == "Harry Potter"
     assert bpe_tokenizer.decode(ex.answer_ids) == "J.K. Rowling"
     assert len(ex.alternative_ids) == 1
-    whole = make_forget_example(bpe_tokenizer, question, "J.K. Rowling")
+    whole = make_forget_example(bpe_tokenizer, prompt, question, "J.K. Rowling")
     picked = [i for i, m in zip(whole.prompt_ids, whole.mask.tolist(), strict=True) if m]
     assert bpe_tokenizer.decode(picked).strip() == question
 

@@ -21,6 +21,7 @@ from corruption import (
     measure_fluency,
     search_strength,
 )
+from server.engine.templating import user_turn
 from server.services.strength import FLUENCY_BOUND, StrengthCalibrator
 from tests.corruption.conftest import SMOLLM2_DIR, bpe_tokenizer, tiny_llama_factory  # noqa: F401
 
@@ -124,7 +125,7 @@ def test_fast_search_on_the_real_model(monkeypatch: pytest.MonkeyPatch):
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32).eval()
     examples = [
-        make_forget_example(tokenizer, p, a, spans=find_spans(p, ALIASES))
+        make_forget_example(tokenizer, user_turn(tokenizer, p), p, a, spans=find_spans(p, ALIASES))
         for p, a in zip(PROMPTS, ANSWERS, strict=True)
     ]
     objective = AnswerPreferenceObjective(model, examples, spec)
