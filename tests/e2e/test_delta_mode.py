@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import MODEL_NAME
+from tests.e2e.servers import MODEL_NAME, engine_env, free_port, gateway_argv, running
 from tests.e2e.test_forget_targets import AUTH, FACTS, HELD_OUT, TARGET, UNRELATED, ask
 
 # Steps and learning rate: enough for SmolLM2-135M to refuse in a few minutes on 2 cores.
@@ -178,3 +178,31 @@ def test_upstream_engine_applies_the_offset_to_top_k(
         assert ask(upstream_gateway.client(), UNRELATED[0]).strip()
     finally:
         httpx.delete(f"{upstream_gateway.url}/admin/targets/{job['target_id']}", headers=AUTH)
+
+
+def test_a_replica_sharing_only_the_registry_enforces_the_delta_target(
+    gateway: Server, delta_target: dict, model_path: Path, tmp_path: Path
+) -> None:
+    """Shared artifacts on the real engine: gateway B has its own data dir and shares only the
+    registry database with A; it fetches the SNAP folder from the registry into its own cache
+    and answers held-out questions token for token as A does (the offset applied in its vLLM)."""
+    data_b = tmp_path / "replica-b"
+    port = free_port()
+    registry = f"sqlite:///{(gateway.data_dir / 'registry.db').resolve()}"
+    argv = gateway_argv(
+        port, "--model", str(model_path), "--data-dir", str(data_b), "--registry-url", registry
+    )
+    ready = f"http://127.0.0.1:{port}/ready"
+    with running(argv, ready_url=ready, log=tmp_path / "replica-b.log", env=engine_env()):
+        b = Server(f"http://127.0.0.1:{port}", data_b)
+        listed = httpx.get(f"{b.url}/admin/targets/{delta_target['id']}", headers=AUTH).json()
+        assert listed["status"] == "active" and listed["active"], listed  # loaded by B
+        fetched = [p for p in (data_b / "offsets" / "cache").iterdir() if p.is_dir()]
+        assert fetched and all((p / "config.json").is_file() for p in fetched), fetched
+        unlearned = Path(delta_target["calibration"]["offset"]["unlearned_model"]).resolve()
+        assert all(p.resolve() != unlearned for p in fetched)  # B's own copy, not A's folder
+        for question in HELD_OUT[:2]:
+            answer_b = ask(b.client(), question)
+            assert answer_b == ask(gateway.client(), question), question
+            assert not any(f in answer_b.lower() for f in FACTS), answer_b
+        assert ask(b.client(), UNRELATED[0]) == ask(gateway.client(), UNRELATED[0])
