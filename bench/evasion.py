@@ -11,8 +11,12 @@ table and writes bench/results/evasion.json.
     .venv/bin/python bench/evasion.py --engine
 
 also asks every prompt, end to end, of vLLM's own server (the bare model) and of a gateway with
-the target registered, and counts per kind how often each answer names the target: what the
-prompt classifier misses but the output guard catches (indirect references above all).
+the target registered (and J.R.R. Tolkien beside it), and counts per kind how often each answer
+names the target: what the prompt classifier misses but the output guard catches. SmolLM2-135M
+does not answer the indirect Harry Potter questions with Harry Potter; it does answer indirect
+questions naming nobody with Tolkien (`answer_names_another_target` in the data file), which is
+where the output guard shows. `--kinds plain,indirect,answer_names_another_target` limits the
+end-to-end part to those kinds.
 """
 
 from __future__ import annotations
@@ -105,12 +109,16 @@ def names_target(answer: str) -> bool:
     return any(f in answer.lower() for f in FACTS)
 
 
-def end_to_end(cases: dict[str, Any], fpr: float) -> dict[str, Any]:
-    """Each prompt asked of the bare model and of the guarded gateway (greedy, 60 tokens)."""
+def end_to_end(cases: dict[str, Any], fpr: float, kinds: set[str] | None = None) -> dict[str, Any]:
+    """Each prompt asked of the bare model and of the guarded gateway (greedy, 60 tokens), with
+    Harry Potter and J.R.R. Tolkien registered. The Harry Potter kinds count answers naming
+    Harry Potter; `answer_names_another_target` counts answers naming Tolkien (prompts naming
+    nobody, which the model answers with Tolkien: the output guard's case)."""
     import tempfile
 
     import httpx
     import openai
+    from output_guard import TARGET as TOLKIEN
 
     from server.modelstore import resolve_model
     from tests.e2e.servers import MODEL_NAME, free_port, gateway_argv, running, vllm_server_argv
@@ -119,6 +127,21 @@ def end_to_end(cases: dict[str, Any], fpr: float) -> dict[str, Any]:
     model = resolve_model(None, auto_pull=True)
     body = {"name": "Harry Potter", "aliases": HP_ALIASES, "forget_examples": HP_EXAMPLES}
     body["options"] = {"fpr": fpr}
+    other = cases["answer_names_another_target"]
+    other_facts = tuple(other["facts"])
+    asked: list[tuple[str, list[str], Any]] = [
+        (kind, prompts, names_target)
+        for kind, prompts in cases["kinds"].items()
+        if kinds is None or kind in kinds
+    ]
+    if kinds is None or "answer_names_another_target" in kinds:
+        asked.append(
+            (
+                "indirect, answer names Tolkien",
+                other["prompts"],
+                lambda a: any(f in a.lower() for f in other_facts),
+            )
+        )
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         gw, bare = free_port(), free_port()
@@ -133,11 +156,12 @@ def end_to_end(cases: dict[str, Any], fpr: float) -> dict[str, Any]:
         ):
             url = f"http://127.0.0.1:{gw}"
             register(url, body, limit_s=1200)
+            register(url, TOLKIEN, limit_s=1200)
             clients = {
                 "bare": openai.OpenAI(base_url=f"http://127.0.0.1:{bare}/v1", api_key="x"),
                 "guarded": openai.OpenAI(base_url=f"{url}/v1", api_key="x"),
             }
-            for kind, prompts in cases["kinds"].items():
+            for kind, prompts, names in asked:
                 rows = []
                 for prompt in prompts:
                     flagged = httpx.post(
@@ -156,15 +180,14 @@ def end_to_end(cases: dict[str, Any], fpr: float) -> dict[str, Any]:
                         for name, client in clients.items()
                     }
                     rows.append({"prompt": prompt, "flagged": flagged, **answers})
-                named = [r for r in rows if names_target(r["bare"])]
+                named = [r for r in rows if names(r["bare"])]
                 out[kind] = {
                     "n": len(rows),
                     "prompt_flagged": sum(r["flagged"] for r in rows) / len(rows),
                     "bare_names_target": len(named) / len(rows),
-                    "guarded_names_target": sum(names_target(r["guarded"]) for r in rows)
-                    / len(rows),
+                    "guarded_names_target": sum(names(r["guarded"]) for r in rows) / len(rows),
                     "caught_by_output_guard": sum(
-                        not r["flagged"] and not names_target(r["guarded"]) for r in named
+                        not r["flagged"] and not names(r["guarded"]) for r in named
                     ),
                     "rows": rows,
                 }
@@ -179,6 +202,12 @@ def main() -> None:
     parser.add_argument(
         "--engine", action="store_true", help="also ask the bare model and the gateway"
     )
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated kinds asked end to end (default: all, and "
+        "answer_names_another_target)",
+    )
     args = parser.parse_args()
     embedder = Embedder()
     started = time.perf_counter()
@@ -186,7 +215,8 @@ def main() -> None:
     report = evaluate(bank, load_cases())
     report["train_s"] = round(time.perf_counter() - started, 1)
     if args.engine:
-        report["end_to_end"] = end_to_end(load_cases(), args.fpr)
+        kinds = set(args.kinds.split(",")) if args.kinds else None
+        report["end_to_end"] = end_to_end(load_cases(), args.fpr, kinds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(table(report))
