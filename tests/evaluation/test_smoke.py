@@ -45,11 +45,14 @@ def test_pipeline_on_two_authors(tofu_data: Path, chat_tokenizer_dir: Path, tmp_
     # Against itself the reference's truth ratios are one sample: KS p-value 1.
     assert data["rows"]["reference"]["forget_quality"] == pytest.approx(1.0)
     assert data["rows"]["reference"]["forget_quality_folded"] == pytest.approx(1.0)
-    # eco is scored under both protocols: (b) through the gateway, which also reads the answer.
+    # eco is scored under both protocols: (b) through the gateway, which also reads the answer
+    # and corrupts the author's name where the answer repeats it, so the gold answer is less
+    # predictable than under (a), where only the question is corrupted.
     eco = data["rows"]["eco"]
     assert len(data["gateway_truth_ratios"]["eco"]) == len(data["forget_truth_ratios"]["eco"])
-    assert data["gateway_truth_ratios"]["eco"] != data["forget_truth_ratios"]["eco"]
-    assert eco["flagged_forget"] == 1.0 and eco["forget_quality_b"] is not None
+    assert eco["flagged_forget"] >= 0.95, eco
+    assert eco["forget_prob_b"] < eco["forget_prob"], eco
+    assert eco["forget_quality_b"] is not None and eco["forget_quality_b_folded"] is not None
     text = (tmp_path / "results" / "tofu-forget01.md").read_text()
     assert "| none |" in text and "| reference |" in text
     assert (tmp_path / "results" / "tofu-forget01.png").is_file()
