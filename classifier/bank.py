@@ -12,8 +12,15 @@ import numpy as np
 
 from .calibrate import sigmoid
 from .conversation import conversation_pieces, segments
+from .details import DetailIndex
 from .embed import Embedder
-from .features import add_details, bow_logits, lexical_features, named_in_full, names_target
+from .features import (
+    add_indexed_details,
+    bow_logits,
+    lexical_features,
+    named_in_full,
+    names_target,
+)
 from .model import TargetClassifier, build_index
 from .normalize import normalize
 from .spans import AliasMatch, accepted_spans
@@ -65,6 +72,7 @@ class _Snapshot:
             self.static = stack("static_head")
             self.full = stack("full_head")
         self.profiles = [t.detail_profiles for t in targets]
+        self.details = DetailIndex(self.profiles)
         self.by_name = {t.name: i for i, t in enumerate(targets)}
         self.scanner = StreamScanner(self.index)
         self.gate = np.array([t.gate_logit for t in targets])
@@ -198,7 +206,9 @@ class ClassifierBank:
         n_t = len(snap.targets)
         lex = np.stack(
             [
-                add_details(self._piece_lex(matches[i], off, len(seg), n_t), seg, snap.profiles)
+                add_indexed_details(
+                    self._piece_lex(matches[i], off, len(seg), n_t), seg, snap.details
+                )
                 for i, off, seg in pieces
             ]
         )
@@ -245,21 +255,28 @@ class ClassifierBank:
         s2: np.ndarray,
         gated: np.ndarray,
     ) -> list[Decision]:
-        out = []
-        for t, target in enumerate(snap.targets):
-            if gated[rows, t].any():
-                best = max((r for r in rows if gated[r, t]), key=lambda r: s2[r, t])
-                logit, thr, stage = s2[best, t], snap.threshold[t], STAGE_FULL
-            else:
-                best = max(rows, key=lambda r: s1[r, t])
-                logit, thr, stage = s1[best, t], snap.gate[t], STAGE_STATIC
-            flagged = bool(stage == STAGE_FULL and logit > thr)
-            if not flagged and named_in_full(matches, t, target.flags_alias):
-                flagged, stage = True, STAGE_ALIAS
-            spans = tuple(accepted_spans(matches, t)) if flagged else ()
-            out.append(
-                Decision(
-                    target.name, float(sigmoid(logit)), float(sigmoid(thr)), flagged, stage, spans
-                )
+        """One text's decision per target, from its pieces' `rows` (one pass over all targets:
+        the per-target work is array operations, plus the alias checks of the targets named)."""
+        g = gated[rows]  # (R, T)
+        any_gated = g.any(axis=0)  # (T,)
+        full = np.where(g, s2[rows], -np.inf).max(axis=0)  # (T,) best stage-2 logit, gated rows
+        static = s1[rows].max(axis=0)  # (T,)
+        logit = np.where(any_gated, full, static)
+        thr = np.where(any_gated, snap.threshold, snap.gate)
+        flagged = any_gated & (full > snap.threshold)
+        stage = np.where(any_gated, STAGE_FULL, STAGE_STATIC).astype(object)
+        for t in {m.target for m in matches}:  # only targets the text names can flag by alias
+            if not flagged[t] and named_in_full(matches, t, snap.targets[t].flags_alias):
+                flagged[t], stage[t] = True, STAGE_ALIAS
+        score, bar = sigmoid(logit), sigmoid(thr)
+        return [
+            Decision(
+                target.name,
+                float(score[t]),
+                float(bar[t]),
+                bool(flagged[t]),
+                str(stage[t]),
+                tuple(accepted_spans(matches, t)) if flagged[t] else (),
             )
-        return out
+            for t, target in enumerate(snap.targets)
+        ]

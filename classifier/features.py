@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from .details import detail_overlap, text_terms
+from .details import DetailIndex, detail_overlap, text_terms
 from .spans import AliasIndex, AliasMatch
 
 # Lexical features per (text, target): full-match quality; specificity of a partial match on a
@@ -65,6 +65,14 @@ def add_details(lex: np.ndarray, text: str, profiles: Sequence[Profiles]) -> np.
         terms = text_terms(text)
         for t, target_profiles in enumerate(profiles):
             lex[t, 4] = detail_overlap(terms, target_profiles)
+    return lex
+
+
+def add_indexed_details(lex: np.ndarray, text: str, index: DetailIndex) -> np.ndarray:
+    """`add_details` through a `DetailIndex` of the same profiles (the serving path)."""
+    if index:
+        for t, share in index.overlaps(text_terms(text)).items():
+            lex[t, 4] = share
     return lex
 
 

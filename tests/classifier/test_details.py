@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from classifier.details import detail_overlap, detail_terms, text_terms
+from hypothesis import given
+from hypothesis import strategies as st
+
+from classifier.details import DetailIndex, detail_overlap, detail_terms, text_terms
 from classifier.negatives import ENTITY, GENERAL, general_negatives
 
 EXAMPLE = "What is the full name of the geology author born in Karachi, Pakistan on 06/30/1975?"
@@ -40,3 +43,20 @@ def test_shipped_negatives_are_deterministic_and_varied() -> None:
     assert len(negatives.texts) == len(set(negatives.texts)) > 2000
     assert set(negatives.kinds) == {GENERAL, ENTITY}
     assert sum(any(c.isdigit() for c in t) for t in negatives.texts) > 200
+
+
+_TERMS = st.sampled_from(["kuwait", "1956", "9", "8", "novel", "basil", "nobel", "cairo", "12"])
+
+
+@given(
+    profiles=st.lists(  # targets -> profiles -> terms (duplicates and empty profiles included)
+        st.lists(st.lists(_TERMS, max_size=6), max_size=4), min_size=1, max_size=6
+    ),
+    terms=st.frozensets(_TERMS, max_size=6),
+)
+def test_the_detail_index_gives_each_targets_overlap_exactly(
+    profiles: list[list[list[str]]], terms: frozenset[str]
+) -> None:
+    got = DetailIndex(profiles).overlaps(terms)
+    for target, target_profiles in enumerate(profiles):
+        assert got.get(target, 0.0) == detail_overlap(terms, target_profiles)
