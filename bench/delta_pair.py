@@ -12,8 +12,10 @@ One gateway (vLLM in process, bfloat16 where the CPU has it) serves the 1.5B fol
   4. PUT version 2 with scope `all`, adopting the trained copy (`unlearned_model`, no retraining);
      the same answers and MMLU again.
 
-MMLU is scored by greedy generation of 2 tokens (the gateway refuses logprobs for requests it
-answers with an offset): the reply's leading A-D letter, else wrong. The same scoring is used for
+MMLU is scored by greedy generation of 12 tokens (the gateway refuses logprobs for requests it
+answers with an offset): the reply's leading A-D letter, or the letter after "answer is" /
+"option" (Qwen2.5-Coder mostly replies "The correct answer is B."), else wrong; 2 tokens parsed
+only 5% of replies. The same scoring is used for
 every condition. Partial results are written after each phase to bench/results/delta_pair.json.
 
     flock /tmp/obliviate-heavy.lock python bench/delta_pair.py [--mmlu 300] [--snap-steps 20]
@@ -88,7 +90,8 @@ UNRELATED = [
     "Explain in one sentence what binary search is.",
     "Who painted the Mona Lisa?",
 ]
-_LETTER = re.compile(r"^\s*\(?([ABCD])(?![A-Za-z])")
+_LETTER = re.compile(r"^\s*\(?([ABCD])(?:[.):]|\s*$)")
+_STATED = re.compile(r"(?:answer|option)(?: is)?:?\s*\(?\**([ABCD])(?![A-Za-z])", re.IGNORECASE)
 
 
 def chat(url: str, prompt: str, max_tokens: int) -> str:
@@ -132,9 +135,10 @@ def mmlu(url: str, questions: list[MmluQuestion], workers: int) -> dict[str, Any
     """Accuracy by the reply's leading letter (greedy, 2 tokens), and how many went through δ."""
     before = delta_decisions(url)
     started = time.perf_counter()
-    replies = pmap(lambda p: chat(url, p, 2), [q.prompt() for q in questions], workers)
+    replies = pmap(lambda p: chat(url, p, 12), [q.prompt() for q in questions], workers)
     wall = time.perf_counter() - started
-    letters = [m.group(1) if (m := _LETTER.match(r)) else None for r in replies]
+    found = [_LETTER.match(r) or _STATED.search(r) for r in replies]
+    letters = [m.group(1) if m else None for m in found]
     predicted = [None if x is None else "ABCD".index(x) for x in letters]
     return {
         "n": len(questions),
@@ -145,6 +149,7 @@ def mmlu(url: str, questions: list[MmluQuestion], workers: int) -> dict[str, Any
         "delta_requests": delta_decisions(url) - before,
         "wall_s": wall,
         "predictions": predicted,
+        "replies": replies,
     }
 
 
@@ -193,6 +198,12 @@ def main() -> None:
     parser.add_argument("--mmlu", type=int, default=300, help="MMLU val questions (seeded)")
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
     parser.add_argument("--snap-steps", type=int, default=20)
+    parser.add_argument(
+        "--unlearned",
+        type=Path,
+        help="adopt this SNAP-trained copy of --small (`python -m offset.snap`) instead of "
+        "training in the registration job (its fixed batch of 8 ran out of memory here)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
@@ -243,6 +254,8 @@ def main() -> None:
             "small_base": str(args.small), "scope": "flagged",
             "snap_max_steps": args.snap_steps,
         }}  # fmt: skip
+        if args.unlearned is not None:
+            body["options"]["unlearned_model"] = str(args.unlearned.resolve())
         job = httpx.post(f"{url}/admin/targets", json=body, headers=AUTH, timeout=60).json()
         state = phase("register_flagged", lambda: wait_job(url, job["id"]))
         record = target(url, state["target_id"])
@@ -264,7 +277,7 @@ def main() -> None:
             offset = (record.get("calibration") or {}).get("offset") or {}
             options = {**body["options"], "scope": "all"}
             options["unlearned_model"] = offset["unlearned_model"]
-            options.pop("snap_max_steps")
+            options.pop("snap_max_steps", None)
             put = {**TARGET, "options": options}
             job = httpx.put(
                 f"{url}/admin/targets/{state['target_id']}", json=put, headers=AUTH, timeout=60
