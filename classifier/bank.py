@@ -15,7 +15,7 @@ from .conversation import conversation_pieces, segments
 from .details import DetailIndex
 from .embed import Embedder
 from .features import (
-    add_indexed_details,
+    add_details,
     bow_logits,
     lexical_features,
     named_in_full,
@@ -206,9 +206,7 @@ class ClassifierBank:
         n_t = len(snap.targets)
         lex = np.stack(
             [
-                add_indexed_details(
-                    self._piece_lex(matches[i], off, len(seg), n_t), seg, snap.details
-                )
+                add_details(self._piece_lex(matches[i], off, len(seg), n_t), seg, snap.details)
                 for i, off, seg in pieces
             ]
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from .details import DetailIndex, detail_overlap, text_terms
+from .details import DetailIndex, text_terms
 from .spans import AliasIndex, AliasMatch
 
 # Lexical features per (text, target): full-match quality; specificity of a partial match on a
@@ -59,17 +59,9 @@ def names_target(lex: np.ndarray) -> np.ndarray:
     return np.asarray((lex[..., :3] > 0).any(axis=-1))
 
 
-def add_details(lex: np.ndarray, text: str, profiles: Sequence[Profiles]) -> np.ndarray:
-    """Fill the detail-overlap column of one text's (T, 5) features in place; returns it."""
-    if any(profiles):
-        terms = text_terms(text)
-        for t, target_profiles in enumerate(profiles):
-            lex[t, 4] = detail_overlap(terms, target_profiles)
-    return lex
-
-
-def add_indexed_details(lex: np.ndarray, text: str, index: DetailIndex) -> np.ndarray:
-    """`add_details` through a `DetailIndex` of the same profiles (the serving path)."""
+def add_details(lex: np.ndarray, text: str, index: DetailIndex) -> np.ndarray:
+    """Fill the detail-overlap column of one text's (T, 5) features in place (each target's
+    `detail_overlap`, through the index of all targets' profiles); returns it."""
     if index:
         for t, share in index.overlaps(text_terms(text)).items():
             lex[t, 4] = share
@@ -86,7 +78,8 @@ def batch_lexical(
         return np.zeros((0, n_targets, N_LEXICAL), dtype=np.float32), matches
     feats = [lexical_features(m, n_targets) for m in matches]
     if profiles:
-        feats = [add_details(f, t, profiles) for f, t in zip(feats, texts, strict=True)]
+        details = DetailIndex(profiles)
+        feats = [add_details(f, t, details) for f, t in zip(feats, texts, strict=True)]
     return np.stack(feats), matches
 
 
