@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.servers import MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.targets import AUTH, register
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # A fixed corruption strength skips the strength search: registration takes seconds.
 TARGET = {
     "name": "Harry Potter (drop-in surface)",
@@ -58,20 +57,6 @@ YES_NO = {
 }
 
 
-def register(url: str, body: dict, timeout_s: float = 300) -> dict:
-    started = time.monotonic()
-    response = httpx.post(f"{url}/admin/targets", json=body, headers=AUTH, timeout=30)
-    assert response.status_code == 202, response.text
-    job = response.json()
-    while (state := httpx.get(f"{url}/admin/jobs/{job['id']}", headers=AUTH).json())[
-        "status"
-    ] not in ("succeeded", "failed"):
-        assert time.monotonic() - started < timeout_s, state
-        time.sleep(1)
-    assert state["status"] == "succeeded", state
-    return httpx.get(f"{url}/admin/targets/{job['target_id']}", headers=AUTH).json()
-
-
 def corrupted(url: str, target_id: str, tenant: str = "-") -> float:
     """How many requests the guard corrupted for the target (Prometheus counter)."""
     pattern = (
@@ -84,7 +69,7 @@ def corrupted(url: str, target_id: str, tenant: str = "-") -> float:
 
 @pytest.fixture(scope="module")
 def target(gateway: Server) -> Iterator[dict]:
-    record = register(gateway.url, TARGET)
+    record = register(gateway.url, TARGET, limit_s=300)
     yield record
     httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
 
@@ -182,7 +167,7 @@ def tenant_gateway(
     )  # fmt: skip
     with running(argv, ready_url=f"http://127.0.0.1:{port}/ready", log=logs_dir / "tenants.log"):
         server = Server(f"http://127.0.0.1:{port}", data_dir)
-        register(server.url, {**TARGET, "scope": {"tenants": ["team-a"]}})
+        register(server.url, {**TARGET, "scope": {"tenants": ["team-a"]}}, limit_s=300)
         yield server
 
 
