@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ from bench.models_pair import CACHE, MODELS  # noqa: E402
 from bench.workload import TOPICS, run_burst  # noqa: E402
 from evaluation.tofu_data import MmluQuestion, load_mmlu  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
-from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running  # noqa: E402
+from tests.e2e.servers import (  # noqa: E402
+    ADMIN_TOKEN,
+    free_port,
+    gateway_argv,
+    running,
+    vllm_server_argv,
+)
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVED = "qwen2.5-coder-1.5b-instruct"
@@ -210,6 +217,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="concurrent requests")
     parser.add_argument("--skip-all", action="store_true", help="skip the scope `all` phase")
     parser.add_argument("--out", type=Path, default=Path("bench/results/delta_pair.json"))
+    parser.add_argument(
+        "--engine",
+        choices=("vllm", "upstream"),
+        default="vllm",
+        help="vllm: the big model in the gateway's own engine; upstream: vLLM's OpenAI server "
+        "serves it and the gateway reaches it as a black box (top-k logprobs per token)",
+    )
     parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
     args = parser.parse_args()
 
@@ -217,14 +231,25 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="obliviate-delta-pair-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = gateway_argv(
-        port, "--model", str(args.big), "--data-dir", str(logs / "data"), dtype=args.dtype
-    )
+    upstream = ExitStack()
+    if args.engine == "vllm":
+        engine: tuple[str, ...] = ("--model", str(args.big))
+    else:  # the big model behind vLLM's own server, reached over HTTP only
+        up_port = free_port()
+        up_argv = vllm_server_argv(args.big, up_port, dtype=args.dtype)
+        up_argv[up_argv.index("--served-model-name") + 1] = SERVED
+        upstream.enter_context(
+            running(up_argv, ready_url=f"http://127.0.0.1:{up_port}/health",
+                    log=logs / "upstream.log", timeout_s=900)
+        )  # fmt: skip
+        engine = ("--engine", "openai_upstream", "--upstream.url", f"http://127.0.0.1:{up_port}/v1")
+    argv = gateway_argv(port, *engine, "--data-dir", str(logs / "data"), dtype=args.dtype)
     argv[argv.index("--served-model-name") + 1] = SERVED
     report: dict[str, Any] = {
         "big": str(args.big),
         "small_base": str(args.small),
         "dtype": args.dtype,
+        "engine": args.engine,
         "mmlu_questions": args.mmlu,
         "snap_max_steps": args.snap_steps,
         "gateway_log": str(logs / "gateway.log"),
@@ -244,7 +269,7 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2, default=str))
 
     started = time.perf_counter()
-    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log", timeout_s=900):
+    with upstream, running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log", timeout_s=900):
         walls["gateway_start"] = time.perf_counter() - started
         report["answers"] = {"plain": phase("answers_plain", lambda: answers(url, args.workers))}
         report["mmlu"] = {"plain": phase("mmlu_plain", lambda: mmlu(url, questions, args.workers))}

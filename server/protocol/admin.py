@@ -60,6 +60,11 @@ class TargetOptions(_Strict):
         None, ge=1, le=100_000, description="δ modes: cap on SNAP training steps."
     )
     snap_lr: float | None = Field(None, gt=0, le=1, description="δ modes: SNAP learning rate.")
+    snap_train_vocab: bool | None = Field(
+        None,
+        description="δ modes: also train the small model's embedding and LM head (default "
+        "true); false freezes them, for large vocabularies on machines short of memory.",
+    )
 
 
 class TargetScope(_Strict):

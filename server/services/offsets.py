@@ -41,7 +41,8 @@ Progress = Callable[[str, float], None]
 
 @dataclass(frozen=True)
 class SnapDefaults:
-    """Training knobs a target's options may override (`snap_max_steps`, `snap_lr`)."""
+    """Training knobs a target's options may override (`snap_max_steps`, `snap_lr`;
+    `snap_train_vocab` is passed to the trainer as given)."""
 
     max_steps: int | None = None
     lr: float = 1e-4
@@ -178,6 +179,8 @@ class OffsetTrainer:
             argv += ["--max-steps", str(max_steps)]
         if not native_bf16():
             argv.append("--no-bf16")
+        if options.get("snap_train_vocab") is False:
+            argv.append("--no-train-vocab")
         for flag, values in (
             ("--alias", [a for a in request.aliases if a != request.name]),
             ("--example", request.forget_prompts),

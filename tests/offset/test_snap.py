@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offset.snap import SnapConfig, SnapTrainer, collate, main
+from offset.snap import SnapConfig, SnapTrainer, answer_loss, collate, main
 from offset.snap_data import (
     OBLITERATED_ANSWERS,
     SnapExample,
@@ -86,6 +86,26 @@ def test_train_lowers_forget_loss_and_changes_parameters(tokenizer) -> None:
         assert not torch.equal(param, before[name]), name
 
 
+def test_a_frozen_vocabulary_is_left_as_it_was_and_kept_out_of_the_optimizer(tokenizer) -> None:
+    forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=4)
+    config = SnapConfig(
+        lr=1e-2, batch_size=4, max_steps=2, swd_max_rows=256, bf16=False, progress=False,
+        train_vocab=False,
+    )  # fmt: skip
+    model = _model()
+    frozen = {"model.embed_tokens.weight", "lm_head.weight"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SnapTrainer(model, tokenizer, config, forget=forget)
+    trainer.train()
+    assert not frozen & set(trainer.initial)  # no θ₀ copy of them either
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, before[name]) and id(param) not in trained, name
+        else:
+            assert not torch.equal(param, before[name]), name
+
+
 def test_swd_term_changes_the_gradient(tokenizer) -> None:
     forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=4)
     batch = {"forget": collate(tokenizer, forget, 64)}
@@ -106,6 +126,48 @@ def test_swd_term_changes_the_gradient(tokenizer) -> None:
         grads.append(model.model.norm.weight.grad.clone())
         assert ("swd" in parts) == (lam > 0)
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_answer_loss_is_the_models_loss_with_the_head_applied_to_answer_tokens_only(
+    tokenizer,
+) -> None:
+    forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=5)
+    batch = collate(tokenizer, forget, 64)
+    model = _model().eval()
+    rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        expected = model(**batch).loss  # full (B, T, V) logits
+        rows.clear()
+        got = answer_loss(model, batch)
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert rows == [answer_tokens] < [batch["input_ids"].numel()]
+
+
+def test_gradients_accumulated_part_by_part_equal_the_summed_loss_gradient(tokenizer) -> None:
+    forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=4)
+    batches = {
+        "forget": collate(tokenizer, forget, 64),
+        "world": collate(tokenizer, _pairs(["What is 2 + 2?", "Hi"], "Four."), 64),
+    }
+    config = SnapConfig(lambda_swd=1.0, swd_max_rows=256, bf16=False, progress=False)
+    grads = []
+    for per_part in (False, True):
+        model = _model()
+        trainer = SnapTrainer(model, tokenizer, config, forget=forget)
+        with torch.no_grad():  # away from θ₀ so the SWD term has a gradient
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        if per_part:
+            parts = trainer.accumulate_gradients(batches)
+        else:
+            loss, parts = trainer.compute_loss(batches)
+            torch.autograd.backward(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert set(parts) == {"forget", "world", "swd", "total"}
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6, rtol=1e-4), name
 
 
 def test_answer_prompts_are_greedy_and_batched(tokenizer) -> None:

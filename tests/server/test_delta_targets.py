@@ -180,7 +180,11 @@ def test_registration_trains_a_snap_model(
         **HARRY,
         "name": "Trained",
         "mode": "delta",
-        "options": {"small_base": str(models["base"]), "snap_max_steps": 2},
+        "options": {
+            "small_base": str(models["base"]),
+            "snap_max_steps": 2,
+            "snap_train_vocab": False,
+        },
     }
     target = _register(client, body)
     try:
@@ -191,5 +195,6 @@ def test_registration_trains_a_snap_model(
         card = json.loads((folder / "training_card.json").read_text(encoding="utf-8"))
         assert card["target"]["name"] == "Trained" and card["data"]["hard_positives"] == 1
         assert card["data"]["forget"] >= len(HARRY["forget_examples"])
+        assert card["config"]["train_vocab"] is False  # the option reached the trainer
     finally:
         client.delete(f"/admin/targets/{target['id']}", headers=AUTH)
