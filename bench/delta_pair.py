@@ -211,6 +211,11 @@ def main() -> None:
         help="adopt this SNAP-trained copy of --small (`python -m offset.snap`) instead of "
         "training in the registration job (its fixed batch of 8 ran out of memory here)",
     )
+    parser.add_argument(
+        "--snap-train-vocab",
+        action="store_true",
+        help="train the 0.5B's embedding and LM head too (about 4 GB more; default frozen)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
@@ -277,7 +282,7 @@ def main() -> None:
 
         body = {**TARGET, "options": {
             "small_base": str(args.small), "scope": "flagged",
-            "snap_max_steps": args.snap_steps,
+            "snap_max_steps": args.snap_steps, "snap_train_vocab": args.snap_train_vocab,
         }}  # fmt: skip
         if args.unlearned is not None:
             body["options"]["unlearned_model"] = str(args.unlearned.resolve())
@@ -303,6 +308,7 @@ def main() -> None:
             options = {**body["options"], "scope": "all"}
             options["unlearned_model"] = offset["unlearned_model"]
             options.pop("snap_max_steps", None)
+            options.pop("snap_train_vocab", None)
             put = {**TARGET, "options": options}
             job = httpx.put(
                 f"{url}/admin/targets/{state['target_id']}", json=put, headers=AUTH, timeout=60
