@@ -269,6 +269,11 @@ def test_classify_groups_matches_the_reference(
     assert_same(bank.classify_groups(GROUPS), want)
     assert_same(bank.classify_groups(GROUPS), want)  # again (cached texts, if any)
     assert_same([bank.classify_groups([g])[0] for g in GROUPS], want)  # one request at a time
+    flagged = [[d for d in row if d.flagged] for row in want]
+    assert_same(
+        ClassifierBank(embedder, targets).classify_groups(GROUPS, only_flagged=True), flagged
+    )
+    assert_same(bank.classify_groups(GROUPS, only_flagged=True), flagged)
 
 
 def test_classify_matches_the_reference(
