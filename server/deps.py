@@ -137,12 +137,17 @@ def build_guard(
 ) -> tuple[EcoGuard, TargetService]:
     """The ECO guard and the target service over `registry` (targets loaded on start)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from classifier import ClassifierBank, Embedder
 
     # One stage-2 prompt took ~300 ms instead of ~20 ms with 2 threads fighting the engine for
     # 2 cores; the guard's models are small. Process-wide, so it is set here, at the top.
     torch.set_num_threads(settings.guard.torch_threads)
+    # numpy's BLAS too: the first stage's matrix products are tiny, and with 2 BLAS threads
+    # waiting for a busy core a burst's batch at 100 targets took ~25 ms more
+    # (bench/classifier_scaling.py --blas-threads 0). Process-wide and kept (no `with`).
+    threadpool_limits(settings.guard.torch_threads, user_api="blas")
     embedder = Embedder(settings.guard.embedder_path, device=settings.guard.device)
     bank = ClassifierBank(embedder)
     corruptor: PromptCorruptor | None = None

@@ -84,7 +84,8 @@ class GuardSettings(_Section):
     calibration_workers: int = Field(2, ge=1)
     """Threads (one core each) a registration's strength search uses while it runs."""
     torch_threads: int = Field(1, ge=1)
-    """Torch threads of the gateway process (the guard's models; vLLM's engine has its own)."""
+    """Torch and BLAS threads of the gateway process (the guard's models; vLLM's engine has its
+    own)."""
     fail_closed: bool = True
     """If the guard fails on a request, treat it as flagged (corrupt it, or refuse it); off
     (not recommended): log the failure and send the prompt unguarded."""

@@ -2,7 +2,7 @@
 
 protect(prompt)
   ├─ texts = every turn (any role), tool calls and definitions, alone and joined, no template
-  ├─ decisions = bank.classify_all(texts)    two stages: static embeddings, then MiniLM; a
+  ├─ decisions = bank.classify_groups(...)   two stages: static embeddings, then MiniLM; a
   │                                          prompt naming an alias in full is always flagged
   ├─ nothing flagged ──> the prompt, untouched (token ids; byte-identical output)
   └─ flagged         ──> PromptCorruptor (server.services.corruptor): every flagged ECO
@@ -91,9 +91,11 @@ class EcoGuard:
         self._bank = bank
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).
-        # One item is one request's texts (joined, then each turn alone).
+        # One item is one request's texts (joined, then each turn alone); its result, the
+        # decisions of the targets it is flagged for (all the guard acts on).
         self._classifier: BatchingExecutor[tuple[str, ...], list[Decision]] = BatchingExecutor(
-            lambda groups: self._bank.classify_groups(groups), name="obliviate-guard"
+            lambda groups: self._bank.classify_groups(groups, only_flagged=True),
+            name="obliviate-guard",
         )
         self._corruptor = corruptor
         self._metrics = metrics
@@ -160,6 +162,14 @@ class EcoGuard:
         """Every active target's decision on texts read together (flagged on any of them)."""
         if not self._targets:
             return []
+        decisions: list[Decision] = await self.run(self._bank.classify_all, list(texts))
+        return decisions
+
+    async def flagged(self, texts: Sequence[str]) -> list[Decision]:
+        """The decisions of the targets flagged on texts read together (as `classify`, less
+        the others), batched with the other requests waiting."""
+        if not self._targets:
+            return []
         return await self._classifier.submit(tuple(texts))
 
     async def protect(
@@ -175,8 +185,8 @@ class EcoGuard:
         if all(t.offset is not None and t.scope == "all" for t in targets.values()):
             return Guarded(prompt, tuple(always))  # nothing depends on the classifier
         start = time.perf_counter()
-        decisions = await self.classify(self.texts(prompt))
-        flagged = [targets[d.target] for d in decisions if d.flagged and d.target in targets]
+        decisions = await self.flagged(self.texts(prompt))
+        flagged = [targets[d.target] for d in decisions if d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
             self._metrics.decisions.labels("none", "pass", tenant).inc()

@@ -219,7 +219,7 @@ class OutputGuard:
             st.checked = len(st.text)
             if window.strip():
                 try:
-                    decisions = await self._guard.classify([window])
+                    decisions = await self._guard.flagged([window])
                 except Exception as e:
                     logger.error("The output guard's classifier failed (%s)", type(e).__name__)
                     self._metrics.decisions.labels("none", "output_guard_error", tenant).inc()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from classifier import ClassifierBank, Embedder, TargetClassifier
@@ -81,3 +83,77 @@ def test_swaps_are_atomic(hp_classifier: TargetClassifier, embedder: Embedder) -
         t.join()
     assert seen
     assert all(names in (names_a, names_b) for names in seen)
+
+
+class _Reads:
+    """Counts the texts the bank tokenizes (every text it classifies afresh is)."""
+
+    def __init__(self, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.texts: list[str] = []
+        token_ids = embedder.token_ids
+
+        def counting(texts: Sequence[str]) -> list[np.ndarray]:
+            self.texts += texts
+            return token_ids(texts)
+
+        monkeypatch.setattr(embedder, "token_ids", counting)
+
+
+def test_cached_texts_are_not_classified_again(
+    hp_classifier: TargetClassifier, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bank = ClassifierBank(embedder, [hp_classifier])
+    reads = _Reads(embedder, monkeypatch)
+    system, question = "You are a helpful assistant.", "Who wrote Harry Potter?"
+    first = bank.classify_groups([[system + "\n" + question, system, question]])
+    assert len(reads.texts) == 3 and first[0][0].flagged
+    reads.texts.clear()
+    follow_up = "And when was it published?"
+    joined = system + "\n" + question + "\n" + follow_up
+    again = bank.classify_groups([[joined, system, question, follow_up], [question]])
+    assert reads.texts == [joined, follow_up]  # the earlier turns come from the cache
+    assert again[1] == bank.classify([question])[0]
+    assert again[0][0].flagged and again[0][0].spans == first[0][0].spans
+
+    uncached = ClassifierBank(embedder, [hp_classifier], cache_size=0)
+    reads.texts.clear()
+    uncached.classify_groups([[question]])
+    uncached.classify_groups([[question]])
+    assert reads.texts == [question, question]
+
+
+def test_the_cache_is_bounded(
+    hp_classifier: TargetClassifier, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bank = ClassifierBank(embedder, [hp_classifier], cache_size=3)
+    reads = _Reads(embedder, monkeypatch)
+    texts = [f"What is {n} plus {n}?" for n in range(10)]
+    for text in texts:
+        bank.classify([text])
+    reads.texts.clear()
+    bank.classify(texts[-3:])  # the last three are kept
+    assert reads.texts == []
+    bank.classify(texts[:1])  # the first was dropped
+    assert reads.texts == texts[:1]
+
+
+def test_the_cache_follows_the_active_targets(
+    hp_classifier: TargetClassifier, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bank = ClassifierBank(embedder, [hp_classifier])
+    reads = _Reads(embedder, monkeypatch)
+    text = "Who wrote Harry Potter?"
+    assert [d.target for d in bank.classify_all([text])] == ["harry-potter"]
+    relaxed = dataclasses.replace(hp_classifier, name="relaxed", threshold_logit=50.0)
+    relaxed = dataclasses.replace(relaxed, alias_flags=(False,) * len(relaxed.aliases))
+    bank.set_targets([relaxed])
+    (decision,) = bank.classify_all([text])
+    assert (decision.target, decision.flagged) == ("relaxed", False)
+    bank.add(hp_classifier)
+    assert [(d.target, d.flagged) for d in bank.classify_all([text])] == [
+        ("relaxed", False),
+        ("harry-potter", True),
+    ]
+    bank.remove("relaxed")
+    assert [d.target for d in bank.classify_all([text])] == ["harry-potter"]
+    assert reads.texts == [text] * 4  # classified afresh after every change

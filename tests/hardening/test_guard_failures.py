@@ -97,10 +97,10 @@ def test_flagged_and_plain_prompts_as_usual(client: TestClient, engine: FakeEngi
 def test_fail_closed_treats_a_classifier_error_as_flagged(
     client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ):
-    def broken(self: ClassifierBank, texts: list[str]) -> list[object]:
+    def broken(self: ClassifierBank, groups: list[list[str]], **options: object) -> list[object]:
         raise RuntimeError("injected classifier failure")
 
-    monkeypatch.setattr(ClassifierBank, "classify", broken)
+    monkeypatch.setattr(ClassifierBank, "classify_groups", broken)
     response = client.post("/v1/chat/completions", json=chat(PLAIN_PROMPT))
     assert response.status_code == 200, response.text
     # Even a harmless prompt is corrupted: the guard could not vouch for it.

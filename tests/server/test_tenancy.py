@@ -76,8 +76,13 @@ class StubBank:
     def classify(self, texts: Sequence[str]) -> list[list[Decision]]:
         return [[Decision(n, 0.99, 0.5, True, "full") for n in self.names] for _ in texts]
 
-    def classify_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Decision]]:
-        return [[Decision(n, 0.99, 0.5, True, "full") for n in self.names] for _ in groups]
+    def classify_all(self, texts: Sequence[str]) -> list[Decision]:
+        return [Decision(n, 0.99, 0.5, True, "full") for n in self.names]
+
+    def classify_groups(
+        self, groups: Sequence[Sequence[str]], *, only_flagged: bool = False
+    ) -> list[list[Decision]]:
+        return [self.classify_all(group) for group in groups]
 
     def find_spans(self, text: str, names: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
         return {n: [] for n in names}
