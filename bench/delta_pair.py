@@ -12,11 +12,12 @@ One gateway (vLLM in process, bfloat16 where the CPU has it) serves the 1.5B fol
   4. PUT version 2 with scope `all`, adopting the trained copy (`unlearned_model`, no retraining);
      the same answers and MMLU again.
 
-MMLU is scored by greedy generation of 12 tokens (the gateway refuses logprobs for requests it
-answers with an offset): the reply's leading A-D letter, or the letter after "answer is" /
-"option" (Qwen2.5-Coder mostly replies "The correct answer is B."), else wrong; 2 tokens parsed
-only 5% of replies. The same scoring is used for
-every condition. Partial results are written after each phase to bench/results/delta_pair.json.
+MMLU is scored by greedy generation (the gateway refuses logprobs for requests it answers with
+an offset) after an assistant turn already begun with "The correct answer is"
+(`continue_final_message`): the first A-D letter of the 4-token continuation, else wrong. Asked
+plainly, Qwen2.5-Coder reasons first ("To determine ...") and only 48% of 12-token replies named a
+letter; the same scoring is used for every condition. Partial results are written after each
+phase to bench/results/delta_pair.json.
 
     flock /tmp/obliviate-heavy.lock python bench/delta_pair.py [--mmlu 300] [--snap-steps 20]
 """
@@ -97,18 +98,20 @@ UNRELATED = [
     "Explain in one sentence what binary search is.",
     "Who painted the Mona Lisa?",
 ]
-_LETTER = re.compile(r"^\s*\(?([ABCD])(?:[.):]|\s*$)")
-_STATED = re.compile(r"(?:answer|option)(?: is)?:?\s*\(?\**([ABCD])(?![A-Za-z])", re.IGNORECASE)
+_CONTINUED = re.compile(r"^\s*:?\s*(?i:option\s+)?\(?\**([ABCD])(?![A-Za-z])")
 
 
-def chat(url: str, prompt: str, max_tokens: int) -> str:
-    """One greedy chat answer through the gateway."""
-    body = {
-        "model": SERVED,
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-    }
+ANSWER_PREFIX = "The correct answer is"
+
+
+def chat(url: str, prompt: str, max_tokens: int, prefix: str | None = None) -> str:
+    """One greedy chat answer through the gateway (continuing `prefix` as the assistant)."""
+    messages = [{"role": "user", "content": prompt}]
+    body: dict[str, Any] = {"model": SERVED, "temperature": 0, "max_tokens": max_tokens}
+    if prefix is not None:
+        messages.append({"role": "assistant", "content": prefix})
+        body |= {"continue_final_message": True, "add_generation_prompt": False}
+    body["messages"] = messages
     reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1800)
     reply.raise_for_status()
     content: str = reply.json()["choices"][0]["message"]["content"] or ""
@@ -139,12 +142,14 @@ def delta_decisions(url: str) -> float:
 
 
 def mmlu(url: str, questions: list[MmluQuestion], workers: int) -> dict[str, Any]:
-    """Accuracy by the reply's leading letter (greedy, 2 tokens), and how many went through δ."""
+    """Accuracy by the letter after "The correct answer is", and how many went through δ."""
     before = delta_decisions(url)
     started = time.perf_counter()
-    replies = pmap(lambda p: chat(url, p, 12), [q.prompt() for q in questions], workers)
+    replies = pmap(
+        lambda p: chat(url, p, 4, ANSWER_PREFIX), [q.prompt() for q in questions], workers
+    )
     wall = time.perf_counter() - started
-    found = [_LETTER.match(r) or _STATED.search(r) for r in replies]
+    found = [_CONTINUED.match(r) for r in replies]
     letters = [m.group(1) if m else None for m in found]
     predicted = [None if x is None else "ABCD".index(x) for x in letters]
     return {
