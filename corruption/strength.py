@@ -40,6 +40,7 @@ from corruption.search import (
     SearchStep,
     StrengthSearchConfig,
     StrengthSearchResult,
+    WarmStart,
     bracket_strength,
     search_strength,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "SearchStep",
     "StrengthSearchConfig",
     "StrengthSearchResult",
+    "WarmStart",
     "bracket_strength",
     "calibrate_strength",
     "make_forget_example",
@@ -477,8 +479,10 @@ def calibrate_strength(
     eos_token_id: int | Sequence[int] | None = None,
     generate_with: EmbedsGenerator | None = None,
     workers: int = 1,
+    warm: WarmStart | None = None,
 ) -> Calibration:
-    """Search the weakest strength that forgets (`bracket_strength`), then check fluency there.
+    """Search the weakest strength that forgets (`bracket_strength`, started at `warm` when
+    given), then check fluency there.
 
     A method without a strength (zeroing, sign flips, reordering) has nothing to search: its
     objective is evaluated once, for the report.
@@ -486,7 +490,7 @@ def calibrate_strength(
     objective = AnswerPreferenceObjective(model, examples, spec, workers=workers)
     started = time.perf_counter()
     if CORRUPTION_METHODS[spec.method].uses_strength:
-        search = bracket_strength(objective.evaluate, config)
+        search = bracket_strength(objective.evaluate, config, warm=warm)
     else:
         value = objective(spec.strength)
         search = StrengthSearchResult(
