@@ -262,18 +262,19 @@ def _crossing_of(curve: Curve, target: float) -> tuple[int, float] | None:
 def _shifted_crossing(curve: Curve, target: float, strength: float, value: float) -> float | None:
     """Take the new objective to be this curve shifted along log-strength: the shift that puts
     `value` at `strength`, applied to the curve's crossing. Uses the falling segment of the curve
-    nearest its crossing that spans `value`, else extends the segment at the crossing."""
+    that spans `value` (the one nearest the crossing if several do), else extends the falling
+    segment whose values come nearest to it (the crossing's if none falls)."""
     found = _crossing_of(curve, target)
     if found is None:
         return None
     i, crossing = found
-    spans = [
-        j
-        for j in range(1, len(curve))
-        if curve[j][1] < curve[j - 1][1]
-        and min(curve[j][1], curve[j - 1][1]) <= value <= max(curve[j][1], curve[j - 1][1])
-    ]
-    j = min(spans, key=lambda k: abs(k - i)) if spans else i
+
+    def miss(k: int) -> float:  # how far `value` lies outside segment k's values
+        low, high = sorted((curve[k - 1][1], curve[k][1]))
+        return max(low - value, value - high, 0.0)
+
+    falling = [k for k in range(1, len(curve)) if curve[k][1] < curve[k - 1][1]]
+    j = min(falling, key=lambda k: (miss(k), abs(k - i))) if falling else i
     (a, f_a), (b, f_b) = curve[j - 1], curve[j]
     at = _log_interp(a, f_a, b, f_b, value)
     if at is None or not math.isfinite(at) or at <= 0:
