@@ -438,3 +438,20 @@ def test_objective_split_between_threads_gives_the_same_values(tiny):
     alone = AnswerPreferenceObjective(tiny, _examples(), spec).evaluate([0.5, 5.0])
     shared = AnswerPreferenceObjective(tiny, _examples(), spec, workers=2).evaluate([0.5, 5.0])
     assert shared == pytest.approx(alone, abs=1e-5)
+
+
+def test_continuations_split_by_tokens_give_the_same_values(tiny):
+    from corruption.strength import _parallel_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    table = tiny.get_input_embeddings()
+    lengths = [3, 9, 5]
+    with torch.inference_mode():
+        prompts = [table(torch.randint(0, 100, (n,), generator=gen)) for n in lengths]
+    conts = [torch.randint(0, 100, (n,), generator=gen).tolist() for n in (2, 30, 4, 1, 7, 12, 3)]
+    owners = [0, 0, 1, 1, 1, 2, 2]
+    with torch.inference_mode():
+        alone = _continuation_logprobs(tiny, prompts, conts, owners, batch_size=2)
+    for workers in (2, 3, 8):  # a prompt's continuations may land in two threads' shares
+        shared = _parallel_logprobs(tiny, prompts, conts, owners, batch_size=2, workers=workers)
+        assert shared == pytest.approx(alone, abs=1e-5)
