@@ -57,6 +57,7 @@ def row(label: str, target: dict[str, Any]) -> dict[str, Any]:
         "failing_below_in_std": corruption.get("failing_below_in_std"),
         "warm_start": corruption.get("warm_start"),
         "fluent": corruption.get("fluent"),
+        "probes_in_std": corruption.get("probes"),
     }
     print(json.dumps(out), flush=True)
     return out
