@@ -181,6 +181,7 @@ def _continuation_logprobs(
         rows = [i for i, owner in enumerate(owners) if first <= owner < first + len(chunk)]
         if not rows:
             continue
+        rows.sort(key=lambda i: len(continuations[i]))  # passes of like lengths: less padding
         embeds, attention, positions = _left_pad([prompts[i] for i in chunk])
         out = model(
             inputs_embeds=embeds,
