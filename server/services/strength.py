@@ -8,11 +8,12 @@ must stay fluent (perplexity bound). The weakest strength that gets there is sto
 The copy of the model (float32, as large as the served model) is loaded by each search and
 released when it ends: the gateway holds none between registrations.
 
-Each search starts where earlier searches on the same model crossed the level
-(`warm_start_from_reports`): their probes, in units of the embedding table's std, are in the
-calibration reports the registry keeps for every target, tagged with the model they ran on
+A search for a new version of a target starts where its earlier versions' searches crossed the
+level (`warm_start_from_reports`): their probes, in units of the embedding table's std, are in the
+calibration reports the registry keeps, tagged with the model they ran on
 (`StrengthCalibrator.model_key`). So the warm start survives restarts, is shared by every
-gateway on one registry, and needs no store of its own.
+gateway on one registry, and needs no store of its own. Other targets' searches are not used:
+targets on one model cross far apart (server/services/targets.py, `_earlier_searches`).
 """
 
 from __future__ import annotations

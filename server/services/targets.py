@@ -529,6 +529,7 @@ class TargetService:
                         "corruption",
                         asyncio.to_thread(
                             self._corruption_spec,
+                            version.target_id,
                             options,
                             list(version.aliases),
                             prompts,
@@ -685,6 +686,7 @@ class TargetService:
 
     def _corruption_spec(
         self,
+        target_id: str,
         options: dict[str, Any],
         aliases: list[str],
         prompts: list[str],
@@ -709,19 +711,23 @@ class TargetService:
             return spec, {"searched": False, "reason": f"{spec.method} has no strength to search"}
         if self._calibrator is None:
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
-        warm = warm_start_from_reports(self._earlier_searches(), self._calibrator.model_key)
+        warm = warm_start_from_reports(
+            self._earlier_searches(target_id), self._calibrator.model_key
+        )
         return self._calibrator.calibrate(
             prompts, answers, aliases, spec, generate_with=generate, warm=warm
         )
 
-    def _earlier_searches(self) -> list[dict[str, Any]]:
-        """The corruption reports of the registry's targets (their active versions), newest
-        first: what earlier strength searches on this registry settled on."""
-        records = [r for r in self._registry.list_targets() if r.current.calibration]
-        records.sort(key=lambda r: r.current.activated_at or r.current.updated_at, reverse=True)
+    def _earlier_searches(self, target_id: str) -> list[dict[str, Any]]:
+        """The corruption reports of the target's earlier versions, newest first.
+
+        Only the same target's: other targets on one model cross far apart (1.6, 3.4 and 13.9x
+        std for three 5-example targets on SmolLM2), and a warm start from them cost more
+        strengths than the cold search (docs/results/performance.md, registration)."""
+        versions = self._registry.list_versions(target_id) or []
         out = []
-        for record in records:
-            corruption = (record.current.calibration or {}).get("corruption")
+        for version in sorted(versions, key=lambda v: v.version, reverse=True):
+            corruption = (version.calibration or {}).get("corruption")
             if isinstance(corruption, dict):
                 out.append(corruption)
         return out

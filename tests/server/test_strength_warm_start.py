@@ -27,6 +27,11 @@ from tests.offset.conftest import tiny_smollm_folders
 from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
 
 MODEL = "tiny:abc:0.02"
+OTHER = {
+    "name": "Frodo Baggins",
+    "aliases": ["Frodo Baggins", "Frodo"],
+    "forget_examples": ["Who is Frodo Baggins?", "Where does Frodo Baggins live?"],
+}
 
 
 def _report(probes: list[list[float]], **changes: object) -> dict[str, object]:
@@ -119,11 +124,14 @@ def test_warm_start_survives_a_restart_and_cuts_the_search(gateway):
     assert set(cold["stage_seconds"]) == {"load_model", "wait_answers", "search", "fluency"}
 
     with start() as client:  # a restart: the warm start comes back from the registry
+        other = _register(client, OTHER)
         again = _register(client, HARRY, target_id=first["id"])  # same examples, version 2
+    assert warm_starts[1] is None  # another target: other targets cross far apart
+    _same_criterion(other["calibration"]["corruption"])
     warm = again["calibration"]["corruption"]
-    assert warm_starts[1] is not None
+    assert warm_starts[2] is not None
     std = cold["spec"]["strength"] / cold["strength_in_std"]
-    (curve,) = warm_starts[1].in_units(1 / std).curves  # in std units, as the report has them
+    (curve,) = warm_starts[2].in_units(1 / std).curves  # in std units, as the report has them
     assert [x for point in curve for x in point] == pytest.approx(
         [x for point in cold["probes"] for x in point]
     )
