@@ -14,12 +14,21 @@ f(s) <= target and returning the weakest such strength they found:
   that evaluates several strengths in one batch (`evaluate(strengths) -> values`) pays one
   forward pass per round, not one per strength. Both searches assume f is monotone between the
   probes they compare.
+
+`bracket_strength(..., warm=WarmStart(...))` starts instead where earlier searches on the same
+model crossed the level (their probes: `WarmStart.from_probes`). It probes there; then, taking the
+new objective to be an earlier one shifted along log-strength, it probes the smallest step that
+closes a bracket (a factor just under `tolerance`) when the prediction lies within it, else the
+pair around the prediction in one round. Whatever those probes leave open is finished by the
+same bracketing and narrowing as without a warm start, so the result satisfies the same criterion
+(a passing strength within `tolerance` of a failing one); only the probes leading there differ.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -222,43 +231,158 @@ def _outward(f: _Memo, last: float, config: StrengthSearchConfig, *, up: bool) -
 
 def _line_crossing(a: float, f_a: float, b: float, f_b: float, target: float) -> float | None:
     """Where the line through (log a, f_a) and (log b, f_b) meets `target`; None if flat."""
+    return _log_interp(a, f_a, b, f_b, target)
+
+
+Curve = tuple[tuple[float, float], ...]
+"""One earlier search's probes: (strength, f) pairs by strength."""
+
+
+def _log_interp(a: float, f_a: float, b: float, f_b: float, value: float) -> float | None:
+    """The strength between a and b (log scale) where the line through them reaches `value`."""
     if f_a == f_b or a <= 0 or b <= 0:
         return None
-    share = (f_a - target) / (f_a - f_b)
-    return math.exp(math.log(a) + share * (math.log(b) - math.log(a)))
+    log_s = math.log(a) + (f_a - value) / (f_a - f_b) * (math.log(b) - math.log(a))
+    return math.exp(min(max(log_s, -100.0), 100.0))  # far beyond any bound all the same
 
 
-def bracket_strength(
-    objective: BatchObjective | Callable[[float], float],
-    config: StrengthSearchConfig,
-    *,
-    batched: bool = True,
-) -> StrengthSearchResult:
-    """The weakest strength with f <= target, to within `config.tolerance` (see module doc).
+def _crossing_of(curve: Curve, target: float) -> tuple[int, float] | None:
+    """Where a search's probes cross `target`: the segment's index (its weakest passing probe
+    and the strongest failing one below it, as `bracket_strength` reports them) and the secant
+    crossing in log-strength between them."""
+    passing = [i for i, (_, v) in enumerate(curve) if v <= target]
+    if not passing or passing[0] == 0 or curve[0][0] <= 0:
+        return None
+    i = passing[0]
+    (lo, f_lo), (hi, f_hi) = curve[i - 1], curve[i]
+    crossing = _log_interp(lo, f_lo, hi, f_hi, target)
+    return (i, crossing) if crossing is not None else None
 
-    `objective` takes a list of strengths and returns their values (`batched=True`), or one
-    strength at a time (`batched=False`). Strengths must be > 0 (the search is geometric).
+
+def _shifted_crossing(curve: Curve, target: float, strength: float, value: float) -> float | None:
+    """Take the new objective to be this curve shifted along log-strength: the shift that puts
+    `value` at `strength`, applied to the curve's crossing. Uses the falling segment of the curve
+    that spans `value` (the one nearest the crossing if several do), else extends the falling
+    segment whose values come nearest to it (the crossing's if none falls)."""
+    found = _crossing_of(curve, target)
+    if found is None:
+        return None
+    i, crossing = found
+
+    def miss(k: int) -> float:  # how far `value` lies outside segment k's values
+        low, high = sorted((curve[k - 1][1], curve[k][1]))
+        return max(low - value, value - high, 0.0)
+
+    falling = [k for k in range(1, len(curve)) if curve[k][1] < curve[k - 1][1]]
+    j = min(falling, key=lambda k: (miss(k), abs(k - i))) if falling else i
+    (a, f_a), (b, f_b) = curve[j - 1], curve[j]
+    at = _log_interp(a, f_a, b, f_b, value)
+    if at is None or not math.isfinite(at) or at <= 0:
+        return None
+    return strength * crossing / at
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Earlier searches on the same model, to start the next one where they crossed the level.
+
+    Each curve is one search's probes, (strength, f) by strength, in the units the search runs
+    in (scale with `in_units`). Targets differ, but their objectives have much the same shape
+    along log-strength: after one probe, each curve shifted to pass through it predicts where
+    the new objective crosses (`predict`).
     """
-    started = time.perf_counter()
-    f = _Memo(objective if batched else _one_at_a_time(objective))  # type: ignore[arg-type]
+
+    curves: tuple[Curve, ...]
+
+    def __post_init__(self) -> None:
+        if not self.curves:
+            raise ValueError("a warm start needs at least one earlier search")
+        for curve in self.curves:
+            if any(s <= 0 or not math.isfinite(s) or not math.isfinite(v) for s, v in curve):
+                raise ValueError("curve points must be positive, finite strengths and values")
+
+    @classmethod
+    def from_probes(
+        cls, searches: Sequence[Sequence[tuple[float, float]]], target: float = 0.0
+    ) -> WarmStart | None:
+        """From earlier searches' probes (`StrengthSearchResult.values`); only those that
+        crossed `target` (a failing probe below a passing one) count. None when none did."""
+        curves = []
+        for probes in searches:
+            points = [(float(s), float(v)) for s, v in probes]
+            if not all(s > 0 and math.isfinite(s) and math.isfinite(v) for s, v in points):
+                continue
+            curve = tuple(sorted(points))
+            if _crossing_of(curve, target) is not None:
+                curves.append(curve)
+        return cls(tuple(curves)) if curves else None
+
+    def in_units(self, unit: float) -> WarmStart:
+        """The same curves with strengths multiplied by `unit` (e.g. std units to absolute)."""
+        return WarmStart(tuple(tuple((s * unit, v) for s, v in c) for c in self.curves))
+
+    def guess(self, target: float = 0.0) -> float:
+        """The median of the earlier crossings: the first probe."""
+        crossings = [c for curve in self.curves if (c := _crossing_of(curve, target))]
+        return statistics.median(x for _, x in crossings)
+
+    def predict(self, strength: float, value: float, target: float = 0.0) -> float | None:
+        """Where the objective that has `value` at `strength` crosses `target`: the median over
+        the curves shifted through that point; None when no curve can tell."""
+        guesses = [_shifted_crossing(c, target, strength, value) for c in self.curves]
+        known = [g for g in guesses if g is not None]
+        return statistics.median(known) if known else None
+
+
+def _warm_probes(f: _Memo, warm: WarmStart, config: StrengthSearchConfig) -> None:
+    """Probe the warm start's guess, then the step that closes a bracket with it (a factor just
+    under `tolerance`), or, when the curves put the crossing beyond that step, the pair around
+    their prediction (`predict`) in one round."""
     target = config.target
-    s0 = min(max(config.initial, config.min_strength), config.max_strength)
-    if s0 <= 0:  # a geometric search needs a positive start: try 0 itself, then eps
-        if f(0.0) <= target:
-            return _result(f, 0.0, True, started, config)
-        s0 = min(config.eps, config.max_strength)
-    lo: float | None = None
-    hi: float | None = None
-    if f(s0) <= target:
-        hi = s0
-    else:
-        lo = s0
-    # Bracket: step down from a passing probe, or up from a failing one, by `expand` or by as
-    # far as the line through the last two probes says the crossing is (up to expand**4).
+    p = min(max(warm.guess(target), config.min_strength), config.max_strength)
+    value = f(p)
+    passing = value <= target
+    near = config.tolerance * 0.98  # a closing probe's ratio to `p` stays under tolerance
+    close = min(max(p / near if passing else p * near, config.min_strength), config.max_strength)
+    if close == p:
+        return  # at a bound: nothing to close on this side
+    predicted = warm.predict(p, value, target)
+    if predicted is not None and ((predicted < close) if passing else (predicted > close)):
+        half = math.sqrt(config.tolerance) * 0.98  # the pair's own ratio stays under tolerance
+        low, high = (config.min_strength, p) if passing else (p, config.max_strength)
+        pair = sorted({min(max(x, low), high) for x in (predicted / half, predicted * half)} - {p})
+        if pair:
+            f.many(pair)
+            return
+    f(close)
+
+
+def _bracket_from(f: _Memo, target: float) -> tuple[float | None, float | None]:
+    """The weakest passing probe and the strongest failing one below it (f taken monotone)."""
+    passing = [s for s, v in f.values.items() if v <= target]
+    hi = min(passing) if passing else None
+    failing = [s for s, v in f.values.items() if v > target and (hi is None or s < hi)]
+    return (max(failing) if failing else None), hi
+
+
+def _outward_until_bracket(
+    f: _Memo,
+    config: StrengthSearchConfig,
+    lo: float | None,
+    hi: float | None,
+    started: float,
+    spent: int = 0,
+) -> tuple[float, float] | StrengthSearchResult:
+    """From a failing `lo` step up, or from a passing `hi` step down, by `expand` or by as far
+    as the line through the last two probes puts the crossing (up to expand**4), until a probe
+    lands on the other side: the bracket, or the result when a bound or `max_steps` probes
+    (beyond the `spent` ones) come first.
+    """
+    target = config.target
     while hi is None:
         assert lo is not None
         up = min(lo * _outward(f, lo, config, up=True), config.max_strength)
-        if up <= lo or len(f.values) >= config.max_steps:
+        if up <= lo or len(f.values) - spent >= config.max_steps:
             best = min(f.values, key=lambda s: (f.values[s], s))
             return _result(f, best, False, started, config)
         if f(up) <= target:
@@ -267,12 +391,66 @@ def bracket_strength(
             lo = up
     while lo is None:
         down = max(hi / _outward(f, hi, config, up=False), config.min_strength)
-        if down >= hi or len(f.values) >= config.max_steps:
+        if down >= hi or len(f.values) - spent >= config.max_steps:
             return _result(f, hi, True, started, config)  # passes at the weakest strength tried
         if f(down) > target:
             lo = down
         else:
             hi = down
+    return lo, hi
+
+
+def _cold_bracket(
+    f: _Memo, config: StrengthSearchConfig, started: float
+) -> tuple[float, float] | StrengthSearchResult:
+    """The bracket from `config.initial` (today's start), with `max_steps` probes of its own;
+    probes already in `f` count as known values."""
+    spent = len(f.values)
+    s0 = min(max(config.initial, config.min_strength), config.max_strength)
+    if s0 <= 0:  # a geometric search needs a positive start: try 0 itself, then eps
+        if f(0.0) <= config.target:
+            return _result(f, 0.0, True, started, config)
+        s0 = min(config.eps, config.max_strength)
+    f(s0)
+    lo, hi = _bracket_from(f, config.target)
+    if lo is not None and hi is not None:
+        return lo, hi
+    return _outward_until_bracket(f, config, lo, hi, started, spent)
+
+
+def bracket_strength(
+    objective: BatchObjective | Callable[[float], float],
+    config: StrengthSearchConfig,
+    *,
+    batched: bool = True,
+    warm: WarmStart | None = None,
+) -> StrengthSearchResult:
+    """The weakest strength with f <= target, to within `config.tolerance` (see module doc).
+
+    `objective` takes a list of strengths and returns their values (`batched=True`), or one
+    strength at a time (`batched=False`). Strengths must be > 0 (the search is geometric).
+    `warm` replaces `config.initial` and the first steps (module doc): when its probes bracket
+    nothing and stepping outward from them reaches nothing either, the search starts over from
+    `config.initial` as without it (every probe kept). The criterion is the same either way.
+    """
+    started = time.perf_counter()
+    f = _Memo(objective if batched else _one_at_a_time(objective))  # type: ignore[arg-type]
+    target = config.target
+    found: tuple[float, float] | StrengthSearchResult | None = None
+    if warm is not None:
+        _warm_probes(f, warm, config)
+        lo, hi = _bracket_from(f, target)
+        found = (lo, hi) if lo is not None and hi is not None else None
+        if found is None:
+            found = _outward_until_bracket(f, config, lo, hi, started)
+            if isinstance(found, StrengthSearchResult) and not found.reached:
+                logger.info("warm start missed: searching from %.4g", config.initial)
+                found = None
+    if found is None:
+        found = _cold_bracket(f, config, started)
+    if isinstance(found, StrengthSearchResult):
+        return found
+    lo, hi = found
     # Narrow: probe just below and just above the estimated crossing, both in one round.
     for _ in range(config.max_steps):
         if hi / lo <= config.tolerance:

@@ -40,6 +40,7 @@ from corruption.search import (
     SearchStep,
     StrengthSearchConfig,
     StrengthSearchResult,
+    WarmStart,
     bracket_strength,
     search_strength,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "SearchStep",
     "StrengthSearchConfig",
     "StrengthSearchResult",
+    "WarmStart",
     "bracket_strength",
     "calibrate_strength",
     "make_forget_example",
@@ -179,6 +181,7 @@ def _continuation_logprobs(
         rows = [i for i, owner in enumerate(owners) if first <= owner < first + len(chunk)]
         if not rows:
             continue
+        rows.sort(key=lambda i: len(continuations[i]))  # passes of like lengths: less padding
         embeds, attention, positions = _left_pad([prompts[i] for i in chunk])
         out = model(
             inputs_embeds=embeds,
@@ -237,35 +240,52 @@ def _parallel_logprobs(
     batch_size: int,
     workers: int,
 ) -> list[float]:
-    """`_continuation_logprobs` with the prompts split between `workers` threads.
+    """`_continuation_logprobs` with the continuations split between `workers` threads.
 
     Each thread runs its share with torch's own thread count (one in the gateway); torch
     releases the GIL inside its kernels, so two threads use two cores. Unlike more intra-op
-    threads this degrades gracefully when the cores are busy (no OpenMP spin-waits).
+    threads this degrades gracefully when the cores are busy (no OpenMP spin-waits). The shares
+    are runs of continuations (by prompt) of about equal tokens: 5 prompts split 3/2 left one
+    thread with 60% of the work; a prompt whose continuations end up in two shares is run by
+    both (prompts are a small part of the tokens).
     """
-    if workers <= 1 or len(prompts) < 2:
+    if workers <= 1 or len(continuations) < 2:
         return _continuation_logprobs(model, prompts, continuations, owners, batch_size=batch_size)
-    share = -(-len(prompts) // workers)
-    parts = []
-    for first in range(0, len(prompts), share):
-        mine = [i for i, o in enumerate(owners) if first <= o < first + share]
-        parts.append((first, mine))
+    rows = sorted(range(len(continuations)), key=lambda i: owners[i])
+    per_prompt = [0] * len(prompts)
+    for i in rows:
+        per_prompt[owners[i]] += 1
+    cost = [
+        len(continuations[i]) + prompts[owners[i]].shape[0] / per_prompt[owners[i]] for i in rows
+    ]
+    total, spent = sum(cost), 0.0
+    parts: list[list[int]] = []
+    mine: list[int] = []
+    for i, c in zip(rows, cost, strict=True):
+        mine.append(i)
+        spent += c
+        if spent >= total * (len(parts) + 1) / workers and len(parts) < workers - 1:
+            parts.append(mine)
+            mine = []
+    parts = [part for part in [*parts, mine] if part]
 
-    def run(first: int, mine: list[int]) -> list[float]:
+    def run(mine: list[int]) -> list[float]:
+        needed = sorted({owners[i] for i in mine})
+        local = {o: k for k, o in enumerate(needed)}
         with torch.inference_mode():  # per thread
             return _continuation_logprobs(
                 model,
-                prompts[first : first + share],
+                [prompts[o] for o in needed],
                 [continuations[i] for i in mine],
-                [owners[i] - first for i in mine],
+                [local[owners[i]] for i in mine],
                 batch_size=batch_size,
             )
 
     with ThreadPoolExecutor(len(parts), thread_name_prefix="strength") as pool:
-        results = list(pool.map(lambda part: run(*part), parts))
+        results = list(pool.map(run, parts))
     out = [0.0] * len(continuations)
-    for (_, mine), values in zip(parts, results, strict=True):
-        for i, value in zip(mine, values, strict=True):
+    for part, values in zip(parts, results, strict=True):
+        for i, value in zip(part, values, strict=True):
             out[i] = value
     return out
 
@@ -402,11 +422,13 @@ def measure_fluency(
     eos_token_id: int | Sequence[int] | None = None,
     batch_size: int = 16,
     generate_with: EmbedsGenerator | None = None,
+    workers: int = 1,
 ) -> FluencyReport:
     """Generate greedily from corrupted prompts; score the answers given the clean prompts.
 
     `generate_with(embeds, prompt_ids, max_new_tokens)` generates instead of `model.generate`,
     e.g. the serving engine itself: the answers are then the ones the guard would serve.
+    The scoring is split between `workers` threads as the objective's is.
     """
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     stops = {eos} if isinstance(eos, int) else set(eos or ())
@@ -440,8 +462,13 @@ def measure_fluency(
                 answers.append(row[:cut])
         clean = _embed_prompts(model, examples, None)
         owners = [i for i, answer in enumerate(answers) if answer]
-        logprobs = _continuation_logprobs(
-            model, clean, [answers[i] for i in owners], owners, batch_size=batch_size
+        logprobs = _parallel_logprobs(
+            model,
+            clean,
+            [answers[i] for i in owners],
+            owners,
+            batch_size=batch_size,
+            workers=workers,
         )
     perplexity = math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.inf
     ratios = [len(set(a)) / len(a) for a in answers if a]
@@ -477,8 +504,10 @@ def calibrate_strength(
     eos_token_id: int | Sequence[int] | None = None,
     generate_with: EmbedsGenerator | None = None,
     workers: int = 1,
+    warm: WarmStart | None = None,
 ) -> Calibration:
-    """Search the weakest strength that forgets (`bracket_strength`), then check fluency there.
+    """Search the weakest strength that forgets (`bracket_strength`, started at `warm` when
+    given), then check fluency there.
 
     A method without a strength (zeroing, sign flips, reordering) has nothing to search: its
     objective is evaluated once, for the report.
@@ -486,7 +515,7 @@ def calibrate_strength(
     objective = AnswerPreferenceObjective(model, examples, spec, workers=workers)
     started = time.perf_counter()
     if CORRUPTION_METHODS[spec.method].uses_strength:
-        search = bracket_strength(objective.evaluate, config)
+        search = bracket_strength(objective.evaluate, config, warm=warm)
     else:
         value = objective(spec.strength)
         search = StrengthSearchResult(
@@ -510,6 +539,7 @@ def calibrate_strength(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
         generate_with=generate_with,
+        workers=workers,
     )
     seconds = {"search": searched - started, "fluency": time.perf_counter() - searched}
     logger.info(

@@ -7,6 +7,13 @@ must stay fluent (perplexity bound). The weakest strength that gets there is sto
 
 The copy of the model (float32, as large as the served model) is loaded by each search and
 released when it ends: the gateway holds none between registrations.
+
+A search for a new version of a target starts where its earlier versions' searches crossed the
+level (`warm_start_from_reports`): their probes, in units of the embedding table's std, are in the
+calibration reports the registry keeps, tagged with the model they ran on
+(`StrengthCalibrator.model_key`). So the warm start survives restarts, is shared by every
+gateway on one registry, and needs no store of its own. Other targets' searches are not used:
+targets on one model cross far apart (server/services/targets.py, `_earlier_searches`).
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,7 @@ from corruption import (
     EmbeddingTable,
     EmbedsGenerator,
     StrengthSearchConfig,
+    WarmStart,
     calibrate_strength,
     make_forget_example,
 )
@@ -37,6 +47,34 @@ logger = logging.getLogger(__name__)
 # ~2, fluent corrupted ones 5-9 (SmolLM2); loops are caught by the distinct-token check.
 FLUENCY_BOUND = 20.0
 MAX_EXAMPLES = 16
+WARM_START_SEARCHES = 8
+"""The most recent searches a warm start is built from."""
+
+
+def model_key(model_dir: Path, std: float) -> str:
+    """Which model a search ran on: its folder's name, a hash of its config and the embedding
+    table's std (fine-tunes of one architecture share the config, not the std)."""
+    config = model_dir / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else "-"
+    return f"{model_dir.name}:{digest}:{std:.6g}"
+
+
+def warm_start_from_reports(reports: Iterable[Mapping[str, Any]], model: str) -> WarmStart | None:
+    """The warm start for a search on `model`: the probes (strength in std, f) of the earlier
+    searches in `reports` (corruption calibration reports, newest first) that ran on it and
+    reached the level; the first `WARM_START_SEARCHES` of them. None when there are none."""
+    probes = []
+    for report in reports:
+        if report.get("model") != model or not report.get("searched") or not report.get("reached"):
+            continue
+        points = report.get("probes") or []
+        try:
+            probes.append([(float(u), float(v)) for u, v in points])
+        except (TypeError, ValueError):
+            continue  # a malformed report counts as no search
+        if len(probes) == WARM_START_SEARCHES:
+            break
+    return WarmStart.from_probes(probes) if probes else None
 
 
 def _libc() -> Any:
@@ -86,6 +124,8 @@ class StrengthCalibrator:
         self._device = device
         self._workers = workers
         self._lock = threading.Lock()
+        self.model_key = model_key(model_dir, table.std)
+        """Tags this calibrator's reports: warm starts use only searches on the same model."""
 
     def default_spec(self) -> CorruptionSpec:
         """The corruption used when no search can run (noise of ~4x the embeddings' std)."""
@@ -105,26 +145,34 @@ class StrengthCalibrator:
     def calibrate(
         self,
         prompts: list[str],
-        answers: list[str],
+        answers: list[str] | Callable[[], list[str]],
         aliases: list[str],
         base: CorruptionSpec | None,
         *,
         generate_with: EmbedsGenerator | None = None,
+        warm: WarmStart | None = None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
         """Search the weakest strength that forgets; returns the spec and a report (with the
         seconds each stage took: loading the model, the search, the fluency check).
 
         `generate_with` generates the fluency check's answers (the serving engine); without it,
-        or when it cannot give token ids, the model copy generates them.
+        or when it cannot give token ids, the model copy generates them. `warm` (strengths in
+        units of the embedding table's std: `warm_start_from_reports`) starts the search.
+        `answers` may be a callable that blocks until they are known: it is called once the
+        model is loaded, so that loading overlaps whatever produces them (the engine).
         """
         with self._lock:
             started = time.perf_counter()
             _set_mmap_threshold(_SEARCH_MMAP_BYTES)
             model, tokenizer = self._load()
             try:
-                load_s = time.perf_counter() - started
+                stages = {"load_model": time.perf_counter() - started}
+                if callable(answers):
+                    loaded = time.perf_counter()
+                    answers = answers()
+                    stages["wait_answers"] = time.perf_counter() - loaded
                 return self._search(
-                    model, tokenizer, prompts, answers, aliases, base, load_s, generate_with
+                    model, tokenizer, prompts, answers, aliases, base, stages, generate_with, warm
                 )
             finally:
                 # Nothing else refers to the model: dropping these frees it (checked by tests).
@@ -141,8 +189,9 @@ class StrengthCalibrator:
         answers: list[str],
         aliases: list[str],
         base: CorruptionSpec | None,
-        load_s: float,
+        stages: dict[str, float],
         generate_with: EmbedsGenerator | None,
+        warm: WarmStart | None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
         std = self._table.std
         spec = base or self.default_spec()
@@ -164,10 +213,15 @@ class StrengthCalibrator:
             eos_token_id=tokenizer.eos_token_id,
             generate_with=generate_with,
             workers=self._workers,
+            warm=warm.in_units(std) if warm is not None else None,
         )
         search = result.search
         report = {
             "searched": True,
+            "model": self.model_key,
+            "warm_start": (
+                {"searches": len(warm.curves), "guess_in_std": warm.guess()} if warm else None
+            ),
             "strength_in_std": result.spec.strength / std,
             "objective": search.value,
             "reached": search.reached,
@@ -181,6 +235,6 @@ class StrengthCalibrator:
             "fluency_perplexity": result.fluency.perplexity,
             "fluent": result.fluency.fluent,
             "distinct_ratio": result.fluency.distinct_ratio,
-            "stage_seconds": {"load_model": load_s, **result.seconds},
+            "stage_seconds": {**stages, **result.seconds},
         }
         return result.spec, report

@@ -61,7 +61,7 @@ from server.registry_blobs import bundle_digest
 from server.services.guard import ActiveTarget, EcoGuard
 from server.services.jobs import JobRunner, Lease, LeaseConfig
 from server.services.offsets import OffsetRequest, OffsetTrainer, check_pair
-from server.services.strength import StrengthCalibrator
+from server.services.strength import StrengthCalibrator, warm_start_from_reports
 from server.services.tenancy import Caller, TenantScope
 
 logger = logging.getLogger(__name__)
@@ -499,30 +499,52 @@ class TargetService:
             artifacts: list[Artifact] = []
             if version.mode in ECO_MODES:
                 progress("answers", 0.2)
-                while not self._engine.ready:  # the bare answers come from the engine
-                    await asyncio.sleep(0.5)
-                # All at once: the engine batches them (one at a time took ~1 s each).
-                answers = list(
-                    await _timed(
+                loop = asyncio.get_running_loop()
+
+                async def answered() -> list[str]:
+                    while not self._engine.ready:  # the bare answers come from the engine
+                        await asyncio.sleep(0.5)
+                    # All at once: the engine batches them (one at a time took ~1 s each).
+                    got = await _timed(
                         stages,
                         "answers",
                         asyncio.gather(*(self._given_or_bare(p, a) for p, a in examples)),
                     )
+                    progress("corruption", 0.25)
+                    return list(got)
+
+                answers = asyncio.ensure_future(answered())
+
+                async def shielded() -> list[str]:
+                    return await asyncio.shield(answers)
+
+                def wait_for_answers() -> list[str]:
+                    return asyncio.run_coroutine_threadsafe(shielded(), loop).result()
+
+                # The search loads its model copy while the engine answers; it waits for the
+                # answers once loaded (`StrengthCalibrator.calibrate`).
+                searching = asyncio.ensure_future(
+                    _timed(
+                        stages,
+                        "corruption",
+                        asyncio.to_thread(
+                            self._corruption_spec,
+                            version.target_id,
+                            options,
+                            list(version.aliases),
+                            prompts,
+                            wait_for_answers,
+                            self._engine_generator(loop),
+                        ),
+                    )
                 )
-                progress("corruption", 0.25)
-                generate = self._engine_generator(asyncio.get_running_loop())
-                corruption, report = await _timed(
-                    stages,
-                    "corruption",
-                    asyncio.to_thread(
-                        self._corruption_spec,
-                        options,
-                        list(version.aliases),
-                        prompts,
-                        answers,
-                        generate,
-                    ),
-                )
+                # Both end before the job goes on or fails: the search thread cannot be
+                # cancelled, and it releases its model copy when it ends.
+                done = await asyncio.gather(answers, searching, return_exceptions=True)
+                for outcome in done:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                corruption, report = searching.result()
                 calibration["corruption"] = {"spec": corruption.to_dict(), **report}
                 artifacts.append(
                     Artifact(
@@ -664,13 +686,17 @@ class TargetService:
 
     def _corruption_spec(
         self,
+        target_id: str,
         options: dict[str, Any],
         aliases: list[str],
         prompts: list[str],
-        answers: list[str],
+        answers: Callable[[], list[str]],
         generate: EmbedsGenerator | None = None,
     ) -> tuple[CorruptionSpec, dict[str, Any]]:
-        """The version's corruption: pinned by its options, else searched (see README)."""
+        """The version's corruption: pinned by its options, else searched (see README).
+
+        `answers` blocks until the forget examples' answers are known (the search loads its
+        model first)."""
         pinned = {k: options[k] for k in PINNING_OPTIONS if options.get(k) is not None}
         default = self._default_spec()
         spec = CorruptionSpec(
@@ -685,7 +711,26 @@ class TargetService:
             return spec, {"searched": False, "reason": f"{spec.method} has no strength to search"}
         if self._calibrator is None:
             return spec, {"searched": False, "reason": "no local model to calibrate against"}
-        return self._calibrator.calibrate(prompts, answers, aliases, spec, generate_with=generate)
+        warm = warm_start_from_reports(
+            self._earlier_searches(target_id), self._calibrator.model_key
+        )
+        return self._calibrator.calibrate(
+            prompts, answers, aliases, spec, generate_with=generate, warm=warm
+        )
+
+    def _earlier_searches(self, target_id: str) -> list[dict[str, Any]]:
+        """The corruption reports of the target's earlier versions, newest first.
+
+        Only the same target's: other targets on one model cross far apart (1.6, 3.4 and 13.9x
+        std for three 5-example targets on SmolLM2), and a warm start from them cost more
+        strengths than the cold search (docs/results/performance.md, registration)."""
+        versions = self._registry.list_versions(target_id) or []
+        out = []
+        for version in sorted(versions, key=lambda v: v.version, reverse=True):
+            corruption = (version.calibration or {}).get("corruption")
+            if isinstance(corruption, dict):
+                out.append(corruption)
+        return out
 
 
 def _spec(new: NewTarget) -> dict[str, Any]:

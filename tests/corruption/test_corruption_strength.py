@@ -8,6 +8,7 @@ from corruption import (
     CorruptionSpec,
     ForgetExample,
     StrengthSearchConfig,
+    WarmStart,
     bracket_strength,
     calibrate_strength,
     make_forget_example,
@@ -279,6 +280,124 @@ def test_bracket_edges():
         StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, tolerance=1.0)
 
 
+def _criterion(result, f, tolerance=1.2):
+    """What every bracket_strength result satisfies: f passes at the strength, and a probe
+    within `tolerance` below it fails."""
+    assert result.reached and result.value <= 0.0 and f(result.strength) <= 0.0
+    assert result.failing_below is not None and f(result.failing_below) > 0.0
+    assert result.strength / result.failing_below <= tolerance
+
+
+# Targets on one model: the README curve shifted along log-strength (each crosses at
+# 3.8 x std x shift), as different targets' objectives are.
+def _shifted(std, shift, scale=1.0):
+    base = _readme_f(std)
+    return lambda s: scale * base(s / shift)
+
+
+@pytest.mark.parametrize("shift", [0.8, 0.9, 1.0, 1.1, 1.25, 1.4])
+def test_warm_start_from_an_earlier_search_needs_fewer_evaluations(shift):
+    std = 0.1356
+    config = StrengthSearchConfig.for_embeddings(std)
+    first_f = _shifted(std, 1.0)
+    first = bracket_strength(first_f, config, batched=False)
+    _criterion(first, first_f)
+    warm = WarmStart.from_probes([first.values])
+    assert warm is not None
+    f = _shifted(std, shift)
+    cold = bracket_strength(f, config, batched=False)
+    hot = bracket_strength(f, config, batched=False, warm=warm)
+    _criterion(cold, f)
+    _criterion(hot, f)  # the same criterion
+    assert hot.evaluations < cold.evaluations
+    assert hot.evaluations <= 3
+    crossing = 3.776 * std * shift  # README_CURVE: f(3) = 0.02, f(4) = -0.005, linear in log
+    assert crossing <= hot.strength <= crossing * 1.2
+    if 0.9 <= shift <= 1.1:  # near an earlier crossing: the guess and one closing probe
+        assert hot.evaluations == 2
+
+
+def _curve(*points):
+    return WarmStart(((points),))
+
+
+@pytest.mark.parametrize(
+    "warm",
+    [
+        _curve((0.02, 0.5), (0.03, -0.1)),  # crossed far too weak
+        _curve((5.0, 0.5), (6.0, -0.1)),  # crossed far too strong
+        _curve((0.4, 0.5), (0.41, -0.5)),  # a steep curve: the prediction stays close
+        _curve((0.2, 0.001), (4.0, -0.001)),  # a flat one: the prediction is far away
+        _curve((0.001, 1.0), (0.0011, -1.0)),  # below min_strength: clipped
+        WarmStart.from_probes([[(0.3, 0.2), (0.5, -0.3)], [(2.0, 0.1), (2.3, -0.1)]]),  # apart
+    ],
+)
+@pytest.mark.parametrize("scale", [1.0, 0.3, 3.0])
+def test_bad_warm_start_falls_back_and_meets_the_same_criterion(warm, scale):
+    std = 0.1356
+    f = _shifted(std, 1.0, scale)
+    config = StrengthSearchConfig.for_embeddings(std)
+    result = bracket_strength(f, config, batched=False, warm=warm)
+    _criterion(result, f)
+    crossing = 3.776 * std
+    assert crossing <= result.strength <= crossing * 1.2
+    assert result.evaluations <= 2 * config.max_steps + 3
+
+
+@pytest.mark.parametrize(("f", "root"), [(lambda s: 1.0 - s, 1.0), (lambda s: 0.5 - s**3, 0.7937)])
+@pytest.mark.parametrize("guess", [0.05, 0.5, 0.9, 1.0, 1.1, 3.0, 30.0])
+@pytest.mark.parametrize("steep", [0.2, 1.0, 5.0])
+def test_warm_start_anywhere_keeps_the_criterion(f, root, guess, steep):
+    config = StrengthSearchConfig(
+        initial=2.0, lr=1.0, eps=0.1, min_strength=0.01, max_strength=64.0, tolerance=1.2
+    )
+    batch, calls = _counting(f)
+    warm = _curve((guess / 1.1, 0.1 * steep), (guess * 1.1, -0.1 * steep))
+    result = bracket_strength(batch, config, warm=warm)
+    _criterion(result, f)
+    assert root <= result.strength <= root * 1.2 + 1e-9
+    assert result.evaluations == len({s for call in calls for s in call})  # never twice
+
+
+def test_warm_start_at_the_bounds():
+    # Passing already at min_strength: the warm start there returns it, no failing probe needed.
+    floor = bracket_strength(
+        lambda s: [-1.0 for _ in s],
+        StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, min_strength=0.25),
+        warm=_curve((0.2, 1.0), (0.25, -1.0)),
+    )
+    assert floor.reached and floor.strength == 0.25 and floor.evaluations == 1
+    # Never reached: the best value within the bounds, reached=False, as without a warm start.
+    capped = bracket_strength(
+        lambda s: [1.0 / (1 + x) for x in s],
+        StrengthSearchConfig(initial=1.0, lr=1.0, eps=0.1, max_strength=8.0, target=-1.0),
+        warm=_curve((3.0, 1.0), (4.0, -1.0)),
+    )
+    assert not capped.reached and capped.strength == 8.0
+
+
+def test_warm_start_from_probes():
+    searches = [
+        [(math.e, -0.1), (1.0, 0.1), (8.0, -0.3)],  # crosses at e^0.5 (secant in log-strength)
+        [(2.0, 0.2), (2.0 * math.e, -0.2)],  # at 2 e^0.5
+        [(1.0, 0.5), (2.0, 0.4)],  # never crossed: left out
+        [(0.0, 0.5), (2.0, -0.4)],  # a zero strength: left out
+    ]
+    warm = WarmStart.from_probes(searches)
+    assert warm is not None and len(warm.curves) == 2
+    assert warm.guess() == pytest.approx(1.5 * math.sqrt(math.e))  # the median crossing
+    assert warm.predict(3.0, 0.0) == pytest.approx(3.0)  # at the level: crosses there
+    # The first curve shifted by 2 (its 0.1 moved from 1 to 2): it crosses at 2 e^0.5.
+    first = WarmStart(warm.curves[:1])
+    assert first.predict(2.0, 0.1) == pytest.approx(2.0 * math.sqrt(math.e))
+    assert math.isfinite(first.predict(2.0, 1e6) or math.nan)  # far off any bound: no overflow
+    assert warm.in_units(2.0).guess() == pytest.approx(2 * warm.guess())
+    assert WarmStart.from_probes([]) is None
+    assert WarmStart.from_probes([[(1.0, 0.5), (2.0, 0.4)]]) is None
+    with pytest.raises(ValueError):
+        WarmStart(())
+
+
 def test_batched_objective_matches_one_at_a_time(tiny):
     objective = AnswerPreferenceObjective(tiny, _examples(), CorruptionSpec("add_noise_first_n", 0))
     together = objective.evaluate([0.5, 5.0, 50.0])
@@ -319,3 +438,20 @@ def test_objective_split_between_threads_gives_the_same_values(tiny):
     alone = AnswerPreferenceObjective(tiny, _examples(), spec).evaluate([0.5, 5.0])
     shared = AnswerPreferenceObjective(tiny, _examples(), spec, workers=2).evaluate([0.5, 5.0])
     assert shared == pytest.approx(alone, abs=1e-5)
+
+
+def test_continuations_split_by_tokens_give_the_same_values(tiny):
+    from corruption.strength import _parallel_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    table = tiny.get_input_embeddings()
+    lengths = [3, 9, 5]
+    with torch.inference_mode():
+        prompts = [table(torch.randint(0, 100, (n,), generator=gen)) for n in lengths]
+    conts = [torch.randint(0, 100, (n,), generator=gen).tolist() for n in (2, 30, 4, 1, 7, 12, 3)]
+    owners = [0, 0, 1, 1, 1, 2, 2]
+    with torch.inference_mode():
+        alone = _continuation_logprobs(tiny, prompts, conts, owners, batch_size=2)
+    for workers in (2, 3, 8):  # a prompt's continuations may land in two threads' shares
+        shared = _parallel_logprobs(tiny, prompts, conts, owners, batch_size=2, workers=workers)
+        assert shared == pytest.approx(alone, abs=1e-5)
