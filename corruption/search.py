@@ -222,16 +222,11 @@ def _outward(f: _Memo, last: float, config: StrengthSearchConfig, *, up: bool) -
     if not side or last <= 0:
         return config.expand
     other = side[-1] if up else side[0]  # the previous probe (below when going up), nearest
-    guess = _line_crossing(other, f.values[other], last, f.values[last], config.target)
+    guess = _log_interp(other, f.values[other], last, f.values[last], config.target)
     if guess is None:
         return config.expand
     factor = (guess / last if up else last / guess) * math.sqrt(config.tolerance)
     return min(max(factor, config.expand), config.expand**4)
-
-
-def _line_crossing(a: float, f_a: float, b: float, f_b: float, target: float) -> float | None:
-    """Where the line through (log a, f_a) and (log b, f_b) meets `target`; None if flat."""
-    return _log_interp(a, f_a, b, f_b, target)
 
 
 Curve = tuple[tuple[float, float], ...]
@@ -239,7 +234,7 @@ Curve = tuple[tuple[float, float], ...]
 
 
 def _log_interp(a: float, f_a: float, b: float, f_b: float, value: float) -> float | None:
-    """The strength between a and b (log scale) where the line through them reaches `value`."""
+    """Where the line through (log a, f_a) and (log b, f_b) reaches `value`; None if flat."""
     if f_a == f_b or a <= 0 or b <= 0:
         return None
     log_s = math.log(a) + (f_a - value) / (f_a - f_b) * (math.log(b) - math.log(a))
@@ -287,9 +282,11 @@ class WarmStart:
     """Earlier searches on the same model, to start the next one where they crossed the level.
 
     Each curve is one search's probes, (strength, f) by strength, in the units the search runs
-    in (scale with `in_units`). Targets differ, but their objectives have much the same shape
-    along log-strength: after one probe, each curve shifted to pass through it predicts where
-    the new objective crosses (`predict`).
+    in (scale with `in_units`). Taking the new objective to have an earlier one's shape along
+    log-strength, after one probe each curve shifted to pass through it predicts where the new
+    objective crosses (`predict`). That held for versions of one target; targets on one model
+    crossed too far apart for it (docs/results/performance.md), so the gateway passes only the
+    same target's earlier searches.
     """
 
     curves: tuple[Curve, ...]
