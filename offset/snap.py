@@ -194,7 +194,8 @@ class SnapTrainer:
             loss = answer_loss(self.model, batch)
         return loss.float()
 
-    def _swd(self) -> Tensor:
+    def swd(self) -> Tensor:
+        """Σ SWD(θ₀, θ) over the trained matrices (unweighted; the loss adds λ times it)."""
         return swd_penalty(
             self.initial,
             self.model,
@@ -203,26 +204,13 @@ class SnapTrainer:
             generator=self._generator,
         )
 
-    def compute_loss(self, batches: dict[str, Batch]) -> tuple[Tensor, dict[str, float]]:
-        """Σ SFT over the given parts + λ·Σ SWD(θ₀, θ); also returns each term as a float."""
-        total = torch.zeros((), device=self.device)
-        parts: dict[str, float] = {}
-        for name, batch in batches.items():
-            loss = self.sft_loss(batch)
-            parts[name] = loss.item()
-            total = total + loss
-        if self.config.lambda_swd > 0:
-            swd = self._swd()
-            parts["swd"] = swd.item()
-            total = total + self.config.lambda_swd * swd
-        parts["total"] = total.item()
-        return total, parts
-
     def accumulate_gradients(self, batches: dict[str, Batch]) -> dict[str, float]:
-        """The gradient of `compute_loss`, one term at a time; returns each term as a float.
+        """Add the gradient of Σ SFT over the parts + λ·SWD(θ₀, θ) to the parameters' grads,
+        one term at a time; returns each term (SWD unweighted) and the total as floats.
 
         The loss is a sum, so back-propagating each part as soon as it is computed gives the
-        same gradient while holding one part's activations at a time instead of three.
+        same gradient as the summed loss while holding one part's activations at a time
+        instead of three.
         """
         parts: dict[str, float] = {}
         total = 0.0
@@ -232,7 +220,7 @@ class SnapTrainer:
             parts[name] = loss.item()
             total += parts[name]
         if self.config.lambda_swd > 0:
-            swd = self._swd()
+            swd = self.swd()
             torch.autograd.backward(self.config.lambda_swd * swd)
             parts["swd"] = swd.item()
             total += self.config.lambda_swd * parts["swd"]

@@ -121,8 +121,7 @@ def test_swd_term_changes_the_gradient(tokenizer) -> None:
         with torch.no_grad():  # θ = θ₀ gives SWD = 0 and no gradient: move away first
             for p in model.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-        loss, parts = trainer.compute_loss(batch)
-        torch.autograd.backward(loss)
+        parts = trainer.accumulate_gradients(batch)
         grads.append(model.model.norm.weight.grad.clone())
         assert ("swd" in parts) == (lam > 0)
     assert not torch.allclose(grads[0], grads[1])
@@ -161,9 +160,13 @@ def test_gradients_accumulated_part_by_part_equal_the_summed_loss_gradient(token
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
         if per_part:
             parts = trainer.accumulate_gradients(batches)
-        else:
-            loss, parts = trainer.compute_loss(batches)
-            torch.autograd.backward(loss)
+        else:  # the summed loss, back-propagated once
+            losses = {name: trainer.sft_loss(b) for name, b in batches.items()}
+            swd = trainer.swd()
+            total = sum(losses.values()) + config.lambda_swd * swd
+            torch.autograd.backward(total)
+            parts = {**{k: v.item() for k, v in losses.items()}, "swd": swd.item()}
+            parts["total"] = total.item()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         assert set(parts) == {"forget", "world", "swd", "total"}
     for name, grad in grads[0].items():
