@@ -129,6 +129,32 @@ def small_step_seconds(
     return statistics.median(times)
 
 
+def ideal_ratio(
+    unlearned: Path,
+    base: Path,
+    tokenizer_dir: Path,
+    prompts: list[str],
+    tokens: int,
+    plain_tok_per_s: float,
+) -> dict[str, float]:
+    """t_big / (t_big + t_small) for `prompts` decoding together (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt_ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
+        for q in prompts
+    ]
+    t_small = small_step_seconds(
+        unlearned, base, [list(getattr(ids, "input_ids", ids)) for ids in prompt_ids], tokens
+    )
+    t_big = len(prompts) / plain_tok_per_s
+    return {"big_step_s": t_big, "small_models_step_s": t_small,
+            "ideal_ratio": t_big / (t_big + t_small)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -177,23 +203,14 @@ def main() -> None:
     plain_s, delta_s = statistics.median(rounds["plain"]), statistics.median(rounds["delta"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rounds": rounds, "ratio": delta_s / plain_s}, indent=2))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    prompt_ids = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
-        )
-        for q in flagged[: args.concurrency]
-    ]
-    t_small = small_step_seconds(
+    ideal = ideal_ratio(
         Path(offset.get("unlearned", options.get("unlearned_model", model))),
         Path(offset.get("base", model)),
-        [list(getattr(ids, "input_ids", ids)) for ids in prompt_ids],
+        Path(model),
+        flagged[: args.concurrency],
         args.tokens,
+        plain_s,
     )
-    t_big = args.concurrency / statistics.median(rounds["plain"])
-    ideal = t_big / (t_big + t_small)
     delta_decisions = sum(
         float(line.split()[-1])
         for line in metrics.splitlines()
@@ -208,11 +225,8 @@ def main() -> None:
         "delta_tok_per_s": statistics.median(rounds["delta"]),
         "ratio_delta_over_plain": statistics.median(rounds["delta"])
         / statistics.median(rounds["plain"]),
-        "big_step_s": t_big,
-        "small_models_step_s": t_small,
-        "ideal_ratio": ideal,
-        "delta_over_ideal": statistics.median(rounds["delta"])
-        / statistics.median(rounds["plain"]) / ideal,
+        **ideal,
+        "delta_over_ideal": delta_s / plain_s / ideal["ideal_ratio"],
         "rounds": rounds,
         "memory_added_mib": (rss_after - rss_before) / 2**20,
         "memory_before_mib": rss_before / 2**20,

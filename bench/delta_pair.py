@@ -41,6 +41,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.delta import ideal_ratio  # noqa: E402
 from bench.models_pair import CACHE, MODELS  # noqa: E402
 from bench.workload import TOPICS, run_burst  # noqa: E402
 from evaluation.tofu_data import MmluQuestion, load_mmlu  # noqa: E402
@@ -181,10 +182,14 @@ def target(url: str, target_id: str) -> dict[str, Any]:
     return record
 
 
+def flagged_prompts(n: int) -> list[str]:
+    return [f"Tell me about Harry Potter and {t}." for t in TOPICS][:n]
+
+
 def throughput(url: str, rounds: int, concurrency: int, tokens: int) -> dict[str, Any]:
     """Alternated rounds: unflagged prompts (plain big model) and flagged prompts (δ)."""
     plain = [f"Tell me about {t}." for t in TOPICS][:concurrency]
-    flagged = [f"Tell me about Harry Potter and {t}." for t in TOPICS][:concurrency]
+    flagged = flagged_prompts(concurrency)
     run_burst(url, SERVED, flagged[:2], 4, stream=False)  # loads the small models
     out: dict[str, list[float]] = {"plain": [], "delta": []}
     for _ in range(rounds):
@@ -226,6 +231,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--workers", type=int, default=8, help="concurrent requests")
     parser.add_argument("--skip-all", action="store_true", help="skip the scope `all` phase")
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="register, then only tokens/s and the ideal ratio (no answers, no MMLU)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/delta_pair.json"))
     parser.add_argument(
         "--engine",
@@ -281,9 +291,14 @@ def main() -> None:
     started = time.perf_counter()
     with upstream, running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log", timeout_s=900):
         walls["gateway_start"] = time.perf_counter() - started
-        report["answers"] = {"plain": phase("answers_plain", lambda: answers(url, args.workers))}
-        report["mmlu"] = {"plain": phase("mmlu_plain", lambda: mmlu(url, questions, args.workers))}
-        save()
+        if not args.throughput_only:
+            report["answers"] = {
+                "plain": phase("answers_plain", lambda: answers(url, args.workers))
+            }
+            report["mmlu"] = {
+                "plain": phase("mmlu_plain", lambda: mmlu(url, questions, args.workers))
+            }
+            save()
 
         body = {**TARGET, "options": {
             "small_base": str(args.small), "scope": "flagged",
@@ -297,19 +312,38 @@ def main() -> None:
         report["registration"] = {"request": body, "job": state, "target": record}
         save()
 
-        report["answers"]["flagged"] = phase("answers_flagged", lambda: answers(url, args.workers))
-        report["mmlu"]["flagged"] = phase(
-            "mmlu_flagged", lambda: mmlu(url, questions, args.workers)
-        )
-        save()
+        if not args.throughput_only:
+            report["answers"]["flagged"] = phase(
+                "answers_flagged", lambda: answers(url, args.workers)
+            )
+            report["mmlu"]["flagged"] = phase(
+                "mmlu_flagged", lambda: mmlu(url, questions, args.workers)
+            )
+            save()
         report["throughput"] = phase(
             "throughput",
             lambda: throughput(url, args.rounds, args.concurrency, args.tokens),
         )
         save()
+        offset = (record.get("calibration") or {}).get("offset") or {}
+        report["throughput"].update(
+            phase(
+                "ideal",
+                lambda: ideal_ratio(
+                    Path(offset.get("unlearned", offset.get("unlearned_model", ""))),
+                    Path(offset.get("base", args.small)),
+                    args.big,
+                    flagged_prompts(args.concurrency),
+                    args.tokens,
+                    report["throughput"]["plain_tok_per_s"],
+                ),
+            )
+        )
+        thr = report["throughput"]
+        thr["delta_over_ideal"] = thr["ratio"] / thr["ideal_ratio"]
+        save()
 
-        if not args.skip_all:
-            offset = (record.get("calibration") or {}).get("offset") or {}
+        if not args.skip_all and not args.throughput_only:
             options = {**body["options"], "scope": "all"}
             options["unlearned_model"] = offset["unlearned_model"]
             options.pop("snap_max_steps", None)
@@ -328,12 +362,12 @@ def main() -> None:
     summary = {
         "wall_s": walls,
         "mmlu": {k: {x: v[x] for x in ("accuracy", "parsed", "delta_requests", "wall_s")}
-                 for k, v in report["mmlu"].items()},
+                 for k, v in report.get("mmlu", {}).items()},
         "throughput": {k: v for k, v in report["throughput"].items() if k != "rounds"},
         "snap": (report["registration"]["target"].get("calibration") or {}).get("offset"),
     }  # fmt: skip
     print(json.dumps(summary, indent=2, default=str)[:6000])  # noqa: T201
-    for name in report["answers"]["plain"]:
+    for name in report.get("answers", {}).get("plain", {}):
         for q in report["answers"]["plain"][name]:
             row = {c: report["answers"][c][name][q] for c in report["answers"]}
             print(json.dumps({"set": name, "q": q, **row}, ensure_ascii=False))  # noqa: T201

@@ -137,9 +137,9 @@ def measure_level(
                 false_flags += (
                     counter(url, "obliviate_guard_decisions", action="corrupt") - flags_before
                 )
-                theirs = rounds["vllm"][-1].texts
-                identical += sum(a == b for a, b in zip(result.texts, theirs, strict=True))
-                compared += len(theirs)
+                vllm_texts = rounds["vllm"][-1].texts
+                identical += sum(a == b for a, b in zip(result.texts, vllm_texts, strict=True))
+                compared += len(vllm_texts)
             print(
                 f"{targets:3d} targets, round {r + 1} {side:9s} {result.tok_per_s:6.1f} tok/s",
                 flush=True,
@@ -150,6 +150,11 @@ def measure_level(
         "vllm": theirs,
         "obliviate": ours,
         "throughput_ratio": ours["tok_per_s_median"] / theirs["tok_per_s_median"],
+        # Each obliviate round against the vLLM round just before it: the spread is the noise.
+        "round_ratios": [
+            got.tok_per_s / base.tok_per_s
+            for got, base in zip(rounds["obliviate"], rounds["vllm"], strict=True)
+        ],
         "added_latency_p50_ms": ours["latency_p50_ms"] - theirs["latency_p50_ms"],
         "added_latency_p99_ms": ours["latency_p99_ms"] - theirs["latency_p99_ms"],
         "greedy_identical": f"{identical}/{compared}",
@@ -178,7 +183,7 @@ def measure_level(
 
 def markdown(report: dict[str, Any]) -> str:
     rows = [
-        "| targets | vLLM tok/s | obliviate tok/s | ratio | added p50 | added p99 "
+        "| targets | vLLM tok/s | obliviate tok/s | ratio (rounds min-max) | added p50 | added p99 "
         "| guard p50 | guard p99 | flagged / unflagged | identical | RSS beyond vLLM |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -189,6 +194,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append(
             f"| {lv['targets']} | {lv['vllm']['tok_per_s_median']:.1f} "
             f"| {lv['obliviate']['tok_per_s_median']:.1f} | {lv['throughput_ratio']:.3f} "
+            f"({min(lv['round_ratios']):.2f}-{max(lv['round_ratios']):.2f}) "
             f"| {lv['added_latency_p50_ms']:+.0f} ms | {lv['added_latency_p99_ms']:+.0f} ms "
             f"| {guard50} | {guard99} | {flagged} | {lv['greedy_identical']} "
             f"| {lv['memory_mib']['gateway_beyond_vllm']:+.0f} MiB |"
