@@ -12,7 +12,8 @@ the first δ request (the small models load then). Writes bench/results/delta.js
 
 `--unlearned` adopts a model trained by `obliviate snap train`; without it, the registration job
 trains one (minutes). For the cost alone any folder of the base's architecture will do (a copy of
-the base gives a zero offset at the same price).
+the base gives a zero offset at the same price). The gateway runs with its output guard off, so
+that answers naming the target are not restarted: the tokens/s are the offset's cost alone.
 
 The ideal ratio is what δ would cost if the only extra work were the small models' decode steps:
 t_big / (t_big + t_small), with t_big the plain rounds' time per decode step (concurrency /
@@ -172,9 +173,12 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="obliviate-delta-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # The output guard off: it restarts answers that name the target (a zero-offset copy's all
+    # do), which would count its regenerations as δ's cost (bench/output_guard.py measures it).
     argv = gateway_argv(
-        port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=args.dtype
-    )
+        port, "--model", str(model), "--data-dir", str(logs / "data"), "--guard.output", "false",
+        dtype=args.dtype,
+    )  # fmt: skip
     plain = [f"Tell me about {t}." for t in TOPICS]
     flagged = [f"Tell me about Harry Potter and {t}." for t in TOPICS]
     options: dict[str, object] = {"scope": "flagged", "snap_max_steps": 30}
