@@ -6,11 +6,12 @@ processor none for prompt-embeds requests). Every other request passes through u
 batch without δ requests costs one dict lookup.
 
 The processor runs where vLLM's engine core runs (a child process by default). It loads each
-small model once per folder (a base shared by several targets is loaded once) and keeps both
-models' KV caches per request, so a decode step feeds one new token to each, and the requests
-sharing a pair of small models step together in one batch per model. If the offset cannot
-be computed (a folder vanished, a model failed), the request fails closed: its row is masked to
-end-of-sequence, so the answer stops rather than leaking what the offset should have removed.
+small model once per folder, in the engine's dtype (a base shared by several targets is loaded
+once) and keeps both models' KV caches per request, so a decode step feeds one new token to
+each, and the requests sharing a pair of small models step together in one batch per model. If
+the offset cannot be computed (a folder vanished, a model failed), the request fails closed: its
+row is masked to end-of-sequence, so the answer stops rather than leaking what the offset should
+have removed.
 
 Overlap: the small models need only the tokens sampled so far, which vLLM has appended when it
 calls `update_state` at the start of a step, before the big model's forward pass. So the offsets
@@ -107,7 +108,12 @@ class DeltaLogitsProcessor(LogitsProcessor):
     """Adds Σ α·(small_unlearned − small_base) to the logits of the requests that ask for it."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        self._models = OffsetModels(device)
+        # The small models run in the engine's dtype: float32 beside a bfloat16 engine made each
+        # δ step cost 4x the big model's on a CPU with native bf16 (docs/results/delta-bench.md).
+        dtype = getattr(vllm_config.model_config, "dtype", None)
+        self._models = OffsetModels(
+            device, dtype if isinstance(dtype, torch.dtype) else torch.float32
+        )
         self._requests: dict[int, _Request] = {}
         self._keys = itertools.count()
         self._device = device

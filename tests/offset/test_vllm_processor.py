@@ -22,10 +22,11 @@ EOS = 2
 V_BIG = 80  # the engine pads its vocabulary beyond the small models' 64
 
 
-def _processor() -> DeltaLogitsProcessor:
-    config: Any = SimpleNamespace(
-        model_config=SimpleNamespace(hf_text_config=SimpleNamespace(eos_token_id=EOS))
-    )
+def _processor(dtype: torch.dtype | None = None) -> DeltaLogitsProcessor:
+    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(eos_token_id=EOS))
+    if dtype is not None:
+        model_config.dtype = dtype
+    config: Any = SimpleNamespace(model_config=model_config)
     return DeltaLogitsProcessor(config, torch.device("cpu"), False)
 
 
@@ -184,3 +185,22 @@ def test_offsets_are_computed_beside_the_forward_pass(
     assert threads[-1] == threading.current_thread().name
     monkeypatch.setenv("OBLIVIATE_DELTA_OVERLAP", "0")
     assert _processor()._helper is None
+
+
+def test_small_models_run_in_the_engines_dtype(spec: DeltaSpec) -> None:
+    """A bfloat16 engine gets bfloat16 small models (float32 ones cost 4x the big model's step on
+    a CPU with native bf16); the offset is the bf16 pair's, added to the row."""
+    proc = _processor(torch.bfloat16)
+    prompt: list[int] = [5, 9, 12]
+    proc.update_state(_update(added=[(0, _params(spec, prompt), None, [])], size=1))
+    logits = torch.zeros(1, V_BIG)
+    out = proc.apply(logits.clone())
+    pair = proc._models.pair(spec)
+    assert next(pair.unlearned.parameters()).dtype == torch.bfloat16
+    assert next(pair.base.parameters()).dtype == torch.bfloat16
+    bf16 = OffsetPair.from_folders(spec.unlearned, spec.base, dtype=torch.bfloat16)
+    want = spec.alpha * bf16.full_offsets(prompt)[-1]  # (V_small,)
+    torch.testing.assert_close(out[0, :64], want, rtol=0, atol=1e-6)
+    fp32 = _expected(spec, prompt)
+    assert not torch.equal(out[0, :64], fp32)  # really computed in bf16, not float32
+    assert _processor()._models.dtype == torch.float32  # no dtype given: float32
