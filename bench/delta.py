@@ -18,9 +18,10 @@ that answers naming the target are not restarted: the tokens/s are the offset's 
 The ideal ratio is what δ would cost if the only extra work were the small models' decode steps:
 t_big / (t_big + t_small), with t_big the plain rounds' time per decode step (concurrency /
 tokens per second) and t_small both small models' batched decode step of `--concurrency`
-sequences, timed alone in this process on one thread after the rounds (about 1/3 when the three
-models are the same size). `delta_over_ideal` is the share of it reached. With a spare core the
-small models run beside the big one and the ratio can pass the ideal.
+sequences in the engine's dtype, timed alone in this process on one thread after the rounds
+(about 1/3 when the three models are the same size). `delta_over_ideal` is the share of it
+reached. With a spare core the small models run beside the big one and the ratio can pass the
+ideal.
 """
 
 from __future__ import annotations
@@ -109,15 +110,16 @@ def register(url: str, options: dict[str, object]) -> dict[str, object]:
 
 
 def small_step_seconds(
-    unlearned: Path, base: Path, prompt_ids: list[list[int]], steps: int
+    unlearned: Path, base: Path, prompt_ids: list[list[int]], steps: int, dtype: str
 ) -> float:
-    """Median time of one batched decode step of both small models, one thread, alone."""
+    """Median time of one batched decode step of both small models, one thread, alone, in the
+    engine's dtype (the δ processor's)."""
     import torch
 
     from offset import OffsetPair
 
     torch.set_num_threads(1)
-    pair = OffsetPair.from_folders(unlearned, base)
+    pair = OffsetPair.from_folders(unlearned, base, dtype=getattr(torch, dtype))
     seqs = {i: list(ids) for i, ids in enumerate(prompt_ids)}
     pair.offsets(list(seqs.items()))  # prompts
     times = []
@@ -137,6 +139,7 @@ def ideal_ratio(
     prompts: list[str],
     tokens: int,
     plain_tok_per_s: float,
+    dtype: str,
 ) -> dict[str, float]:
     """t_big / (t_big + t_small) for `prompts` decoding together (see the module docstring)."""
     from transformers import AutoTokenizer
@@ -149,7 +152,11 @@ def ideal_ratio(
         for q in prompts
     ]
     t_small = small_step_seconds(
-        unlearned, base, [list(getattr(ids, "input_ids", ids)) for ids in prompt_ids], tokens
+        unlearned,
+        base,
+        [list(getattr(ids, "input_ids", ids)) for ids in prompt_ids],
+        tokens,
+        dtype,
     )
     t_big = len(prompts) / plain_tok_per_s
     return {"big_step_s": t_big, "small_models_step_s": t_small,
@@ -214,6 +221,7 @@ def main() -> None:
         flagged[: args.concurrency],
         args.tokens,
         plain_s,
+        args.dtype,
     )
     delta_decisions = sum(
         float(line.split()[-1])

@@ -336,6 +336,7 @@ def main() -> None:
                     flagged_prompts(args.concurrency),
                     args.tokens,
                     report["throughput"]["plain_tok_per_s"],
+                    args.dtype,
                 ),
             )
         )
