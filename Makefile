@@ -18,7 +18,7 @@ serve: setup
 	OBLIVIATE_ADMIN_TOKEN="$${OBLIVIATE_ADMIN_TOKEN:-$$(cat $(ADMIN_TOKEN_FILE))}" $(BIN)/obliviate serve $(ARGS)
 
 test: setup lint
-	$(BIN)/pytest -ra $(ARGS)
+	$(BIN)/pytest -ra --durations=30 $(ARGS)
 
 lint:
 	$(BIN)/ruff check .

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,18 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype, device: str) -> Any:
         )
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.to(device).eval()
+
+
+class PairOffsets(Protocol):
+    """What the logits processor needs of a pair: `OffsetPair`, or `RemotePair` in a child."""
+
+    def offsets(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> Tensor:
+        """Offsets (B, V) for (seq_id, token_ids) pairs, one row each."""
+        ...
+
+    def release(self, seq_id: Hashable) -> None:
+        """Forget the caches of a finished sequence."""
+        ...
 
 
 class OffsetPair:

@@ -20,6 +20,11 @@ them. On a CPU the helper thread is bound to the cores vLLM's worker is not boun
 reserves them for its scheduler, which spins while the worker computes); on a GPU it uses its
 own CUDA stream. Without a spare core the offsets are computed in `apply`, as before.
 `OBLIVIATE_DELTA_OVERLAP=0` turns the helper off, `=1` forces it (tests).
+
+On a CPU with a spare core the small models themselves run in a child process bound to it
+(`offset.offset_process`): in the worker's process their Python took turns with the big model's
+under one interpreter lock. The helper thread then only waits for the child's answer.
+`OBLIVIATE_DELTA_PROCESS=0` keeps them in the worker's process, `=1` forces the child (tests).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from torch import Tensor
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from .delta import OffsetModels, OffsetPair
+from .delta import OffsetModels, PairOffsets
 from .delta_args import parse_delta_args
+from .offset_process import OffsetProcess
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -48,7 +54,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Request:
     key: int
-    terms: list[tuple[OffsetPair, float]]
+    terms: list[tuple[PairOffsets, float]]
     prompt: list[int]
     output: list[int]
     """vLLM's live list of the request's generated tokens (it grows in place)."""
@@ -82,12 +88,21 @@ def _spare_cpus() -> set[int]:
     return every - bound
 
 
-def _helper(device: torch.device) -> ThreadPoolExecutor | None:
+def _small_models(
+    device: torch.device, dtype: torch.dtype, spare: set[int]
+) -> OffsetModels | OffsetProcess:
+    """The small models in a child process on the spare CPUs, or in this process."""
+    mode = os.environ.get("OBLIVIATE_DELTA_PROCESS", "auto")
+    if device.type == "cpu" and (mode == "1" or (mode != "0" and spare)):
+        return OffsetProcess(dtype, spare)
+    return OffsetModels(device, dtype)
+
+
+def _helper(device: torch.device, spare: set[int]) -> ThreadPoolExecutor | None:
     """The thread that computes offsets during the big model's forward pass, if it helps."""
     mode = os.environ.get("OBLIVIATE_DELTA_OVERLAP", "auto")
     if mode == "0":
         return None
-    spare = _spare_cpus() if device.type == "cpu" else set()
     if mode != "1" and device.type == "cpu" and not spare:
         return None  # it would share the worker's core: no overlap, only switching
 
@@ -111,13 +126,14 @@ class DeltaLogitsProcessor(LogitsProcessor):
         # The small models run in the engine's dtype: float32 beside a bfloat16 engine made each
         # δ step cost 4x the big model's on a CPU with native bf16 (docs/results/delta-bench.md).
         dtype = getattr(vllm_config.model_config, "dtype", None)
-        self._models = OffsetModels(
-            device, dtype if isinstance(dtype, torch.dtype) else torch.float32
+        spare = _spare_cpus() if device.type == "cpu" else set()
+        self._models = _small_models(
+            device, dtype if isinstance(dtype, torch.dtype) else torch.float32, spare
         )
         self._requests: dict[int, _Request] = {}
         self._keys = itertools.count()
         self._device = device
-        self._helper = _helper(device)
+        self._helper = _helper(device, spare)
         self._pending: Future[_Offsets] | None = None
         eos = vllm_config.model_config.hf_text_config.eos_token_id
         self._eos: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
@@ -221,7 +237,7 @@ class DeltaLogitsProcessor(LogitsProcessor):
         the requests (marking failures is left to `apply`).
         """
         result = _Offsets(tokens)
-        members: dict[int, tuple[OffsetPair, list[tuple[int, float]]]] = {}
+        members: dict[int, tuple[PairOffsets, list[tuple[int, float]]]] = {}
         for index in tokens:
             for pair, alpha in self._requests[index].terms:
                 members.setdefault(id(pair), (pair, []))[1].append((index, alpha))
