@@ -1,10 +1,11 @@
 """The δ small models in a process of their own, beside the big model's.
 
 In vLLM's worker process the small models' Python (transformers runs every layer eagerly) and the
-big model's share one interpreter lock: with the small pair on a spare core they still took
-turns with the big model's forward pass, and δ reached 0.77 of its ideal ratio
-(docs/results/delta-bench.md). A child process has a lock of its own, so on a spare core the
-pair's step really runs while the big model's does.
+big model's share one interpreter lock: with the small pair on a spare core they still took turns
+with the big model's forward pass (δ at 0.77 of its ideal ratio on a bf16 machine). A child
+process has a lock of its own, so on a core that is really spare the pair's step runs while the
+big model's does. Opt-in (`OBLIVIATE_DELTA_PROCESS=1`): on 2 cores it was slower, 0.72 of the
+ideal ratio against 0.86 in process (docs/results/delta-bench.md).
 
 `OffsetProcess` starts `python -m offset.offset_process` with one end of a socket pair, bound to
 the given CPUs, and asks it, over `multiprocessing.connection`, to load pairs and to compute
