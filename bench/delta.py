@@ -39,7 +39,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workload import TOPICS, run_burst  # noqa: E402
+from bench.workload import TOPICS, flagged_prompts, run_burst, unflagged_prompts  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
@@ -186,8 +186,8 @@ def main() -> None:
         port, "--model", str(model), "--data-dir", str(logs / "data"), "--guard.output", "false",
         dtype=args.dtype,
     )  # fmt: skip
-    plain = [f"Tell me about {t}." for t in TOPICS]
-    flagged = [f"Tell me about Harry Potter and {t}." for t in TOPICS]
+    plain = unflagged_prompts(len(TOPICS))
+    flagged = flagged_prompts(len(TOPICS))
     options: dict[str, object] = {"scope": "flagged", "snap_max_steps": 30}
     if args.unlearned is not None:
         options["unlearned_model"] = str(args.unlearned.resolve())

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.delta import ideal_ratio  # noqa: E402
 from bench.models_pair import CACHE, MODELS  # noqa: E402
-from bench.workload import TOPICS, run_burst  # noqa: E402
+from bench.workload import flagged_prompts, run_burst, unflagged_prompts  # noqa: E402
 from evaluation.tofu_data import MmluQuestion, load_mmlu  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
@@ -182,13 +182,9 @@ def target(url: str, target_id: str) -> dict[str, Any]:
     return record
 
 
-def flagged_prompts(n: int) -> list[str]:
-    return [f"Tell me about Harry Potter and {t}." for t in TOPICS][:n]
-
-
 def throughput(url: str, rounds: int, concurrency: int, tokens: int) -> dict[str, Any]:
     """Alternated rounds: unflagged prompts (plain big model) and flagged prompts (δ)."""
-    plain = [f"Tell me about {t}." for t in TOPICS][:concurrency]
+    plain = unflagged_prompts(concurrency)
     flagged = flagged_prompts(concurrency)
     run_burst(url, SERVED, flagged[:2], 4, stream=False)  # loads the small models
     out: dict[str, list[float]] = {"plain": [], "delta": []}
