@@ -1,11 +1,29 @@
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TinyFactory = Callable[..., LlamaForCausalLM]
+
+EOS = 2
+"""The end-of-sequence id the δ processor's engine config names (tiny llamas use it too)."""
+
+
+def delta_processor(dtype: torch.dtype | None = None) -> Any:
+    """A `DeltaLogitsProcessor` on the CPU, with the engine config it reads (dtype, EOS)."""
+    from types import SimpleNamespace
+
+    from offset.vllm_processor import DeltaLogitsProcessor
+
+    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(eos_token_id=EOS))
+    if dtype is not None:
+        model_config.dtype = dtype
+    return DeltaLogitsProcessor(
+        SimpleNamespace(model_config=model_config), torch.device("cpu"), False
+    )
 
 
 def tiny_llama(*, seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ from offset import DeltaSpec, OffsetPair  # noqa: E402
 from offset.delta_args import delta_extra_args  # noqa: E402
 from offset.offset_process import OffsetProcess, OffsetProcessError  # noqa: E402
 from offset.vllm_processor import DeltaLogitsProcessor  # noqa: E402
+from tests.offset.conftest import EOS, delta_processor  # noqa: E402
 
-EOS = 2
 V_BIG = 80
 
 
@@ -114,9 +113,7 @@ def test_a_child_that_hangs_is_stopped_after_the_timeout(spec: DeltaSpec) -> Non
 
 
 def _processor() -> DeltaLogitsProcessor:
-    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(eos_token_id=EOS))
-    config: Any = SimpleNamespace(model_config=model_config)
-    return DeltaLogitsProcessor(config, torch.device("cpu"), False)
+    return delta_processor()  # type: ignore[no-any-return]
 
 
 def _added(spec: DeltaSpec, rows: list[tuple[int, list[int], list[int]]]) -> BatchUpdate:

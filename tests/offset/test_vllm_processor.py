@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
@@ -17,17 +15,13 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 from offset import DeltaSpec, OffsetPair  # noqa: E402
 from offset.delta_args import delta_extra_args, parse_delta_args  # noqa: E402
 from offset.vllm_processor import DeltaLogitsProcessor  # noqa: E402
+from tests.offset.conftest import EOS, delta_processor  # noqa: E402
 
-EOS = 2
 V_BIG = 80  # the engine pads its vocabulary beyond the small models' 64
 
 
 def _processor(dtype: torch.dtype | None = None) -> DeltaLogitsProcessor:
-    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(eos_token_id=EOS))
-    if dtype is not None:
-        model_config.dtype = dtype
-    config: Any = SimpleNamespace(model_config=model_config)
-    return DeltaLogitsProcessor(config, torch.device("cpu"), False)
+    return delta_processor(dtype)  # type: ignore[no-any-return]
 
 
 def _params(spec: DeltaSpec | None, prompt: list[int]) -> SamplingParams:
