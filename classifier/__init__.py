@@ -17,7 +17,7 @@ from .conversation import (
     message_texts,
     tool_strings,
 )
-from .embed import Embedder, EmbedderNotFoundError, default_model_path
+from .embed import Embedder, EmbedderNotFoundError, EncodingStopped, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
 from .spans import find_spans
 from .stream import Mention, StreamScanner
@@ -44,6 +44,7 @@ __all__ = [
     "Decision",
     "Embedder",
     "EmbedderNotFoundError",
+    "EncodingStopped",
     "Mention",
     "StreamScanner",
     "TargetClassifier",

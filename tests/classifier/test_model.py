@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from classifier import (
     ClassifierBank,
     Embedder,
     EmbedderNotFoundError,
+    EncodingStopped,
     TargetClassifier,
     TargetSpec,
 )
@@ -130,3 +132,18 @@ def test_embeddings_are_normalised_and_case_folded(embedder: Embedder) -> None:
 def test_replace_keeps_a_valid_classifier(hp_classifier: TargetClassifier) -> None:
     stricter = dataclasses.replace(hp_classifier, threshold_logit=50.0)
     assert stricter.threshold > 0.999
+
+
+def test_corpus_embeddings_are_shared_by_the_process_and_can_be_stopped(
+    embedder: Embedder,
+) -> None:
+    texts = [f"shared corpus sentence number {i} about gardening" for i in range(130)]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(EncodingStopped):
+        embedder.encode_corpus("test/stoppable", texts, stop)
+    full, static = embedder.encode_corpus("test/stoppable", texts)  # nothing was cached above
+    assert full.shape == (130, embedder.dim) and static.shape == (130, embedder.dim)
+    # A second Embedder of the same weights (a gateway rebuilt in this process) reuses them.
+    again = Embedder(embedder.model_path).encode_corpus("test/stoppable", texts)
+    assert again[0] is full and again[1] is static

@@ -158,3 +158,16 @@ def test_doctor_passes_on_a_sound_set_up(tmp_path: Path, postgres_url: str, monk
     assert registry.level == "ok" and f"schema {SCHEMA_VERSION}" in registry.message
     assert findings["model"].level == "ok"
     assert findings["admin token"].level == "ok"
+
+
+def test_shutdown_stops_the_classifier_warm_up(
+    settings: Settings, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+):
+    """A gateway stopped right after it started does not first embed the shipped negatives (tens
+    of seconds of CPU here; past a pod's grace period): the warm-up ends at its next batch."""
+    from classifier import embed
+
+    monkeypatch.setattr(embed, "_CORPORA", {})  # as in a fresh process; restored afterwards
+    with TestClient(create_app(settings, engine=fake_engine)) as client:
+        assert client.get("/health").status_code == 200
+    assert not any(name.startswith("general/") for _, name, _ in embed._CORPORA)
