@@ -47,4 +47,5 @@ def test_short_load_run_only_429s_with_retry_after_and_bounded_memory(
     assert report["responses_429_without_retry_after"] == 0
     rss = report["rss_mib"]
     assert rss["peak"] - rss["start"] < 300, rss  # no pile-up of requests in memory
-    assert rss["end"] <= rss["peak"]
+    # ... over samples taken all through the 10 s (one a second), not only at its two ends.
+    assert len(report["timeline"]) >= 10, report["timeline"]

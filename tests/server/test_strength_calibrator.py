@@ -4,17 +4,19 @@ bracketing search lands where ECO's gradient search does, on the real served mod
 from __future__ import annotations
 
 import gc
-import threading
-import time
+import json
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from classifier import find_spans
 from corruption import (
     AnswerPreferenceObjective,
+    CorruptionSpec,
     EmbeddingTable,
     StrengthSearchConfig,
     make_forget_example,
@@ -25,6 +27,7 @@ from server.engine.templating import user_turn
 from server.services.strength import FLUENCY_BOUND, StrengthCalibrator
 from tests.corruption.conftest import SMOLLM2_DIR, bpe_tokenizer, tiny_llama_factory  # noqa: F401
 
+REPO = Path(__file__).resolve().parents[2]
 ALIASES = ["Harry Potter", "Hogwarts", "J.K. Rowling"]
 PROMPTS = [
     "Who wrote Harry Potter?",
@@ -81,42 +84,69 @@ def test_model_is_loaded_per_search_and_released(
     assert report["evaluations"] == len(report["probes"]) >= 1
 
 
-def _rss_mib() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+# The search in a fresh interpreter: RSS figures taken inside a long test process measure that
+# process's allocator history (other tests' arenas) as much as the search.
+_SEARCH_IN_A_FRESH_PROCESS = """
+import gc, json, sys, threading, time, weakref
+from pathlib import Path
+import psutil
+from corruption import EmbeddingTable
+from server.services.strength import StrengthCalibrator
+folder, prompts, answers, aliases = json.loads(sys.argv[1])
+folder = Path(folder)
+refs = []
+original = StrengthCalibrator._load
+def load(self):
+    model, tokenizer = original(self)
+    refs.append(weakref.ref(model))
+    return model, tokenizer
+StrengthCalibrator._load = load
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+calibrator = StrengthCalibrator(folder, EmbeddingTable.from_model_dir(folder), workers=2)
+gc.collect()
+before = rss()
+peak = [before]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak.append(rss())
+        time.sleep(0.05)
+sampler = threading.Thread(target=sample)
+sampler.start()
+try:
+    spec, report = calibrator.calibrate(prompts, answers, aliases, None)
+finally:
+    stop.set()
+    sampler.join()
+gc.collect()
+print(json.dumps({"before": before, "peak": max(peak), "after": rss(),
+                  "released": [r() is None for r in refs], "spec": spec.to_dict(),
+                  "report": report}))
+"""
 
 
-def test_fast_search_on_the_real_model(monkeypatch: pytest.MonkeyPatch):
+def test_fast_search_on_the_real_model():
     """Same objective and fluency check as ECO's search, a strength no stronger than its (to the
     search's tolerance), and the model's memory handed back."""
     if not (SMOLLM2_DIR / "config.json").is_file():
         pytest.skip(f"real model folder absent: {SMOLLM2_DIR}")
-    table = EmbeddingTable.from_model_dir(SMOLLM2_DIR)
-    std = table.std
-    refs = _watch_loads(monkeypatch)
-    calibrator = StrengthCalibrator(SMOLLM2_DIR, table, workers=2)
-    gc.collect()
-    rss_before = _rss_mib()
-    peak = [rss_before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak.append(_rss_mib())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        spec, report = calibrator.calibrate(PROMPTS, ANSWERS, ALIASES, None)
-    finally:
-        stop.set()
-        sampler.join()
-    gc.collect()
-    rss_after = _rss_mib()
-    assert refs[0]() is None
+    std = EmbeddingTable.from_model_dir(SMOLLM2_DIR).std
+    args = json.dumps([str(SMOLLM2_DIR), PROMPTS, ANSWERS, ALIASES])
+    done = subprocess.run(
+        [sys.executable, "-c", _SEARCH_IN_A_FRESH_PROCESS, args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    assert run["released"] == [True]  # loaded once for the search, nothing holds it after
     # The float32 copy (~540 MB) was there during the search and is handed back after it.
-    assert max(peak) - rss_before > 300
-    assert rss_after - rss_before < 120, (rss_before, max(peak), rss_after)
+    assert run["peak"] - run["before"] > 300, run
+    assert run["after"] - run["before"] < 120, run
+    spec, report = CorruptionSpec.from_dict(run["spec"]), run["report"]
     assert report["reached"] and report["fluent"]
 
     # Check the result with the plain, one-strength-at-a-time objective on a fresh copy.
