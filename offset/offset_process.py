@@ -43,7 +43,13 @@ logger = logging.getLogger(__name__)
 PairKey = tuple[str, str]
 """(unlearned folder, base folder): a pair inside the child."""
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: how a dtype travels on the command line and the wire."""
+    return str(dtype).removeprefix("torch.")
+
+
+_DTYPES = {_dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 
 
 class OffsetProcessError(RuntimeError):
@@ -78,7 +84,7 @@ class OffsetProcess:
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-m", "offset.offset_process", "--fd", str(theirs.fileno())]
-        command += ["--dtype", str(self.dtype).removeprefix("torch.")]
+        command += ["--dtype", _dtype_name(self.dtype)]
         if self.cpus:
             command += ["--cpus", ",".join(str(c) for c in sorted(self.cpus))]
         try:
@@ -132,12 +138,13 @@ class OffsetProcess:
                 raise OffsetProcessError(f"the δ offset process did not answer in {timeout:.0f} s")
             status, header, count = conn.recv()
             payloads = [conn.recv_bytes() for _ in range(count)]
-        except (OSError, EOFError, ValueError, TypeError) as error:
-            self._stop()
-            raise OffsetProcessError(f"the δ offset process failed: {error!r}") from error
         except OffsetProcessError:
             self._stop()
             raise
+        except Exception as error:  # broken pipe, EOF, a reply that does not unpickle, ...
+            # The stream's state is unknown from here on: never read another reply from it.
+            self._stop()
+            raise OffsetProcessError(f"the δ offset process failed: {error!r}") from error
         if status != "ok":
             raise OffsetProcessError(f"the δ offset process raised:\n{header}")
         return header, payloads
@@ -212,8 +219,7 @@ def _serve(conn: Connection, models: OffsetModels) -> None:
                     models.pair(DeltaSpec(unlearned, base)).release(seq_id)
                 with torch.inference_mode():
                     out = models.pair(DeltaSpec(*key)).offsets(rows).contiguous()  # (B, V)
-                dtype = str(out.dtype).removeprefix("torch.")
-                conn.send(("ok", (tuple(out.shape), dtype), 1))
+                conn.send(("ok", (tuple(out.shape), _dtype_name(out.dtype)), 1))
                 conn.send_bytes(out.view(torch.uint8).numpy().tobytes())
             else:
                 raise ValueError(f"unknown request {message[0]!r}")

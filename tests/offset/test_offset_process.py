@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,34 @@ def test_a_child_that_hangs_is_stopped_after_the_timeout(spec: DeltaSpec) -> Non
         assert child.poll() is not None and not proc.alive()  # killed, not left hanging
     finally:
         proc.close()
+
+
+class _GarbledReplies:
+    """The parent's end of the socket, its next reply garbled on the way (a torn stream)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def recv(self) -> Any:
+        self._conn.recv()
+        raise pickle.UnpicklingError("invalid load key, '\\x00'")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_a_reply_that_does_not_unpickle_stops_the_child(
+    process: OffsetProcess, spec: DeltaSpec
+) -> None:
+    pair = process.pair(spec)
+    child = process._child
+    assert child is not None
+    process._conn = _GarbledReplies(process._conn)  # type: ignore[assignment]
+    with pytest.raises(OffsetProcessError, match="UnpicklingError"):
+        pair.offsets([(0, [5, 9])])
+    assert child.poll() is not None and not process.alive()  # no more reads from that stream
+    want = OffsetPair.from_folders(spec.unlearned, spec.base).offsets([(0, [5, 9, 12])])
+    assert torch.equal(process.pair(spec).offsets([(0, [5, 9, 12])]), want)  # a fresh child
 
 
 def _processor() -> DeltaLogitsProcessor:
