@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workload import TOPICS, flagged_prompts, run_burst, unflagged_prompts  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
+from server.engine import ChatPrompt  # noqa: E402
+from server.engine.templating import render_prompt  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
     ADMIN_TOKEN,
@@ -145,19 +147,10 @@ def ideal_ratio(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    prompt_ids = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
-        )
-        for q in prompts
-    ]
-    t_small = small_step_seconds(
-        unlearned,
-        base,
-        [list(getattr(ids, "input_ids", ids)) for ids in prompt_ids],
-        tokens,
-        dtype,
-    )
+    # The prompts' token ids as the gateway renders a one-turn chat request.
+    chats = [ChatPrompt([{"role": "user", "content": q}]) for q in prompts]
+    prompt_ids = [render_prompt(tokenizer, chat).token_ids for chat in chats]
+    t_small = small_step_seconds(unlearned, base, prompt_ids, tokens, dtype)
     t_big = len(prompts) / plain_tok_per_s
     return {"big_step_s": t_big, "small_models_step_s": t_small,
             "ideal_ratio": t_big / (t_big + t_small)}  # fmt: skip
