@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,8 +60,12 @@ class Embedder:
         device: str = "cpu",
         max_length: int = 256,
         batch_size: int = 64,
+        corpus_dir: str | Path | None = None,
     ) -> None:
+        """`corpus_dir`: where `encode_corpus` keeps its results between processes (a cache
+        folder; None keeps them in memory only)."""
         path = Path(model_path) if model_path is not None else default_model_path()
+        self.corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
         if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
             raise EmbedderNotFoundError(
                 f"no sentence-transformers model at {path} (config.json and tokenizer.json "
@@ -150,14 +155,54 @@ class Embedder:
     def encode_corpus(
         self, name: str, texts: Sequence[str], stop: threading.Event | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(full, static) embeddings of a fixed corpus, cached for the process (see _CORPORA)."""
+        """(full, static) embeddings of a fixed corpus: cached for the process (see _CORPORA)
+        and, with `corpus_dir`, on disk for the next process (a gateway restart, a replica)."""
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
         key = (self.fingerprint, name, digest)
         with _CORPORA_LOCK:
             cached = _CORPORA.get(key)
         if cached is None:
             # Two threads may both encode a missing corpus; either result is the same.
-            cached = (self.encode(texts, stop), self.encode_static(texts))
+            cached = self._read_corpus(name, digest, len(texts))
+            if cached is None:
+                cached = (self.encode(texts, stop), self.encode_static(texts))
+                self._write_corpus(name, digest, cached)
             with _CORPORA_LOCK:
                 cached = _CORPORA.setdefault(key, cached)
         return cached
+
+    def _corpus_file(self, name: str, digest: str) -> Path | None:
+        if self.corpus_dir is None:
+            return None
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        return self.corpus_dir / f"{self.fingerprint}-{safe}-{digest[:24]}.npz"
+
+    def _read_corpus(self, name: str, digest: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        path = self._corpus_file(name, digest)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                full, static = saved["full"], saved["static"]
+        except Exception as e:  # a torn or foreign file: encode again and overwrite it
+            logger.warning("ignoring the cached corpus embeddings %s: %s", path, e)
+            return None
+        want = (n, self.dim)
+        if full.shape != want or static.shape != want or full.dtype != np.float32:
+            logger.warning("ignoring the cached corpus embeddings %s: shape %s", path, full.shape)
+            return None
+        return full, static
+
+    def _write_corpus(self, name: str, digest: str, arrays: tuple[np.ndarray, np.ndarray]) -> None:
+        path = self._corpus_file(name, digest)
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as f:
+                np.savez(f, full=arrays[0], static=arrays[1])
+            os.replace(tmp, path)  # readers see the old file or the whole new one
+        except OSError as e:  # a read-only cache costs the next start the encoding, no more
+            tmp.unlink(missing_ok=True)
+            logger.warning("could not cache the corpus embeddings in %s: %s", path.parent, e)

@@ -148,7 +148,17 @@ def build_guard(
     # waiting for a busy core a burst's batch at 100 targets took ~25 ms more
     # (bench/classifier_scaling.py --blas-threads 0). Process-wide and kept (no `with`).
     threadpool_limits(settings.guard.torch_threads, user_api="blas")
-    embedder = Embedder(settings.guard.embedder_path, device=settings.guard.device)
+    # The shipped negatives' embeddings (the classifier's warm-up) are kept beside the models:
+    # a restarted gateway or a new replica on the same volume reads them instead of spending
+    # 10-30 s of CPU on them while it serves.
+    from server.modelstore import default_cache_dir
+
+    models = settings.model_cache_dir or default_cache_dir()
+    embedder = Embedder(
+        settings.guard.embedder_path,
+        device=settings.guard.device,
+        corpus_dir=models / "corpus-embeddings",
+    )
     bank = ClassifierBank(embedder)
     corruptor: PromptCorruptor | None = None
     calibrator: StrengthCalibrator | None = None

@@ -236,7 +236,8 @@ class Settings(BaseSettings):
     auto_pull: bool = True
     """Convert the packaged default model on first start when it is missing."""
     model_cache_dir: Path | None = None
-    """Where converted models live; default: the user cache dir (XDG)."""
+    """Where converted models live, and the classifier's warm-up embeddings (corpus-embeddings/);
+    default: the user cache dir (XDG)."""
     data_dir: Path = Path(".obliviate")
     """Registry database and artifacts."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

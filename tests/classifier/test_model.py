@@ -147,3 +147,33 @@ def test_corpus_embeddings_are_shared_by_the_process_and_can_be_stopped(
     # A second Embedder of the same weights (a gateway rebuilt in this process) reuses them.
     again = Embedder(embedder.model_path).encode_corpus("test/stoppable", texts)
     assert again[0] is full and again[1] is static
+
+
+def test_corpus_embeddings_are_kept_on_disk_for_the_next_process(
+    embedder: Embedder, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from classifier import embed
+
+    texts = [f"a sentence about sailing boats, number {i}" for i in range(70)]
+    monkeypatch.setattr(embed, "_CORPORA", {})
+    first = Embedder(embedder.model_path, corpus_dir=tmp_path)
+    full, static = first.encode_corpus("test/disk", texts)
+    (saved,) = tmp_path.glob(f"{first.fingerprint}-test_disk-*.npz")
+
+    def no_encoding(*_args, **_kwargs):
+        raise AssertionError("encoded again instead of reading the cache folder")
+
+    monkeypatch.setattr(embed, "_CORPORA", {})  # as in the next process
+    second = Embedder(embedder.model_path, corpus_dir=tmp_path)
+    monkeypatch.setattr(second, "encode", no_encoding)
+    again = second.encode_corpus("test/disk", texts)
+    assert np.array_equal(again[0], full) and np.array_equal(again[1], static)
+
+    # A torn file (a crash mid-write elsewhere) is ignored, encoded again and replaced.
+    saved.write_bytes(saved.read_bytes()[:100])
+    monkeypatch.setattr(embed, "_CORPORA", {})
+    third = Embedder(embedder.model_path, corpus_dir=tmp_path)
+    assert np.array_equal(third.encode_corpus("test/disk", texts)[0], full)
+    monkeypatch.setattr(embed, "_CORPORA", {})
+    assert np.array_equal(second.encode_corpus("test/disk", texts)[0], full)  # whole again
+    assert [p.name for p in tmp_path.iterdir()] == [saved.name]  # no temporary files left

@@ -170,4 +170,8 @@ def test_shutdown_stops_the_classifier_warm_up(
     monkeypatch.setattr(embed, "_CORPORA", {})  # as in a fresh process; restored afterwards
     with TestClient(create_app(settings, engine=fake_engine)) as client:
         assert client.get("/health").status_code == 200
+        # what it embeds is kept beside the models, for the next start (test_model.py)
+        assert settings.model_cache_dir is not None
+        embedder = client.app.state.targets._embedder  # type: ignore[attr-defined]
+        assert embedder.corpus_dir == settings.model_cache_dir / "corpus-embeddings"
     assert not any(name.startswith("general/") for _, name, _ in embed._CORPORA)
