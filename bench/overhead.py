@@ -48,6 +48,7 @@ from bench.workload import (  # noqa: E402
     histogram_sum,
     percentile,
     run_burst,
+    side_by_side,
     tree_rss_mib,
     unflagged_prompts,
 )
@@ -56,10 +57,6 @@ from server.modelstore import resolve_model  # noqa: E402
 from tests.e2e.servers import (  # noqa: E402
     ADMIN_TOKEN,
     MODEL_NAME,
-    free_port,
-    gateway_argv,
-    running,
-    vllm_server_argv,
 )
 
 LEVELS = (0, 1, 20, 100)
@@ -218,9 +215,6 @@ def main() -> None:
 
     model = resolve_model(None, auto_pull=True)
     logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
-    vllm_port, gw_port = free_port(), free_port()
-    extra = ["--model", str(model), "--data-dir", str(logs / "data")]
-    urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "obliviate": f"http://127.0.0.1:{gw_port}"}
     report: dict[str, Any] = {
         "workload": {
             "concurrency": args.concurrency, "tokens": args.tokens, "rounds": args.rounds,
@@ -229,23 +223,11 @@ def main() -> None:
         },
         "levels": [],
     }  # fmt: skip
-    with (
-        running(
-            vllm_server_argv(model, vllm_port, dtype=args.dtype),
-            ready_url=f"{urls['vllm']}/v1/models",
-            log=logs / "vllm.log",
-        ) as vllm_proc,
-        running(
-            gateway_argv(gw_port, *extra, dtype=args.dtype),
-            ready_url=f"{urls['obliviate']}/ready",
-            log=logs / "gateway.log",
-        ) as gw_proc,
-    ):
-        pids = {"vllm": vllm_proc.pid, "obliviate": gw_proc.pid}
-        report["waited_for_idle_s"] = wait_idle(gw_proc.pid)
+    with side_by_side(model, args.dtype, logs) as (urls, pids):
+        report["waited_for_idle_s"] = wait_idle(pids["obliviate"])
         report["memory_at_start_mib"] = {
-            "gateway_tree": tree_rss_mib(gw_proc.pid)[1],
-            "vllm_server_tree": tree_rss_mib(vllm_proc.pid)[1],
+            "gateway_tree": tree_rss_mib(pids["obliviate"])[1],
+            "vllm_server_tree": tree_rss_mib(pids["vllm"])[1],
         }
         # Warm-up: a full burst each, untimed. The first bursts pay one-off costs (the gateway's
         # first two 32-request rounds ran ~12% slower than its later ones after a 4-request
@@ -260,9 +242,9 @@ def main() -> None:
         for targets in levels_up_to(args.targets):
             register_up_to(urls["obliviate"], have, targets, report)
             if have == 0 and targets > 0:
-                report["memory_after_first_registration_mib"] = tree_rss_mib(gw_proc.pid)[1]
+                report["memory_after_first_registration_mib"] = tree_rss_mib(pids["obliviate"])[1]
             have = targets
-            wait_idle(gw_proc.pid)
+            wait_idle(pids["obliviate"])
             report["levels"].append(measure_level(urls, pids, targets, args))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2, default=str))

@@ -26,16 +26,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.targets import wait_idle  # noqa: E402
-from bench.workload import run_burst, unflagged_prompts  # noqa: E402
+from bench.workload import run_burst, side_by_side, unflagged_prompts  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
 from server.modelstore import resolve_model  # noqa: E402
-from tests.e2e.servers import (  # noqa: E402
-    MODEL_NAME,
-    free_port,
-    gateway_argv,
-    running,
-    vllm_server_argv,
-)
+from tests.e2e.servers import MODEL_NAME  # noqa: E402
 
 Threads = dict[tuple[int, int], tuple[str, str, float]]
 """(pid, tid) -> (process, thread name, CPU seconds so far)."""
@@ -95,23 +89,8 @@ def main() -> None:
 
     model = resolve_model(None, auto_pull=True)
     logs = Path(tempfile.mkdtemp(prefix="obliviate-layout-"))
-    vllm_port, gw_port = free_port(), free_port()
-    urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "obliviate": f"http://127.0.0.1:{gw_port}"}
-    extra = ["--model", str(model), "--data-dir", str(logs / "data"), *args.gateway_args]
     rounds: list[dict[str, Any]] = []
-    with (
-        running(
-            vllm_server_argv(model, vllm_port, dtype=args.dtype),
-            ready_url=f"{urls['vllm']}/v1/models",
-            log=logs / "vllm.log",
-        ) as vllm_proc,
-        running(
-            gateway_argv(gw_port, *extra, dtype=args.dtype),
-            ready_url=f"{urls['obliviate']}/ready",
-            log=logs / "gateway.log",
-        ) as gw_proc,
-    ):
-        pids = {"vllm": vllm_proc.pid, "obliviate": gw_proc.pid}
+    with side_by_side(model, args.dtype, logs, args.gateway_args) as (urls, pids):
         for side, url in urls.items():  # untimed warm-up
             wait_idle(pids[side])
             run_burst(

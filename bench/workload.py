@@ -11,12 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import psutil
 
-from tests.e2e.servers import ADMIN_TOKEN
+from tests.e2e.servers import (
+    ADMIN_TOKEN,
+    free_port,
+    gateway_argv,
+    running,
+    vllm_server_argv,
+)
 
 # /metrics is closed by default; the admin token opens it.
 METRICS_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -177,3 +186,27 @@ def tree_rss_mib(pid: int) -> tuple[float, float]:
     own = root.memory_info().rss
     kids = sum(p.memory_info().rss for p in root.children(recursive=True))
     return own / 2**20, (own + kids) / 2**20
+
+
+@contextmanager
+def side_by_side(
+    model: Path, dtype: str, logs: Path, gateway_args: Sequence[str] = ()
+) -> Iterator[tuple[dict[str, str], dict[str, int]]]:
+    """vLLM's own OpenAI server and `obliviate serve` (data in `logs`/data) on the same model
+    and dtype, both ready: their URLs and process ids, keyed "vllm" and "obliviate"."""
+    vllm_port, gw_port = free_port(), free_port()
+    urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "obliviate": f"http://127.0.0.1:{gw_port}"}
+    extra = ["--model", str(model), "--data-dir", str(logs / "data"), *gateway_args]
+    with (
+        running(
+            vllm_server_argv(model, vllm_port, dtype=dtype),
+            ready_url=f"{urls['vllm']}/v1/models",
+            log=logs / "vllm.log",
+        ) as vllm_proc,
+        running(
+            gateway_argv(gw_port, *extra, dtype=dtype),
+            ready_url=f"{urls['obliviate']}/ready",
+            log=logs / "gateway.log",
+        ) as gw_proc,
+    ):
+        yield urls, {"vllm": vllm_proc.pid, "obliviate": gw_proc.pid}
