@@ -335,6 +335,13 @@ def _load_earlier(state: RunState) -> None:
     if earlier_key != run_key(state.config, state.subset):
         logger.info("%s is from another setting: not merged", path)
         return
+    if not _same_finetunes(data.get("cards", {}), state.cards):
+        logger.warning(
+            "%s was measured on other fine-tuned weights (another machine, bf16 autocast or a "
+            "lost cache): not merged",
+            path,
+        )
+        return
     kept = [m for m in data.get("rows", {}) if m not in state.config.modes]
     for mode in kept:
         state.results[mode] = ModeResult(
@@ -358,6 +365,20 @@ def _load_earlier(state: RunState) -> None:
         measured = [m for m in data.get("measured_now", kept) if m in kept]
         state.earlier_commands = [*earlier, {"command": data.get("command", ""), "modes": measured}]
         logger.info("kept %s from %s", ", ".join(kept), path)
+
+
+# Fine-tune card fields that tell two trainings apart: the same data and settings trained with
+# bf16 autocast or without it (or on other hardware) give other weights, other losses.
+_TRAINING_IDENTITY = ("bf16_autocast", "steps", "tokens", "first_loss", "last_loss")
+
+
+def _same_finetunes(earlier: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether two runs' target and reference models are the same training (their cards)."""
+    for name in ("target_finetune", "reference_finetune"):
+        before, current = earlier.get(name, {}), now.get(name, {})
+        if any(before.get(k) != current.get(k) for k in _TRAINING_IDENTITY):
+            return False
+    return True
 
 
 def _reference_ratios(state: RunState, reference_dir: Path) -> None:

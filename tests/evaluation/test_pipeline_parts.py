@@ -15,7 +15,7 @@ from evaluation.measure import ModeResult
 from evaluation.report import write_report
 from evaluation.runner import RunState, TofuEvalConfig
 from evaluation.scoring import AnswerScorer, ScoreItem, load_model
-from evaluation.tofu_data import QA, author_name, load_mmlu, load_subset
+from evaluation.tofu_data import QA, TofuSubset, author_name, load_mmlu, load_subset
 
 
 def test_author_name_is_the_repeated_capitalised_phrase() -> None:
@@ -191,3 +191,47 @@ def test_modes_share_scores_only_for_prompts_sent_unchanged(tiny_chat_model) -> 
     assert got[0] == clean[0]
     assert not math.isclose(got[1], clean[1], abs_tol=1e-3)
     assert len(cache) == 2  # corrupted prompts are never shared
+
+
+def _earlier_run(tmp_path: Path, bf16_autocast: bool) -> RunState:
+    """A state of this setting and a results file of an earlier run, its none row measured on a
+    target fine-tuned with or without bf16 autocast."""
+    from evaluation.report import run_key
+    from evaluation.runner import _load_earlier
+
+    subset = TofuSubset("forget01", (1,), (2,), (), (), (), (), (), (), ("A",))
+    config = TofuEvalConfig(tmp_path, tmp_path, out_dir=tmp_path, modes=("eco",))
+    training = {"steps": 200, "tokens": 130520, "first_loss": 2.32, "last_loss": 0.135}
+    cards = {
+        "target_finetune": {**training, "bf16_autocast": True},
+        "reference_finetune": {**training, "tokens": 63156, "bf16_autocast": True},
+    }
+    earlier = {
+        "run_key": run_key(config, subset),
+        "config": {},
+        "subset": {},
+        "command": "obliviate eval tofu --modes none",
+        "rows": {"none": {"forget_rouge": 0.88}},
+        "cards": {
+            "target_finetune": {**cards["target_finetune"], "bf16_autocast": bf16_autocast},
+            "reference_finetune": {**cards["reference_finetune"], "bf16_autocast": bf16_autocast},
+        },
+        "timings_s": {"mode none": 571.0, "total": 3412.0},
+    }
+    tmp_path.mkdir()
+    (tmp_path / "tofu-forget01.json").write_text(json.dumps(earlier))
+    state = RunState(config, subset, [], tmp_path, tmp_path / "t", tmp_path / "r", cards=cards)
+    _load_earlier(state)
+    return state
+
+
+def test_rows_of_an_earlier_run_are_kept_only_when_measured_on_the_same_fine_tunes(
+    tmp_path: Path,
+) -> None:
+    same = _earlier_run(tmp_path / "same", bf16_autocast=True)
+    assert same.results["none"].row == {"forget_rouge": 0.88}
+    assert same.timings["mode none"] == 571.0
+    # Same data and settings, trained without bf16 autocast (another machine): other weights,
+    # so its rows do not share a table with this run's.
+    other = _earlier_run(tmp_path / "other", bf16_autocast=False)
+    assert other.results == {} and other.earlier_commands == []
