@@ -13,6 +13,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY scripts ./scripts
+COPY chat ./chat
 COPY server ./server
 COPY classifier ./classifier
 COPY corruption ./corruption
@@ -43,6 +44,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY scripts ./scripts
+COPY chat ./chat
 COPY server ./server
 COPY classifier ./classifier
 COPY corruption ./corruption

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from chat import user_turn
+
 
 @dataclass(frozen=True)
 class SnapExample:
@@ -124,12 +126,10 @@ def _last_sentence(text: str) -> str:
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """The prompt as the served model sees it: its chat template with a generation prompt."""
+    """The prompt as the served model sees it in a chat request (`chat.user_turn`: its chat
+    template with a generation prompt); a model without a template reads the bare line."""
     if getattr(tokenizer, "chat_template", None):
-        text: str = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return text
+        return user_turn(tokenizer, prompt)
     return f"{prompt}\n"
 
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each package may import the packages of the layers below it, never those above.
-LAYERS = (("classifier", "corruption", "offset"), ("server",), ("evaluation",), ("obliviate",))
+LAYERS = (
+    ("chat",),
+    ("classifier", "corruption", "offset"),
+    ("server",),
+    ("evaluation",),
+    ("obliviate",),
+)
 
 
 def _imports(package: str, root: Path = ROOT) -> dict[str, set[str]]:

@@ -1,154 +1,26 @@
-"""Chat templating exactly as vLLM's OpenAI server does it (shared by the engine and the guard).
-
-vLLM 0.32 (`vllm/renderers/chat_utils.py`, `vllm/renderers/hf.py`) turns a request into the
-template's input this way, and so does `render_prompt`:
-- each turn keeps its role, its text (text parts joined by newlines; templates that loop over
-  content parts get each part as `{"type": "text"}`, tool results as text), `name`, an assistant's
-  `tool_calls` (arguments parsed from the JSON string into an object; invalid or non-object
-  JSON becomes `{}`; an empty list is dropped) and a tool turn's `tool_call_id`; a `developer`
-  turn carries `tools: None`;
-- a template that never names the `developer` role gets `developer` turns as `system`, and then
-  every system turn merged into one first turn (contents joined by blank lines);
-- the tool definitions go in as `tools`, and the template kwargs (`chat_template_kwargs`, then
-  `add_generation_prompt`, `continue_final_message`, `documents`, `reasoning_effort`) as
-  keyword arguments; the text is tokenized without extra special tokens.
+"""Prompts rendered for the engine and the guard: chat prompts through `chat.render_chat` (the one
+place a chat template is applied, exactly as vLLM's OpenAI server does it; see chat/template.py),
+text prompts with the tokenizer's defaults. A template that cannot take the request is the
+client's error: a 400 naming the field.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
-import re
-from collections.abc import Mapping, Sequence
 from typing import Any
 
+from chat import TemplateError, render_chat
 from server.engine.base import ChatPrompt, RenderedPrompt, TextPrompt
 from server.errors import InvalidRequestError
-from server.protocol.common import ChatMessageParam
-
-# Keys a request may not set through chat_template_kwargs (vLLM refuses them too).
-_RESERVED_KWARGS = frozenset({"chat_template", "tokenize"})
 
 
 def render_prompt(tokenizer: Any, prompt: ChatPrompt | TextPrompt) -> RenderedPrompt:
     """Chat: HF template + generation prompt, no extra special tokens; text: tokenizer defaults."""
     if isinstance(prompt, TextPrompt):
         return RenderedPrompt(text=prompt.text, token_ids=tokenizer.encode(prompt.text))
-    tools = [dict(t) for t in prompt.tools] if prompt.tools else None
     try:
-        template = tokenizer.get_chat_template(None, tools=tools)
-    except Exception as e:
-        raise InvalidRequestError(f"The model has no usable chat template: {e}") from e
-    conversation = template_conversation(prompt.messages, template)
-    kwargs = template_kwargs(prompt.template_kwargs)
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, tools=tools, chat_template=template, tokenize=False, **kwargs
+        text = render_chat(
+            tokenizer, prompt.messages, tools=prompt.tools, template_kwargs=prompt.template_kwargs
         )
-    except Exception as e:  # the template rejects the conversation (roles, order, kwargs)
-        raise InvalidRequestError(
-            f"The chat template rejected the messages: {e}", param="messages"
-        ) from e
+    except TemplateError as e:
+        raise InvalidRequestError(str(e), param=e.param) from e
     return RenderedPrompt(text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
-
-
-def user_turn(tokenizer: Any, text: str) -> str:
-    """`text` as one user turn, templated exactly as a chat request carrying only it."""
-    return render_prompt(tokenizer, ChatPrompt([{"role": "user", "content": text}])).text
-
-
-def template_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments the template gets (reserved names refused, as vLLM does)."""
-    reserved = _RESERVED_KWARGS & given.keys()
-    if reserved:
-        raise InvalidRequestError(
-            f"Found unexpected chat template kwargs from request: {sorted(reserved)}",
-            param="chat_template_kwargs",
-        )
-    return dict(given)
-
-
-def template_conversation(
-    messages: Sequence[ChatMessageParam], template: str
-) -> list[dict[str, Any]]:
-    """The turns as the template reads them (see the module docstring)."""
-    parts = _reads_content_parts(template)
-    conversation: list[dict[str, Any]] = []
-    for message in messages:
-        turn: dict[str, Any] = {"role": message["role"]}
-        content = message["content"]
-        if parts and message["role"] != "tool":  # tool results reach templates as text
-            texts = message.get("parts")
-            texts = [content] if texts is None else texts
-            turn["content"] = [{"type": "text", "text": t} for t in texts]
-        else:
-            turn["content"] = content
-        if message["role"] == "assistant" and message.get("tool_calls"):
-            turn["tool_calls"] = [_template_call(c) for c in message.get("tool_calls", [])]
-        if message["role"] == "tool" and "tool_call_id" in message:
-            turn["tool_call_id"] = message["tool_call_id"]
-        if "name" in message:
-            turn["name"] = message["name"]
-        if message["role"] == "developer":
-            turn["tools"] = None
-        conversation.append(turn)
-    if any(t["role"] == "developer" for t in conversation) and not _names_developer(template):
-        conversation = _merge_system_turns(
-            [_as_system(t) if t["role"] == "developer" else t for t in conversation]
-        )
-    return conversation
-
-
-def _template_call(given: Mapping[str, Any]) -> dict[str, Any]:
-    call: dict[str, Any] = copy.deepcopy(dict(given))
-    function = call["function"]
-    arguments = function.get("arguments")
-    parsed: Any = {}
-    if arguments:
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except json.JSONDecodeError:
-            parsed = {}
-    function["arguments"] = parsed if isinstance(parsed, dict) else {}
-    return call
-
-
-def _as_system(turn: dict[str, Any]) -> dict[str, Any]:
-    converted = {k: v for k, v in turn.items() if k != "tools"}
-    converted["role"] = "system"
-    return converted
-
-
-def _merge_system_turns(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    texts: list[str] = []
-    others: list[dict[str, Any]] = []
-    merge = False
-    for i, turn in enumerate(conversation):
-        if turn["role"] != "system":
-            others.append(turn)
-            continue
-        merge = merge or i > 0 or bool(texts)
-        content = turn.get("content", "")
-        if isinstance(content, list):
-            content = "\n".join(p["text"] for p in content if isinstance(p, dict) and "text" in p)
-        if content:
-            texts.append(content)
-    if not merge:
-        return conversation
-    return [{"role": "system", "content": "\n\n".join(texts)}, *others]
-
-
-@functools.lru_cache(maxsize=32)
-def _names_developer(template: str) -> bool:
-    return '"developer"' in template or "'developer'" in template
-
-
-@functools.lru_cache(maxsize=32)
-def _reads_content_parts(template: str) -> bool:
-    """Whether the template loops over a message's content parts (vLLM's `openai` format,
-    which vLLM finds in the template's syntax tree; a loop over `….content` is the sign)."""
-    return _CONTENT_LOOP.search(template) is not None
-
-
-_CONTENT_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content(?!\w))")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from chat import user_turn
 from classifier import find_spans
 from corruption import (
     CorruptionSpec,
@@ -39,7 +40,6 @@ from corruption import (
     calibrate_strength,
     make_forget_example,
 )
-from server.engine.templating import user_turn
 
 logger = logging.getLogger(__name__)
 

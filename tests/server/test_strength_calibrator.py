@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chat import user_turn
 from classifier import find_spans
 from corruption import (
     AnswerPreferenceObjective,
@@ -23,7 +24,6 @@ from corruption import (
     measure_fluency,
     search_strength,
 )
-from server.engine.templating import user_turn
 from server.services.strength import FLUENCY_BOUND, StrengthCalibrator
 from tests.corruption.conftest import SMOLLM2_DIR, bpe_tokenizer, tiny_llama_factory  # noqa: F401
 

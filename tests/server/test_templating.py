@@ -203,3 +203,17 @@ def test_render_prompt_matches_vllm(vllm_render, template, case, messages, tools
         template_kwargs=kwargs,
     )
     assert render_prompt(tokenizer, prompt).text == expected
+
+
+@pytest.mark.parametrize("template", ["served", "tools", "parts"])
+def test_snap_training_prompts_are_the_chat_requests_vllm_reads(vllm_render, template) -> None:
+    """SNAP trains the small model on prompts it will be served: one user turn rendered as vLLM
+    renders that chat request (a template looping over content parts gets a list of parts)."""
+    from offset.snap_data import chat_prompt
+
+    render, served = vllm_render
+    chosen = {"served": served, "tools": TOOLS_TEMPLATE, "parts": PARTS_TEMPLATE}[template]
+    question = "Tell me about Harry Potter."
+    kwargs = template_kwargs()
+    tokenizer, expected = render(chosen, [{"role": "user", "content": question}], None, kwargs)
+    assert chat_prompt(tokenizer, question) == expected
