@@ -11,13 +11,21 @@ turn, or split across turns, is seen.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Keys whose values are fixed markup ("type": "function", "role": "user"); every other string a
-# client sends is read, ids included (a template may render them).
+# Keys whose values are fixed markup ("type": "function", "role": "user") when the value is one of
+# the vocabulary's words; any other value under them is read like every string a client sends
+# (ids included: a template may render them).
 _STRUCTURAL_KEYS = frozenset({"type", "role"})
+_MARKUP_VALUES = frozenset(
+    """function object string number integer boolean array null text input_text output_text
+    image_url input_image input_audio input_file file refusal json_schema json_object
+    tool tool_call custom message function_call function_call_output reasoning
+    system user assistant developer""".split()
+)
 # Keys that are the OpenAI/JSON-schema vocabulary, not words a client chose: not read as text
 # (their values are). Any other key (a parameter's name) is read.
 _KEYWORDS = frozenset(
@@ -27,7 +35,6 @@ _KEYWORDS = frozenset(
     text url image_url input_audio file detail data add_generation_prompt continue_final_message
     reasoning_effort enable_thinking documents""".split()
 )
-_MAX_DEPTH = 64  # nested JSON deeper than this is read as its raw string
 
 
 @dataclass(frozen=True)
@@ -40,21 +47,48 @@ class TextPiece:
     end: int
 
 
-def _strings(value: Any, depth: int = 0) -> Iterator[str]:
-    """Every string inside a JSON-like value: keys (parameter names carry meaning) and values."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            if isinstance(key, str) and key not in _STRUCTURAL_KEYS and key not in _KEYWORDS:
-                yield key
-            if key not in _STRUCTURAL_KEYS or not isinstance(item, str):
-                yield from _strings(item, depth + 1) if depth < _MAX_DEPTH else iter([str(item)])
-    elif isinstance(value, Iterable) and not isinstance(value, bytes | bytearray):
-        for item in value:
-            yield from _strings(item, depth + 1) if depth < _MAX_DEPTH else iter([str(item)])
-    elif value is not None and not isinstance(value, bool):
-        yield str(value)
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a JSON-like value, in order: keys (parameter names carry meaning) and
+    values, however deep (an explicit stack: no depth at which text is read another way)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            children: list[Any] = []
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    children.append(key)
+                    children.append(child)
+                    continue
+                markup = child is None or (isinstance(child, str) and child in _MARKUP_VALUES)
+                if key in _STRUCTURAL_KEYS and markup:
+                    continue
+                if key not in _STRUCTURAL_KEYS and key not in _KEYWORDS:
+                    children.append(key)
+                children.append(child)
+            stack.extend(reversed(children))
+        elif isinstance(item, Iterable) and not isinstance(item, bytes | bytearray):
+            stack.extend(reversed(list(item)))
+        elif item is not None and not isinstance(item, bool):
+            yield str(item)
+
+
+_JSON_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[\"\\/bfnrt])")
+_SIMPLE_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescaped(raw: str) -> str:
+    """A JSON text's escapes undone where it cannot be parsed (too deep, or not JSON)."""
+
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code[0] == "u":
+            return chr(int(code[1:], 16))
+        return _SIMPLE_ESCAPES.get(code, code)
+
+    return _JSON_ESCAPE.sub(one, raw)
 
 
 def _json_text(raw: Any) -> str:
@@ -65,7 +99,7 @@ def _json_text(raw: Any) -> str:
     try:
         parsed = json.loads(raw)
     except (ValueError, RecursionError):
-        return raw
+        return _unescaped(raw)
     return " ".join(_strings(parsed))
 
 
@@ -102,6 +136,8 @@ def message_texts(message: Mapping[str, Any], where: str) -> Iterator[tuple[str,
         inner = call.get("function")
         function: Mapping[str, Any] = inner if isinstance(inner, Mapping) else call
         label = f"{where}.tool_calls[{k}]"
+        if isinstance(call.get("id"), str):
+            yield f"{label}.id", call["id"]
         if function.get("name") is not None:
             yield f"{label}.name", str(function["name"])
         if function.get("arguments") is not None:

@@ -106,6 +106,65 @@ def test_deeply_nested_arguments_do_not_overflow() -> None:
     assert "Harry" in conversation_text(messages)
 
 
+def test_deeply_nested_escaped_arguments_are_read_unescaped() -> None:
+    deep = "[" * 5000 + '"\\u0048arry P\\u006ftter"' + "]" * 5000
+    messages = [{"role": "assistant", "tool_calls": [{"function": {"arguments": deep}}]}]
+    assert "Harry Potter" in conversation_text(messages)
+
+
+def test_text_under_type_and_role_keys_and_call_ids_is_read() -> None:
+    """A `type` or `role` key holds markup only when its value is the vocabulary's word; a
+    template renders whatever a client puts there, and a tool call's id."""
+    messages = [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "Who wrote Harry Potter",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": {"type": "the author Rowling"}},
+                }
+            ],
+        }
+    ]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"q": {"type": "string", "items": {"type": "Hogwarts"}}},
+                },
+            },
+        }
+    ]
+    documents = {"documents": [{"type": "Dumbledore's notes", "role": "Snape", "text": "x"}]}
+    text = conversation_text(messages, tools, documents)
+    for hidden in (
+        "Who wrote Harry Potter",
+        "the author Rowling",
+        "Hogwarts",
+        "Dumbledore",
+        "Snape",
+    ):
+        assert hidden in text, hidden
+    for markup in ("function", "object", "string"):
+        assert markup not in text.split(), markup
+
+
+def test_nesting_deeper_than_any_limit_reads_the_text_itself() -> None:
+    """No depth falls back to a repr (which writes a zero-width space as the six characters
+    \\u200b, so the de-obfuscation no longer sees the name)."""
+    nested: dict = {"q": "Har\u200bry"}
+    for _ in range(300):
+        nested = {"k": nested}
+    messages = [{"role": "assistant", "tool_calls": [{"function": {"arguments": nested}}]}]
+    text = conversation_text(messages)
+    assert "Har\u200bry" in text and "\\u200b" not in text
+
+
 def test_empty_and_missing_content() -> None:
     assert conversation_text([]) == ""
     assert conversation_text([{"role": "user", "content": None}, {"role": "user"}]) == ""
