@@ -335,8 +335,17 @@ class _CheckFailed(Exception):
 
 
 def _written(delta: ChoiceDelta) -> str:
-    """What the model wrote in a delta: tool-call arguments included (the client gets them)."""
-    return delta.raw_text if delta.raw_text is not None else delta.text
+    """What the model wrote in a delta, tool calls included (the client gets them): the raw text
+    where the engine parsed the calls from it, else the text and each call's name and arguments
+    (an engine that hands calls already parsed, such as an upstream vLLM server)."""
+    if delta.raw_text is not None:
+        return delta.raw_text
+    if not delta.tool_calls:
+        return delta.text
+    calls = "".join(
+        (f"{c.name} " if c.name else "") + (c.arguments or "") for c in delta.tool_calls
+    )
+    return delta.text + calls
 
 
 def _spellings(aliases: Sequence[str]) -> list[str]:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.engine import ChatPrompt, PromptEmbeds, TextPrompt
-from server.engine.fake import FakeEngine
+from server.engine.fake import FakeEngine, FakeToolCall
 from server.settings import GuardSettings, Settings
 from tests.conftest import ADMIN_TOKEN
 from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
@@ -131,3 +131,22 @@ def test_completions_are_watched_too(client: TestClient, engine: FakeEngine):
     assert reply["choices"][0]["text"] == "an author, in 1997."
     assert isinstance(engine.history[-2].prompt, TextPrompt)
     assert isinstance(engine.history[-1].prompt, PromptEmbeds)
+
+
+def test_tool_calls_an_engine_hands_parsed_are_watched(client: TestClient, engine: FakeEngine):
+    """An engine that parses tool calls itself (an upstream vLLM server) hands the name and the
+    arguments with no raw text: they are what the model wrote, and are watched like text."""
+    before = len(engine.history)
+    engine.enqueue(
+        FakeToolCall("search", json.dumps({"query": "Harry Potter by J.K. Rowling"})),
+        FakeToolCall("search", json.dumps({"query": "a fantasy series"})),
+    )
+    tool = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+    body = chat("Look up the author of the best-selling fantasy series.", tools=[tool])
+    reply = client.post("/v1/chat/completions", json=body).json()
+    calls = reply["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"query": "a fantasy series"}
+    ]
+    assert len(engine.history) == before + 2  # the naming call was never sent: a restart
+    assert "Rowling" in engine.history[-1].sampling.bad_words
