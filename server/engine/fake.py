@@ -46,6 +46,8 @@ class FakeEngine:
         self.history: list[GenerationRequest] = []
         self._queue: deque[str | GatewayError | FakeToolCall] = deque()
         self._running = 0
+        self.alternatives: dict[str, tuple[str, ...]] = {}
+        """More top_logprobs alternatives of a token, by its text (" British": (" Rowling",))."""
 
     @property
     def model(self) -> ModelCard:
@@ -156,7 +158,13 @@ class FakeEngine:
                 completion += 1
                 lp = None
                 if request.sampling.logprobs is not None:
-                    lp = [TokenLogprob(piece, -0.5, (TopLogprob(piece, -0.5),))]
+                    more = self.alternatives.get(piece, ())
+                    top = (piece, *more)
+                    lp = [
+                        TokenLogprob(
+                            piece, -0.5, tuple(TopLogprob(t, -0.5 - k) for k, t in enumerate(top))
+                        )
+                    ]
                 finish: FinishReason | None = None
                 if last and not error:
                     finish = "length" if max_tokens < len(words) else "stop"

@@ -5,8 +5,9 @@ generate(prompt, guarded, request)
   └─ each choice's text, token by token (classifier.StreamScanner):
        ├─ held back only while its last words could still become an alias ("Harry" before
        │   " Potter"); everything before is released at once
-       ├─ it names a target (full alias, a specific part, a typo, an obfuscated form), or at a
-       │   sentence end the target's classifier flags the recent answer text
+       ├─ it names a target (full alias, a specific part, a typo, an obfuscated form), or so
+       │   does a top_logprobs alternative read after the text before it, or at a sentence end
+       │   the target's classifier flags the recent answer text
        │   ──> the naming tokens are never released; generation restarts from the prompt plus
        │       the text already released, with the targets' spans (or, where the prompt does not
        │       name them, the content of every turn) corrupted, as prompt embeddings; δ targets
@@ -206,11 +207,13 @@ class OutputGuard:
     ) -> list[ActiveTarget]:
         """Add `delta` to the choice; the targets its text now names (nothing released yet)."""
         st.held.append(delta)
+        before = st.text
         st.text += _written(delta)
         final = delta.finish_reason is not None
         mentions, hold = scanner.scan(st.text, st.released, final)
         st.hold = hold
         named = {names[m.target] for m in mentions if m.target < len(names)}
+        named |= _alternatives_naming(scanner, names, before, delta)
         found = [targets[n] for n in sorted(named) if n in targets]
         if found or not self._classify:
             return found
@@ -346,6 +349,26 @@ def _written(delta: ChoiceDelta) -> str:
         (f"{c.name} " if c.name else "") + (c.arguments or "") for c in delta.tool_calls
     )
     return delta.text + calls
+
+
+def _alternatives_naming(
+    scanner: StreamScanner, names: Sequence[str], before: str, delta: ChoiceDelta
+) -> set[str]:
+    """The targets an alternative token of the delta's logprobs names, each read after the text
+    the model had written before it: the alternatives are what the model would have written,
+    and the client reads them (vLLM takes logprobs before bad_words and logit_bias apply)."""
+    found: set[str] = set()
+    if not delta.logprobs:
+        return found
+    context = before[-scanner.window :]
+    for chosen in delta.logprobs:
+        for alternative in chosen.top:
+            if alternative.token == chosen.token or not alternative.token.strip():
+                continue
+            mentions, _ = scanner.scan(context + alternative.token, len(context), True)
+            found.update(names[m.target] for m in mentions if m.target < len(names))
+        context = (context + chosen.token)[-scanner.window :]
+    return found
 
 
 def _spellings(aliases: Sequence[str]) -> list[str]:

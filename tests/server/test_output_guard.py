@@ -150,3 +150,23 @@ def test_tool_calls_an_engine_hands_parsed_are_watched(client: TestClient, engin
     ]
     assert len(engine.history) == before + 2  # the naming call was never sent: a restart
     assert "Rowling" in engine.history[-1].sampling.bad_words
+
+
+def test_a_name_among_the_logprobs_alternatives_never_leaves(
+    client: TestClient, engine: FakeEngine
+):
+    """The top_logprobs alternatives are what the model would have written (taken before
+    bad_words and logit_bias): one naming the target restarts the choice like written text."""
+    before = len(engine.history)
+    engine.alternatives = {" British": (" Rowling",)}
+    try:
+        engine.enqueue("A British author.", " woman.")
+        body = chat(PLAIN, logprobs=True, top_logprobs=2, bad_words=["Rowling", " Rowling"])
+        reply = client.post("/v1/chat/completions", json=body).json()
+    finally:
+        engine.alternatives = {}
+    choice = reply["choices"][0]
+    assert choice["message"]["content"] == "A woman."
+    alternatives = [a["token"] for t in choice["logprobs"]["content"] for a in t["top_logprobs"]]
+    assert alternatives and not any("Rowling" in a for a in alternatives), alternatives
+    assert len(engine.history) == before + 2  # restarted before " British" was released
