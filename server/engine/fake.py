@@ -151,11 +151,23 @@ class FakeEngine:
         error: GatewayError | None,
     ) -> AsyncIterator[GenerationChunk]:
         completion = 0
+        sampling = request.sampling
         for index in range(request.sampling.n):
+            written = ""
             for i, word in enumerate(words[:max_tokens]):
                 piece = word if i == 0 else " " + word
                 last = i == min(len(words), max_tokens) - 1
                 completion += 1
+                hit = _stop_hit(written + piece, sampling.stop) if not error else None
+                if hit is not None:  # as vLLM: the text ends before the stop string (or with it)
+                    at, stop = hit
+                    end = at + (len(stop) if sampling.include_stop_str_in_output else 0)
+                    delta = ChoiceDelta(
+                        index, (written + piece)[len(written) : end], [i], None, "stop", stop
+                    )
+                    yield GenerationChunk([delta], prompt_len, completion)
+                    break
+                written += piece
                 lp = None
                 if request.sampling.logprobs is not None:
                     more = self.alternatives.get(piece, ())
@@ -173,6 +185,12 @@ class FakeEngine:
                 )
                 if error:
                     raise error
+
+
+def _stop_hit(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Where the first stop string in `text` starts, and which one."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    return min(hits) if hits else None
 
 
 def _text(token_id: int) -> str:

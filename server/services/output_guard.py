@@ -6,8 +6,9 @@ generate(prompt, guarded, request)
        ├─ held back only while its last words could still become an alias ("Harry" before
        │   " Potter"); everything before is released at once
        ├─ it names a target (full alias, a specific part, a typo, an obfuscated form), or so
-       │   does a top_logprobs alternative read after the text before it, or at a sentence end
-       │   the target's classifier flags the recent answer text
+       │   does a top_logprobs alternative or the stop string (or token) it stopped on, each
+       │   read after the text before it, or at a sentence end the target's classifier flags
+       │   the recent answer text
        │   ──> the naming tokens are never released; generation restarts from the prompt plus
        │       the text already released, with the targets' spans (or, where the prompt does not
        │       name them, the content of every turn) corrupted, as prompt embeddings; δ targets
@@ -214,6 +215,12 @@ class OutputGuard:
         st.hold = hold
         named = {names[m.target] for m in mentions if m.target < len(names)}
         named |= _alternatives_naming(scanner, names, before, delta)
+        if final and delta.stop_reason is not None:
+            # vLLM cuts a matched stop string (or stop token) out of the text and names it in
+            # stop_reason: it is what the model wrote next, read after the text before it.
+            stop = self._stop_text(delta.stop_reason)
+            stopped, _ = scanner.scan(st.text + stop, len(st.text), True)
+            named |= {names[m.target] for m in stopped if m.target < len(names)}
         found = [targets[n] for n in sorted(named) if n in targets]
         if found or not self._classify:
             return found
@@ -233,6 +240,16 @@ class OutputGuard:
                     if d.flagged and d.target in targets and d.target not in guarded.flagged
                 ]
         return found
+
+    def _stop_text(self, stop: str | int) -> str:
+        """The text of a stop reason: a stop string, or a stop token decoded (unreadable without
+        the model's tokenizer: the choice then ends where it is)."""
+        if isinstance(stop, str):
+            return stop
+        corruptor = self._guard.corruptor
+        if corruptor is None:
+            raise _CheckFailed("a stop token cannot be read without the model's tokenizer")
+        return corruptor.decode([stop])
 
     @staticmethod
     def _release(st: _Choice, index: int, *, final: bool) -> ChoiceDelta | None:

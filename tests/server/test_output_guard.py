@@ -170,3 +170,35 @@ def test_a_name_among_the_logprobs_alternatives_never_leaves(
     alternatives = [a["token"] for t in choice["logprobs"]["content"] for a in t["top_logprobs"]]
     assert alternatives and not any("Rowling" in a for a in alternatives), alternatives
     assert len(engine.history) == before + 2  # restarted before " British" was released
+
+
+def test_a_stop_string_naming_the_target_is_never_reported(client: TestClient, engine: FakeEngine):
+    """vLLM cuts a matched stop string out of the text and reports it as stop_reason: a client
+    listing candidate names as stop strings would learn which one the model wrote next."""
+    before = len(engine.history)
+    engine.enqueue("created by J.K. Rowling in 1997.", " a British author.")
+    body = {
+        "model": "fake-model",
+        "prompt": "The boy wizard with the lightning scar was created by",
+        "stop": [" Rowling", " Tolkien", " Lewis"],
+        "max_tokens": 20,
+    }
+    reply = client.post("/v1/completions", json=body).json()
+    choice = reply["choices"][0]
+    assert choice["stop_reason"] != " Rowling" and "Rowling" not in json.dumps(reply)
+    assert choice["text"] == "created by a British author."  # "J.K." was held: a possible name
+    assert len(engine.history) == before + 2  # restarted, protected, the name banned
+    assert "Rowling" in engine.history[-1].sampling.bad_words
+
+
+def test_a_stop_string_naming_nobody_is_reported_as_generated(
+    client: TestClient, engine: FakeEngine
+):
+    engine.enqueue("created by a British author. More text.")
+    body = {"model": "fake-model", "prompt": "The series was", "stop": [" More"], "max_tokens": 20}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (
+        "created by a British author.",
+        "stop",
+        " More",
+    )
