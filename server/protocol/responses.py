@@ -58,6 +58,14 @@ class ResponsesStreamOptions(OpenAIBaseModel):
 
 # Input item kinds read here (vLLM: vllm/entrypoints/openai/responses/utils.py).
 INPUT_ITEM_TYPES = ("message", "function_call", "function_call_output")
+# The fields each kind may carry; any other is refused by name, not ignored (`id` and `status`
+# are the item's bookkeeping as OpenAI returns it; a part's annotations and logprobs likewise).
+_ITEM_FIELDS = {
+    "message": frozenset({"type", "role", "content", "id", "status"}),
+    "function_call": frozenset({"type", "call_id", "name", "arguments", "id", "status"}),
+    "function_call_output": frozenset({"type", "call_id", "output", "id", "status"}),
+}
+_PART_FIELDS = frozenset({"type", "text", "refusal", "annotations", "logprobs"})
 
 
 class ResponsesRequest(OpenAIBaseModel):
@@ -122,6 +130,9 @@ class ResponsesRequest(OpenAIBaseModel):
                     f"input[{i}]: items of type {kind!r} are not supported here "
                     f"(supported: {', '.join(INPUT_ITEM_TYPES)})"
                 )
+            unknown = sorted(set(item) - _ITEM_FIELDS[kind])
+            if unknown:
+                raise ValueError(f"input[{i}]: unknown fields {unknown} in a {kind!r} item")
             if kind == "message":
                 _check_message(i, item)
             elif kind == "function_call":
@@ -160,6 +171,9 @@ def _check_message(i: int, item: dict[str, Any]) -> None:
             )
         if not isinstance(part.get(key), str):
             raise ValueError(f"input[{i}].content[{j}]: a {kind!r} part needs a string {key!r}")
+        unknown = sorted(set(part) - _PART_FIELDS)
+        if unknown:
+            raise ValueError(f"input[{i}].content[{j}]: unknown fields {unknown} in a part")
 
 
 class TopLogprob(StrictModel):

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from server.engine import ChoiceDelta, TokenLogprob
 from server.errors import GatewayError, InvalidRequestError, error_body, validation_message
-from server.protocol.chat import ChatCompletionRequest
+from server.protocol.chat import TEXT_PARTS, ChatCompletionRequest
 from server.protocol.common import dump
 from server.protocol.responses import (
     FunctionCallItem,
@@ -152,12 +152,7 @@ def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], bool]:
             output = item.get("output")
             messages.append({"role": "tool", "content": output, "tool_call_id": item["call_id"]})
         elif item["role"] == "assistant":
-            content = item.get("content")
-            text = (
-                content
-                if isinstance(content, str)
-                else (content[0].get("text") if content else None)
-            )
+            text = _assistant_text(item.get("content"))
             if text is None:
                 continue
             if prev is not None and prev.get("content") is None:
@@ -172,6 +167,15 @@ def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], bool]:
         "incomplete",
     )
     return messages, partial
+
+
+def _assistant_text(content: str | list[dict[str, Any]] | None) -> str | None:
+    """An assistant item's text: every part's (output_text, refusal), joined by newlines as chat
+    joins text parts (vLLM keeps the first part only; the rest would be lost unseen)."""
+    if isinstance(content, str):
+        return content
+    texts = [part[TEXT_PARTS[part["type"]]] for part in content or ()]
+    return "\n".join(texts) if texts else None
 
 
 class ResponsesService:

@@ -196,6 +196,29 @@ def test_responses_message_list_and_tool_items(client, engine) -> None:
     assert sent.messages[2]["tool_call_id"] == "c1" and sent.messages[2]["content"] == "sunny"
 
 
+def test_responses_assistant_items_keep_every_part(client, engine) -> None:
+    parts = [
+        {"type": "output_text", "text": "Sure.", "annotations": []},
+        {"type": "output_text", "text": "It is sunny."},
+    ]
+    items = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": parts,
+            "id": "m1",
+            "status": "completed",
+        },
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't say more."}]},
+        {"role": "user", "content": "Thanks."},
+    ]
+    response = client.post("/v1/responses", json={"model": MODEL, "input": items})
+    assert response.status_code == 200, response.text
+    sent = engine.history[-1].prompt.messages
+    assert [m["content"] for m in sent[1:3]] == ["Sure.\nIt is sunny.", "I can't say more."]
+
+
 def test_responses_function_call_item(client, engine) -> None:
     engine.enqueue(FakeToolCall("get_weather", '{"city": "Paris"}'))
     tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}

@@ -513,3 +513,18 @@ def test_template_extras_reach_the_template(client, fake_engine, guard, patch, k
     assert status == 200, body
     prompt = sent(fake_engine).prompt
     assert isinstance(prompt, ChatPrompt) and prompt.template_kwargs[key] == value
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"role": "user", "content": "Hi", "name": "Harry Potter"},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "extra": "x"},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi", "note": "Rowling"}]},
+    ],
+)
+def test_responses_fields_not_read_are_refused_by_name(client, item) -> None:
+    """A field the server would not read is refused, never dropped unseen."""
+    status, error = _post(client, "/v1/responses", {"model": MODEL, "input": [item]})
+    assert status == 400 and error["error"]["param"] == "input", error
+    assert "unknown fields" in error["error"]["message"]
