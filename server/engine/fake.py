@@ -48,6 +48,9 @@ class FakeEngine:
         self._running = 0
         self.alternatives: dict[str, tuple[str, ...]] = {}
         """More top_logprobs alternatives of a token, by its text (" British": (" Rowling",))."""
+        self.prompt_alternatives: dict[str, tuple[str, ...]] = {}
+        """More prompt_logprobs alternatives of a prompt token (a character), by its text, for
+        prompts sent as text or token ids (corrupted embeddings no longer predict them)."""
 
     @property
     def model(self) -> ModelCard:
@@ -131,10 +134,25 @@ class FakeEngine:
                 if first and request.sampling.prompt_logprobs is not None:
                     ids = self._prompt_ids(request)
                     chunk.prompt_token_ids = ids
+                    more = (
+                        {} if isinstance(request.prompt, PromptEmbeds) else self.prompt_alternatives
+                    )
                     chunk.prompt_logprobs = [
                         PromptLogprob(t, _text(t), None, None)
                         if i == 0
-                        else PromptLogprob(t, _text(t), -1.0, 1, ((t, _text(t), -1.0, 1),))
+                        else PromptLogprob(
+                            t,
+                            _text(t),
+                            -1.0,
+                            1,
+                            (
+                                (t, _text(t), -1.0, 1),
+                                *(
+                                    (-1, a, -2.0 - k, 2 + k)
+                                    for k, a in enumerate(more.get(_text(t), ()))
+                                ),
+                            ),
+                        )
                         for i, t in enumerate(ids)
                     ]
                 first = False

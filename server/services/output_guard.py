@@ -34,8 +34,8 @@ from server.engine import (
     GenerationRequest,
     TokenPrompt,
 )
-from server.engine.base import Prompt
-from server.errors import EngineError, GatewayError
+from server.engine.base import Prompt, PromptLogprob
+from server.errors import EngineError, GatewayError, InvalidRequestError
 from server.metrics import Metrics
 from server.services.guard import ActiveTarget, EcoGuard, Guarded, PromptIn
 from server.services.tenancy import Caller
@@ -119,7 +119,46 @@ class OutputGuard:
         targets = self._guard.in_scope(caller)
         if not targets:
             return self._engine.generate(request)
-        return self._watch(prompt, guarded, request, targets, caller.label if caller else "-")
+        tenant = caller.label if caller else "-"
+        if request.sampling.prompt_logprobs is None:
+            return self._watch(prompt, guarded, request, targets, tenant)
+        return self._scored(prompt, guarded, request, targets, tenant)
+
+    async def _scored(
+        self,
+        prompt: PromptIn,
+        guarded: Guarded,
+        request: GenerationRequest,
+        targets: Mapping[str, ActiveTarget],
+        tenant: str,
+    ) -> AsyncIterator[GenerationChunk]:
+        """A request asking for prompt logprobs: their alternatives are the model's predictions
+        at each prompt position, so one naming a target reveals it (" Rowling" after "J.K.")
+        though the prompt was not flagged. Such a prompt is sent again protected for those
+        targets before anything leaves, as if the classifier had flagged it."""
+        try:
+            async for chunk in self._watch(prompt, guarded, request, targets, tenant):
+                yield chunk
+            return
+        except _PromptNamesTarget as named:
+            found = named.targets
+        for target in found:
+            self._metrics.decisions.labels(target.id, "prompt_logprobs_restart", tenant).inc()
+        eco = [t for t in found if t.corruption is not None]
+        if len(eco) < len(found) or self._guard.corruptor is None:
+            raise InvalidRequestError(
+                "prompt logprobs are not available for this prompt: it concerns a protected "
+                "topic answered in a mode whose prompt logprobs would reveal it",
+                param="prompt_logprobs",
+            )
+        active = self._guard.active
+        involved = {t.name: t for t in found}
+        involved.update({n: active[n] for n in guarded.flagged if n in active})
+        corrupted, _ = await self._guard.corrupt(prompt, list(involved.values()))
+        protected = Guarded(corrupted, guarded.offsets, tuple(involved))
+        again = replace(request, request_id=f"{request.request_id}-prompt", prompt=corrupted)
+        async for chunk in self._watch(prompt, protected, again, targets, tenant, last=True):
+            yield chunk
 
     async def _watch(
         self,
@@ -128,6 +167,8 @@ class OutputGuard:
         request: GenerationRequest,
         targets: Mapping[str, ActiveTarget],
         tenant: str,
+        *,
+        last: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         scanner, names = self._guard.bank.stream_scanner()
         choices = {i: _Choice() for i in range(request.sampling.n)}
@@ -144,6 +185,21 @@ class OutputGuard:
                 if chunk is None:
                     continue
                 counts[source] = (chunk.prompt_tokens, chunk.completion_tokens)
+                if source == _ORIGINAL and chunk.prompt_logprobs:  # the first chunk: none left
+                    named = _prompt_alternatives_naming(scanner, names, chunk.prompt_logprobs)
+                    found_in_prompt = [
+                        targets[n]
+                        for n in sorted(named)
+                        if n in targets and n not in guarded.flagged
+                    ]
+                    if found_in_prompt and last:
+                        raise InvalidRequestError(
+                            "prompt logprobs are not available for this prompt: they would "
+                            "reveal a protected topic",
+                            param="prompt_logprobs",
+                        )
+                    if found_in_prompt:
+                        raise _PromptNamesTarget(found_in_prompt)
                 out: list[ChoiceDelta] = []
                 for delta in chunk.choices:
                     index = delta.index if source == _ORIGINAL else streams.choice_of(source)
@@ -186,7 +242,7 @@ class OutputGuard:
                         prompt_logprobs=scored,
                         prompt_token_ids=chunk.prompt_token_ids if scored is not None else None,
                     )
-        except GatewayError:
+        except (GatewayError, _PromptNamesTarget):
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
@@ -352,6 +408,31 @@ class OutputGuard:
 
 class _CheckFailed(Exception):
     """The output could not be checked: the choice ends where it is (fail closed)."""
+
+
+class _PromptNamesTarget(Exception):
+    """The prompt logprobs' alternatives name targets the prompt was not protected for."""
+
+    def __init__(self, targets: list[ActiveTarget]) -> None:
+        super().__init__(", ".join(t.name for t in targets))
+        self.targets = targets
+
+
+def _prompt_alternatives_naming(
+    scanner: StreamScanner, names: Sequence[str], scored: Sequence[PromptLogprob]
+) -> set[str]:
+    """The targets an alternative of the prompt logprobs names, read after the prompt text
+    before its position."""
+    found: set[str] = set()
+    context = ""
+    for position in scored:
+        for _, text, _, _ in position.top:
+            if text == position.token or not text.strip():
+                continue
+            mentions, _ = scanner.scan(context + text, len(context), True)
+            found.update(names[m.target] for m in mentions if m.target < len(names))
+        context = (context + position.token)[-scanner.window :]
+    return found
 
 
 def _written(delta: ChoiceDelta) -> str:

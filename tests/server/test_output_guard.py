@@ -202,3 +202,42 @@ def test_a_stop_string_naming_nobody_is_reported_as_generated(
         "stop",
         " More",
     )
+
+
+def test_prompt_logprobs_naming_the_target_are_sent_again_protected(
+    client: TestClient, engine: FakeEngine
+):
+    """The prompt logprobs' alternatives are the model's predictions at each prompt position:
+    "Rowling" after "J.K." reveals the fact though the prompt names no target. The prompt is
+    sent again, corrupted for the target, before anything leaves."""
+    before = len(engine.history)
+    engine.prompt_alternatives = {"S": ("Rowling",)}
+    try:
+        body = {
+            "model": "fake-model",
+            "prompt": "My favourite teacher was called J.K. Smith",
+            "max_tokens": 3,
+            "prompt_logprobs": 2,
+        }
+        reply = client.post("/v1/completions", json=body).json()
+    finally:
+        engine.prompt_alternatives = {}
+    assert "Rowling" not in json.dumps(reply)
+    assert reply["choices"][0]["prompt_logprobs"], reply
+    first, again = engine.history[before:]
+    assert isinstance(first.prompt, TextPrompt) and isinstance(again.prompt, PromptEmbeds)
+    assert again.request_id.endswith("-prompt")
+
+
+def test_prompt_logprobs_naming_nobody_come_from_the_prompt_as_sent(
+    client: TestClient, engine: FakeEngine
+):
+    before = len(engine.history)
+    engine.prompt_alternatives = {"S": ("Stevens",)}
+    try:
+        body = {"model": "fake-model", "prompt": "My teacher was Mr Smith", "max_tokens": 3}
+        reply = client.post("/v1/completions", json={**body, "prompt_logprobs": 2}).json()
+    finally:
+        engine.prompt_alternatives = {}
+    assert "Stevens" in json.dumps(reply)
+    assert len(engine.history) == before + 1
