@@ -28,6 +28,9 @@ class GatewayFailedError(RuntimeError):
     """The gateway did not start, or a registration job failed."""
 
 
+_RETRIES = 3
+
+
 @dataclass
 class Gateway:
     """HTTP client of a running gateway: chat completions and the admin API."""
@@ -48,7 +51,17 @@ class Gateway:
 
     def _post(self, path: str, body: dict[str, Any], *, admin: bool = False) -> Any:
         client = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        r = self._http.post(path, json=body, headers=self._admin if admin else client)
+        for attempt in range(_RETRIES + 1):
+            try:
+                r = self._http.post(path, json=body, headers=self._admin if admin else client)
+                break
+            except httpx.RemoteProtocolError:
+                # The server closed a kept-alive connection as the request went out (uvicorn
+                # drops connections idle for 5 s; scoring between requests on a busy machine
+                # takes longer). The measuring requests read only, so they are sent again;
+                # admin calls (a registration) are not repeated.
+                if admin or attempt == _RETRIES:
+                    raise
         if r.status_code >= 400:
             raise GatewayFailedError(f"POST {path}: {r.status_code} {r.text[:500]}")
         return r.json()

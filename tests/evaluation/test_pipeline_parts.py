@@ -235,3 +235,29 @@ def test_rows_of_an_earlier_run_are_kept_only_when_measured_on_the_same_fine_tun
     # so its rows do not share a table with this run's.
     other = _earlier_run(tmp_path / "other", bf16_autocast=False)
     assert other.results == {} and other.earlier_commands == []
+
+
+def test_a_measuring_request_is_sent_again_when_the_server_dropped_the_connection() -> None:
+    """uvicorn closes connections idle for 5 s; a request racing that close fails with
+    RemoteProtocolError (it ended a forget05 run after 90 minutes). Reads are sent again,
+    registrations never."""
+    import httpx
+
+    from evaluation.gateway import Gateway
+
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Paris"}}]})
+
+    gw = Gateway("http://gateway", "token")
+    gw._http = httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(handler))
+    assert gw.chat([{"role": "user", "content": "Capital of France?"}], max_tokens=4) == "Paris"
+    assert calls["n"] == 2
+    calls["n"] = 0
+    with pytest.raises(httpx.RemoteProtocolError):
+        gw._post("/admin/targets", {"name": "x"}, admin=True)
+    assert calls["n"] == 1
