@@ -34,7 +34,7 @@ from server.engine import (
     GenerationRequest,
     TokenPrompt,
 )
-from server.engine.base import Prompt, PromptLogprob
+from server.engine.base import Prompt
 from server.errors import EngineError, GatewayError, InvalidRequestError
 from server.metrics import Metrics
 from server.services.guard import ActiveTarget, EcoGuard, Guarded, PromptIn
@@ -151,9 +151,7 @@ class OutputGuard:
                 "topic answered in a mode whose prompt logprobs would reveal it",
                 param="prompt_logprobs",
             )
-        active = self._guard.active
-        involved = {t.name: t for t in found}
-        involved.update({n: active[n] for n in guarded.flagged if n in active})
+        involved = self._involved(found, guarded)
         corrupted, _ = await self._guard.corrupt(prompt, list(involved.values()))
         protected = Guarded(corrupted, guarded.offsets, tuple(involved))
         again = replace(request, request_id=f"{request.request_id}-prompt", prompt=corrupted)
@@ -186,7 +184,8 @@ class OutputGuard:
                     continue
                 counts[source] = (chunk.prompt_tokens, chunk.completion_tokens)
                 if source == _ORIGINAL and chunk.prompt_logprobs:  # the first chunk: none left
-                    named = _prompt_alternatives_naming(scanner, names, chunk.prompt_logprobs)
+                    positions = [(p.token, [a[1] for a in p.top]) for p in chunk.prompt_logprobs]
+                    named = _alternatives_naming(scanner, names, "", positions)
                     found_in_prompt = [
                         targets[n]
                         for n in sorted(named)
@@ -270,13 +269,14 @@ class OutputGuard:
         mentions, hold = scanner.scan(st.text, st.released, final)
         st.hold = hold
         named = {names[m.target] for m in mentions if m.target < len(names)}
-        named |= _alternatives_naming(scanner, names, before, delta)
+        if delta.logprobs:
+            positions = [(lp.token, [a.token for a in lp.top]) for lp in delta.logprobs]
+            named |= _alternatives_naming(scanner, names, before, positions)
         if final and delta.stop_reason is not None:
             # vLLM cuts a matched stop string (or stop token) out of the text and names it in
             # stop_reason: it is what the model wrote next, read after the text before it.
             stop = self._stop_text(delta.stop_reason)
-            stopped, _ = scanner.scan(st.text + stop, len(st.text), True)
-            named |= {names[m.target] for m in stopped if m.target < len(names)}
+            named |= _named_after(scanner, names, st.text[-scanner.window :], stop)
         found = [targets[n] for n in sorted(named) if n in targets]
         if found or not self._classify:
             return found
@@ -296,6 +296,14 @@ class OutputGuard:
                     if d.flagged and d.target in targets and d.target not in guarded.flagged
                 ]
         return found
+
+    def _involved(self, found: list[ActiveTarget], guarded: Guarded) -> dict[str, ActiveTarget]:
+        """The targets a protected prompt is built for: those just found and those the prompt
+        was already flagged for, by name."""
+        active = self._guard.active
+        involved = {t.name: t for t in found}
+        involved.update({n: active[n] for n in guarded.flagged if n in active})
+        return involved
 
     def _stop_text(self, stop: str | int) -> str:
         """The text of a stop reason: a stop string, or a stop token decoded (unreadable without
@@ -375,9 +383,7 @@ class OutputGuard:
         st.restarts += 1
         released = st.text[: st.released]
         st.text, st.held, st.checked = released, [], len(released)
-        active = self._guard.active
-        involved = {t.name: t for t in found}
-        involved.update({n: active[n] for n in guarded.flagged if n in active})
+        involved = self._involved(found, guarded)
         continuation = corruptor.template(prompt).extended(released)
         eco = [t for t in involved.values() if t.corruption is not None]
         offsets = list(guarded.offsets)
@@ -418,20 +424,29 @@ class _PromptNamesTarget(Exception):
         self.targets = targets
 
 
-def _prompt_alternatives_naming(
-    scanner: StreamScanner, names: Sequence[str], scored: Sequence[PromptLogprob]
+def _named_after(scanner: StreamScanner, names: Sequence[str], context: str, text: str) -> set[str]:
+    """The targets `text` names when read right after `context` (a mention must reach into it)."""
+    mentions, _ = scanner.scan(context + text, len(context), True)
+    return {names[m.target] for m in mentions if m.target < len(names)}
+
+
+def _alternatives_naming(
+    scanner: StreamScanner,
+    names: Sequence[str],
+    before: str,
+    positions: Sequence[tuple[str, Sequence[str]]],
 ) -> set[str]:
-    """The targets an alternative of the prompt logprobs names, read after the prompt text
-    before its position."""
+    """The targets an alternative names at some position, read after the text before it: each
+    position is (the token there, its alternatives). Logprobs alternatives are what the model
+    would have written there, and the client reads them (vLLM takes them before bad_words and
+    logit_bias apply; a prompt's are its predictions inside the prompt)."""
     found: set[str] = set()
-    context = ""
-    for position in scored:
-        for _, text, _, _ in position.top:
-            if text == position.token or not text.strip():
-                continue
-            mentions, _ = scanner.scan(context + text, len(context), True)
-            found.update(names[m.target] for m in mentions if m.target < len(names))
-        context = (context + position.token)[-scanner.window :]
+    context = before[-scanner.window :]
+    for token, alternatives in positions:
+        for alternative in alternatives:
+            if alternative != token and alternative.strip():
+                found |= _named_after(scanner, names, context, alternative)
+        context = (context + token)[-scanner.window :]
     return found
 
 
@@ -447,26 +462,6 @@ def _written(delta: ChoiceDelta) -> str:
         (f"{c.name} " if c.name else "") + (c.arguments or "") for c in delta.tool_calls
     )
     return delta.text + calls
-
-
-def _alternatives_naming(
-    scanner: StreamScanner, names: Sequence[str], before: str, delta: ChoiceDelta
-) -> set[str]:
-    """The targets an alternative token of the delta's logprobs names, each read after the text
-    the model had written before it: the alternatives are what the model would have written,
-    and the client reads them (vLLM takes logprobs before bad_words and logit_bias apply)."""
-    found: set[str] = set()
-    if not delta.logprobs:
-        return found
-    context = before[-scanner.window :]
-    for chosen in delta.logprobs:
-        for alternative in chosen.top:
-            if alternative.token == chosen.token or not alternative.token.strip():
-                continue
-            mentions, _ = scanner.scan(context + alternative.token, len(context), True)
-            found.update(names[m.target] for m in mentions if m.target < len(names))
-        context = (context + chosen.token)[-scanner.window :]
-    return found
 
 
 def _spellings(aliases: Sequence[str]) -> list[str]:
