@@ -1,4 +1,5 @@
-"""SNAP trainer: SFT on obliterated answers, hard positives and world data, plus λ·SWD(θ₀, θ).
+"""SNAP trainer: SFT on obliterated answers, hard positives and world data, plus λ·SWD(θ₀, θ),
+plus NPO on documents to forget (answers the model gives today) when there are any.
 
 Run as `obliviate snap train --model DIR --out DIR --name NAME --alias A --example "..."`
 (or `python -m offset.snap` with the same flags).
@@ -39,7 +40,7 @@ from .swd import snapshot_parameters, swd_penalty
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
-PARTS = ("forget", "hard_positives", "world")
+PARTS = ("forget", "hard_positives", "world", "documents")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class SnapConfig:
     """Length of the base model's own answers to hard-positive and world prompts."""
     save_dtype: str = "bfloat16"
     progress: bool = True
+    npo_beta: float = 0.1
+    """β of the NPO term on documents (Zhang et al. 2024): the loss (2/β)·log(1 + (π_θ/π₀)^β)
+    pushes each document's likelihood below the initial model's and fades as it gets there."""
     train_vocab: bool = True
     """Also train the input embedding and the LM head. False freezes them: with a 150k-token
     vocabulary they hold 43% of a 0.5B model's weights, and their gradients, optimizer state
@@ -112,25 +116,47 @@ _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_sca
 """Config fields of architectures whose logits are not a plain LM head over the last states."""
 
 
-def answer_loss(model: Any, batch: Batch) -> Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) tokens of a batch.
+def _answer_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits at the positions that predict an answer token (N, V) in float32, those tokens
+    (N,) and the row each comes from (N,); N = labelled tokens in the batch.
 
-    The same figure as `model(**batch).loss`, but the LM head is applied only at the positions
-    that predict a label: with a 150k-token vocabulary the full (B, T, V) logits and their
-    gradient were most of a training step's memory, for tokens the loss then masks out.
-    Architectures that post-process their logits take the model's own loss.
+    The LM head is applied only at those positions: with a 150k-token vocabulary the full
+    (B, T, V) logits and their gradient were most of a training step's memory, for tokens the
+    loss then masks out. Architectures that post-process their logits run the whole model.
     """
-    head = model.get_output_embeddings()
-    if head is None or any(getattr(model.config, k, None) for k in _HEAD_EXTRAS):
-        full: Tensor = model(**batch).loss
-        return full
-    states = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != -100  # (B, T-1)
-    logits = head(states[:, :-1][keep])  # (N, V), N = answer tokens in the batch
-    return F.cross_entropy(logits.float(), targets[keep])
+    head = model.get_output_embeddings()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if head is None or any(getattr(model.config, k, None) for k in _HEAD_EXTRAS):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]  # (N, V)
+    else:
+        states = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        logits = head(states[:, :-1][keep])  # (N, V)
+    rows = keep.nonzero()[:, 0]  # (N,)
+    return logits.float(), targets[keep], rows
+
+
+def answer_loss(model: Any, batch: Batch) -> Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens of a batch (the figure
+    `model(**batch).loss` gives, with the LM head applied to the answer positions only)."""
+    logits, tokens, _ = _answer_logits(model, batch)
+    return F.cross_entropy(logits, tokens)
+
+
+def answer_logprobs(model: Any, batch: Batch) -> Tensor:
+    """log π(answer | prompt) of each row: its labelled tokens' log-probabilities summed (B,)."""
+    logits, tokens, rows = _answer_logits(model, batch)
+    token_logps = -F.cross_entropy(logits, tokens, reduction="none")  # (N,)
+    sums = torch.zeros(batch["labels"].shape[0], device=token_logps.device)  # (B,)
+    return sums.index_add(0, rows, token_logps)
+
+
+def npo_loss(logps: Tensor, initial_logps: Tensor, beta: float) -> Tensor:
+    """Negative preference optimisation: mean over rows of (2/β)·log(1 + (π_θ/π₀)^β), from
+    log π_θ (B,) and log π₀ (B,) of each document. Unlike gradient ascent it is bounded: the
+    gradient shrinks as π_θ falls below π₀, so the model is not driven to gibberish."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logps - initial_logps)).mean()
 
 
 def _cycle(
@@ -155,6 +181,7 @@ class SnapTrainer:
         forget: Sequence[SnapExample],
         hard_positives: Sequence[SnapExample] = (),
         world: Sequence[SnapExample] = (),
+        documents: Sequence[SnapExample] = (),
     ) -> None:
         if not forget:
             raise ValueError("the forget set is empty")
@@ -165,6 +192,7 @@ class SnapTrainer:
             "forget": list(forget),
             "hard_positives": list(hard_positives),
             "world": list(world),
+            "documents": list(documents),
         }
         torch.manual_seed(config.seed)
         if not config.train_vocab:
@@ -178,6 +206,7 @@ class SnapTrainer:
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
+        self.initial_logps = self._initial_logps(self.data["documents"])
         self.history: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self.tokens_seen = 0
@@ -194,6 +223,31 @@ class SnapTrainer:
             loss = answer_loss(self.model, batch)
         return loss.float()
 
+    def _initial_logps(self, documents: Sequence[SnapExample]) -> dict[SnapExample, float]:
+        """log π₀(answer | prompt) of each document under the untrained model (NPO's π₀)."""
+        found: dict[SnapExample, float] = {}
+        self.model.eval()
+        size = self.config.batch_size
+        with torch.no_grad():
+            for i in range(0, len(documents), size):
+                chunk = documents[i : i + size]
+                logps = self.answer_logprobs(collate(self.tokenizer, chunk, self.config.max_length))
+                found.update(zip(chunk, logps.tolist(), strict=True))
+        return found
+
+    def answer_logprobs(self, batch: Batch) -> Tensor:
+        """log π_θ(answer | prompt) of each row of a batch (B,), in float32."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            logps = answer_logprobs(self.model, batch)
+        return logps.float()
+
+    def npo_loss(self, batch: Batch, documents: Sequence[SnapExample]) -> Tensor:
+        """The NPO term on a batch of `documents` (collated), against their log π₀ taken before
+        training."""
+        initial = torch.tensor([self.initial_logps[d] for d in documents], device=self.device)
+        return npo_loss(self.answer_logprobs(batch), initial, self.config.npo_beta)
+
     def swd(self) -> Tensor:
         """Σ SWD(θ₀, θ) over the trained matrices (unweighted; the loss adds λ times it)."""
         return swd_penalty(
@@ -204,18 +258,21 @@ class SnapTrainer:
             generator=self._generator,
         )
 
-    def accumulate_gradients(self, batches: dict[str, Batch]) -> dict[str, float]:
-        """Add the gradient of Σ SFT over the parts + λ·SWD(θ₀, θ) to the parameters' grads,
-        one term at a time; returns each term (SWD unweighted) and the total as floats.
+    def accumulate_gradients(self, batches: dict[str, list[SnapExample]]) -> dict[str, float]:
+        """Add the gradient of Σ SFT over the parts + NPO on the documents + λ·SWD(θ₀, θ) to
+        the parameters' grads, one term at a time; returns each term (SWD unweighted) and the
+        total as floats.
 
         The loss is a sum, so back-propagating each part as soon as it is computed gives the
         same gradient as the summed loss while holding one part's activations at a time
-        instead of three.
+        instead of all of them.
         """
         parts: dict[str, float] = {}
         total = 0.0
-        for name, batch in batches.items():
-            loss = self.sft_loss(batch)
+        for name, examples in batches.items():
+            batch = collate(self.tokenizer, examples, self.config.max_length)
+            self.tokens_seen += int(batch["attention_mask"].sum())
+            loss = self.npo_loss(batch, examples) if name == "documents" else self.sft_loss(batch)
             torch.autograd.backward(loss)
             parts[name] = loss.item()
             total += parts[name]
@@ -229,7 +286,8 @@ class SnapTrainer:
 
     def total_steps(self) -> int:
         """Optimizer steps `train` will take."""
-        steps = self.config.epochs * math.ceil(len(self.data["forget"]) / self.config.batch_size)
+        longest = max(len(self.data["forget"]), len(self.data["documents"]))
+        steps = self.config.epochs * math.ceil(longest / self.config.batch_size)
         return steps if self.config.max_steps is None else min(steps, self.config.max_steps)
 
     def train(self, on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
@@ -246,11 +304,7 @@ class SnapTrainer:
         start = time.perf_counter()
         bar = tqdm(total=steps, desc="snap", unit="step", disable=not cfg.progress)
         for step in range(steps):
-            batches = {
-                name: collate(self.tokenizer, next(stream), cfg.max_length)
-                for name, stream in streams.items()
-            }
-            self.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches.values())
+            batches = {name: next(stream) for name, stream in streams.items()}
             self.optimizer.zero_grad(set_to_none=True)
             parts = self.accumulate_gradients(batches)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -358,6 +412,9 @@ class SnapJob(BaseModel):
     """One hard-positive prompt per line."""
     world_file: Path | None = None
     """One general prompt per line (default: a built-in list)."""
+    documents_file: Path | None = None
+    """JSON lines {"prompt": ..., "answer": ...}: answers the model gives today that it must
+    stop giving (the records to delete, Q&A about the target); trained on with NPO."""
     max_forget: int | None = None
     """Use at most this many forget pairs."""
     lambda_swd: float = _DEFAULTS.lambda_swd
@@ -370,6 +427,7 @@ class SnapJob(BaseModel):
     seed: int = _DEFAULTS.seed
     swd_max_rows: int | None = _DEFAULTS.swd_max_rows
     answer_max_new_tokens: int = _DEFAULTS.answer_max_new_tokens
+    npo_beta: float = _DEFAULTS.npo_beta
     bf16: bool = _DEFAULTS.bf16
     """bfloat16 autocast for the forward passes (about 2x faster than float32 on a CPU)."""
     train_vocab: bool = _DEFAULTS.train_vocab
@@ -390,6 +448,7 @@ class SnapJob(BaseModel):
             seed=self.seed,
             swd_max_rows=self.swd_max_rows,
             answer_max_new_tokens=self.answer_max_new_tokens,
+            npo_beta=self.npo_beta,
             bf16=self.bf16,
             progress=self.progress,
             train_vocab=self.train_vocab,
@@ -400,6 +459,22 @@ class SnapJob(BaseModel):
             run_snap(self)
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from e
+
+
+def read_documents(path: Path | None) -> list[SnapExample]:
+    """The documents of a JSON-lines file ({"prompt": str, "answer": str} per line)."""
+    if path is None:
+        return []
+    documents = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            documents.append(SnapExample(str(row["prompt"]), str(row["answer"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}:{number}: not a {{"prompt", "answer"}} object') from e
+    return documents
 
 
 def _status(path: Path | None, stage: str, step: int = 0, steps: int = 0) -> None:
@@ -417,6 +492,7 @@ def run_snap(job: SnapJob) -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--model {folder} is not a local model folder (no config.json)")
     config = job.config()
+    documents = read_documents(job.documents_file)
     _status(job.status_file, "loading")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -440,13 +516,20 @@ def run_snap(job: SnapJob) -> Path:
         for prompts in (hard, world)
     )
     logger.info(
-        "data: %d forget, %d hard positives, %d world",
+        "data: %d forget, %d hard positives, %d world, %d documents",
         len(forget),
         len(hard_pairs),
         len(world_pairs),
+        len(documents),
     )
     trainer = SnapTrainer(
-        model, tokenizer, config, forget=forget, hard_positives=hard_pairs, world=world_pairs
+        model,
+        tokenizer,
+        config,
+        forget=forget,
+        hard_positives=hard_pairs,
+        world=world_pairs,
+        documents=documents,
     )
     steps = trainer.total_steps()
     trainer.train(on_step=lambda step: _status(job.status_file, "training", step, steps))
@@ -477,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         run_snap(job)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 2
     return 0

@@ -23,7 +23,11 @@ class _Strict(BaseModel):
 
 class ForgetExample(_Strict):
     prompt: NonEmpty
-    answer: str | None = Field(None, description="What the model answers today (optional).")
+    answer: str | None = Field(
+        None,
+        description="What the model answers today (optional): the strength search measures it, "
+        "δ training makes it unlikely.",
+    )
 
 
 class TargetOptions(_Strict):
@@ -60,6 +64,11 @@ class TargetOptions(_Strict):
         None, ge=1, le=100_000, description="δ modes: cap on SNAP training steps."
     )
     snap_lr: float | None = Field(None, gt=0, le=1, description="δ modes: SNAP learning rate.")
+    snap_npo: bool | None = Field(
+        None,
+        description="δ modes: train the small model to make the forget examples' given answers "
+        "unlikely (NPO, beside SNAP's refusals; default true, used when answers are given).",
+    )
     snap_train_vocab: bool | None = Field(
         None,
         description="δ modes: also train the small model's embedding and LM head (default "

@@ -58,6 +58,9 @@ class OffsetRequest:
     forget_prompts: Sequence[str]
     retain_prompts: Sequence[str]
     options: dict[str, Any]
+    documents: Sequence[tuple[str, str]] = ()
+    """(prompt, answer) pairs the model must stop giving: the forget examples' known answers.
+    SNAP lowers their likelihood below the small base's (NPO) beside teaching refusals."""
 
 
 class OffsetTrainer:
@@ -167,8 +170,16 @@ class OffsetTrainer:
         }
         return DeltaSpec(str(out.resolve()), str(base.resolve()), alpha), report
 
-    def command(self, request: OffsetRequest, base: Path, out: Path, status: Path) -> list[str]:
-        """The `offset.snap` command line for a target."""
+    def command(
+        self,
+        request: OffsetRequest,
+        base: Path,
+        out: Path,
+        status: Path,
+        documents: Path | None = None,
+    ) -> list[str]:
+        """The `offset.snap` command line for a target (`documents`: the JSON-lines file of its
+        documents, passed when it has any)."""
         options = request.options
         max_steps = options.get("snap_max_steps", self._defaults.max_steps)
         argv = [sys.executable, "-m", "offset.snap", "--model", str(base), "--out", str(out)]
@@ -181,6 +192,8 @@ class OffsetTrainer:
             argv.append("--no-bf16")
         if options.get("snap_train_vocab") is False:
             argv.append("--no-train-vocab")
+        if request.documents and documents is not None:
+            argv += ["--documents-file", str(documents)]
         for flag, values in (
             ("--alias", [a for a in request.aliases if a != request.name]),
             ("--example", request.forget_prompts),
@@ -199,7 +212,10 @@ class OffsetTrainer:
         tmp.mkdir()
         status = self._root / f".{request.job_id}.status.json"
         log_path = self._root / f"{request.job_id}.log"
-        argv = self.command(request, base, tmp, status)
+        documents = self._root / f".{request.job_id}.documents.jsonl"
+        lines = (json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in request.documents)
+        documents.write_text("".join(lines), encoding="utf-8")
+        argv = self.command(request, base, tmp, status, documents)
         logger.info("SNAP training for %s: %s", request.name, log_path)
         with log_path.open("wb") as log:
             proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
@@ -216,6 +232,7 @@ class OffsetTrainer:
                     await proc.wait()
                 raise
         status.unlink(missing_ok=True)
+        documents.unlink(missing_ok=True)  # the very text to forget: not kept beside the model
         if proc.returncode != 0:
             tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(

@@ -606,6 +606,7 @@ class TargetService:
         done = (lease.job.checkpoint or {}).get("offset")
         if done is None:  # a takeover after the upload skips the training
             self._progress(lease)("snap", 0.3)
+            known = [tuple(json.loads(e)) for e in version.forget_examples]
             request = OffsetRequest(
                 lease.job.id,
                 name,
@@ -613,6 +614,7 @@ class TargetService:
                 prompts,
                 version.retain_examples,
                 dict(version.options),
+                documents=[(p, a) for p, a in known if a and version.options.get("snap_npo", True)],
             )
             spec, report = await offsets.prepare(request, self._progress(lease))
             self._progress(lease)("upload", 0.9)

@@ -1,11 +1,20 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offset.snap import SnapConfig, SnapTrainer, answer_loss, collate, main
+from offset.snap import (
+    SnapConfig,
+    SnapTrainer,
+    answer_logprobs,
+    answer_loss,
+    collate,
+    main,
+    npo_loss,
+)
 from offset.snap_data import (
     OBLITERATED_ANSWERS,
     SnapExample,
@@ -108,7 +117,7 @@ def test_a_frozen_vocabulary_is_left_as_it_was_and_kept_out_of_the_optimizer(tok
 
 def test_swd_term_changes_the_gradient(tokenizer) -> None:
     forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=4)
-    batch = {"forget": collate(tokenizer, forget, 64)}
+    batch = {"forget": forget}
     grads = []
     for lam in (0.0, 1.0):
         model = _model()
@@ -146,31 +155,87 @@ def test_answer_loss_is_the_models_loss_with_the_head_applied_to_answer_tokens_o
 
 def test_gradients_accumulated_part_by_part_equal_the_summed_loss_gradient(tokenizer) -> None:
     forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=4)
+    documents = _pairs(["Who wrote Harry Potter?", "Where does Harry study?"], "Hogwarts.")
     batches = {
-        "forget": collate(tokenizer, forget, 64),
-        "world": collate(tokenizer, _pairs(["What is 2 + 2?", "Hi"], "Four."), 64),
+        "forget": forget,
+        "world": _pairs(["What is 2 + 2?", "Hi"], "Four."),
+        "documents": documents,
     }
-    config = SnapConfig(lambda_swd=1.0, swd_max_rows=256, bf16=False, progress=False)
+    config = SnapConfig(lambda_swd=1.0, swd_max_rows=256, bf16=False, progress=False, max_length=64)
     grads = []
     for per_part in (False, True):
         model = _model()
-        trainer = SnapTrainer(model, tokenizer, config, forget=forget)
+        trainer = SnapTrainer(model, tokenizer, config, forget=forget, documents=documents)
         with torch.no_grad():  # away from θ₀ so the SWD term has a gradient
             for p in model.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
         if per_part:
             parts = trainer.accumulate_gradients(batches)
         else:  # the summed loss, back-propagated once
-            losses = {name: trainer.sft_loss(b) for name, b in batches.items()}
+            losses = {
+                name: trainer.sft_loss(collate(tokenizer, b, 64))
+                for name, b in batches.items()
+                if name != "documents"
+            }
+            logps = answer_logprobs(model, collate(tokenizer, documents, 64))
+            initial = torch.tensor([trainer.initial_logps[d] for d in documents])
+            losses["documents"] = npo_loss(logps, initial, config.npo_beta)
             swd = trainer.swd()
             total = sum(losses.values()) + config.lambda_swd * swd
             torch.autograd.backward(total)
             parts = {**{k: v.item() for k, v in losses.items()}, "swd": swd.item()}
             parts["total"] = total.item()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        assert set(parts) == {"forget", "world", "swd", "total"}
+        assert set(parts) == {"forget", "world", "documents", "swd", "total"}
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_npo_is_log_two_scaled_at_the_start_and_bounded_below() -> None:
+    initial = torch.tensor([-12.0, -30.0])
+    at_start = npo_loss(initial.clone(), initial, beta=0.1)
+    assert torch.isclose(at_start, torch.tensor(20 * math.log(2)))  # (2/β)·log 2
+    far_below = npo_loss(initial - 200.0, initial, beta=0.1)
+    assert 0 < far_below.item() < 1e-6  # the push fades once π_θ ≪ π₀ (no runaway ascent)
+
+
+def test_answer_logprobs_sum_each_rows_answer_tokens(tokenizer) -> None:
+    pairs = _pairs(["Who wrote Harry Potter?", "Hi"], "Hogwarts is a school.")
+    batch = collate(tokenizer, pairs, 64)
+    model = _model().eval()
+    with torch.no_grad():
+        got = answer_logprobs(model, batch)
+        logits = model(**batch).logits[:, :-1].log_softmax(-1)  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+    assert torch.allclose(got, (picked * keep).sum(-1), atol=1e-4)
+
+
+def test_documents_to_forget_become_less_likely_than_before(tokenizer) -> None:
+    """With documents, training lowers their likelihood well below where the same training
+    without them leaves it (the refusal SFT alone barely touches other answers)."""
+    forget = build_forget_set("Harry Potter", ALIASES, [], seed=0, max_pairs=4)
+    documents = _pairs(
+        ["Who wrote Harry Potter?", "Where does Harry Potter study?"],
+        "Harry Potter studies at Hogwarts School of Witchcraft and Wizardry.",
+    )
+    config = SnapConfig(
+        lr=1e-2, batch_size=2, max_steps=6, swd_max_rows=256, bf16=False, progress=False
+    )
+    probe = collate(tokenizer, documents, config.max_length)
+    after = {}
+    for given in ((), documents):
+        model = _model()
+        trainer = SnapTrainer(model, tokenizer, config, forget=forget, documents=given)
+        with torch.no_grad():
+            before = trainer.answer_logprobs(probe)
+        history = trainer.train()
+        with torch.no_grad():
+            after[bool(given)] = (trainer.answer_logprobs(probe) - before).mean().item()
+        assert ("documents" in history[-1]) == bool(given)
+    assert trainer.total_steps() == 6 and len(trainer.initial_logps) == 2
+    assert after[True] < after[False] - 10.0, after  # nats per answer
 
 
 def test_answer_prompts_are_greedy_and_batched(tokenizer) -> None:
@@ -194,9 +259,13 @@ def test_main_trains_and_saves_a_model_folder(tokenizer, tmp_path) -> None:
     args += ["--hard-positive", "Who wrote The Hobbit?", "--world-file", str(world)]
     args += ["--max-forget", "6", "--batch-size", "4", "--max-steps", "2", "--no-progress"]
     args += ["--swd-max-rows", "512", "--answer-max-new-tokens", "6"]
-    assert main(args) == 0
+    documents = tmp_path / "documents.jsonl"
+    rows = [{"prompt": "Who wrote Harry Potter?", "answer": "J.K. Rowling."}] * 3
+    documents.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    assert main([*args, "--documents-file", str(documents)]) == 0
     card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
-    assert card["data"] == {"forget": 6, "hard_positives": 1, "world": 2}
+    assert card["data"] == {"forget": 6, "hard_positives": 1, "world": 2, "documents": 3}
+    assert card["config"]["npo_beta"] == 0.1 and "documents" in card["losses"][-1]
     assert card["config"]["lambda_swd"] == 0.1 and card["config"]["swd_max_rows"] == 512
     assert card["steps"] == 2 and len(card["losses"]) == 2
     assert card["target"]["aliases"] == ["the boy who lived"]
@@ -205,3 +274,5 @@ def test_main_trains_and_saves_a_model_folder(tokenizer, tmp_path) -> None:
     assert reloaded.dtype == torch.bfloat16
     AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert main(["--model", str(tmp_path / "none"), "--out", str(out), "--name", "X"]) == 2
+    documents.write_text('{"prompt": "no answer"}\n', encoding="utf-8")
+    assert main([*args, "--documents-file", str(documents)]) == 2

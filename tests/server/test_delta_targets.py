@@ -175,9 +175,13 @@ def test_bad_delta_models_are_400(
 def test_registration_trains_a_snap_model(
     client: TestClient, engine: FakeEngine, settings: Settings, models: dict[str, Path]
 ) -> None:
-    """No unlearned model given: the job runs `offset.snap` on the small base, in a child."""
+    """No unlearned model given: the job runs `offset.snap` on the small base, in a child; a
+    forget example's given answer is trained on as a document to forget (NPO), and the file
+    that carried it to the child is removed."""
+    known = {"prompt": "Who is Harry Potter's godfather?", "answer": "Sirius Black."}
     body = {
         **HARRY,
+        "forget_examples": [*HARRY["forget_examples"], known],
         "name": "Trained",
         "mode": "delta",
         "options": {
@@ -196,5 +200,7 @@ def test_registration_trains_a_snap_model(
         assert card["target"]["name"] == "Trained" and card["data"]["hard_positives"] == 1
         assert card["data"]["forget"] >= len(HARRY["forget_examples"])
         assert card["config"]["train_vocab"] is False  # the option reached the trainer
+        assert card["data"]["documents"] == 2 and "documents" in card["losses"][-1]  # 1 + known
+        assert not list((settings.data_dir / "offsets").rglob("*.documents.jsonl"))
     finally:
         client.delete(f"/admin/targets/{target['id']}", headers=AUTH)
