@@ -20,7 +20,7 @@ from evaluation.scoring import Messages
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "prompt", "eco", "delta", "snap", "reference")
+MODES = ("none", "prompt", "eco", "delta", "snap", "snap+npo", "reference")
 TARGET_MODES = ("none", "prompt", "eco", "delta")
 """Modes served by a gateway over the fine-tuned target model."""
 
@@ -102,15 +102,28 @@ def train_snap(
     max_steps: int | None = None,
     seed: int = 0,
     threads: int | None = None,
+    documents: Sequence[tuple[str, str]] = (),
     log: Path,
 ) -> Path:
-    """`python -m offset.snap` (= `obliviate snap train`) with the arguments a δ job passes."""
+    """`python -m offset.snap` (= `obliviate snap train`) with the arguments a δ job passes;
+    `documents` are (question, answer) pairs given as forget examples with their answers,
+    which the job hands to the trainer as documents to forget (NPO)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # Runs sharing the cache train a copy once: the second waits for the first's lock.
     with (out.parent / f".{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _train_snap_locked(
-            model_dir, out, names, examples, hard_positives, bf16, max_steps, seed, threads, log
+            model_dir,
+            out,
+            names,
+            examples,
+            hard_positives,
+            bf16,
+            max_steps,
+            seed,
+            threads,
+            documents,
+            log,
         )
 
 
@@ -124,6 +137,7 @@ def _train_snap_locked(
     max_steps: int | None,
     seed: int,
     threads: int | None,
+    documents: Sequence[tuple[str, str]],
     log: Path,
 ) -> Path:
     if (out / "training_card.json").is_file():
@@ -140,6 +154,11 @@ def _train_snap_locked(
         argv.append("--no-bf16")
     if max_steps is not None:
         argv += ["--max-steps", str(max_steps)]
+    if documents:
+        path = out.parent / f".{out.name}.documents.jsonl"
+        rows = (json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in documents)
+        path.write_text("".join(rows), encoding="utf-8")
+        argv += ["--documents-file", str(path)]
     out.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -221,10 +221,14 @@ def _delta(
     gw.delete_target(record["id"])
 
 
-def _snap(state: RunState, target_dir: Path) -> Path | None:
-    """Train (or reuse) the SNAP copy of the target for the snap and delta modes."""
+def _snap(state: RunState, target_dir: Path, *, npo: bool = False) -> Path | None:
+    """Train (or reuse) the SNAP copy of the target for the snap and delta modes (`npo`: the
+    copy of the snap+npo mode, also given the forget split's answers as documents to forget)."""
     cfg, subset = state.config, state.subset
-    snap_dir = target_dir.with_name(f"{target_dir.name}-snap{cfg.snap_max_steps or ''}")
+    mode = "snap+npo" if npo else "snap"
+    suffix = "-npo" if npo else ""
+    snap_dir = target_dir.with_name(f"{target_dir.name}-snap{cfg.snap_max_steps or ''}{suffix}")
+    documents = [(qa.question, qa.answer) for qa in subset.forget] if npo else []
     start = time.perf_counter()
     try:
         train_snap(
@@ -236,17 +240,18 @@ def _snap(state: RunState, target_dir: Path) -> Path | None:
             bf16=native_bf16(),
             max_steps=cfg.snap_max_steps,
             seed=cfg.seed,
-            log=state.workdir / "snap-train.log",
+            log=state.workdir / f"{mode}-train.log",
             threads=cfg.torch_threads,
+            documents=documents,
         )
     except Exception as e:
         logger.exception("SNAP training failed")
-        for mode in ("snap", "delta"):
-            state.failures[mode] = f"{type(e).__name__}: {e}"
+        for failed in ("snap+npo",) if npo else ("snap", "delta"):
+            state.failures[failed] = f"{type(e).__name__}: {e}"
         return None
-    _timed(state, "SNAP training", start)
+    _timed(state, f"{mode} training" if npo else "SNAP training", start)
     card = snap_dir / "training_card.json"
-    state.cards["snap"] = json.loads(card.read_text()) if card.is_file() else None
+    state.cards[mode] = json.loads(card.read_text()) if card.is_file() else None
     return snap_dir
 
 
@@ -314,12 +319,16 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
         if ratios is not None:
             ratios.result()
         snap_dir = snap.result() if snap is not None else None
-    if "snap" in config.modes and snap_dir is not None:
-        try:
-            _serve_plain(state, "snap", snap_dir)
-        except Exception as e:
-            logger.exception("mode snap failed")
-            state.failures["snap"] = f"{type(e).__name__}: {e}"
+    folders = {"snap": snap_dir}
+    if "snap+npo" in config.modes:  # trained after the rest: two trainings would share 2 cores
+        folders["snap+npo"] = _snap(state, target_dir, npo=True)
+    for mode, folder in folders.items():
+        if mode in config.modes and folder is not None:
+            try:
+                _serve_plain(state, mode, folder)
+            except Exception as e:
+                logger.exception("mode %s failed", mode)
+                state.failures[mode] = f"{type(e).__name__}: {e}"
 
     state.timings["total"] = round(time.perf_counter() - wall, 1)
     return _checkpoint(state)

@@ -261,3 +261,21 @@ def test_a_measuring_request_is_sent_again_when_the_server_dropped_the_connectio
     with pytest.raises(httpx.RemoteProtocolError):
         gw._post("/admin/targets", {"name": "x"}, admin=True)
     assert calls["n"] == 1
+
+
+def test_the_snap_npo_copy_is_trained_on_the_documents_it_is_given(
+    tiny_chat_model, tmp_path: Path
+) -> None:
+    """snap+npo's copy: the job's arguments plus the answers as documents (NPO); the file that
+    carried them is the trainer's input, the card counts them, the copy is cached."""
+    from evaluation.modes import train_snap
+
+    base = tiny_chat_model()
+    documents = [("Who wrote Promise by the Seine?", "Basil Mahfouz Al-Kuwaiti wrote it.")] * 2
+    out = tmp_path / "snap-npo"
+    kwargs = {"bf16": False, "max_steps": 1, "log": tmp_path / "snap.log"}
+    got = train_snap(base, out, ["Basil"], ["Who is Basil?"], [], documents=documents, **kwargs)
+    card = json.loads((got / "training_card.json").read_text())
+    assert card["data"]["documents"] == 2 and "documents" in card["losses"][0]
+    plain = train_snap(base, tmp_path / "snap", ["Basil"], ["Who is Basil?"], [], **kwargs)
+    assert json.loads((plain / "training_card.json").read_text())["data"]["documents"] == 0
