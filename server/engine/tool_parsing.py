@@ -267,16 +267,15 @@ class ToolStream:
             self._ids.setdefault(delta.index, []).extend(delta.token_ids)
             if delta.finish_reason is None:
                 return None
-            answer = tools.whole(
-                "".join(self._texts[delta.index]), self._ids[delta.index], delta.finish_reason
-            )
+            whole = "".join(self._texts[delta.index])
+            answer = tools.whole(whole, self._ids[delta.index], delta.finish_reason)
             return replace(
                 delta,
                 text=answer.content or "",
                 null_content=answer.content is None,
                 tool_calls=answer.tool_calls or None,
                 finish_reason=answer.finish_reason,
-                raw_text=raw,
+                raw_text=whole,  # everything the model wrote: the output guard reads it
             )
         done = delta.finish_reason is not None
         parsed = tools.delta(raw, delta.token_ids, prompt_ids, done)
