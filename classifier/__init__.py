@@ -19,7 +19,7 @@ from .conversation import (
 )
 from .embed import Embedder, EmbedderNotFoundError, EncodingStopped, default_model_path
 from .model import ArtifactError, TargetClassifier, TargetSpec
-from .spans import find_spans
+from .spans import alias_kind, find_spans
 from .stream import Mention, StreamScanner
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "alias_kind",
     "ArtifactError",
     "CalibrationReport",
     "ClassifierBank",

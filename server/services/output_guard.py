@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from classifier import StreamScanner
+from classifier import StreamScanner, alias_kind
 from server.engine import (
     ChoiceDelta,
     Engine,
@@ -169,6 +169,7 @@ class OutputGuard:
         last: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         scanner, names = self._guard.bank.stream_scanner()
+        surnames = _surnames(targets.values())
         choices = {i: _Choice() for i in range(request.sampling.n)}
         streams = _Streams()
         # Token by token even when the client wants one answer: text before a name can then be
@@ -185,7 +186,7 @@ class OutputGuard:
                 counts[source] = (chunk.prompt_tokens, chunk.completion_tokens)
                 if source == _ORIGINAL and chunk.prompt_logprobs:  # the first chunk: none left
                     positions = [(p.token, [a[1] for a in p.top]) for p in chunk.prompt_logprobs]
-                    named = _alternatives_naming(scanner, names, "", positions)
+                    named = _alternatives_naming(scanner, names, "", positions, surnames)
                     found_in_prompt = [
                         targets[n]
                         for n in sorted(named)
@@ -207,7 +208,7 @@ class OutputGuard:
                         continue  # a choice restarted elsewhere: its old tokens are dropped
                     try:
                         found = await self._check(
-                            st, delta, scanner, names, targets, guarded, tenant
+                            st, delta, (scanner, names, surnames), targets, guarded, tenant
                         )
                     except _CheckFailed:  # fail closed: the choice ends with what was released
                         found, st.restarts = [], self._max_restarts
@@ -255,13 +256,14 @@ class OutputGuard:
         self,
         st: _Choice,
         delta: ChoiceDelta,
-        scanner: StreamScanner,
-        names: Sequence[str],
+        readers: tuple[StreamScanner, Sequence[str], Mapping[str, str]],
         targets: Mapping[str, ActiveTarget],
         guarded: Guarded,
         tenant: str,
     ) -> list[ActiveTarget]:
-        """Add `delta` to the choice; the targets its text now names (nothing released yet)."""
+        """Add `delta` to the choice; the targets its text now names (nothing released yet).
+        `readers`: the alias scanner, the target names by its index, and the surnames."""
+        scanner, names, surnames = readers
         st.held.append(delta)
         before = st.text
         st.text += _written(delta)
@@ -271,12 +273,13 @@ class OutputGuard:
         named = {names[m.target] for m in mentions if m.target < len(names)}
         if delta.logprobs:
             positions = [(lp.token, [a.token for a in lp.top]) for lp in delta.logprobs]
-            named |= _alternatives_naming(scanner, names, before, positions)
+            named |= _alternatives_naming(scanner, names, before, positions, surnames)
         if final and delta.stop_reason is not None:
             # vLLM cuts a matched stop string (or stop token) out of the text and names it in
             # stop_reason: it is what the model wrote next, read after the text before it.
             stop = self._stop_text(delta.stop_reason)
             named |= _named_after(scanner, names, st.text[-scanner.window :], stop)
+            named |= {surnames[stop.strip()]} if stop.strip() in surnames else set()
         found = [targets[n] for n in sorted(named) if n in targets]
         if found or not self._classify:
             return found
@@ -435,18 +438,38 @@ def _alternatives_naming(
     names: Sequence[str],
     before: str,
     positions: Sequence[tuple[str, Sequence[str]]],
+    surnames: Mapping[str, str],
 ) -> set[str]:
-    """The targets an alternative names at some position, read after the text before it: each
-    position is (the token there, its alternatives). Logprobs alternatives are what the model
-    would have written there, and the client reads them (vLLM takes them before bad_words and
-    logit_bias apply; a prompt's are its predictions inside the prompt)."""
+    """The targets an alternative names at some position, read after the text before it, or
+    by a surname alone: each position is (the token there, its alternatives). Logprobs
+    alternatives are what the model would have written there, and the client reads them (vLLM
+    takes them before bad_words and logit_bias apply; a prompt's are its predictions inside the
+    prompt)."""
     found: set[str] = set()
     context = before[-scanner.window :]
     for token, alternatives in positions:
         for alternative in alternatives:
-            if alternative != token and alternative.strip():
+            if alternative != token and (word := alternative.strip()):
                 found |= _named_after(scanner, names, context, alternative)
+                if word in surnames:
+                    found.add(surnames[word])
         context = (context + token)[-scanner.window :]
+    return found
+
+
+def _surnames(targets: Iterable[ActiveTarget]) -> dict[str, str]:
+    """The last word of each person alias ("J.R.R. Tolkien": "Tolkien") and its target. One
+    token the model lists as an alternative (" Tolkien" after "The most famous") or stops on
+    names the target alone, though the alias scanner may weigh a lone surname too weakly to call
+    it a mention (written text is also read by the classifier; a lone token is not). Person:
+    `classifier.alias_kind` (2-4 capitalised words, no title words), the last word alphabetic
+    and four letters or more; matched case-sensitively."""
+    found: dict[str, str] = {}
+    for target in targets:
+        for alias in (target.name, *target.aliases):
+            words = alias.split()
+            if alias_kind(alias) == "person" and len(words[-1]) >= 4 and words[-1].isalpha():
+                found.setdefault(words[-1], target.name)
     return found
 
 

@@ -241,3 +241,24 @@ def test_prompt_logprobs_naming_nobody_come_from_the_prompt_as_sent(
         engine.prompt_alternatives = {}
     assert "Stevens" in json.dumps(reply)
     assert len(engine.history) == before + 1
+
+
+def test_surnames_are_the_last_words_of_person_like_aliases() -> None:
+    from server.services.output_guard import _surnames
+
+    class T:
+        def __init__(self, name: str, aliases: tuple[str, ...]) -> None:
+            self.name, self.aliases = name, aliases
+
+    got = _surnames(
+        [
+            T("J.R.R. Tolkien", ("The Hobbit", "The Lord of the Rings", "Middle-earth")),
+            T("Harry Potter", ("Hogwarts", "J.K. Rowling", "Ron Weasley", "Al Li")),
+        ]  # type: ignore[list-item]
+    )
+    assert got == {
+        "Tolkien": "J.R.R. Tolkien",
+        "Potter": "Harry Potter",
+        "Rowling": "Harry Potter",
+        "Weasley": "Harry Potter",
+    }
