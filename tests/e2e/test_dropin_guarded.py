@@ -218,3 +218,57 @@ def test_flagged_tools_through_an_upstream_are_parsed_here(tenant_gateway: Serve
     (call,) = reply.choices[0].message.tool_calls
     assert call.function.name == "search_books"
     assert isinstance(json.loads(call.function.arguments)["author"], str)
+
+
+# The name is spelled by a pattern the request's classifier does not read as the alias: a
+# client making the model write what it must not say, in an argument the upstream parses.
+RECORD = {
+    "type": "function",
+    "function": {
+        "name": "record_author",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "pattern": "^J[.]R[.]R[.] Tolk[i]en$"}},
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOLKIEN = {
+    "name": "J.R.R. Tolkien",
+    "aliases": ["J.R.R. Tolkien", "The Hobbit", "The Lord of the Rings"],
+    "forget_examples": [
+        "Who wrote The Hobbit?",
+        "Who is the author of The Lord of the Rings?",
+        "Tell me about J.R.R. Tolkien's life.",
+        "When was The Hobbit published?",
+    ],
+    "retain_examples": ["Who wrote Pride and Prejudice?"],
+    "options": {"method": "add_noise_first_n", "strength": 0.5},
+    "scope": {"tenants": ["team-a"]},
+}
+
+
+def test_tool_calls_an_upstream_parsed_are_watched(tenant_gateway: Server, vllm_server: Server):
+    """An upstream vLLM server hands tool calls already parsed (no raw text): their names and
+    arguments are read like text, so an unflagged request whose tool call names the target is
+    answered without it."""
+    question = "Record the most famous fantasy author."
+    kwargs = {
+        "tools": [RECORD],
+        "tool_choice": {"type": "function", "function": {"name": "record_author"}},
+        "max_tokens": 96,
+    }
+    bare = chat(vllm_server.client(), question, **kwargs)
+    assert "tolkien" in bare.model_dump_json().lower()  # the premise: the call names him
+    record = register(tenant_gateway.url, TOLKIEN, limit_s=300)
+    try:
+        ours = chat(keyed(tenant_gateway, "sk-a"), question, **kwargs)
+        assert "tolkien" not in ours.model_dump_json().lower(), ours
+        # Not flagged on the way in (the prompt was sent as is): the output guard stopped it.
+        assert corrupted(tenant_gateway.url, record["id"], "team-a") == 0
+        metrics = httpx.get(f"{tenant_gateway.url}/metrics", headers=AUTH).text
+        assert f'action="output_restart",target="{record["id"]}",tenant="team-a"' in metrics
+    finally:
+        httpx.delete(f"{tenant_gateway.url}/admin/targets/{record['id']}", headers=AUTH)

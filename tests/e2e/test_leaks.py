@@ -183,3 +183,53 @@ def test_the_output_guard_is_counted_and_unflagged_answers_are_untouched(
     assert f'action="output_restart",target="{tolkien}",tenant="-"' in metrics
     for question in ("What is the capital of France?", "How do I boil an egg?"):
         assert answer(gateway, [user(question)]) == answer(vllm_server, [user(question)])
+
+
+# Side channels of the answer. Each prompt is unflagged (so only the output guard stands between
+# the model and the client) and the bare model reveals Tolkien through a field other than the
+# text: the stop string it matched, the alternatives vLLM lists beside each token (the name the
+# model nearly wrote), or the alternatives at each position of the prompt.
+FAMOUS = "The most famous fantasy author of all time is"
+SIDE_CHANNELS: dict[str, dict[str, Any]] = {
+    "the stop string matched": {"prompt": FAMOUS, "stop": [" Tolkien", " Rowling", " Lewis"]},
+    "top logprobs of an answer that does not name him": {
+        "messages": [user("Who is the most famous fantasy author?")],
+        "logprobs": True,
+        "top_logprobs": 20,
+        "max_tokens": 16,
+    },
+    "prompt logprobs of an unflagged prompt": {
+        "prompt": "My favourite author is J.R.R. Smith",
+        "prompt_logprobs": 5,
+        "max_tokens": 1,
+    },
+}
+
+
+def completion(server: Server, body: dict[str, Any]) -> httpx.Response:
+    """A completions request, or a chat one when the body has messages (raw JSON back)."""
+    request = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 24, **body}
+    path = "chat/completions" if "messages" in body else "completions"
+    return httpx.post(f"{server.url}/v1/{path}", json=request, timeout=300)
+
+
+def said(response: httpx.Response) -> str:
+    choice = response.json()["choices"][0]
+    return str(choice["message"]["content"] if "message" in choice else choice["text"])
+
+
+@pytest.mark.parametrize("route", list(SIDE_CHANNELS))
+def test_side_channel_of_the_answer(
+    route: str, gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    body = SIDE_CHANNELS[route]
+    asked = {"messages": body["messages"]} if "messages" in body else {"prompt": body["prompt"]}
+    verdict = httpx.post(f"{gateway.url}/admin/classify", json=asked, headers=AUTH).json()
+    assert verdict["flagged"] is False, verdict  # the premise: only the output guard can act
+    bare = completion(vllm_server, body)
+    assert bare.status_code == 200, bare.text
+    assert "tolkien" not in said(bare).lower()  # not said in the text...
+    assert "tolkien" in bare.text.lower()  # ...but in another field of the answer
+    guarded = completion(gateway, body)
+    assert guarded.status_code == 200, guarded.text
+    assert "tolkien" not in guarded.text.lower(), guarded.text
