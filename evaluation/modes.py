@@ -17,6 +17,7 @@ import torch
 
 from evaluation.gateway import Gateway
 from evaluation.scoring import Messages
+from offset.snap import write_documents
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,7 @@ def _train_snap_locked(
     if max_steps is not None:
         argv += ["--max-steps", str(max_steps)]
     if documents:
-        path = out.parent / f".{out.name}.documents.jsonl"
-        rows = (json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in documents)
-        path.write_text("".join(rows), encoding="utf-8")
+        path = write_documents(out.parent / f".{out.name}.documents.jsonl", documents)
         argv += ["--documents-file", str(path)]
     out.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)

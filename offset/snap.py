@@ -461,6 +461,13 @@ class SnapJob(BaseModel):
             raise SystemExit(f"error: {e}") from e
 
 
+def write_documents(path: Path, documents: Sequence[tuple[str, str]]) -> Path:
+    """Write (prompt, answer) pairs as the JSON-lines file `--documents-file` reads."""
+    rows = (json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in documents)
+    path.write_text("".join(rows), encoding="utf-8")
+    return path
+
+
 def read_documents(path: Path | None) -> list[SnapExample]:
     """The documents of a JSON-lines file ({"prompt": str, "answer": str} per line)."""
     if path is None:

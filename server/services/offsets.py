@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from offset import DeltaSpec
-from offset.snap import native_bf16
+from offset.snap import native_bf16, write_documents
 from server.registry_blobs import BlobStore, Manifest, bundle_digest, manifest_blobs
 
 logger = logging.getLogger(__name__)
@@ -212,9 +212,9 @@ class OffsetTrainer:
         tmp.mkdir()
         status = self._root / f".{request.job_id}.status.json"
         log_path = self._root / f"{request.job_id}.log"
-        documents = self._root / f".{request.job_id}.documents.jsonl"
-        lines = (json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in request.documents)
-        documents.write_text("".join(lines), encoding="utf-8")
+        documents = write_documents(
+            self._root / f".{request.job_id}.documents.jsonl", request.documents
+        )
         argv = self.command(request, base, tmp, status, documents)
         logger.info("SNAP training for %s: %s", request.name, log_path)
         with log_path.open("wb") as log:

@@ -169,7 +169,13 @@ class OutputGuard:
         last: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         scanner, names = self._guard.bank.stream_scanner()
-        surnames = _surnames(targets.values())
+        sampling = request.sampling
+        side_channels = (
+            sampling.logprobs is not None
+            or sampling.prompt_logprobs is not None
+            or bool(sampling.stop or sampling.stop_token_ids)
+        )  # the surnames are read only there: no cost on the plain request path
+        surnames = _surnames(targets.values()) if side_channels else {}
         choices = {i: _Choice() for i in range(request.sampling.n)}
         streams = _Streams()
         # Token by token even when the client wants one answer: text before a name can then be
