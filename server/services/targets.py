@@ -463,23 +463,28 @@ class TargetService:
             self._active, record.id, record.name, version, {a.kind: a for a in artifacts}
         )
         async with self._write_lock:
-            switched = await asyncio.to_thread(
-                lambda: self._registry.finish_job(
-                    job.id,
-                    artifacts=artifacts,
-                    calibration=calibration,
-                    owner=lease.owner,
-                    attempt=lease.attempt,
-                )
-            )
-            # Swap it in at once, before anything else runs on this loop (a client that saw the
-            # job succeed is served with it); then re-read the whole set from the registry.
+            # Enforce the version before the registry says the job succeeded: a client that saw
+            # it succeed is served with it (checked between the commit and this loop's next
+            # turn, the old set would answer). Then re-read the whole set from the registry,
+            # which also puts the old set back if the job could not finish (lease lost).
+            current = await asyncio.to_thread(self._registry.get_target, record.id)
             self._loaded[(record.id, version.version)] = ready
             others = [t for t in self._guard.active.values() if t.id != record.id]
-            if switched.enabled:
-                others.append(_with_threshold(ready, switched.threshold_override))
+            if current is not None and current.enabled:
+                others.append(_with_threshold(ready, current.threshold_override))
             self._guard.set_targets(others)
-            await self.reload()
+            try:
+                await asyncio.to_thread(
+                    lambda: self._registry.finish_job(
+                        job.id,
+                        artifacts=artifacts,
+                        calibration=calibration,
+                        owner=lease.owner,
+                        attempt=lease.attempt,
+                    )
+                )
+            finally:
+                await self.reload()
         logger.info("Target %s (%s) v%d is active", record.name, record.id, version.version)
 
     async def _build(

@@ -8,6 +8,7 @@ test hold a job at its "answers" stage (engine not ready) or make it fail (engin
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -27,6 +28,11 @@ from tests.offset.conftest import tiny_smollm_folders
 from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
 
 PROBE = {"prompt": "Who wrote the Harry Potter books?"}
+SAM = {
+    "name": "Samwise Gamgee",
+    "aliases": ["Samwise Gamgee", "Sam Gamgee"],
+    "forget_examples": ["Who is Samwise Gamgee?", "What does Samwise Gamgee do for a living?"],
+}
 FRODO = {
     "name": "Frodo Baggins",
     "aliases": ["Frodo Baggins", "Frodo"],
@@ -165,6 +171,34 @@ def test_rollback_and_the_version_list(env, harry):
     assert failed.status_code == 409 and failed.json()["error"]["param"] == "version"
     missing = client.post("/admin/targets/nope/rollback", headers=AUTH)
     assert missing.status_code == 404
+
+
+def test_a_target_is_enforced_as_soon_as_its_job_says_succeeded(env, harry, monkeypatch):
+    # The registry's commit and the gateway's next turn are apart: a client polling the job
+    # sees "succeeded" while finish_job's thread has not returned yet. Held open here.
+    client, _, _ = env
+    service = client.app.state.targets
+    real = service._registry.finish_job
+    finished = threading.Event()
+
+    def slow_finish(*args, **kwargs):
+        record = real(*args, **kwargs)
+        finished.set()
+        time.sleep(1.5)
+        return record
+
+    monkeypatch.setattr(service._registry, "finish_job", slow_finish)
+    body = {**SAM, "options": {"strength": 1.0}}
+    response = client.post("/admin/targets", json=body, headers=AUTH)
+    assert response.status_code == 202, response.text
+    job_id, sam = response.json()["id"], response.json()["target_id"]
+    assert finished.wait(300)
+    job = client.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
+    assert job["status"] == "succeeded"
+    assert _target(client, sam)["active"] is True
+    assert _flagged(client, {"prompt": "Where does Samwise Gamgee live?"})
+    wait_for_job(client, job_id)
+    assert client.delete(f"/admin/targets/{sam}", headers=AUTH).status_code == 204
 
 
 def test_put_errors(env, harry):
