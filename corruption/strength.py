@@ -36,6 +36,7 @@ import torch
 
 from corruption.embeddings import tokenize_prompt
 from corruption.functions import CORRUPTION_METHODS, CorruptionSpec, apply_corruption
+from corruption.likelihood import left_pad, token_logprobs
 from corruption.search import (
     SearchStep,
     StrengthSearchConfig,
@@ -144,18 +145,6 @@ def _embed_prompts(
     return out
 
 
-def _left_pad(seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack (L_i, H) tensors left-padded: embeds (B, L, H), attention mask, position ids."""
-    longest = max(s.shape[0] for s in seqs)
-    batch = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[1])  # (B, L, H)
-    attention = torch.zeros(len(seqs), longest, dtype=torch.long, device=seqs[0].device)
-    for row, seq in enumerate(seqs):
-        batch[row, longest - seq.shape[0] :] = seq
-        attention[row, longest - seq.shape[0] :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    return batch, attention, positions
-
-
 def _continuation_logprobs(
     model: PreTrainedModel,
     prompts: Sequence[torch.Tensor],
@@ -163,62 +152,11 @@ def _continuation_logprobs(
     owners: Sequence[int],
     *,
     batch_size: int,
-    rows_per_pass: int = 16,
 ) -> list[float]:
-    """Mean per-token log-probability of each continuation after the prompt `owners[i]`.
-
-    Prompts run `batch_size` at a time; each prompt's KV cache is then shared by the
-    continuations that follow it, which run `rows_per_pass` at a time so that their
-    (rows, L, V) logits stay small. log p = logit - logsumexp(logits): no (rows, L, V) copy.
-    """
-    from transformers import DynamicCache
-
-    table = model.get_input_embeddings()
-    device = prompts[0].device
-    means: dict[int, float] = {}
-    for first in range(0, len(prompts), batch_size):
-        chunk = list(range(first, min(first + batch_size, len(prompts))))
-        rows = [i for i, owner in enumerate(owners) if first <= owner < first + len(chunk)]
-        if not rows:
-            continue
-        rows.sort(key=lambda i: len(continuations[i]))  # passes of like lengths: less padding
-        embeds, attention, positions = _left_pad([prompts[i] for i in chunk])
-        out = model(
-            inputs_embeds=embeds,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # (P, V)
-        layers = [(k, v) for k, v, *_ in out.past_key_values]  # (P, heads, L, D) each
-        lengths = attention.sum(-1)  # (P,) real prompt lengths
-        for start in range(0, len(rows), rows_per_pass):
-            part = rows[start : start + rows_per_pass]
-            owner_row = torch.tensor([owners[i] - first for i in part], device=device)  # (C,)
-            cache = DynamicCache(
-                ddp_cache_data=[(k.index_select(0, owner_row), v.index_select(0, owner_row))
-                                for k, v in layers]
-            )  # fmt: skip
-            longest = max(len(continuations[i]) for i in part)
-            ids = torch.zeros(len(part), longest, dtype=torch.long, device=device)  # (C, L)
-            cont_attention = torch.zeros_like(ids)
-            for r, i in enumerate(part):
-                ids[r, : len(continuations[i])] = torch.tensor(list(continuations[i]))
-                cont_attention[r, : len(continuations[i])] = 1
-            logits = model(
-                inputs_embeds=table(ids).to(embeds.dtype),  # (C, L, H)
-                attention_mask=torch.cat([attention[owner_row], cont_attention], dim=-1),
-                position_ids=lengths[owner_row][:, None] + torch.arange(longest, device=device),
-                past_key_values=cache,
-            ).logits.float()  # (C, L, V): position j predicts token j + 1
-            norm = logits[:, :-1].logsumexp(-1)  # (C, L - 1)
-            picked = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) - norm  # (C, L - 1)
-            for r, i in enumerate(part):
-                n = len(continuations[i])
-                head = first_logprobs[owner_row[r], ids[r, 0]]
-                means[i] = float((head + picked[r, : n - 1].sum()) / n)
-    return [means[i] for i in range(len(continuations))]
+    """Mean per-token log-probability of each continuation after the prompt `owners[i]`
+    (prompt embeddings (T, H) each; `corruption.likelihood.token_logprobs`)."""
+    scores = token_logprobs([(model, 1.0)], prompts, continuations, owners, batch_size=batch_size)
+    return [sum(lps) / len(lps) for lps in scores]
 
 
 def _without_masked_tokens(example: ForgetExample) -> ForgetExample:
@@ -448,7 +386,7 @@ def measure_fluency(
                 answers.append(list(row[:cut]))
             corrupted = []  # generated already
         for first in range(0, len(corrupted), batch_size):
-            embeds, attention, _ = _left_pad(corrupted[first : first + batch_size])
+            embeds, attention, _ = left_pad(corrupted[first : first + batch_size])
             generated = generate(
                 inputs_embeds=embeds,
                 attention_mask=attention,

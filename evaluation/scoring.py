@@ -9,7 +9,7 @@ transformers from the same weights and the same prompt the engine receives:
   the gateway's /admin/classify, corruption by the gateway's own `PromptCorruptor` with the
   target's calibrated spec, whose noise is seeded, so the embeddings are the same);
 - delta: logits = big + α·(small_unlearned − small_base) at every answer position.
-Only the answer positions go through the LM head (the 49k-entry head is most of the cost).
+The scoring itself is `corruption.likelihood` (the strength search's scorer too).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from corruption.likelihood import next_token_logprobs, token_logprobs
 from server.engine.base import ChatPrompt
 from server.engine.templating import render_prompt
 from server.protocol.common import ChatMessageParam
@@ -68,15 +69,6 @@ def load_model(folder: Path) -> Any:
     return model.eval()
 
 
-def _prompt_pass(
-    model: Any, prompt_embeds: torch.Tensor | None, prompt_ids: list[int], *, use_cache: bool
-) -> Any:
-    """The model body over one prompt: its token ids, or the (T, H) embeddings sent instead."""
-    table = model.get_input_embeddings()
-    prompt = table(torch.tensor(prompt_ids)) if prompt_embeds is None else prompt_embeds  # (T, H)
-    return model.model(inputs_embeds=prompt[None].to(table.weight.dtype), use_cache=use_cache)
-
-
 class AnswerScorer:
     """Per-token log-probabilities of answers under Σ_i w_i · logits_i(x) (one term: a model)."""
 
@@ -102,27 +94,24 @@ class AnswerScorer:
         self._cache = cache if cache is not None and weights_key is not None else None
         self._weights_key = weights_key or ""
 
-    def _prompt(self, messages: Messages) -> tuple[torch.Tensor | None, list[int]]:
+    def _prompt(self, messages: Messages) -> torch.Tensor:
+        """The prompt the engine receives: its (T, H) embeddings when the embedder sends
+        embeddings (a corrupted prompt), else its token ids (T,)."""
         prompt_ids = render_prompt(self._tokenizer, ChatPrompt(list(messages))).token_ids
         embeds = self._embedder(messages) if self._embedder is not None else None
-        if embeds is not None and embeds.shape[0] != len(prompt_ids):
+        if embeds is None:
+            return torch.tensor(prompt_ids)
+        if embeds.shape[0] != len(prompt_ids):
             raise ValueError("prompt embeddings and token ids disagree on the prompt length")
-        return embeds, prompt_ids
+        return embeds
 
-    @torch.inference_mode()
     def next_token_top(self, messages: Messages, k: int = 20) -> dict[str, float]:
         """Top-k log-probabilities of the reply's first token under Σ_i w_i · logits_i.
 
         For δ modes, whose logprobs the gateway refuses (vLLM takes them before the offset).
         """
-        embeds, prompt_ids = self._prompt(messages)
-        logits: torch.Tensor | None = None
-        for model, weight in self._terms:
-            hidden = _prompt_pass(model, embeds, prompt_ids, use_cache=False)
-            term = weight * model.lm_head(hidden.last_hidden_state[0, -1]).float()  # (V,)
-            logits = term if logits is None else logits + term
-        assert logits is not None
-        top = torch.topk(torch.log_softmax(logits, dim=-1), k)
+        logprobs = next_token_logprobs(self._terms, [self._prompt(messages)])[0]  # (V,)
+        top = torch.topk(logprobs, k)
         out: dict[str, float] = {}
         for lp, token_id in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             token = self._tokenizer.decode([token_id])
@@ -138,12 +127,14 @@ class AnswerScorer:
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(json.dumps(it.messages), []).append(i)
+        prompts = [self._prompt(items[members[0]].messages) for members in groups.values()]
+        order = [i for members in groups.values() for i in members]
+        owners = [g for g, members in enumerate(groups.values()) for _ in members]
+        answers = [self._encode_answer(items[i].answer) for i in order]
+        scores = token_logprobs(self._terms, prompts, answers, owners, batch_size=self._batch_size)
         out: list[list[float]] = [[] for _ in items]
-        for members in groups.values():
-            embeds, prompt_ids = self._prompt(items[members[0]].messages)
-            answers = [self._encode_answer(items[i].answer) for i in members]
-            for i, lps in zip(members, self._score_group(embeds, prompt_ids, answers), strict=True):
-                out[i] = lps
+        for i, lps in zip(order, scores, strict=True):
+            out[i] = lps
         return out
 
     def _encode_answer(self, answer: str) -> list[int]:
@@ -166,44 +157,3 @@ class AnswerScorer:
             if sendable[i]:
                 cache[keys[i]] = out[i]
         return [out[i] if i in out else cache[keys[i]] for i in range(len(items))]
-
-    @torch.inference_mode()
-    def _score_group(
-        self, prompt_embeds: torch.Tensor | None, prompt_ids: list[int], answers: list[list[int]]
-    ) -> list[list[float]]:
-        k, width, n_prompt = len(answers), max(len(a) for a in answers), len(prompt_ids)
-        pad = self._tokenizer.pad_token_id or 0
-        ids = torch.full((k, width), pad, dtype=torch.long)  # (K, Ta)
-        mask = torch.ones((k, n_prompt + width), dtype=torch.long)  # (K, Tp + Ta)
-        for row, a in enumerate(answers):
-            ids[row, : len(a)] = torch.tensor(a)
-            mask[row, n_prompt + len(a) :] = 0
-        positions = torch.arange(n_prompt, n_prompt + width).expand(k, width)  # (K, Ta)
-        logits: torch.Tensor | None = None
-        for model, weight in self._terms:
-            table = model.get_input_embeddings()
-            first = _prompt_pass(model, prompt_embeds, prompt_ids, use_cache=True)
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(k)
-            rest = model.model(
-                inputs_embeds=table(ids),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state  # (K, Ta, H)
-            last = first.last_hidden_state[0, -1]  # (H,): predicts every answer's first token
-            # Hidden state that predicts answer token j: the prompt's last for j = 0, else j - 1.
-            picked = torch.cat(
-                [torch.cat([last[None], rest[row, : len(a) - 1]]) for row, a in enumerate(answers)]
-            )  # (N, H)
-            term = weight * model.lm_head(picked).float()  # (N, V)
-            logits = term if logits is None else logits + term
-        assert logits is not None
-        targets = torch.tensor([t for a in answers for t in a])  # (N,)
-        lps = torch.log_softmax(logits, dim=-1)[torch.arange(len(targets)), targets].tolist()
-        out, at = [], 0
-        for a in answers:
-            out.append(lps[at : at + len(a)])
-            at += len(a)
-        return out
