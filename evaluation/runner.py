@@ -241,7 +241,9 @@ def _snap(state: RunState, target_dir: Path, *, npo: bool = False) -> Path | Non
             max_steps=cfg.snap_max_steps,
             seed=cfg.seed,
             log=state.workdir / f"{mode}-train.log",
-            threads=cfg.torch_threads,
+            # snap+npo trains alone, after the rest (like the fine-tunes: every core); the other
+            # copy trains beside the reference and target modes.
+            threads=(cfg.finetune_threads or os.cpu_count() or 1) if npo else cfg.torch_threads,
             documents=documents,
         )
     except Exception as e:
