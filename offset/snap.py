@@ -539,7 +539,14 @@ def run_snap(job: SnapJob) -> Path:
         documents=documents,
     )
     steps = trainer.total_steps()
-    trainer.train(on_step=lambda step: _status(job.status_file, "training", step, steps))
+    started = time.perf_counter()
+
+    def on_step(step: int) -> None:
+        _status(job.status_file, "training", step, steps)
+        if step == steps or step % max(1, steps // 10) == 0:
+            logger.info("step %d/%d, %.0f s", step, steps, time.perf_counter() - started)
+
+    trainer.train(on_step=on_step)
     _status(job.status_file, "saving", steps, steps)
     return trainer.save(
         job.out,
