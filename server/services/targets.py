@@ -140,6 +140,7 @@ class TargetService:
 
     async def start(self) -> None:
         """Load every active target (each on its own), then start taking jobs."""
+        self._stopping.clear()  # started again after a stop: warm up again
         await self.reload()
         self.jobs.start()
 
