@@ -155,16 +155,19 @@ def _train_snap_locked(
         argv.append("--no-bf16")
     if max_steps is not None:
         argv += ["--max-steps", str(max_steps)]
+    path = out.parent / f".{out.name}.documents.jsonl"
     if documents:
-        path = write_documents(out.parent / f".{out.name}.documents.jsonl", documents)
-        argv += ["--documents-file", str(path)]
+        argv += ["--documents-file", str(write_documents(path, documents))]
     out.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    with log.open("wb") as f:
-        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False, env=env)
+    try:
+        with log.open("wb") as f:
+            done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False, env=env)
+    finally:
+        path.unlink(missing_ok=True)  # the answers were the trainer's input, not its output
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"SNAP training failed ({done.returncode}):\n{tail}")

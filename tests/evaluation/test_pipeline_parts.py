@@ -267,7 +267,8 @@ def test_the_snap_npo_copy_is_trained_on_the_documents_it_is_given(
     tiny_chat_model, tmp_path: Path
 ) -> None:
     """snap+npo's copy: the job's arguments plus the answers as documents (NPO); the file that
-    carried them is the trainer's input, the card counts them, the copy is cached."""
+    carried them is the trainer's input (deleted after), the card counts them, the copy is
+    cached."""
     from evaluation.modes import train_snap
 
     base = tiny_chat_model()
@@ -277,5 +278,6 @@ def test_the_snap_npo_copy_is_trained_on_the_documents_it_is_given(
     got = train_snap(base, out, ["Basil"], ["Who is Basil?"], [], documents=documents, **kwargs)
     card = json.loads((got / "training_card.json").read_text())
     assert card["data"]["documents"] == 2 and "documents" in card["losses"][0]
+    assert not list(tmp_path.glob(".*documents*"))  # the answers are not left in the cache
     plain = train_snap(base, tmp_path / "snap", ["Basil"], ["Who is Basil?"], [], **kwargs)
     assert json.loads((plain / "training_card.json").read_text())["data"]["documents"] == 0
