@@ -160,15 +160,20 @@ def token_logprobs(
             for r, i in enumerate(part):
                 ids[r, : len(continuations[i])] = torch.tensor(list(continuations[i]))
                 cont_attention[r, : len(continuations[i])] = 1
-            head = torch.zeros(())  # -> (C, V): the logits of each continuation's first token
-            rest = torch.zeros(())  # -> (C, L - 1, V)
+            head: torch.Tensor | None = None  # (C, V): logits of each continuation's first token
+            rest: torch.Tensor | None = None  # (C, L - 1, V)
             for model, weight, first_logits, layers, attention in cached:
                 logits = _continuation_logits(
                     model, layers, attention, owner_rows, ids, cont_attention
-                )
-                picked_first = first_logits[owner_rows.to(first_logits.device)]  # (C, V)
-                head = head.to(home) + weight * picked_first.to(home)
-                rest = rest.to(home) + weight * logits.to(home)
+                ).to(home)
+                first_rows = first_logits[owner_rows.to(first_logits.device)].to(home)  # (C, V)
+                if head is None or rest is None:  # one model: its own logits, no copies
+                    head = first_rows if weight == 1.0 else first_rows * weight
+                    rest = logits if weight == 1.0 else logits.mul_(weight)
+                else:
+                    head = head.add(first_rows, alpha=weight)
+                    rest = rest.add_(logits, alpha=weight)
+            assert head is not None and rest is not None
             ids = ids.to(home)
             head_lp = head.gather(-1, ids[:, :1]).squeeze(-1) - head.logsumexp(-1)  # (C,)
             norm = rest.logsumexp(-1)  # (C, L - 1)
