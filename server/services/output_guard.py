@@ -176,7 +176,7 @@ class OutputGuard:
             or bool(sampling.stop or sampling.stop_token_ids)
         )  # the surnames are read only there: no cost on the plain request path
         surnames = _surnames(targets.values()) if side_channels else {}
-        choices = {i: _Choice() for i in range(request.sampling.n)}
+        choices = {i: _Choice() for i in range(sampling.n)}
         streams = _Streams()
         # Token by token even when the client wants one answer: text before a name can then be
         # released (a tool-parsing request keeps the engine's mode: its parser depends on it).

@@ -60,8 +60,8 @@ def tiny_llama_factory(tmp_path_factory):
     """Save a tiny random llama with save_pretrained and return (folder, model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def make(*, tied: bool = False, shard: str | None = None, vocab: int = 300):
-        torch.manual_seed(0)
+    def make(*, tied: bool = False, shard: str | None = None, vocab: int = 300, seed: int = 0):
+        torch.manual_seed(seed)
         config = LlamaConfig(
             vocab_size=vocab,
             hidden_size=16,

@@ -9,25 +9,10 @@ import corruption.likelihood as likelihood
 from corruption.likelihood import next_token_logprobs, token_logprobs
 
 
-def _llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def pair():
-    return _llama(0), _llama(1)
+def pair(tiny_llama_factory):
+    """Two tiny llamas with different weights, one vocabulary."""
+    return tiny_llama_factory()[1], tiny_llama_factory(seed=1)[1]
 
 
 def _full(terms, prompt: list[int], cont: list[int]) -> list[float]:
@@ -51,7 +36,8 @@ def _case():
 
 @pytest.mark.parametrize("budget", [likelihood.LOGITS_BUDGET, 300 * 3])
 def test_token_logprobs_match_full_forwards(pair, monkeypatch, budget) -> None:
-    # A budget of 3 positions' logits forces one continuation per pass: same numbers.
+    # A budget of 3 positions' logits splits the continuations into several passes: same
+    # numbers.
     monkeypatch.setattr(likelihood, "LOGITS_BUDGET", budget)
     model, other = pair
     prompts, conts, owners = _case()
