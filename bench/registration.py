@@ -10,7 +10,10 @@ For each: seconds from the POST to live, the job's stages
 stage's own split (model load, strength search, fluency check), the number of strengths the
 search evaluated and where it settled. Writes bench/results/registration.json.
 
-    python bench/registration.py [--dtype bfloat16|float32]
+    python bench/registration.py [--dtype bfloat16|float32] [--calibration-dtypes float32 auto]
+
+With several `--calibration-dtypes` (the guard's `calibration_dtype`: the strength search's
+model copy) the whole sequence runs once per value, each on its own fresh data directory.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ SHERLOCK: dict[str, Any] = {
 }
 
 
-def row(label: str, target: dict[str, Any]) -> dict[str, Any]:
+def row(label: str, target: dict[str, Any], calibration_dtype: str) -> dict[str, Any]:
     calibration = target.get("calibration") or {}
     corruption = calibration.get("corruption") or {}
     out = {
         "target": label,
+        "calibration_dtype": calibration_dtype,
+        "search_dtype": corruption.get("dtype"),
         "registration_s": target["registration_s"],
         "stages_s": calibration.get("stage_seconds", {}),
         "corruption_stages_s": corruption.get("stage_seconds", {}),
@@ -64,18 +69,24 @@ def row(label: str, target: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "registration.json")
-    args = p.parse_args()
-    model = resolve_model(None, auto_pull=True)
+def sequence(model: Path, dtype: str, calibration_dtype: str) -> list[dict[str, Any]]:
+    """The three registrations on one fresh data directory, the gateway restarted before the
+    third."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = gateway_argv(port, "--model", str(model), "--data-dir", str(data), dtype=args.dtype)
+        argv = gateway_argv(
+            port,
+            "--model",
+            str(model),
+            "--data-dir",
+            str(data),
+            "--guard.calibration-dtype",
+            calibration_dtype,
+            dtype=dtype,
+        )
         for phase, targets in (
             ("first", [("Harry Potter", HARRY_POTTER), ("Tolkien", TOLKIEN)]),
             ("restarted", [("Sherlock Holmes (after a restart)", SHERLOCK)]),
@@ -83,20 +94,38 @@ def main() -> None:
             with running(argv, ready_url=f"{url}/ready", log=Path(tmp) / f"{phase}.log") as proc:
                 wait_idle(proc.pid)  # the gateway embeds its shipped negatives after it starts
                 for label, body in targets:
-                    rows.append(row(label, register(url, ADMIN_TOKEN, body)))
+                    rows.append(row(label, register(url, ADMIN_TOKEN, body), calibration_dtype))
                     wait_idle(proc.pid)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "registration.json")
+    p.add_argument(
+        "--calibration-dtypes", nargs="+", default=["auto"], choices=["auto", "bfloat16", "float32"]
+    )
+    args = p.parse_args()
+    model = resolve_model(None, auto_pull=True)
+    rows = []
+    for calibration_dtype in args.calibration_dtypes:
+        rows += sequence(model, args.dtype, calibration_dtype)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {"dtype": args.dtype}, "rows": rows}, indent=2))
-    print(f"{'target':40s} {'live s':>7s} {'answers':>8s} {'classif':>8s} {'corrupt':>8s} "
-          f"{'load':>6s} {'search':>7s} {'fluency':>8s} {'evals':>6s} {'σ/std':>6s}")  # fmt: skip
+    args.out.write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2)
+    )
+    columns = ["target", "dtype", "live s", "answers", "classif", "corrupt", "load", "search"]
+    print(" ".join(f"{c:>8s}" for c in [*columns, "fluency", "evals", "σ/std"]))
     for r in rows:
         s, c = r["stages_s"], r["corruption_stages_s"]
-        print(
-            f"{r['target']:40s} {r['registration_s']:7.1f} {s.get('answers', 0):8.1f} "
-            f"{s.get('classifier', 0):8.1f} {s.get('corruption', 0):8.1f} "
-            f"{c.get('load_model', 0):6.1f} {c.get('search', 0):7.1f} {c.get('fluency', 0):8.1f} "
-            f"{r['evaluations'] or 0:6d} {r['strength_in_std'] or 0:6.2f}"
-        )
+        cells = [r["target"][:8], r["search_dtype"] or "-"]
+        seconds = [r["registration_s"], s.get("answers", 0), s.get("classifier", 0)]
+        seconds += [s.get("corruption", 0), c.get("load_model", 0), c.get("search", 0)]
+        seconds += [c.get("fluency", 0)]
+        cells += [f"{x:.1f}" for x in seconds]
+        cells += [str(r["evaluations"] or 0), f"{r['strength_in_std'] or 0:.2f}"]
+        print(" ".join(f"{c:>8s}" for c in cells))
     print(f"wrote {args.out}")
 
 

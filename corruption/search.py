@@ -415,6 +415,21 @@ def _cold_bracket(
     return _outward_until_bracket(f, config, lo, hi, started, spent)
 
 
+def _needed(probes: list[float], lo: float, hi: float, tolerance: float) -> list[float]:
+    """Of a round's two probes (ascending), the one whose outcome settles the bracket, when the
+    other's adds nothing the tolerance asks for: when (lower, hi] is already within it, the upper
+    probe could only move the answer inside the tolerance (the lower failing) or not at all (the
+    lower passing); when (lo, upper] is, the lower one likewise (and fails if the upper does)."""
+    if len(probes) != 2:
+        return probes
+    lower, upper = probes
+    if hi / lower <= tolerance:
+        return [lower]
+    if upper / lo <= tolerance:
+        return [upper]
+    return probes
+
+
 def bracket_strength(
     objective: BatchObjective | Callable[[float], float],
     config: StrengthSearchConfig,
@@ -456,6 +471,7 @@ def bracket_strength(
         half = math.sqrt(config.tolerance) * 0.98  # the pair's own ratio stays under tolerance
         probes = sorted({min(max(guess / half, lo), hi), min(max(guess * half, lo), hi)})
         probes = [p for p in probes if lo < p < hi] or [math.sqrt(lo * hi)]
+        probes = _needed(probes, lo, hi, config.tolerance)
         for p, v in zip(probes, f.many(probes), strict=True):  # ascending
             if v <= target:
                 hi = p  # the weakest passing probe; any above it adds nothing

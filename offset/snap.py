@@ -362,10 +362,11 @@ class SnapTrainer:
         return out
 
 
-def native_bf16() -> bool:
-    """Whether bf16 autocast pays off here: a GPU, or a CPU with avx512_bf16 / amx_bf16 (on other
-    CPUs bf16 is emulated, measured 5x slower than float32)."""
-    if torch.cuda.is_available():
+def native_bf16(device: str | None = None) -> bool:
+    """Whether bf16 pays off on `device` ("cpu", "cuda"; None: the GPU if there is one, else the
+    CPU): a GPU, or a CPU with avx512_bf16 / amx_bf16 (on other CPUs bf16 is emulated, measured
+    5x slower than float32)."""
+    if device != "cpu" and torch.cuda.is_available():
         return True
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -25,7 +26,7 @@ from server.services.guard import EcoGuard
 from server.services.jobs import LeaseConfig
 from server.services.offsets import OffsetTrainer, SnapDefaults
 from server.services.responses import ResponsesService
-from server.services.strength import StrengthCalibrator
+from server.services.strength import StrengthCalibrator, calibration_dtype
 from server.services.targets import TargetService
 from server.services.tenancy import Caller
 from server.settings import Settings
@@ -115,6 +116,16 @@ def embedding_table(model_dir: Path) -> EmbeddingTable:
     return EmbeddingTable.from_model_dir(model_dir)
 
 
+def _config_dtype(model_dir: Path) -> str | None:
+    """The dtype a model folder's config.json names (what vLLM's `auto` serves it in)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
+
+
 def _upstream_delta(settings: Settings, model_dir: Path | None) -> UpstreamDeltaDecoder:
     """δ for an upstream engine: small models in this process, on the configured device."""
     from offset import OffsetModels
@@ -169,8 +180,14 @@ def build_guard(
         table = embedding_table(model_dir)
         corruptor = PromptCorruptor(tokenizer, table, bank.find_spans)
         if settings.guard.calibrate_strength:
+            served: str | None = settings.vllm.dtype if settings.engine == "vllm_local" else None
+            if served == "auto":
+                served = _config_dtype(model_dir)
             calibrator = StrengthCalibrator(
-                model_dir, table, workers=settings.guard.calibration_workers
+                model_dir,
+                table,
+                workers=settings.guard.calibration_workers,
+                dtype=calibration_dtype(settings.guard.calibration_dtype, served),
             )
     else:
         logger.warning(

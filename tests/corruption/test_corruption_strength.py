@@ -228,6 +228,32 @@ def test_bracket_batches_its_narrowing_probes():
     assert any(len(call) == 2 for call in calls[2:])  # then two probes per round
 
 
+# f against u = strength / std from a registration's bf16 strength search (Sherlock Holmes,
+# bench/registration.py); linear between the points.
+SHERLOCK_CURVE = [(2.0, 0.0139), (2.4456, 0.0021), (2.8251, -0.0037), (3.2559, -0.0045),
+                  (4.0, -0.0092)]  # fmt: skip
+
+
+def test_bracket_spends_no_probe_inside_the_tolerance_of_its_bracket():
+    def f(u: float) -> float:
+        pts = SHERLOCK_CURVE
+        u = min(max(u, pts[0][0]), pts[-1][0])
+        for (u0, f0), (u1, f1) in zip(pts, pts[1:], strict=False):
+            if u0 <= u <= u1:
+                return f0 + (f1 - f0) * (u - u0) / (u1 - u0)
+        raise AssertionError(u)
+
+    batch, calls = _counting(f)
+    result = bracket_strength(batch, StrengthSearchConfig.for_embeddings(1.0))
+    assert result.reached and result.failing_below is not None
+    assert result.strength / result.failing_below <= 1.2
+    probed = sorted(s for call in calls for s in call)
+    # Bracketed at (2.45, 2.83] after three rounds, the last round probed 2.45 and also 2.82,
+    # 0.2% under the passing 2.83: a whole evaluation (1.9 s) for nothing the tolerance asks.
+    assert all(b / a > 1.01 for a, b in zip(probed, probed[1:], strict=False)), probed
+    assert result.evaluations == 5
+
+
 # f against u = strength / std, measured on SmolLM2 for 8 Harry Potter questions
 # (corruption/README.md); linear in log u between the points.
 README_CURVE = [(0.5, 0.77), (1, 0.26), (1.5, 0.15), (2, 0.09), (2.5, 0.05), (3, 0.02),

@@ -24,7 +24,9 @@ from corruption import (
     measure_fluency,
     search_strength,
 )
-from server.services.strength import FLUENCY_BOUND, StrengthCalibrator
+from offset.snap import native_bf16
+from server.services import strength as strength_service
+from server.services.strength import FLUENCY_BOUND, StrengthCalibrator, calibration_dtype
 from tests.corruption.conftest import SMOLLM2_DIR, bpe_tokenizer, tiny_llama_factory  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +84,48 @@ def test_model_is_loaded_per_search_and_released(
     assert report["searched"] and spec.strength > 0
     assert set(report["stage_seconds"]) == {"load_model", "search", "fluency"}
     assert report["evaluations"] == len(report["probes"]) >= 1
+
+
+def test_auto_searches_in_the_served_dtype_only_where_bf16_is_native(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    native = {"on": True}
+    monkeypatch.setattr(strength_service, "native_bf16", lambda device=None: native["on"])
+    assert calibration_dtype("auto", "bfloat16") == "bfloat16"
+    assert calibration_dtype("auto", "float32") == "float32"
+    assert calibration_dtype("auto", None) == "float32"  # an upstream engine: dtype unknown
+    assert calibration_dtype("float32", "bfloat16") == "float32"  # the operator's choice stands
+    native["on"] = False  # emulated bf16 is slower than float32
+    assert calibration_dtype("auto", "bfloat16") == "float32"
+    assert calibration_dtype("bfloat16", "float32") == "bfloat16"
+
+
+def test_the_copy_is_loaded_in_the_calibration_dtype(
+    tiny_llama_factory,  # noqa: F811
+    bpe_tokenizer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    folder, _ = tiny_llama_factory()
+    bpe_tokenizer.save_pretrained(folder)
+    dtypes: list[torch.dtype] = []
+    original = StrengthCalibrator._load
+
+    def load(self):
+        model, tokenizer = original(self)
+        dtypes.append(model.dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(StrengthCalibrator, "_load", load)
+    table = EmbeddingTable.from_model_dir(folder)
+    calibrator = StrengthCalibrator(folder, table, workers=2, dtype="bfloat16")
+    spec, report = calibrator.calibrate(
+        ["Who wrote Harry Potter?", "Who is Hermione Granger?"],
+        ["J.K. Rowling wrote it.", "A friend of Harry."],
+        ["Harry Potter", "Hermione Granger"],
+        None,
+    )
+    assert dtypes == [torch.bfloat16]
+    assert report["searched"] and report["dtype"] == "bfloat16" and spec.strength > 0
 
 
 # The search in a fresh interpreter: RSS figures taken inside a long test process measure that
@@ -173,3 +217,30 @@ def test_fast_search_on_the_real_model():
     slow = search_strength(objective, StrengthSearchConfig.for_embeddings(std, initial=std))
     assert not slow.reached or spec.strength <= slow.strength * 1.2
     assert report["evaluations"] < slow.evaluations
+
+
+@pytest.mark.skipif(not native_bf16("cpu"), reason="bf16 is emulated on this CPU: auto keeps f32")
+def test_bf16_search_lands_where_the_float32_objective_does():
+    """Where `calibration_dtype` auto picks bf16 (the served dtype, native here), the search's
+    bracket (failing below, passing at the strength) is the float32 objective's bracket too."""
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.skip(f"real model folder absent: {SMOLLM2_DIR}")
+    table = EmbeddingTable.from_model_dir(SMOLLM2_DIR)
+    calibrator = StrengthCalibrator(SMOLLM2_DIR, table, workers=2, dtype="bfloat16")
+    spec, report = calibrator.calibrate(PROMPTS, ANSWERS, ALIASES, None)
+    assert report["dtype"] == "bfloat16" and report["reached"] and report["fluent"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32).eval()
+    examples = [
+        make_forget_example(tokenizer, user_turn(tokenizer, p), p, a, spans=find_spans(p, ALIASES))
+        for p, a in zip(PROMPTS, ANSWERS, strict=True)
+    ]
+    objective = AnswerPreferenceObjective(model, examples, spec, workers=2)
+    below = report["failing_below_in_std"] * table.std
+    f32 = objective.evaluate([below, spec.strength])
+    # Measured here: +0.0076 and -0.032 nats/token. (The objective is not monotone: at 1.2x
+    # the strength it is +0.012, so "stronger also forgets" is not what a search promises.)
+    assert f32[0] > 0.0 and f32[1] <= 0.0, f32
