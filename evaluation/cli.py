@@ -19,7 +19,8 @@ class TofuCommand(BaseModel):
     forget: str = "forget01"
     """Forget split: forget01, forget05 or forget10."""
     modes: str = "none,prompt,eco,delta,snap,reference"
-    """Comma-separated modes: none, prompt, eco, delta, snap, snap+npo, reference."""
+    """Comma-separated modes: none, prompt, eco, delta, snap, snap+npo, delta+npo (δ with the
+    snap+npo copy at scope flagged), reference."""
     data_dir: Path | None = None
     """Folder holding tofu/ and mmlu/ as JSON Lines (e.g. ../shared/data); default: the
     Hugging Face datasets locuslab/TOFU and cais/mmlu, cached under the cache folder."""

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from offset.snap import write_documents
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "prompt", "eco", "delta", "snap", "snap+npo", "reference")
+MODES = ("none", "prompt", "eco", "delta", "snap", "snap+npo", "delta+npo", "reference")
 TARGET_MODES = ("none", "prompt", "eco", "delta")
 """Modes served by a gateway over the fine-tuned target model."""
 
@@ -51,6 +50,20 @@ def target_request(
     }
 
 
+class GatewayFlags:
+    """Whether the gateway's guard flags a chat (its /admin/classify), asked once per chat."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._seen: dict[str, bool] = {}
+
+    def __call__(self, messages: Messages) -> bool:
+        key = json.dumps(messages)
+        if key not in self._seen:
+            self._seen[key] = bool(self._gateway.classify(list(messages))["flagged"])  # type: ignore[arg-type]
+        return self._seen[key]
+
+
 class EcoPromptEmbedder:
     """The prompt embeddings the gateway sends for a chat: corrupted when its guard flags it.
 
@@ -71,14 +84,10 @@ class EcoPromptEmbedder:
             raise ValueError("the target's calibration carries no corruption spec")
         self._spec = CorruptionSpec.from_dict(spec)
         self._aliases = tuple(target["aliases"])
-        self._gateway = gateway
-        self.flagged = lru_cache(maxsize=None)(self._flagged)
-
-    def _flagged(self, key: str) -> bool:
-        return bool(self._gateway.classify(json.loads(key))["flagged"])
+        self.flagged = GatewayFlags(gateway)
 
     def __call__(self, messages: Messages) -> torch.Tensor | None:
-        if not self.flagged(json.dumps(messages)):
+        if not self.flagged(messages):
             return None
         from server.engine import ChatPrompt
         from server.services.corruptor import CorruptionTarget

@@ -49,7 +49,7 @@ Forget quality is TOFU's KS test on the raw truth ratio R; *folded* is the ECO p
 on min(R, 1/R). The output guard changes what (a)'s generations say (ROUGE), never (a)'s
 teacher-forced scores: it watches generated text, and scoring generates none.
 """
-ORDER = ("none", "prompt", "eco", "delta", "snap", "snap+npo", "reference")
+ORDER = ("none", "prompt", "eco", "delta", "snap", "snap+npo", "delta+npo", "reference")
 DIFFERENCES = """\
 - Model: SmolLM2-135M-Instruct (the paper fine-tunes Llama-2-7B-chat and Phi-1.5).
 - Data: the forget split's authors plus {retain_authors} retain authors sampled with seed {seed}
@@ -77,7 +77,10 @@ DIFFERENCES = """\
   scope `all`, α = {alpha}); the snap mode serves that same copy. snap+npo serves a second
   copy trained with the same arguments plus the forget split's question-answer pairs as forget
   examples with their answers, which a δ job trains on with NPO (their likelihood pushed below
-  the target's); at α = 1 with big = small base it is also what delta would serve with them.
+  the target's); at α = 1 with big = small base it is also what delta would serve with them at
+  scope `all`. delta+npo registers δ with that copy at scope `flagged`: the offset is added
+  only to requests the target's classifier flags, every other request gets the target's own
+  answer (scored so: the flag from the gateway's /admin/classify).
 """
 
 

@@ -23,12 +23,13 @@ from evaluation.modes import (
     MODES,
     TARGET_MODES,
     EcoPromptEmbedder,
+    GatewayFlags,
     system_prompt,
     target_request,
     train_snap,
 )
 from evaluation.report import run_key, run_key_of, write_report
-from evaluation.scoring import AnswerScorer, GatewayScorer, Scorer, load_model
+from evaluation.scoring import AnswerScorer, FlaggedScorer, GatewayScorer, Scorer, load_model
 from evaluation.sources import open_source
 from evaluation.tofu_data import (
     load_mmlu,
@@ -189,16 +190,21 @@ def _delta(
     tokenizer: Any,
     target: Any,
     retain_examples: Sequence[str],
+    *,
+    mode: str = "delta",
 ) -> None:
-    """δ with big = small_base = the target model and the SNAP copy as small_unlearned.
+    """δ with big = small_base = the target model and a SNAP copy as small_unlearned.
 
     The SNAP copy is the one `train_snap` made with the arguments a δ job uses; it is handed to
     the job as options.unlearned_model so the same weights serve the delta and snap modes.
+    `mode` delta: the snap copy at scope `all`; delta+npo: the snap+npo copy at scope `flagged`
+    (δ only on the prompts the guard flags, the target's own answers to the rest).
     """
     cfg, subset = state.config, state.subset
+    scope = "flagged" if mode == "delta+npo" else "all"
     options = {
         "alpha": cfg.alpha,
-        "scope": "all",
+        "scope": scope,
         "small_base": str(target_dir),
         "unlearned_model": str(snap_dir),
     }
@@ -206,19 +212,56 @@ def _delta(
     request = target_request(subset.author_names, examples, retain_examples, "delta", options)
     start = time.perf_counter()
     record = gw.register(request)
-    _timed(state, "delta registration", start)
-    state.cards["delta_target"] = {k: record.get(k) for k in ("options", "calibration")}
+    _timed(state, f"{mode} registration", start)
+    state.cards[f"{mode}_target"] = {k: record.get(k) for k in ("options", "calibration")}
     small = load_model(snap_dir)
     # big = small_base = the target: logits = (1 - α)·target + α·unlearned, as the engine adds.
     terms = [(target, 1.0 - cfg.alpha), (small, cfg.alpha)]
-    # At α = 1 these are the snap model's weights: the snap mode reuses the scores.
-    key = "snap" if cfg.alpha == 1.0 else f"delta-{cfg.alpha}"
-    scorer = AnswerScorer(
+    # At α = 1 these are the SNAP copy's weights: the snap / snap+npo mode reuses the scores.
+    copy = "snap+npo" if mode == "delta+npo" else "snap"
+    key = copy if cfg.alpha == 1.0 else f"{mode}-{cfg.alpha}"
+    delta = AnswerScorer(
         tokenizer, [t for t in terms if t[1] != 0.0], cache=state.scores, weights_key=key
     )
+    scorer: Any = delta
+    if scope == "flagged":
+        plain = AnswerScorer(tokenizer, [(target, 1.0)], cache=state.scores, weights_key="target")
+        scorer = FlaggedScorer(GatewayFlags(gw), delta, plain)
     # The gateway refuses logprobs for δ requests: MMLU's first token from the combined logits.
-    state.results["delta"] = _measure(state, "delta", gw, scorer, first_token=scorer.next_token_top)
+    state.results[mode] = _measure(
+        state,
+        mode,
+        gw,
+        scorer,
+        first_token=scorer.next_token_top,
+        classify=scope == "flagged",
+    )
     gw.delete_target(record["id"])
+
+
+def _flagged_delta(state: RunState, target_dir: Path, npo_dir: Path | None) -> None:
+    """delta+npo: a gateway over the target, δ with the snap+npo copy at scope `flagged`."""
+    start = time.perf_counter()
+    try:
+        if npo_dir is None:
+            raise RuntimeError("snap+npo training failed: no small unlearned model")
+        subset = state.subset
+        with run_gateway(target_dir, workdir=state.workdir, dtype=state.config.dtype) as gw:
+            _delta(
+                state,
+                gw,
+                target_dir,
+                npo_dir,
+                _tokenizer(target_dir),
+                load_model(target_dir),
+                operator_retain_examples(subset.retain_names),
+                mode="delta+npo",
+            )
+    except Exception as e:  # reported in the results, the other modes still count
+        logger.exception("mode delta+npo failed")
+        state.failures["delta+npo"] = f"{type(e).__name__}: {e}"
+    _timed(state, "mode delta+npo", start)
+    _checkpoint(state)
 
 
 def _snap(state: RunState, target_dir: Path, *, npo: bool = False) -> Path | None:
@@ -248,7 +291,7 @@ def _snap(state: RunState, target_dir: Path, *, npo: bool = False) -> Path | Non
         )
     except Exception as e:
         logger.exception("SNAP training failed")
-        for failed in ("snap+npo",) if npo else ("snap", "delta"):
+        for failed in ("snap+npo", "delta+npo") if npo else ("snap", "delta"):
             state.failures[failed] = f"{type(e).__name__}: {e}"
         return None
     _timed(state, f"{mode} training" if npo else "SNAP training", start)
@@ -322,8 +365,8 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
             ratios.result()
         snap_dir = snap.result() if snap is not None else None
     folders = {"snap": snap_dir}
-    if "snap+npo" in config.modes:  # trained after the rest: two trainings would share 2 cores
-        folders["snap+npo"] = _snap(state, target_dir, npo=True)
+    if {"snap+npo", "delta+npo"} & set(config.modes):  # trained after the rest: two trainings
+        folders["snap+npo"] = _snap(state, target_dir, npo=True)  # would share 2 cores
     for mode, folder in folders.items():
         if mode in config.modes and folder is not None:
             try:
@@ -331,6 +374,8 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
             except Exception as e:
                 logger.exception("mode %s failed", mode)
                 state.failures[mode] = f"{type(e).__name__}: {e}"
+    if "delta+npo" in config.modes:
+        _flagged_delta(state, target_dir, folders.get("snap+npo"))
 
     state.timings["total"] = round(time.perf_counter() - wall, 1)
     return _checkpoint(state)

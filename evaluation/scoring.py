@@ -8,7 +8,9 @@ transformers from the same weights and the same prompt the engine receives:
 - eco: the target model fed the prompt embeddings the gateway would send (flag decision from
   the gateway's /admin/classify, corruption by the gateway's own `PromptCorruptor` with the
   target's calibrated spec, whose noise is seeded, so the embeddings are the same);
-- delta: logits = big + α·(small_unlearned − small_base) at every answer position.
+- delta: logits = big + α·(small_unlearned − small_base) at every answer position; at scope
+  `flagged` (delta+npo) only after prompts the gateway flags (`FlaggedScorer`), the plain target
+  after the others, as the engine serves them.
 The scoring itself is `corruption.likelihood` (the strength search's scorer too).
 """
 
@@ -157,3 +159,32 @@ class AnswerScorer:
             if sendable[i]:
                 cache[keys[i]] = out[i]
         return [out[i] if i in out else cache[keys[i]] for i in range(len(items))]
+
+
+class FlaggedScorer:
+    """A mode the gateway applies to flagged prompts only (δ at scope `flagged`): answers after a
+    prompt `flagged` says the guard flags are scored by `on_flagged`, the others by `plain`."""
+
+    def __init__(
+        self, flagged: Callable[[Messages], bool], on_flagged: AnswerScorer, plain: AnswerScorer
+    ) -> None:
+        self._flagged = flagged
+        self._on_flagged = on_flagged
+        self._plain = plain
+
+    def mean_logprobs(self, items: Sequence[ScoreItem]) -> list[float]:
+        """Per-token mean log-probability of each answer, each under its prompt's scorer."""
+        marks = [self._flagged(it.messages) for it in items]
+        out = [0.0] * len(items)
+        for scorer, mark in ((self._on_flagged, True), (self._plain, False)):
+            rows = [i for i, m in enumerate(marks) if m == mark]
+            if rows:
+                scores = scorer.mean_logprobs([items[i] for i in rows])
+                for i, value in zip(rows, scores, strict=True):
+                    out[i] = value
+        return out
+
+    def next_token_top(self, messages: Messages, k: int = 20) -> dict[str, float]:
+        """Top-k log-probabilities of the reply's first token, under its prompt's scorer."""
+        scorer = self._on_flagged if self._flagged(messages) else self._plain
+        return scorer.next_token_top(messages, k)

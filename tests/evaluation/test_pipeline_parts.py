@@ -14,7 +14,7 @@ from evaluation.finetune import FinetuneConfig, finetune
 from evaluation.measure import ModeResult
 from evaluation.report import write_report
 from evaluation.runner import RunState, TofuEvalConfig
-from evaluation.scoring import AnswerScorer, ScoreItem, load_model
+from evaluation.scoring import AnswerScorer, FlaggedScorer, ScoreItem, load_model
 from evaluation.tofu_data import QA, TofuSubset, author_name, load_mmlu, load_subset
 
 
@@ -122,6 +122,36 @@ def test_next_token_top_is_the_combined_first_token_distribution(tiny_chat_model
     assert got == pytest.approx(expected, abs=1e-4)
     alone = AnswerScorer(tokenizer, [(model, 1.0)]).next_token_top(messages, k=5)
     assert alone != pytest.approx(got, abs=1e-3)
+
+
+def test_flagged_scope_scores_flagged_prompts_with_delta_and_the_rest_plain(
+    tiny_chat_model,
+) -> None:
+    # delta+npo (δ at scope flagged): the engine adds the offset only after flagged prompts.
+    from transformers import AutoTokenizer
+
+    folder = tiny_chat_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, other = load_model(folder), load_model(tiny_chat_model("other", seed=1))
+    about = [{"role": "user", "content": "Tell me about Basil Mahfouz."}]
+    general = [{"role": "user", "content": "Who wrote Hamlet?"}]
+    items = [ScoreItem(about, "He writes novels."), ScoreItem(general, "Shakespeare did.")]
+    asked: list[str] = []
+
+    def flagged(messages) -> bool:
+        asked.append(messages[0]["content"])
+        return "Basil" in messages[0]["content"]
+
+    plain = AnswerScorer(tokenizer, [(model, 1.0)])
+    delta = AnswerScorer(tokenizer, [(other, 1.0)])
+    routed = FlaggedScorer(flagged, delta, plain)
+    got = routed.mean_logprobs(items)
+    assert got[0] == pytest.approx(delta.mean_logprobs(items[:1])[0], abs=1e-5)
+    assert got[1] == pytest.approx(plain.mean_logprobs(items[1:])[0], abs=1e-5)
+    assert not math.isclose(got[0], plain.mean_logprobs(items[:1])[0], abs_tol=1e-3)
+    assert routed.next_token_top(about, k=5) == pytest.approx(delta.next_token_top(about, k=5))
+    assert routed.next_token_top(general, k=5) == pytest.approx(plain.next_token_top(general, k=5))
+    assert "Who wrote Hamlet?" in asked
 
 
 def test_report_has_one_row_per_mode_and_a_plot(tofu_data, tmp_path: Path) -> None:
