@@ -9,7 +9,8 @@ f(s) <= target and returning the weakest such strength they found:
 - `bracket_strength`: the one registration jobs use. Warm-started at `initial` (4x the embedding
   table's std, where the search lands for SmolLM2), it brackets the level by geometric steps of
   `expand`, then narrows the bracket with a safeguarded secant step in log-strength, probing
-  just below and just above the estimated crossing in one batched evaluation, until the weakest
+  just below and just above the estimated crossing in one batched evaluation (only one of the
+  two where the other could not narrow the bracket past the tolerance), until the weakest
   passing strength is within a factor `tolerance` of the strongest failing one. An objective
   that evaluates several strengths in one batch (`evaluate(strengths) -> values`) pays one
   forward pass per round, not one per strength. Both searches assume f is monotone between the
@@ -419,7 +420,9 @@ def _needed(probes: list[float], lo: float, hi: float, tolerance: float) -> list
     """Of a round's two probes (ascending), the one whose outcome settles the bracket, when the
     other's adds nothing the tolerance asks for: when (lower, hi] is already within it, the upper
     probe could only move the answer inside the tolerance (the lower failing) or not at all (the
-    lower passing); when (lo, upper] is, the lower one likewise (and fails if the upper does)."""
+    lower passing); when (lo, upper] is, the lower one likewise (and fails if the upper does,
+    f being monotone between the probes, as the module assumes: where it is not, the search
+    goes on above the upper probe and still ends bracketed by a failing and a passing one)."""
     if len(probes) != 2:
         return probes
     lower, upper = probes

@@ -367,7 +367,7 @@ def native_bf16(device: str | None = None) -> bool:
     CPU): a GPU, or a CPU with avx512_bf16 / amx_bf16 (on other CPUs bf16 is emulated, measured
     5x slower than float32)."""
     if device != "cpu" and torch.cuda.is_available():
-        return True
+        return bool(torch.cuda.is_bf16_supported())
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:

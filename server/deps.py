@@ -117,7 +117,9 @@ def embedding_table(model_dir: Path) -> EmbeddingTable:
 
 
 def _config_dtype(model_dir: Path) -> str | None:
-    """The dtype a model folder's config.json names (what vLLM's `auto` serves it in)."""
+    """The dtype a model folder's config.json names. vLLM's `auto` serves a bfloat16 config in
+    bfloat16; a float32 one (or none) it may serve in bf16 as well, where the search then stays
+    in float32: slower, never looser."""
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -83,7 +83,7 @@ class GuardSettings(_Section):
     """Search each target's corruption strength against a local copy of the model."""
     calibration_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """The strength search's model copy: `auto` runs it in the served dtype where bf16 is native
-    (avx512_bf16 / amx_bf16 CPUs: about 2.4x faster), in float32 elsewhere."""
+    (avx512_bf16 / amx_bf16 CPUs: searches 2.3x faster), in float32 elsewhere."""
     calibration_workers: int = Field(2, ge=1)
     """Threads (one core each) a registration's strength search uses while it runs."""
     torch_threads: int = Field(1, ge=1)

@@ -114,7 +114,7 @@ def calibration_dtype(setting: str, served: str | None, device: str = "cpu") -> 
 
     `setting` other than "auto" is taken as is. "auto": the served dtype when it is bfloat16 and
     `device` computes bf16 natively (a GPU, a CPU with avx512_bf16 / amx_bf16: there the search
-    is about 2.4x faster than in float32 and scores the model as the engine runs it); float32
+    runs 2.3x faster than in float32 and scores the model as the engine runs it); float32
     otherwise (an emulated bf16 is slower than float32; `served` None: an upstream engine, whose
     dtype the gateway does not know).
     """
