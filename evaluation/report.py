@@ -44,7 +44,8 @@ the gateway** (FQ (b), eco only): question and answer go to the gateway as one p
 answer as the assistant's continued turn, `prompt_logprobs`), which it classifies and corrupts
 like any prompt, target mentions in the answer included (the ECO paper's teacher-forced
 protocol); its per-token numbers are `forget_prob_b` and
-`forget_truth_ratio_b` in the JSON. The other modes read no prompt, so (b) is (a) for them.
+`forget_truth_ratio_b` in the JSON. The other modes corrupt no prompt (delta+npo classifies it
+to switch its offset on: the answer is then scored under the offset), so (b) is (a) for them.
 Forget quality is TOFU's KS test on the raw truth ratio R; *folded* is the ECO paper's variant,
 on min(R, 1/R). The output guard changes what (a)'s generations say (ROUGE), never (a)'s
 teacher-forced scores: it watches generated text, and scoring generates none.
@@ -62,9 +63,9 @@ DIFFERENCES = """\
   questions; MMLU on {mmlu} val questions (seeded sample, zero-shot, first-token letter; not part
   of TOFU).
 - Greedy generations of at most {max_tokens} tokens (the paper: 200).
-- MMLU reads the first token's top-20 logprobs from the gateway, except for delta: the gateway
-  refuses logprobs for δ requests (vLLM takes them before the offset), so delta's first token
-  comes from the combined logits in transformers.
+- MMLU reads the first token's top-20 logprobs from the gateway, except for delta and the
+  questions delta+npo flags: the gateway refuses logprobs for δ requests (vLLM takes them before
+  the offset), so their first token comes from the combined logits in transformers.
 - Answer probabilities are computed with transformers on the weights and prompts each mode
   serves: eco feeds the corrupted prompt embeddings the gateway sends for flagged prompts
   (`--eco-scoring gateway` instead asks the gateway's own prompt logprobs, where the guard also
@@ -203,7 +204,7 @@ Forget authors: {", ".join(subset.author_names)} (registered through the admin A
 {_table(rows, COLUMNS)}
 
 {PROTOCOLS}
-The guard (eco mode only: the other modes do not classify):
+The guard (eco and delta+npo, the modes that classify; the others serve every prompt alike):
 
 {_table({m: r for m, r in rows.items() if "fp_mmlu" in r}, GUARD_COLUMNS)}
 

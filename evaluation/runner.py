@@ -223,18 +223,21 @@ def _delta(
     delta = AnswerScorer(
         tokenizer, [t for t in terms if t[1] != 0.0], cache=state.scores, weights_key=key
     )
-    scorer: Any = delta
-    if scope == "flagged":
-        plain = AnswerScorer(tokenizer, [(target, 1.0)], cache=state.scores, weights_key="target")
-        scorer = FlaggedScorer(GatewayFlags(gw), delta, plain)
     # The gateway refuses logprobs for δ requests: MMLU's first token from the combined logits.
+    scorer: Scorer = delta
+    first_token: Callable[[Any], dict[str, float]] = delta.next_token_top
+    if scope == "flagged":  # unflagged prompts are served as by `none`: scored, read alike
+        plain = AnswerScorer(tokenizer, [(target, 1.0)], cache=state.scores, weights_key="target")
+        flagged = GatewayFlags(gw)
+        scorer = FlaggedScorer(flagged, delta, plain)
+
+        def first_token(messages: Any) -> dict[str, float]:
+            if flagged(messages):
+                return delta.next_token_top(messages)
+            return gw.first_token_logprobs(messages)
+
     state.results[mode] = _measure(
-        state,
-        mode,
-        gw,
-        scorer,
-        first_token=scorer.next_token_top,
-        classify=scope == "flagged",
+        state, mode, gw, scorer, first_token=first_token, classify=scope == "flagged"
     )
     gw.delete_target(record["id"])
 
@@ -413,7 +416,7 @@ def _load_earlier(state: RunState) -> None:
         state.timings.update({k: v for k, v in data.get("timings_s", {}).items() if k in own})
     if kept and "total" in data.get("timings_s", {}):
         state.timings["total of the earlier run"] = data["timings_s"]["total"]
-    for key in ("eco_target", "delta_target"):
+    for key in ("eco_target", "delta_target", "delta+npo_target"):
         if key in data.get("cards", {}) and key not in state.cards:
             state.cards[key] = data["cards"][key]
     if kept:

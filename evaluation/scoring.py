@@ -183,8 +183,3 @@ class FlaggedScorer:
                 for i, value in zip(rows, scores, strict=True):
                     out[i] = value
         return out
-
-    def next_token_top(self, messages: Messages, k: int = 20) -> dict[str, float]:
-        """Top-k log-probabilities of the reply's first token, under its prompt's scorer."""
-        scorer = self._on_flagged if self._flagged(messages) else self._plain
-        return scorer.next_token_top(messages, k)

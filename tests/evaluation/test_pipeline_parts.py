@@ -149,8 +149,6 @@ def test_flagged_scope_scores_flagged_prompts_with_delta_and_the_rest_plain(
     assert got[0] == pytest.approx(delta.mean_logprobs(items[:1])[0], abs=1e-5)
     assert got[1] == pytest.approx(plain.mean_logprobs(items[1:])[0], abs=1e-5)
     assert not math.isclose(got[0], plain.mean_logprobs(items[:1])[0], abs_tol=1e-3)
-    assert routed.next_token_top(about, k=5) == pytest.approx(delta.next_token_top(about, k=5))
-    assert routed.next_token_top(general, k=5) == pytest.approx(plain.next_token_top(general, k=5))
     assert "Who wrote Hamlet?" in asked
 
 
