@@ -38,6 +38,7 @@ from server.engine.base import Prompt
 from server.errors import EngineError, GatewayError, InvalidRequestError
 from server.metrics import Metrics
 from server.services.guard import ActiveTarget, EcoGuard, Guarded, PromptIn
+from server.services.stops import GatewayStops, StopHit
 from server.services.tenancy import Caller
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,11 @@ class _Choice:
     hold: int = 0  # characters of `text` that may be released now
     held: list[ChoiceDelta] = field(default_factory=list)
     released_tokens: int = 0
+    source_tokens: int = 0  # of those, the ones its current source wrote
     restarts: int = 0
     checked: int = 0  # end of the text the classifier last read
     done: bool = False
+    stopped: bool = False  # ended by one of the client's stops, applied here (`stops`)
 
 
 class OutputGuard:
@@ -178,6 +181,11 @@ class OutputGuard:
         surnames = _surnames(targets.values()) if side_channels else {}
         choices = {i: _Choice() for i in range(sampling.n)}
         streams = _Streams()
+        # The client's stops end the answer in released text only, never at what the model was
+        # about to write (`server.services.stops`); a tool-parsing request keeps them in the
+        # engine, whose parser reads the text as the engine ends it.
+        stops, engine_sampling = (None, sampling) if request.tools else GatewayStops.take(sampling)
+        request = replace(request, sampling=engine_sampling)  # restarts build on it too
         # Token by token even when the client wants one answer: text before a name can then be
         # released (a tool-parsing request keeps the engine's mode: its parser depends on it).
         engine_request = request if request.tools else replace(request, stream=True)
@@ -221,8 +229,12 @@ class OutputGuard:
                     else:
                         if not found:
                             final = delta.finish_reason is not None
-                            if (released := self._release(st, index, final=final)) is not None:
+                            released = self._release(st, index, final=final, stops=stops)
+                            if released is not None:
                                 out.append(released)
+                            if st.stopped and (source != _ORIGINAL or request.sampling.n == 1):
+                                counts[source] = (counts[source][0], st.source_tokens)
+                                await streams.drop(source)  # the engine writes no further
                             continue
                     restart = await self._restart(
                         prompt, guarded, request, st, index, found, tenant
@@ -325,19 +337,42 @@ class OutputGuard:
         return corruptor.decode([stop])
 
     @staticmethod
-    def _release(st: _Choice, index: int, *, final: bool) -> ChoiceDelta | None:
-        """The held deltas that end before the hold point, merged into one (None: nothing)."""
-        hold = len(st.text) if final else st.hold
+    def _release(
+        st: _Choice, index: int, *, final: bool, stops: GatewayStops | None = None
+    ) -> ChoiceDelta | None:
+        """The held deltas that end before the hold point, merged into one, ended at the first
+        of `stops` they hold (None: nothing)."""
+        cleared = len(st.text) if final else st.hold  # checked: no possible name in it
+        hit: StopHit | None = None
+        if stops is not None:
+            # A stop counts where checked text holds it whole; text up to `stops.buffer`
+            # characters before the checked end waits, as a stop may start in it.
+            pos, k = st.released, 0
+            while k < len(st.held) and pos + len(_written(st.held[k])) <= cleared:
+                pos += len(_written(st.held[k]))
+                k += 1
+            hit = stops.find(st.text[: st.released], st.released_tokens, st.held[:k])
+            if hit is None and not final:
+                cleared -= stops.buffer
         pos, k = st.released, 0
-        while k < len(st.held) and pos + len(_written(st.held[k])) <= hold:
+        while k < len(st.held) and pos + len(_written(st.held[k])) <= cleared:
             pos += len(_written(st.held[k]))
             k += 1
+        if hit is not None:
+            k = hit.delta + 1
+            pos = st.released + sum(len(_written(d)) for d in st.held[:k])
         if k == 0:
             return None
         batch, st.held = st.held[:k], st.held[k:]
+        text = "".join(d.text for d in batch)
+        if hit is not None:
+            batch = [*batch[: hit.delta], _ended(batch[hit.delta], hit.tokens, hit.reason)]
+            text = text[: hit.text_end - st.released]
+            st.stopped = True
         st.released = pos
         tokens = [t for d in batch for t in d.token_ids]
         st.released_tokens += len(tokens)
+        st.source_tokens += len(tokens)
         logprobs = None
         if any(d.logprobs is not None for d in batch):
             logprobs = [lp for d in batch for lp in (d.logprobs or [])]
@@ -348,7 +383,7 @@ class OutputGuard:
         raw = [d.raw_text for d in batch if d.raw_text is not None]
         return ChoiceDelta(
             index=index,
-            text="".join(d.text for d in batch),
+            text=text,
             token_ids=tokens,
             logprobs=logprobs,
             finish_reason=last.finish_reason,
@@ -390,6 +425,7 @@ class OutputGuard:
         ):
             return None
         st.restarts += 1
+        st.source_tokens = 0
         released = st.text[: st.released]
         st.text, st.held, st.checked = released, [], len(released)
         involved = self._involved(found, guarded)
@@ -419,6 +455,18 @@ class OutputGuard:
             stream=request.stream or not request.tools,
             offsets=tuple(dict.fromkeys(offsets)),
         )
+
+
+def _ended(delta: ChoiceDelta, tokens: int, stop: str | int) -> ChoiceDelta:
+    """`delta` cut to its first `tokens` tokens, finished by the client's stop `stop`."""
+    logprobs = delta.logprobs[:tokens] if delta.logprobs is not None else None
+    return replace(
+        delta,
+        token_ids=delta.token_ids[:tokens],
+        logprobs=logprobs,
+        finish_reason="stop",
+        stop_reason=stop,
+    )
 
 
 class _CheckFailed(Exception):

@@ -233,3 +233,25 @@ def test_side_channel_of_the_answer(
     guarded = completion(gateway, body)
     assert guarded.status_code == 200, guarded.text
     assert "tolkien" not in guarded.text.lower(), guarded.text
+
+
+def test_a_one_letter_stop_string_tells_nothing_of_the_next_name(
+    gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    """Left to the engine, `stop: ["T"]` ends the bare answer right before "Tolkien" and says
+    so (finish "stop", stop reason "T"): the initial of a name never written, one request per
+    letter. The gateway applies the client's stops to the text its output guard released."""
+    whole = said(completion(vllm_server, {"prompt": FAMOUS}))
+    bare = completion(vllm_server, {"prompt": FAMOUS, "stop": ["T"]}).json()["choices"][0]
+    assert bare["stop_reason"] == "T" and whole.startswith(bare["text"] + "Tolkien"), (bare, whole)
+    guarded = completion(gateway, {"prompt": FAMOUS, "stop": ["T"]})
+    assert guarded.status_code == 200, guarded.text
+    choice = guarded.json()["choices"][0]
+    assert "tolkien" not in guarded.text.lower(), guarded.text
+    assert (choice["text"], choice["stop_reason"]) != (bare["text"], "T"), choice
+    # What the stop still does: end an answer naming nobody where the engine would.
+    plain = {"prompt": "The capital of France is", "stop": ["."]}
+    ours, theirs = (completion(s, plain).json()["choices"][0] for s in (gateway, vllm_server))
+    fields = ("text", "finish_reason", "stop_reason")
+    assert [ours[f] for f in fields] == [theirs[f] for f in fields], (ours, theirs)
+    assert theirs["stop_reason"] == "."  # the premise: the engine stopped on it

@@ -186,9 +186,12 @@ def test_a_stop_string_naming_the_target_is_never_reported(client: TestClient, e
     reply = client.post("/v1/completions", json=body).json()
     choice = reply["choices"][0]
     assert choice["stop_reason"] != " Rowling" and "Rowling" not in json.dumps(reply)
-    assert choice["text"] == "created by a British author."  # "J.K." was held: a possible name
+    # "J.K." was held (a possible name), and the 7 characters before it too (len(" Tolkien") - 1:
+    # a stop string may start in them), so nothing had left: the restart starts afresh.
+    assert choice["text"] == " a British author."
     assert len(engine.history) == before + 2  # restarted, protected, the name banned
     assert "Rowling" in engine.history[-1].sampling.bad_words
+    assert engine.history[-2].sampling.stop == engine.history[-1].sampling.stop == ()
 
 
 def test_a_stop_string_naming_nobody_is_reported_as_generated(
@@ -202,6 +205,60 @@ def test_a_stop_string_naming_nobody_is_reported_as_generated(
         "stop",
         " More",
     )
+
+
+def test_a_one_letter_stop_string_tells_nothing_of_the_next_name(
+    client: TestClient, engine: FakeEngine
+):
+    """Left to the engine, `stop: ["R"]` ends the answer at "J.K. " with stop reason "R": the
+    next letter of a name the model never wrote, one request per letter. The gateway applies
+    the stops to checked text only: the model writes on, the name gets the answer restarted."""
+    before = len(engine.history)
+    engine.enqueue("created by J.K. Rowling in 1997.", " a British author.")
+    body = {
+        "model": "fake-model",
+        "prompt": "The boy wizard with the lightning scar was",
+        "stop": ["R"],
+        "max_tokens": 20,
+    }
+    reply = client.post("/v1/completions", json=body).json()
+    choice = reply["choices"][0]
+    assert (choice["text"], choice["stop_reason"]) == ("created by a British author.", None)
+    assert len(engine.history) == before + 2  # restarted, protected
+    assert engine.history[-2].sampling.stop == engine.history[-1].sampling.stop == ()
+
+
+def test_stops_end_an_unflagged_answer_where_the_engine_would(
+    client: TestClient, engine: FakeEngine
+):
+    body = {"model": "fake-model", "prompt": "The series was", "max_tokens": 20}
+    engine.enqueue("created by a British author. More text.")
+    reply = client.post("/v1/completions", json={**body, "stop": ["r. M", " text"]}).json()
+    choice = reply["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (
+        "created by a British autho",
+        "stop",
+        "r. M",
+    )
+    assert reply["usage"]["completion_tokens"] == 6  # through " More", which completed it
+    engine.enqueue("created by a British author. More text.")
+    body |= {"stop": [" More"], "include_stop_str_in_output": True}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert (choice["text"], choice["stop_reason"]) == ("created by a British author. More", " More")
+    # A stop token (the fake engine's ids count its words from 0): its text is left out.
+    engine.enqueue("created by a British author. More text.")
+    body = {"model": "fake-model", "prompt": "The series was", "stop_token_ids": [3]}
+    reply = client.post("/v1/completions", json=body | {"max_tokens": 20}).json()
+    choice = reply["choices"][0]
+    assert (choice["text"], choice["stop_reason"]) == ("created by a", 3)
+    assert reply["usage"]["completion_tokens"] == 4
+
+
+def test_a_streamed_answer_never_sends_what_a_stop_cuts(client: TestClient, engine: FakeEngine):
+    engine.enqueue("It is a detective story. The End of it.")
+    pieces, finishes = stream_text(client, chat(PLAIN, max_tokens=40, stop=[". The End"]))
+    assert "".join(pieces) == "It is a detective story"
+    assert finishes[-1] == "stop"
 
 
 def test_prompt_logprobs_naming_the_target_are_sent_again_protected(

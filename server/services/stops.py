@@ -1,0 +1,111 @@
+"""Stop strings and stop tokens applied by the gateway to the text the output guard releases.
+
+Left to the engine, a stop ends the answer at the first character the model was about to write
+and says so: `stop: ["T"]` after "J.R.R. " tells a client that the next letter is a T, one
+request per letter, though no name was ever written. While targets are active the output guard
+therefore asks the engine for the answer without the client's stops and applies them here,
+only to text it has checked and released: the model writes on past a stop, the guard reads
+what it writes (a name gets the answer restarted, protected), and the stop string or token
+ends the answer only where the checked text has it.
+
+The rules are vLLM's (`vllm/v1/engine/detokenizer.py`), so an answer that names nobody ends
+where the bare engine would end it, byte for byte: a stop string is looked for in the text each
+new token completes, the one completing earliest wins (ties by list order), the text ends
+before it (or after it with `include_stop_str_in_output`), the token that completed it is the
+last one kept; a stop token is kept in the token ids and its text left out (kept with
+`include_stop_str_in_output`); nothing stops before `min_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from server.engine import ChoiceDelta, SamplingOptions
+
+__all__ = ["GatewayStops", "StopHit", "first_stop_string"]
+
+
+def first_stop_string(text: str, new_chars: int, stops: Sequence[str]) -> tuple[str, int] | None:
+    """The stop string that the last `new_chars` characters of `text` complete earliest (ties:
+    list order) and where it starts; None when none does (vLLM's `check_stop_strings`)."""
+    if not new_chars:
+        return None
+    best: tuple[str, int] | None = None
+    best_end = sys.maxsize
+    for stop in stops:
+        if not stop:
+            continue
+        start = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
+        if start != -1 and start + len(stop) < best_end:
+            best, best_end = (stop, start), start + len(stop)
+    return best
+
+
+@dataclass(frozen=True)
+class GatewayStops:
+    """The client's stop strings and stop tokens, applied to released deltas."""
+
+    strings: tuple[str, ...]
+    token_ids: frozenset[int]
+    include: bool
+    min_tokens: int
+
+    @classmethod
+    def take(cls, sampling: SamplingOptions) -> tuple[GatewayStops | None, SamplingOptions]:
+        """The stops the gateway applies and the sampling the engine gets without them.
+
+        Stop tokens stay with the engine when `min_tokens` is set: vLLM also masks them until
+        then, which a gateway cannot do (their stop reason is still read by the output guard).
+        """
+        token_ids = sampling.stop_token_ids if sampling.min_tokens == 0 else ()
+        if not sampling.stop and not token_ids:
+            return None, sampling
+        stops = cls(
+            tuple(sampling.stop),
+            frozenset(token_ids),
+            sampling.include_stop_str_in_output,
+            sampling.min_tokens,
+        )
+        rest = sampling.stop_token_ids if token_ids == () else ()
+        return stops, replace(sampling, stop=(), stop_token_ids=rest)
+
+    @property
+    def buffer(self) -> int:
+        """Characters of checked text held back until no stop string can start in them (vLLM
+        holds them back from a stream as well): a stop string is never cut from sent text."""
+        return max((len(s) for s in self.strings), default=1) - 1
+
+    def find(self, released: str, tokens: int, batch: Sequence[ChoiceDelta]) -> StopHit | None:
+        """The first stop in `batch` (deltas about to be released, after `released` text and
+        `tokens` tokens of this choice), or None."""
+        text = released
+        for k, delta in enumerate(batch):
+            for j, token in enumerate(delta.token_ids):
+                if token in self.token_ids and tokens + j + 1 > self.min_tokens:
+                    # Its text is left out unless asked for (one token a delta: the whole text).
+                    shown = self.include or j + 1 < len(delta.token_ids)
+                    end = len(text) + (len(delta.text) if shown else 0)
+                    return StopHit(k, end, j + 1, token)
+            tokens += len(delta.token_ids)
+            text += delta.text
+            if tokens <= self.min_tokens:
+                continue
+            found = first_stop_string(text, len(delta.text), self.strings)
+            if found is not None:
+                stop, start = found
+                end = start + len(stop) if self.include else start
+                return StopHit(k, end, len(delta.token_ids), stop)
+        return None
+
+
+@dataclass(frozen=True)
+class StopHit:
+    """Where a stop ends a choice: the delta that completes it (index in the batch), the end of
+    the text the client gets (in the choice's whole text), the tokens of that delta kept."""
+
+    delta: int
+    text_end: int
+    tokens: int
+    reason: str | int
