@@ -13,7 +13,9 @@ where the bare engine would end it, byte for byte: a stop string is looked for i
 new token completes, the one completing earliest wins (ties by list order), the text ends
 before it (or after it with `include_stop_str_in_output`), the token that completed it is the
 last one kept; a stop token is kept in the token ids and its text left out (kept with
-`include_stop_str_in_output`); nothing stops before `min_tokens` tokens.
+`include_stop_str_in_output`); nothing stops before `min_tokens` tokens. The usage counts the
+tokens through the one a stop ends on, as vLLM's does; with n > 1 the engine writes on for a
+choice the gateway ended until its other choices end, and those tokens are counted too.
 """
 
 from __future__ import annotations
