@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from typing import Protocol
 
 from classifier import StreamScanner, alias_kind
@@ -343,26 +345,20 @@ class OutputGuard:
         """The held deltas that end before the hold point, merged into one, ended at the first
         of `stops` they hold (None: nothing)."""
         cleared = len(st.text) if final else st.hold  # checked: no possible name in it
+        # Where each held delta ends in the choice's text (ascending).
+        ends = list(accumulate((len(_written(d)) for d in st.held), initial=st.released))[1:]
         hit: StopHit | None = None
         if stops is not None:
             # A stop counts where checked text holds it whole; text up to `stops.buffer`
             # characters before the checked end waits, as a stop may start in it.
-            pos, k = st.released, 0
-            while k < len(st.held) and pos + len(_written(st.held[k])) <= cleared:
-                pos += len(_written(st.held[k]))
-                k += 1
-            hit = stops.find(st.text[: st.released], st.released_tokens, st.held[:k])
+            checked = st.held[: bisect_right(ends, cleared)]
+            hit = stops.find(st.text[: st.released], st.released_tokens, checked)
             if hit is None and not final:
                 cleared -= stops.buffer
-        pos, k = st.released, 0
-        while k < len(st.held) and pos + len(_written(st.held[k])) <= cleared:
-            pos += len(_written(st.held[k]))
-            k += 1
-        if hit is not None:
-            k = hit.delta + 1
-            pos = st.released + sum(len(_written(d)) for d in st.held[:k])
+        k = hit.delta + 1 if hit is not None else bisect_right(ends, cleared)
         if k == 0:
             return None
+        pos = ends[k - 1]
         batch, st.held = st.held[:k], st.held[k:]
         text = "".join(d.text for d in batch)
         if hit is not None:

@@ -70,8 +70,8 @@ class GatewayStops:
             sampling.include_stop_str_in_output,
             sampling.min_tokens,
         )
-        rest = sampling.stop_token_ids if token_ids == () else ()
-        return stops, replace(sampling, stop=(), stop_token_ids=rest)
+        engine_tokens = () if token_ids else sampling.stop_token_ids  # kept under min_tokens
+        return stops, replace(sampling, stop=(), stop_token_ids=engine_tokens)
 
     @property
     def buffer(self) -> int:
