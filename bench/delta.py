@@ -114,14 +114,15 @@ def register(url: str, options: dict[str, object]) -> dict[str, object]:
 def small_step_seconds(
     unlearned: Path, base: Path, prompt_ids: list[list[int]], steps: int, dtype: str
 ) -> float:
-    """Median time of one batched decode step of both small models, one thread, alone, in the
-    engine's dtype (the δ processor's)."""
+    """Median time of one batched decode step of both small models, one thread, alone, loaded
+    as the δ processor loads them (`OffsetModels`, the engine's dtype)."""
     import torch
 
-    from offset import OffsetPair
+    from offset import DeltaSpec, OffsetModels
 
     torch.set_num_threads(1)
-    pair = OffsetPair.from_folders(unlearned, base, dtype=getattr(torch, dtype))
+    models = OffsetModels("cpu", getattr(torch, dtype))
+    pair = models.pair(DeltaSpec(str(unlearned), str(base)))
     seqs = {i: list(ids) for i, ids in enumerate(prompt_ids)}
     pair.offsets(list(seqs.items()))  # prompts
     times = []

@@ -2,7 +2,8 @@
 
 In vLLM's worker process the small models' Python (transformers runs every layer eagerly) and the
 big model's share one interpreter lock: with the small pair on a spare core they still took turns
-with the big model's forward pass (δ at 0.77 of its ideal ratio on a bf16 machine). A child
+with the big model's forward pass (δ at 0.77 of its ideal ratio on a bf16 machine before the
+pair's weights were prepacked, 0.89 since: `offset.cpu_gemm`). A child
 process has a lock of its own, so on a core that is really spare the pair's step runs while the
 big model's does. Opt-in (`OBLIVIATE_DELTA_PROCESS=1`): on 2 cores it was slower, 0.72 of the
 ideal ratio against 0.86 in process (docs/results/delta-bench.md).

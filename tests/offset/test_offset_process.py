@@ -16,7 +16,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: run `make test`, whic
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
 
-from offset import DeltaSpec, OffsetPair  # noqa: E402
+from offset import DeltaSpec, OffsetModels, OffsetPair  # noqa: E402
 from offset.delta_args import delta_extra_args  # noqa: E402
 from offset.offset_process import OffsetProcess, OffsetProcessError  # noqa: E402
 from offset.vllm_processor import DeltaLogitsProcessor  # noqa: E402
@@ -51,7 +51,7 @@ STEPS: list[list[tuple[int, list[int]]]] = [
 def test_a_remote_pair_gives_the_in_process_offsets_bit_for_bit(
     spec: DeltaSpec, dtype: torch.dtype
 ) -> None:
-    local = OffsetPair.from_folders(spec.unlearned, spec.base, dtype=dtype)
+    local = OffsetModels("cpu", dtype).pair(spec)  # as the processor loads them in process
     proc = OffsetProcess(dtype)
     try:
         remote = proc.pair(spec)
@@ -93,7 +93,7 @@ def test_a_dead_child_raises_and_the_next_pair_starts_a_fresh_one(
         old.offsets([(0, [5, 9, 12])])
     fresh = process.pair(spec)
     assert process.alive()
-    want = OffsetPair.from_folders(spec.unlearned, spec.base).offsets([(0, [5, 9, 12])])
+    want = OffsetModels().pair(spec).offsets([(0, [5, 9, 12])])
     assert torch.equal(fresh.offsets([(0, [5, 9, 12])]), want)
     with pytest.raises(OffsetProcessError, match="has stopped"):
         old.offsets([(0, [5, 9, 12, 4])])  # a pair of the dead child never answers again
@@ -137,7 +137,7 @@ def test_a_reply_that_does_not_unpickle_stops_the_child(
     with pytest.raises(OffsetProcessError, match="UnpicklingError"):
         pair.offsets([(0, [5, 9])])
     assert child.poll() is not None and not process.alive()  # no more reads from that stream
-    want = OffsetPair.from_folders(spec.unlearned, spec.base).offsets([(0, [5, 9, 12])])
+    want = OffsetModels().pair(spec).offsets([(0, [5, 9, 12])])
     assert torch.equal(process.pair(spec).offsets([(0, [5, 9, 12])]), want)  # a fresh child
 
 
@@ -225,7 +225,7 @@ def test_a_child_that_dies_mid_answer_ends_the_rows_and_new_requests_get_a_fresh
         )
     )
     out = proc.apply(torch.zeros(1, V_BIG))
-    want = spec.alpha * OffsetPair.from_folders(spec.unlearned, spec.base).offsets([(0, [5, 9])])
+    want = spec.alpha * OffsetModels().pair(spec).offsets([(0, [5, 9])])
     assert torch.equal(out[0, :64], want[0])
     assert proc._models.alive() and proc._models._child is not child
     proc._models.close()

@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: run `make test`, whic
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from offset import DeltaSpec, OffsetPair  # noqa: E402
+from offset import DeltaSpec, OffsetModels, OffsetPair  # noqa: E402
 from offset.delta_args import delta_extra_args, parse_delta_args  # noqa: E402
 from offset.vllm_processor import DeltaLogitsProcessor  # noqa: E402
 from tests.offset.conftest import EOS, delta_processor  # noqa: E402
@@ -192,7 +192,7 @@ def test_small_models_run_in_the_engines_dtype(spec: DeltaSpec) -> None:
     pair = proc._models.pair(spec)
     assert next(pair.unlearned.parameters()).dtype == torch.bfloat16
     assert next(pair.base.parameters()).dtype == torch.bfloat16
-    bf16 = OffsetPair.from_folders(spec.unlearned, spec.base, dtype=torch.bfloat16)
+    bf16 = OffsetModels("cpu", torch.bfloat16).pair(spec)  # loaded as the processor loads them
     want = spec.alpha * bf16.full_offsets(prompt)[-1]  # (V_small,)
     torch.testing.assert_close(out[0, :64], want, rtol=0, atol=1e-6)
     fp32 = _expected(spec, prompt)
