@@ -188,12 +188,16 @@ def throughput(url: str, rounds: int, concurrency: int, tokens: int) -> dict[str
     flagged = flagged_prompts(concurrency)
     run_burst(url, SERVED, flagged[:2], 4, stream=False)  # loads the small models
     out: dict[str, list[float]] = {"plain": [], "delta": []}
+    before = delta_decisions(url)
     for _ in range(rounds):
         for name, prompts in (("plain", plain), ("delta", flagged)):
             out[name].append(run_burst(url, SERVED, prompts, tokens, stream=False).tok_per_s)
     p, d = statistics.median(out["plain"]), statistics.median(out["delta"])
     return {
         "rounds": out,
+        # every request of the δ rounds must have run with the offset, none of the plain ones
+        "delta_requests": delta_decisions(url) - before,
+        "delta_requests_sent": rounds * len(flagged),
         "plain_tok_per_s": p,
         "delta_tok_per_s": d,
         "ratio": d / p,
@@ -230,7 +234,8 @@ def main() -> None:
     parser.add_argument(
         "--throughput-only",
         action="store_true",
-        help="register, then only tokens/s and the ideal ratio (no answers, no MMLU)",
+        help="register, then only tokens/s and the ideal ratio (no answers, no MMLU), with the "
+        "output guard off",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/delta_pair.json"))
     parser.add_argument(
@@ -259,7 +264,11 @@ def main() -> None:
                     log=logs / "upstream.log", timeout_s=900)
         )  # fmt: skip
         engine = ("--engine", "openai_upstream", "--upstream.url", f"http://127.0.0.1:{up_port}/v1")
-    argv = gateway_argv(port, *engine, "--data-dir", str(logs / "data"), dtype=args.dtype)
+    # --throughput-only measures the offset's cost alone, as bench/delta.py does: no output guard,
+    # so that a copy of the base (a zero offset at a real pair's price) is not restarted when
+    # its answers name the target.
+    guard = ("--guard.output", "false") if args.throughput_only else ()
+    argv = gateway_argv(port, *engine, "--data-dir", str(logs / "data"), *guard, dtype=args.dtype)
     argv[argv.index("--served-model-name") + 1] = SERVED
     report: dict[str, Any] = {
         "big": str(args.big),
