@@ -94,14 +94,17 @@ def measure_mode(
     *,
     system: str | None = None,
     max_tokens: int = 64,
-    classify: bool = False,
+    flags: Callable[[Any], bool] | None = None,
     first_token: Callable[[Any], dict[str, float]] | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> ModeResult:
     """Run every split through `gateway` and score the answers with `scorer`.
 
     MMLU reads the first token's top logprobs from the gateway, or from `first_token` (δ modes:
-    the gateway refuses logprobs for requests it answers with an offset).
+    the gateway refuses logprobs for requests it answers with an offset). `flags` (the modes
+    that classify: whether the gateway's guard flags a chat) adds the guard's decisions on every
+    split to the row; pass the scorer's own (`GatewayFlags` caches them) so that no chat is
+    classified twice.
     """
     result = ModeResult(mode)
     row = result.row
@@ -165,13 +168,12 @@ def measure_mode(
         utility += [prob, float(row[f"{name}_rouge"] or 0.0), truth]
     row["model_utility"] = metrics.model_utility(utility)
 
-    if classify:
+    if flags is not None:
         progress("classify")
 
         def flagged(questions: Sequence[str]) -> list[bool]:
-            return gateway.map(
-                lambda q: bool(gateway.classify(_messages(system, q))["flagged"]), questions
-            )
+            assert flags is not None
+            return gateway.map(lambda q: flags(_messages(system, q)), questions)
 
         row["flagged_forget"] = fmean(flagged([qa.question for qa in subset.forget]))
         row["flagged_paraphrased"] = fmean(

@@ -77,7 +77,7 @@ def _measure(
     scorer: Scorer,
     *,
     system: str | None = None,
-    classify: bool = False,
+    flags: Callable[[Any], bool] | None = None,
     first_token: Callable[[Any], dict[str, float]] | None = None,
 ) -> ModeResult:
     logger.info("measuring mode %s", mode)
@@ -89,7 +89,7 @@ def _measure(
         state.mmlu,
         system=system,
         max_tokens=state.config.max_tokens,
-        classify=classify,
+        flags=flags,
         first_token=first_token,
         progress=lambda stage: logger.info("mode %s: %s", mode, stage),
     )
@@ -158,17 +158,20 @@ def _eco(
     state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
     scorer: Scorer
     gateway = GatewayScorer(gw)
+    flags = GatewayFlags(gw)
     if state.config.eco_scoring == "gateway":
         scorer = gateway
     else:
+        embedder = EcoPromptEmbedder(gw, target_dir, record)
+        flags = embedder.flagged
         scorer = AnswerScorer(
             tokenizer,
             [(target, 1.0)],
-            prompt_embedder=EcoPromptEmbedder(gw, target_dir, record),
+            prompt_embedder=embedder,
             cache=state.scores,
             weights_key="target",
         )
-    result = _measure(state, "eco", gw, scorer, classify=True)
+    result = _measure(state, "eco", gw, scorer, flags=flags)
     if scorer is gateway:
         result.gateway_truth_ratios = list(result.forget_truth_ratios)
     else:  # protocol (b) beside (a): the forget split scored through the gateway's own guard
@@ -226,9 +229,10 @@ def _delta(
     # The gateway refuses logprobs for δ requests: MMLU's first token from the combined logits.
     scorer: Scorer = delta
     first_token: Callable[[Any], dict[str, float]] = delta.next_token_top
+    flags: GatewayFlags | None = None
     if scope == "flagged":  # unflagged prompts are served as by `none`: scored, read alike
         plain = AnswerScorer(tokenizer, [(target, 1.0)], cache=state.scores, weights_key="target")
-        flagged = GatewayFlags(gw)
+        flagged = flags = GatewayFlags(gw)
         scorer = FlaggedScorer(flagged, delta, plain)
 
         def first_token(messages: Any) -> dict[str, float]:
@@ -236,9 +240,7 @@ def _delta(
                 return delta.next_token_top(messages)
             return gw.first_token_logprobs(messages)
 
-    state.results[mode] = _measure(
-        state, mode, gw, scorer, first_token=first_token, classify=scope == "flagged"
-    )
+    state.results[mode] = _measure(state, mode, gw, scorer, first_token=first_token, flags=flags)
     gw.delete_target(record["id"])
 
 
