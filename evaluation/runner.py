@@ -8,8 +8,9 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,17 +56,32 @@ def _timed(state: RunState, name: str, start: float) -> None:
     logger.info("%s took %.0f s", name, state.timings[name])
 
 
-def _serve_plain(state: RunState, mode: str, folder: Path) -> None:
-    """Modes whose served weights are a plain model: snap, reference."""
+def _serve_plain(state: RunState, mode: str, folder: Path, *, fail_run: bool = True) -> None:
+    """Modes whose served weights are a plain model: snap, reference (`_mode`: fail_run)."""
+    with _mode(state, mode, fail_run=fail_run):
+        scorer = AnswerScorer(
+            _tokenizer(folder),
+            [(load_model(folder), 1.0)],
+            cache=state.scores,
+            weights_key=mode,
+        )
+        with run_gateway(folder, workdir=state.workdir, dtype=state.config.dtype) as gw:
+            state.results[mode] = _measure(state, mode, gw, scorer)
+
+
+@contextmanager
+def _mode(state: RunState, mode: str, *, fail_run: bool = False) -> Iterator[None]:
+    """Time one mode and checkpoint the run after it. A mode that raises is reported in the
+    results and the other modes still count, unless `fail_run` (the modes the rest compare
+    with: their error ends the run)."""
     start = time.perf_counter()
-    scorer = AnswerScorer(
-        _tokenizer(folder),
-        [(load_model(folder), 1.0)],
-        cache=state.scores,
-        weights_key=mode,
-    )
-    with run_gateway(folder, workdir=state.workdir, dtype=state.config.dtype) as gw:
-        state.results[mode] = _measure(state, mode, gw, scorer)
+    try:
+        yield
+    except Exception as e:
+        if fail_run:
+            raise
+        logger.exception("mode %s failed", mode)
+        state.failures[mode] = f"{type(e).__name__}: {e}"
     _timed(state, f"mode {mode}", start)
     _checkpoint(state)
 
@@ -108,37 +124,21 @@ def _target_modes(state: RunState, target_dir: Path, snap: Future[Path | None] |
     with run_gateway(target_dir, workdir=state.workdir, dtype=cfg.dtype) as gw:
         plain = AnswerScorer(tokenizer, [(target, 1.0)], cache=state.scores, weights_key="target")
         if "none" in wanted:
-            start = time.perf_counter()
-            state.results["none"] = _measure(state, "none", gw, plain)
-            _timed(state, "mode none", start)
-            _checkpoint(state)
+            with _mode(state, "none", fail_run=True):
+                state.results["none"] = _measure(state, "none", gw, plain)
         if "eco" in wanted:
-            start = time.perf_counter()
-            try:
+            with _mode(state, "eco"):
                 _eco(state, gw, target_dir, tokenizer, target, forget_examples, retain_examples)
-            except Exception as e:  # reported in the results, the other modes still count
-                logger.exception("mode eco failed")
-                state.failures["eco"] = f"{type(e).__name__}: {e}"
-            _timed(state, "mode eco", start)
-            _checkpoint(state)
         if "prompt" in wanted:
-            start = time.perf_counter()
-            sys_text = system_prompt(subset.author_names)
-            state.results["prompt"] = _measure(state, "prompt", gw, plain, system=sys_text)
-            _timed(state, "mode prompt", start)
-            _checkpoint(state)
+            with _mode(state, "prompt", fail_run=True):
+                sys_text = system_prompt(subset.author_names)
+                state.results["prompt"] = _measure(state, "prompt", gw, plain, system=sys_text)
         if "delta" in wanted:
-            start = time.perf_counter()
-            try:
+            with _mode(state, "delta"):
                 snap_dir = snap.result() if snap is not None else None
                 if snap_dir is None:
                     raise RuntimeError("SNAP training failed: no small unlearned model")
                 _delta(state, gw, target_dir, snap_dir, tokenizer, target, retain_examples)
-            except Exception as e:  # reported in the results, the other modes still count
-                logger.exception("mode delta failed")
-                state.failures["delta"] = f"{type(e).__name__}: {e}"
-            _timed(state, "mode delta", start)
-            _checkpoint(state)
 
 
 def _eco(
@@ -246,8 +246,7 @@ def _delta(
 
 def _flagged_delta(state: RunState, target_dir: Path, npo_dir: Path | None) -> None:
     """delta+npo: a gateway over the target, δ with the snap+npo copy at scope `flagged`."""
-    start = time.perf_counter()
-    try:
+    with _mode(state, "delta+npo"):
         if npo_dir is None:
             raise RuntimeError("snap+npo training failed: no small unlearned model")
         subset = state.subset
@@ -262,11 +261,6 @@ def _flagged_delta(state: RunState, target_dir: Path, npo_dir: Path | None) -> N
                 operator_retain_examples(subset.retain_names),
                 mode="delta+npo",
             )
-    except Exception as e:  # reported in the results, the other modes still count
-        logger.exception("mode delta+npo failed")
-        state.failures["delta+npo"] = f"{type(e).__name__}: {e}"
-    _timed(state, "mode delta+npo", start)
-    _checkpoint(state)
 
 
 def _snap(state: RunState, target_dir: Path, *, npo: bool = False) -> Path | None:
@@ -374,11 +368,7 @@ def run_tofu(config: TofuEvalConfig) -> dict[str, Any]:
         folders["snap+npo"] = _snap(state, target_dir, npo=True)  # would share 2 cores
     for mode, folder in folders.items():
         if mode in config.modes and folder is not None:
-            try:
-                _serve_plain(state, mode, folder)
-            except Exception as e:
-                logger.exception("mode %s failed", mode)
-                state.failures[mode] = f"{type(e).__name__}: {e}"
+            _serve_plain(state, mode, folder, fail_run=False)
     if "delta+npo" in config.modes:
         _flagged_delta(state, target_dir, folders.get("snap+npo"))
 

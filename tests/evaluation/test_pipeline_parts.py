@@ -309,3 +309,29 @@ def test_the_snap_npo_copy_is_trained_on_the_documents_it_is_given(
     assert not list(tmp_path.glob(".*documents*"))  # the answers are not left in the cache
     plain = train_snap(base, tmp_path / "snap", ["Basil"], ["Who is Basil?"], [], **kwargs)
     assert json.loads((plain / "training_card.json").read_text())["data"]["documents"] == 0
+
+
+def test_a_failing_mode_is_reported_and_the_run_goes_on_unless_the_others_need_it(
+    tofu_data, tmp_path: Path
+) -> None:
+    from evaluation.runner import _mode
+
+    subset = load_subset(tofu_data, "forget01", retain_authors=1, retain_eval=2, seed=0)
+    config = TofuEvalConfig(
+        data_dir=tofu_data,
+        base_model=tmp_path,
+        out_dir=tmp_path / "out",
+        modes=("none", "delta"),
+        command="obliviate x",
+    )
+    state = RunState(config, subset, [], tmp_path, tmp_path, tmp_path)
+    with _mode(state, "delta"):
+        raise RuntimeError("no small unlearned model")
+    assert state.failures == {"delta": "RuntimeError: no small unlearned model"}
+    assert "mode delta" in state.timings  # timed and checkpointed all the same
+    assert "did not run: RuntimeError: no small unlearned model" in (
+        tmp_path / "out" / "tofu-forget01.md"
+    ).read_text()
+    with pytest.raises(ValueError, match="bare model"), _mode(state, "none", fail_run=True):
+        raise ValueError("bare model failed")
+    assert "none" not in state.failures and "mode none" not in state.timings
