@@ -329,9 +329,10 @@ def test_a_failing_mode_is_reported_and_the_run_goes_on_unless_the_others_need_i
         raise RuntimeError("no small unlearned model")
     assert state.failures == {"delta": "RuntimeError: no small unlearned model"}
     assert "mode delta" in state.timings  # timed and checkpointed all the same
-    assert "did not run: RuntimeError: no small unlearned model" in (
-        tmp_path / "out" / "tofu-forget01.md"
-    ).read_text()
+    assert (
+        "did not run: RuntimeError: no small unlearned model"
+        in (tmp_path / "out" / "tofu-forget01.md").read_text()
+    )
     with pytest.raises(ValueError, match="bare model"), _mode(state, "none", fail_run=True):
         raise ValueError("bare model failed")
     assert "none" not in state.failures and "mode none" not in state.timings
