@@ -170,10 +170,10 @@ def measure_mode(
 
     if flags is not None:
         progress("classify")
+        ask = flags
 
         def flagged(questions: Sequence[str]) -> list[bool]:
-            assert flags is not None
-            return gateway.map(lambda q: flags(_messages(system, q)), questions)
+            return gateway.map(lambda q: ask(_messages(system, q)), questions)
 
         row["flagged_forget"] = fmean(flagged([qa.question for qa in subset.forget]))
         row["flagged_paraphrased"] = fmean(

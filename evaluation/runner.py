@@ -157,10 +157,10 @@ def _eco(
     _timed(state, "eco registration", start)
     state.cards["eco_target"] = {k: record.get(k) for k in ("threshold", "calibration")}
     scorer: Scorer
+    flags: Callable[[Any], bool]
     gateway = GatewayScorer(gw)
-    flags = GatewayFlags(gw)
     if state.config.eco_scoring == "gateway":
-        scorer = gateway
+        scorer, flags = gateway, GatewayFlags(gw)
     else:
         embedder = EcoPromptEmbedder(gw, target_dir, record)
         flags = embedder.flagged

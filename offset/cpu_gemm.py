@@ -24,6 +24,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .snap import native_bf16
+
 logger = logging.getLogger(__name__)
 
 DECODE_ROWS = 8
@@ -31,12 +33,17 @@ DECODE_ROWS = 8
 
 
 def packable(dtype: torch.dtype) -> bool:
-    """Whether torch's oneDNN ops take weights of `dtype` on this CPU (bf16: natively only)."""
+    """Whether torch's oneDNN ops take weights of `dtype` on this CPU (bf16: only where the CPU
+    computes it natively, `offset.snap.native_bf16`; oneDNN also takes it where it emulates it)."""
     if not torch._C._has_mkldnn:
         return False
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (
+        dtype == torch.bfloat16
+        and native_bf16("cpu")
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
 
 
 class PackedLinear(nn.Module):

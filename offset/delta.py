@@ -416,9 +416,9 @@ class OffsetModels:
     """Small models loaded once per folder (a shared base once), one `OffsetPair` per pair.
 
     On a CPU they are made for one-token steps: eager attention (one query against a short
-    cache costs less than the fused kernel's setup) and prepacked oneDNN matrix products where
-    vLLM's CPU ops are installed (`offset.cpu_gemm`): together 1.9x faster a step than
-    transformers' defaults for SmolLM2-135M in bf16 (docs/results/delta-bench.md).
+    cache costs less than the fused kernel's setup) and linear layers on weights prepacked for
+    oneDNN (`offset.cpu_gemm`): together 1.8x faster a step than transformers' defaults for
+    SmolLM2-135M in bf16 (docs/results/delta-bench.md).
     """
 
     def __init__(

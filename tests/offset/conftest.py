@@ -26,8 +26,11 @@ def delta_processor(dtype: torch.dtype | None = None) -> Any:
     )
 
 
-def tiny_llama(*, seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
-    """A randomly initialised 2-layer llama with hidden size 32."""
+def tiny_llama(
+    *, seed: int = 0, vocab_size: int = 64, tied: bool = True, attention_bias: bool = False
+) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer llama with hidden size 32 (`tied`: LM head = embedding;
+    `attention_bias`: q, k, v and o carry biases)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -37,7 +40,8 @@ def tiny_llama(*, seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        attention_bias=attention_bias,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from offset import DeltaSpec, OffsetModels, OffsetPair
 from offset.cpu_gemm import PackedLinear, pack_linears, packable
@@ -16,18 +16,8 @@ pytestmark = pytest.mark.skipif(not packable(torch.float32), reason="torch built
 
 
 def untied_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,  # q, k, v and o carry biases (as Qwen2's q, k, v do)
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    """Untied LM head, biases on q, k, v and o (as Qwen2's q, k, v have)."""
+    return tiny_llama(seed=seed, tied=False, attention_bias=True)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, untied_llama])
