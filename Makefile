@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup serve test lint unit e2e bench eval eval-forget05 clean
+.PHONY: setup serve test lint unit e2e test-gpu bench eval eval-forget05 clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -30,6 +30,13 @@ unit: setup
 
 e2e: setup
 	$(BIN)/pytest -ra -m e2e $(ARGS)
+
+# On a machine with a CUDA device: the torch code paths (δ, SNAP, corruption, scoring, strength
+# search) against the same computation on the CPU. Needs no vLLM, FastAPI or model weights:
+# GPU_PYTHON=python3 runs it with any Python that has torch, transformers, pydantic and pytest.
+GPU_PYTHON ?= $(BIN)/python
+test-gpu:
+	$(GPU_PYTHON) -m pytest tests/gpu --noconftest -ra $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/overhead.py $(ARGS)
