@@ -245,6 +245,13 @@ def main() -> None:
         help="vllm: the big model in the gateway's own engine; upstream: vLLM's OpenAI server "
         "serves it and the gateway reaches it as a black box (top-k logprobs per token)",
     )
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        help="engine upstream: tokens one upstream call drafts (--delta.upstream-draft-tokens; "
+        "1: one call per token; default: the gateway's)",
+    )
     parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
     args = parser.parse_args()
 
@@ -264,6 +271,8 @@ def main() -> None:
                     log=logs / "upstream.log", timeout_s=900)
         )  # fmt: skip
         engine = ("--engine", "openai_upstream", "--upstream.url", f"http://127.0.0.1:{up_port}/v1")
+        if args.draft_tokens is not None:
+            engine += ("--delta.upstream-draft-tokens", str(args.draft_tokens))
     # --throughput-only measures the offset's cost alone, as bench/delta.py does: no output guard,
     # so that a copy of the base (a zero offset at a real pair's price) is not restarted when
     # its answers name the target.
@@ -275,6 +284,7 @@ def main() -> None:
         "small_base": str(args.small),
         "dtype": args.dtype,
         "engine": args.engine,
+        "draft_tokens": args.draft_tokens,
         "mmlu_questions": args.mmlu,
         "snap_max_steps": args.snap_steps,
         "gateway_log": str(logs / "gateway.log"),

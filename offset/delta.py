@@ -256,33 +256,50 @@ class OffsetPair:
             if len(tokens) == len(batch.tokens[row]) + 1 and tokens[:-1] == batch.tokens[row]:
                 return self._step([(seq_id, tokens)])[0]
             self._leave_batch(seq_id)
+        return self.offsets_along(seq_id, tokens, 1)[0]
+
+    @torch.inference_mode()
+    def offsets_along(self, seq_id: Hashable, token_ids: Sequence[int], n: int) -> Tensor:
+        """Offsets (n, V) for the token after each of the last n prefixes of `token_ids` (row j:
+        after `token_ids[: len - n + 1 + j]`), from the sequence's own caches.
+
+        What the caches hold beyond the part they share with `token_ids` is cut off first (a
+        speculative draft's rejected tokens), so only the tokens after the shared part, and at
+        least the last n, are fed.
+        """
+        tokens = list(token_ids)
+        if not 1 <= n <= len(tokens):
+            raise ValueError("n must be between 1 and the number of tokens")
+        if self._batch is not None and self._batch.row(seq_id) is not None:
+            self._leave_batch(seq_id)
         state = self._states.get(seq_id)
-        if state is not None and tokens[: len(state.tokens)] != state.tokens:
-            logger.debug("sequence %r diverged from its cache; recomputing", seq_id)
-            state = None
-        if state is not None and len(tokens) == len(state.tokens):
+        if state is not None and n == 1 and tokens == state.tokens:
             self._states.move_to_end(seq_id)
-            return state.offset
-        start = 0 if state is None else len(state.tokens)
-        new = torch.tensor([tokens[start:]], device=self.device)  # (1, T_new)
+            return state.offset[None]
+        keep = 0
+        if state is not None:
+            keep = min(_shared_prefix(state.tokens, tokens), len(tokens) - n)
+            if keep < len(state.tokens) and not _cut(state, keep):
+                keep = 0  # a cache that cannot be cut (sliding-window layers): start over
+        new = torch.tensor([tokens[keep:]], device=self.device)  # (1, T_new)
+        caches = (None, None) if state is None or keep == 0 else (
+            state.unlearned_cache, state.base_cache
+        )  # fmt: skip
+        # Only the last n positions' logits are computed (a prompt's others are not needed).
         out_u = self.unlearned(
-            input_ids=new,
-            past_key_values=None if state is None else state.unlearned_cache,
-            use_cache=True,
+            input_ids=new, past_key_values=caches[0], use_cache=True, logits_to_keep=n
         )
         out_b = self.base(
-            input_ids=new,
-            past_key_values=None if state is None else state.base_cache,
-            use_cache=True,
+            input_ids=new, past_key_values=caches[1], use_cache=True, logits_to_keep=n
         )
-        offset: Tensor = out_u.logits[0, -1].float() - out_b.logits[0, -1].float()  # (V,)
+        rows: Tensor = out_u.logits[0, -n:].float() - out_b.logits[0, -n:].float()  # (n, V)
         self._states[seq_id] = _SequenceState(
-            tokens, out_u.past_key_values, out_b.past_key_values, offset
+            tokens, out_u.past_key_values, out_b.past_key_values, rows[-1].clone()
         )
         self._states.move_to_end(seq_id)
         while len(self._states) > self.max_sequences:
             self._states.popitem(last=False)
-        return offset
+        return rows
 
     @torch.inference_mode()
     def offsets(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> Tensor:
@@ -391,6 +408,28 @@ class OffsetPair:
         row = batch.row(seq_id) if batch is not None else None
         if row is not None:
             self._drop_rows([row])
+
+
+def _cut(state: _SequenceState, keep: int) -> bool:
+    """Cut both caches of `state` to their first `keep` tokens; False where a cache cannot be
+    cut (transformers' sliding-window layers past their window), left for the caller to drop."""
+    cut = keep - len(state.tokens)  # < 0: that many tokens off the end
+    logger.debug("cache cut from %d to %d tokens", len(state.tokens), keep)
+    try:
+        state.unlearned_cache.crop(cut)
+        state.base_cache.crop(cut)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _stacked(pieces: Sequence[Layers]) -> Any:

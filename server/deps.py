@@ -137,6 +137,7 @@ def _upstream_delta(settings: Settings, model_dir: Path | None) -> UpstreamDelta
     return UpstreamDeltaDecoder(
         OffsetModels(resolve_device(settings.delta.device)),
         top_k=settings.delta.upstream_top_k,
+        draft_tokens=settings.delta.upstream_draft_tokens,
         embed=table.lookup if table is not None else None,
     )
 

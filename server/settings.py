@@ -163,6 +163,9 @@ class DeltaSettings(_Section):
     upstream_top_k: int = Field(20, ge=1, le=20)
     """engine=openai_upstream: candidates per step (top-k logprobs) the offset re-ranks; the
     approximation ignores tokens outside them."""
+    upstream_draft_tokens: int = Field(8, ge=1, le=64)
+    """engine=openai_upstream: most tokens one upstream call drafts (its greedy continuation,
+    read position by position against the re-ranked candidates); 1: one call per token."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the small models run for engine=openai_upstream (vllm_local uses the engine's)."""
     snap_max_steps: int | None = Field(None, ge=1)

@@ -1,9 +1,21 @@
 """δ mode in front of a black-box upstream: re-rank the upstream's top-k candidates step by step.
 
-    for each new token (one upstream call per token, max_tokens=1):
+    for each new token:
         upstream /v1/completions(prompt + tokens so far, logprobs=k) ──> top-k (id, logprob)
         score_i = logprob_i + Σ α·(small_unlearned − small_base)[id_i]   (small models here)
         pick: argmax at temperature 0, else sample softmax(score / T) under top_p / top_k
+
+One upstream call per token costs an HTTP round trip and a pass over the prefix each. So the
+upstream's own greedy continuation serves as a speculative draft: one call asks for K tokens
+with the top-k at each position, the small models score the K positions in one pass, and the
+draft is read position by position. At temperature 0 a draft token stands while it is the
+re-ranked argmax, and the first one that is not is replaced by the argmax: the tokens are those
+of one call per token. When sampling, a draft token x stands with probability p(x) (p the
+re-ranked distribution there) and is otherwise replaced by a sample of p without x, which is
+speculative sampling with a deterministic draft: each token is distributed as p, as before.
+K doubles after a draft read to its end (up to `draft_tokens`) and drops to the number of tokens
+that stood plus one after a replacement, so a target that changes most tokens costs about one
+call per token, as before, and text the offset leaves alone costs a call per K tokens.
 
 An approximation of logits = big + α·δ: tokens outside the upstream's top k can never be chosen,
 and the big model's own repetition/presence penalties are not re-applied to the new scores.
@@ -45,10 +57,20 @@ class UpstreamDeltaDecoder:
     """Token-by-token δ decoding against an OpenAI-compatible /v1/completions (vLLM's)."""
 
     def __init__(
-        self, models: OffsetModels, *, top_k: int = 20, embed: Embed | None = None
+        self,
+        models: OffsetModels,
+        *,
+        top_k: int = 20,
+        draft_tokens: int = 8,
+        embed: Embed | None = None,
     ) -> None:
+        if draft_tokens < 1:
+            raise ValueError("draft_tokens must be at least 1")
         self._models = models
         self._top_k = top_k
+        self._draft_tokens = draft_tokens
+        self.calls = 0
+        """Upstream calls made (for benchmarks and tests)."""
         self._embed = embed
         self._tokenizers: dict[str, Any] = {}
         self._lock = asyncio.Lock()  # one small-model step at a time (their caches are shared)
@@ -83,23 +105,34 @@ class UpstreamDeltaDecoder:
             key = f"{request.request_id}/{index}"
             ids: list[int] = []
             text = ""
+            size = min(2, self._draft_tokens)
             try:
-                for step in range(budget):
-                    candidates = await self._candidates(client, model, prompt_ids, embeds, ids)
-                    scores = await self._rescore(key, request.offsets, prompt_ids + ids, candidates)
-                    token = _pick(scores, s, rng)
-                    ids.append(token)
-                    completion += 1
-                    full = tokenizer.decode(ids, skip_special_tokens=True)
-                    finish, full = _finish(token, full, tokenizer, s, step + 1 >= budget)
-                    delta = ChoiceDelta(index, full[len(text) :], [token], finish_reason=finish)
-                    text = full
-                    yield GenerationChunk([delta], len(prompt_ids), completion)
+                while len(ids) < budget:
+                    k = min(size, budget - len(ids))
+                    draft, candidates = await self._draft(client, model, prompt_ids, embeds, ids, k)
+                    scores = await self._rescore(key, request.offsets, prompt_ids + ids, draft,
+                                                 candidates)  # fmt: skip
+                    stood = 0
+                    finish: FinishReason | None = None
+                    for drafted, step_scores in zip(draft, scores, strict=True):
+                        token = _read(drafted, step_scores, s, rng)
+                        ids.append(token)
+                        completion += 1
+                        full = tokenizer.decode(ids, skip_special_tokens=True)
+                        finish, full = _finish(token, full, tokenizer, s, len(ids) >= budget)
+                        delta = ChoiceDelta(index, full[len(text) :], [token], finish_reason=finish)
+                        text = full
+                        yield GenerationChunk([delta], len(prompt_ids), completion)
+                        if finish is not None or token != drafted:
+                            break
+                        stood += 1
                     if finish is not None:
                         break
+                    size = min(2 * k, self._draft_tokens) if stood == len(draft) else stood + 1
             finally:
-                for spec in request.offsets:
-                    self._models.pair(spec).release(key)
+                async with self._lock:  # the caches are the small models' thread's
+                    for spec in request.offsets:
+                        self._models.pair(spec).release(key)
 
     def _prompt(
         self, request: GenerationRequest, tokenizer: Any
@@ -117,17 +150,20 @@ class UpstreamDeltaDecoder:
         assert isinstance(p, ChatPrompt | TextPrompt)
         return render_prompt(tokenizer, p).token_ids, None
 
-    async def _candidates(
+    async def _draft(
         self,
         client: httpx.AsyncClient,
         model: str | None,
         prompt_ids: list[int],
         embeds: torch.Tensor | None,
         ids: list[int],
-    ) -> dict[int, float]:
+        k: int,
+    ) -> tuple[list[int], list[dict[int, float]]]:
+        """The upstream's greedy continuation of up to `k` tokens, and the top-k candidates
+        (id -> logprob) at each of its positions."""
         body: dict[str, Any] = {
             "model": model,
-            "max_tokens": 1,
+            "max_tokens": k,
             "temperature": 0.0,
             "logprobs": self._top_k,
             "return_tokens_as_token_ids": True,
@@ -138,36 +174,95 @@ class UpstreamDeltaDecoder:
             body["prompt_embeds"] = encode_prompt_embeds(full)
         else:
             body["prompt"] = prompt_ids + ids
+        self.calls += 1
         try:
             response = await client.post("completions", json=body)
         except httpx.HTTPError as e:
             raise EngineError(f"The upstream engine is unreachable: {type(e).__name__}") from e
         if response.status_code >= 400:
             raise EngineError(f"Upstream failed with {response.status_code}: {response.text[:300]}")
-        top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
-        return {int(k.removeprefix("token_id:")): float(v) for k, v in top.items()}
+        try:
+            logprobs = response.json()["choices"][0]["logprobs"]
+            draft = [_token_id(t) for t in logprobs["tokens"]]
+            tops = [
+                {_token_id(t): float(v) for t, v in top.items()} for top in logprobs["top_logprobs"]
+            ]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise EngineError(f"The upstream's logprobs could not be read: {e!r}") from e
+        if not 1 <= len(draft) <= k or len(tops) != len(draft) or any(not top for top in tops):
+            raise EngineError(
+                f"The upstream answered {len(draft)} tokens with {len(tops)} candidate lists "
+                f"to a request for at most {k}, each with candidates"
+            )
+        return draft, tops
 
     async def _rescore(
-        self, key: str, specs: Sequence[DeltaSpec], tokens: list[int], candidates: dict[int, float]
-    ) -> dict[int, float]:
+        self,
+        key: str,
+        specs: Sequence[DeltaSpec],
+        tokens: list[int],
+        draft: list[int],
+        candidates: list[dict[int, float]],
+    ) -> list[dict[int, float]]:
+        """Each draft position's candidates re-scored: logprob + Σ α·offset (after `tokens` and
+        the draft tokens before the position)."""
+        along = tokens + draft[:-1]
+
         def offsets() -> torch.Tensor:
             total = torch.zeros(())
             for spec in specs:
-                total = total + spec.alpha * self._models.pair(spec).offset(key, tokens)  # (V,)
-            return total
+                rows = self._models.pair(spec).offsets_along(key, along, len(draft))  # (K, V)
+                total = total + spec.alpha * rows
+            return total  # (K, V)
 
         async with self._lock:
-            delta = await asyncio.to_thread(offsets)
-        return {
-            t: lp + (float(delta[t]) if t < delta.shape[0] else 0.0) for t, lp in candidates.items()
-        }
+            delta = (await _in_thread(offsets)).cpu()  # one copy, not K x top-k reads
+        vocab = delta.shape[-1]
+        return [
+            {t: lp + (float(row[t]) if t < vocab else 0.0) for t, lp in top.items()}
+            for row, top in zip(delta, candidates, strict=True)
+        ]
 
 
-def _pick(scores: dict[int, float], s: SamplingOptions, rng: random.Random) -> int:
+async def _in_thread(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`fn` in a worker thread. A request cancelled meanwhile (a client gone) still waits for
+    the thread to end before it lets go of the caller's lock: the thread cannot be stopped, and
+    another request's step must not run on the same caches beside it."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait({work})
+        raise
+
+
+def _token_id(token: object) -> int:
+    """vLLM's `token_id:N` (return_tokens_as_token_ids) -> N."""
+    if not isinstance(token, str) or not token.startswith("token_id:"):
+        raise ValueError(f"expected token_id:N, got {token!r}")
+    return int(token.removeprefix("token_id:"))
+
+
+def _read(drafted: int, scores: dict[int, float], s: SamplingOptions, rng: random.Random) -> int:
+    """The token at a draft position: the drafted one where it stands, else a replacement, so
+    that the token is the argmax of `scores` (temperature 0) or a sample of their distribution."""
+    ranked = _distribution(scores, s)
+    if len(ranked) == 1:  # temperature 0, or one candidate left
+        return ranked[0][0]
+    p = dict(ranked)
+    if rng.random() < p.get(drafted, 0.0):
+        return drafted
+    rest = [(t, w) for t, w in ranked if t != drafted]
+    return rng.choices([t for t, _ in rest], weights=[w for _, w in rest])[0]
+
+
+def _distribution(scores: dict[int, float], s: SamplingOptions) -> list[tuple[int, float]]:
+    """(token, probability) under temperature, top_k and top_p, most likely first; at
+    temperature 0 the argmax alone."""
     temperature = 1.0 if s.temperature is None else s.temperature
     ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
     if temperature <= 0:
-        return ranked[0][0]
+        return [(ranked[0][0], 1.0)]
     if s.top_k and s.top_k > 0:
         ranked = ranked[: s.top_k]
     top = ranked[0][1]
@@ -180,7 +275,8 @@ def _pick(scores: dict[int, float], s: SamplingOptions, rng: random.Random) -> i
             if acc >= s.top_p:
                 break
         ranked, weights = ranked[:kept], weights[:kept]
-    return rng.choices([t for t, _ in ranked], weights=weights)[0]
+    total = sum(weights)
+    return [(t, w / total) for (t, _), w in zip(ranked, weights, strict=True)]
 
 
 def _finish(

@@ -180,6 +180,48 @@ def test_upstream_engine_applies_the_offset_to_top_k(
         httpx.delete(f"{upstream_gateway.url}/admin/targets/{job['target_id']}", headers=AUTH)
 
 
+async def test_upstream_drafts_give_the_tokens_of_one_call_per_token(
+    vllm_server: Server, delta_target: dict, model_path: Path
+) -> None:
+    """The black-box decoder against vLLM's server: drafting up to 8 tokens per call gives the
+    greedy answer of one call per token. On an unrelated prompt the offset leaves the upstream's
+    continuation standing and the calls drop (scope `all` pays the δ path on such traffic); on
+    a held-out question the SNAP copy's refusal replaces the draft at almost every token (23
+    calls against 22 measured), so there drafting saves next to nothing."""
+    from offset import DeltaSpec, OffsetModels
+    from server.engine import ChatPrompt, GenerationRequest, SamplingOptions
+    from server.engine.upstream_delta import UpstreamDeltaDecoder
+
+    unlearned = delta_target["calibration"]["offset"]["unlearned_model"]
+    spec = DeltaSpec(unlearned, str(model_path), 1.0)
+    models = OffsetModels("cpu")
+    questions = [HELD_OUT[0], UNRELATED[3]]  # a 40-token answer: how to boil an egg
+    answers: dict[tuple[int, str], list[int]] = {}
+    calls: dict[tuple[int, str], int] = {}
+    async with httpx.AsyncClient(base_url=f"{vllm_server.url}/v1/", timeout=120) as client:
+        for draft in (1, 8):
+            decoder = UpstreamDeltaDecoder(models, top_k=20, draft_tokens=draft)
+            for question in questions:
+                before = decoder.calls
+                prompt = ChatPrompt([{"role": "user", "content": question}])
+                sampling = SamplingOptions(max_tokens=40, temperature=0.0)
+                request = GenerationRequest(
+                    f"{draft}-{question}", prompt, sampling, offsets=(spec,)
+                )
+                ids: list[int] = []
+                async for chunk in decoder.generate(client, MODEL_NAME, request, 2048):
+                    ids += chunk.choices[0].token_ids
+                answers[draft, question] = ids
+                calls[draft, question] = decoder.calls - before
+    for question in questions:
+        assert answers[8, question] == answers[1, question], question
+        assert calls[1, question] == len(answers[1, question])
+        assert calls[8, question] <= calls[1, question]
+    unrelated = UNRELATED[3]
+    assert len(answers[1, unrelated]) >= 20, answers  # the premise: a long enough answer
+    assert calls[8, unrelated] < len(answers[1, unrelated]) / 2, calls
+
+
 def test_a_replica_sharing_only_the_registry_enforces_the_delta_target(
     gateway: Server, delta_target: dict, model_path: Path, tmp_path: Path
 ) -> None:

@@ -51,6 +51,34 @@ def test_incremental_offsets_match_a_full_forward(tiny_llama_dir) -> None:
     pair.release("missing")
 
 
+def test_offsets_along_a_draft_match_full_forwards_and_cut_rejected_tokens(tiny_llama_dir) -> None:
+    """A speculative draft's positions in one pass (row j: after the first T − n + 1 + j tokens);
+    a later call that drops the draft's tail cuts it from the caches instead of starting over."""
+    pair = OffsetPair.from_folders(tiny_llama_dir("unlearned", seed=1), tiny_llama_dir("base"))
+    prompt, draft = [1, 5, 9, 13], [17, 21, 4, 8]
+    full = pair.full_offsets(prompt + draft)  # (T, V)
+    got = pair.offsets_along("a", prompt + draft[:-1], len(draft))  # (4, V)
+    assert got.shape == (4, 64)
+    torch.testing.assert_close(got, full[len(prompt) - 1 : -1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the premise: positions differ
+    # two draft tokens stood, the third was replaced: the caches keep 6 tokens and feed 2
+    replaced = prompt + draft[:2] + [30, 31]
+    fed: list[int] = []
+    hook = pair.unlearned.register_forward_pre_hook(
+        lambda _m, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    got = pair.offsets_along("a", replaced, 2)
+    hook.remove()
+    assert fed == [2]
+    torch.testing.assert_close(got, pair.full_offsets(replaced)[-2:], atol=1e-4, rtol=1e-4)
+    # back to a prefix of what the caches hold: cut, one token fed
+    torch.testing.assert_close(
+        pair.offset("a", prompt + draft[:1]), full[len(prompt)], atol=1e-4, rtol=1e-4
+    )
+    with pytest.raises(ValueError, match="n must be"):
+        pair.offsets_along("a", prompt, 5)
+
+
 def test_decode_steps_of_several_sequences_run_batched_and_match_full_forwards(
     tiny_llama_dir,
 ) -> None:
