@@ -90,16 +90,13 @@ class UpstreamDeltaDecoder:
         max_model_len: int | None,
     ) -> AsyncIterator[GenerationChunk]:
         s = request.sampling
-        if s.logprobs is not None:
-            raise InvalidRequestError(
-                "logprobs are not available for δ-mode requests through an upstream engine",
-                param="logprobs",
-            )
+        _refuse_unapplied(s)
         tokenizer = self._tokenizer(request.offsets[0].base)
         prompt_ids, embeds = self._prompt(request, tokenizer)
         room = (max_model_len or 2048) - len(prompt_ids)
         budget = min(s.max_tokens, room) if s.max_tokens else room
         rng = random.Random(s.seed)
+        ending = {*s.stop_token_ids, tokenizer.eos_token_id}
         completion = 0
         for index in range(s.n):
             key = f"{request.request_id}/{index}"
@@ -115,11 +112,12 @@ class UpstreamDeltaDecoder:
                     stood = 0
                     finish: FinishReason | None = None
                     for drafted, step_scores in zip(draft, scores, strict=True):
+                        if len(ids) < s.min_tokens:  # no ending yet (as vLLM's min_tokens)
+                            step_scores = _without(step_scores, ending)
                         token = _read(drafted, step_scores, s, rng)
                         ids.append(token)
                         completion += 1
-                        full = tokenizer.decode(ids, skip_special_tokens=True)
-                        finish, full = _finish(token, full, tokenizer, s, len(ids) >= budget)
+                        finish, full = _finish(ids, text, tokenizer, s, len(ids) >= budget)
                         delta = ChoiceDelta(index, full[len(text) :], [token], finish_reason=finish)
                         text = full
                         yield GenerationChunk([delta], len(prompt_ids), completion)
@@ -267,6 +265,9 @@ def _distribution(scores: dict[int, float], s: SamplingOptions) -> list[tuple[in
         ranked = ranked[: s.top_k]
     top = ranked[0][1]
     weights = [math.exp((v - top) / temperature) for _, v in ranked]
+    if s.min_p:  # tokens under min_p x the likeliest one's probability are dropped
+        ranked = [r for r, w in zip(ranked, weights, strict=True) if w >= s.min_p]
+        weights = [w for w in weights if w >= s.min_p]
     if s.top_p is not None and s.top_p < 1:
         total, kept, acc = sum(weights), 0, 0.0
         for w in weights:
@@ -280,12 +281,56 @@ def _distribution(scores: dict[int, float], s: SamplingOptions) -> list[tuple[in
 
 
 def _finish(
-    token: int, text: str, tokenizer: Any, s: SamplingOptions, out_of_budget: bool
+    ids: list[int], before: str, tokenizer: Any, s: SamplingOptions, out_of_budget: bool
 ) -> tuple[FinishReason | None, str]:
-    if token == tokenizer.eos_token_id:
-        return "stop", text
-    for stop in s.stop:
-        at = text.find(stop)
-        if at >= 0:
-            return "stop", text[:at]
+    """Whether the answer `ids` ends here, and its text, with vLLM's rules: EOS (unless
+    ignore_eos) and stop_token_ids end it, the stop token's text left out; once past
+    min_tokens, a stop string in the new text (`before`: the text so far) ends it, cut before
+    the stop."""
+    token = ids[-1]
+    if token in s.stop_token_ids or (token == tokenizer.eos_token_id and not s.ignore_eos):
+        return "stop", tokenizer.decode(ids[:-1], skip_special_tokens=s.skip_special_tokens)
+    text = tokenizer.decode(ids, skip_special_tokens=s.skip_special_tokens)
+    if len(ids) > s.min_tokens:
+        for stop in s.stop:
+            at = text.find(stop, max(0, len(before) - len(stop) + 1))
+            if at >= 0:
+                return "stop", text[:at]
     return ("length" if out_of_budget else None), text
+
+
+def _without(scores: dict[int, float], banned: set[int]) -> dict[int, float]:
+    """The candidates less `banned` (none left: the upstream's top k held nothing else)."""
+    kept = {t: v for t, v in scores.items() if t not in banned}
+    if not kept:
+        raise EngineError(
+            "The upstream's candidates held only end-of-text tokens before min_tokens"
+        )
+    return kept
+
+
+_UNAPPLIED: tuple[tuple[str, Callable[[SamplingOptions], bool]], ...] = (
+    ("logprobs", lambda s: s.logprobs is not None),
+    ("prompt_logprobs", lambda s: s.prompt_logprobs is not None),
+    ("presence_penalty", lambda s: s.presence_penalty not in (None, 0.0)),
+    ("frequency_penalty", lambda s: s.frequency_penalty not in (None, 0.0)),
+    ("repetition_penalty", lambda s: s.repetition_penalty not in (None, 1.0)),
+    ("logit_bias", lambda s: bool(s.logit_bias)),
+    ("bad_words", lambda s: bool(s.bad_words)),
+    ("allowed_token_ids", lambda s: s.allowed_token_ids is not None),
+    ("response_format", lambda s: s.structured is not None),
+    ("include_stop_str_in_output", lambda s: s.include_stop_str_in_output),
+)
+"""Request fields the re-ranking cannot honour: the upstream's logprobs are the big model's own
+(they would show what the offset steers away from), and the penalties, biases and constraints
+act on the full logits inside the engine, which this path never sees."""
+
+
+def _refuse_unapplied(s: SamplingOptions) -> None:
+    """A named 400 for the first field a δ request through an upstream asks for in vain."""
+    for param, asked in _UNAPPLIED:
+        if asked(s):
+            raise InvalidRequestError(
+                f"{param} is not available for δ-mode requests through an upstream engine",
+                param=param,
+            )

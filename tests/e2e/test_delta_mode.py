@@ -176,6 +176,24 @@ def test_upstream_engine_applies_the_offset_to_top_k(
             answer = ask(upstream_gateway.client(), question).lower()
             assert answer.strip() and not any(f in answer for f in FACTS), (question, answer)
         assert ask(upstream_gateway.client(), UNRELATED[0]).strip()
+
+        def chat(**fields: Any) -> httpx.Response:
+            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": HELD_OUT[0]}]}
+            return httpx.post(
+                f"{upstream_gateway.url}/v1/chat/completions",
+                json={**body, "max_tokens": 24, "temperature": 0, **fields},
+                timeout=300,
+            )
+
+        # A field the re-ranking cannot honour is refused by name, not dropped.
+        refused = chat(presence_penalty=0.5)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "presence_penalty"
+        # min_tokens is applied: the refusal may not end before 20 tokens.
+        short = chat().json()
+        assert short["usage"]["completion_tokens"] < 20, short  # the premise
+        long = chat(min_tokens=20).json()
+        assert long["usage"]["completion_tokens"] >= 20, long
     finally:
         httpx.delete(f"{upstream_gateway.url}/admin/targets/{job['target_id']}", headers=AUTH)
 

@@ -84,6 +84,23 @@ async def _run(
     return ids
 
 
+async def _answer(
+    decoder: UpstreamDeltaDecoder, spec: DeltaSpec, big: Any, **sampling: Any
+) -> tuple[list[int], str, str | None]:
+    """Token ids, text and finish reason of one choice."""
+    client = httpx.AsyncClient(base_url="http://upstream/v1/", transport=_upstream(big, []))
+    request = GenerationRequest(
+        "r1", TokenPrompt(PROMPT), SamplingOptions(**sampling), offsets=(spec,)
+    )
+    ids: list[int] = []
+    text, finish = "", None
+    async for chunk in decoder.generate(client, "m", request, 2048):
+        ids += chunk.choices[0].token_ids
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    return ids, text, finish
+
+
 def _greedy(model: Any, steps: int, score: Any = None) -> list[int]:
     ids = list(PROMPT)
     for _ in range(steps):
@@ -291,6 +308,113 @@ async def test_an_unreadable_upstream_answer_is_an_engine_error(
     with pytest.raises(EngineError, match="upstream"):
         async for _ in decoder.generate(client, "m", request, 2048):
             pass
+
+
+EOS = 2
+"""SmolLM2's end of text (<|im_end|>), the tiny models' tokenizer's."""
+
+
+class _EndsEarly(_EveryOtherPosition):
+    """An offset that makes EOS the re-ranked choice wherever it is among the candidates, and
+    lifts it into them (its logprob from big is -inf otherwise: the mock sends only the top k)."""
+
+    def offsets_along(self, key: str, tokens: list[int], n: int) -> torch.Tensor:
+        rows = torch.zeros(n, VOCAB)
+        rows[:, EOS] = 100.0
+        return rows
+
+
+def _with_eos(big: Any) -> Any:
+    """big, with EOS always among its top 5 (a bias on its logit)."""
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor) -> Any:
+            out = big(input_ids=input_ids)
+            out.logits[..., EOS] = out.logits.max() + 1.0
+            return out
+
+    return Wrapped()
+
+
+async def test_min_tokens_stop_token_ids_and_ignore_eos_are_applied(
+    folders: dict[str, Path],
+) -> None:
+    spec = DeltaSpec(str(folders["unlearned"]), str(folders["base"]), 1.0)
+    big = tiny_llama(seed=3, vocab_size=VOCAB)
+    ends = UpstreamDeltaDecoder(_EndsEarly(big), top_k=5, draft_tokens=4)  # type: ignore[arg-type]
+    eager = _with_eos(big)
+    # the premise: EOS ends the answer at once
+    ids, text, finish = await _answer(ends, spec, eager, max_tokens=10, temperature=0.0)
+    assert ids == [EOS] and finish == "stop" and text == ""
+    # min_tokens: no EOS before 5 tokens, then it ends
+    ids, _, finish = await _answer(ends, spec, eager, max_tokens=10, min_tokens=5, temperature=0.0)
+    assert len(ids) == 6 and EOS not in ids[:5] and ids[5] == EOS and finish == "stop"
+    # ignore_eos: EOS does not end it
+    ids, _, finish = await _answer(
+        ends, spec, eager, max_tokens=4, ignore_eos=True, temperature=0.0
+    )
+    assert ids == [EOS] * 4 and finish == "length"
+    # skip_special_tokens=False: the special tokens' text is kept
+    _, text, _ = await _answer(
+        ends, spec, eager, max_tokens=2, ignore_eos=True, skip_special_tokens=False
+    )
+    assert text == "<|im_end|>" * 2
+    # stop_token_ids: the third token of the plain answer ends it, its text left out
+    plain = UpstreamDeltaDecoder(OffsetModels(), top_k=5, draft_tokens=4)
+    same = DeltaSpec(str(folders["base"]), str(folders["base"]), 1.0)
+    full, full_text, _ = await _answer(plain, same, big, max_tokens=6, temperature=0.0)
+    stop_at = full[2]
+    assert stop_at not in full[:2]  # the premise
+    ids, text, finish = await _answer(
+        plain, same, big, max_tokens=6, stop_token_ids=(stop_at,), temperature=0.0
+    )
+    assert ids == full[:3] and finish == "stop"
+    assert full_text.startswith(text) and len(text) < len(full_text)
+
+
+async def test_min_p_keeps_only_the_likely_candidates(folders: dict[str, Path]) -> None:
+    """min_p = 0.999 leaves the re-ranked argmax alone: sampling gives the greedy answer."""
+    spec = DeltaSpec(str(folders["unlearned"]), str(folders["base"]), 2.0)
+    big = tiny_llama(seed=3, vocab_size=VOCAB)
+    decoder = UpstreamDeltaDecoder(OffsetModels(), top_k=5, draft_tokens=4)
+    greedy = tuple(await _run(decoder, spec, big, max_tokens=6, temperature=0.0))
+
+    async def sampled(**extra: Any) -> set[tuple[int, ...]]:
+        return {
+            tuple(await _run(decoder, spec, big, max_tokens=6, temperature=1.0, seed=i, **extra))
+            for i in range(8)
+        }
+
+    assert await sampled() != {greedy}  # the premise: sampling alone strays from the argmax
+    assert await sampled(min_p=0.999) == {greedy}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("logprobs", 1),
+        ("prompt_logprobs", 1),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 0.5),
+        ("repetition_penalty", 1.2),
+        ("logit_bias", {5: 3.0}),
+        ("bad_words", ("Hedwig",)),
+        ("allowed_token_ids", (5, 6)),
+        ("structured", {"json": {"type": "object"}}),
+        ("include_stop_str_in_output", True),
+    ],
+)
+async def test_fields_the_reranking_cannot_honour_are_refused_by_name(
+    folders: dict[str, Path], field: str, value: Any
+) -> None:
+    spec = DeltaSpec(str(folders["unlearned"]), str(folders["base"]), 1.0)
+    decoder = UpstreamDeltaDecoder(OffsetModels(), top_k=5)
+    with pytest.raises(InvalidRequestError) as refused:
+        await _run(
+            decoder, spec, tiny_llama(seed=0, vocab_size=VOCAB), max_tokens=2, **{field: value}
+        )
+    param = "response_format" if field == "structured" else field
+    assert refused.value.param == param
 
 
 async def test_logprobs_are_refused_with_a_clear_error(folders: dict[str, Path]) -> None:
