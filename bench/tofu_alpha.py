@@ -32,7 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation import metrics  # noqa: E402
 from evaluation.measure import split_scores  # noqa: E402
 from evaluation.scoring import AnswerScorer, load_model  # noqa: E402
-from evaluation.tofu_data import QUESTIONS_PER_AUTHOR, load_subset  # noqa: E402
+from evaluation.tofu_data import QUESTIONS_PER_AUTHOR, TofuSubset, load_subset  # noqa: E402
+
+
+def run_subset(run: dict[str, Any]) -> TofuSubset:
+    """The TOFU subset a committed `obliviate eval tofu` results file was measured on."""
+    cfg = run["config"]
+    return load_subset(
+        Path(cfg["data_dir"]),
+        cfg["forget_split"],
+        retain_authors=cfg["retain_authors"],
+        retain_eval=cfg["retain_eval"],
+        seed=cfg["seed"],
+        forget_authors=cfg.get("forget_authors"),
+    )
 
 
 def summary(ratios: list[float], reference: list[float]) -> dict[str, float]:
@@ -59,18 +72,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     run = json.loads(args.results.read_text())
-    cfg = run["config"]
     ratios = run["forget_truth_ratios"]
     reference, none, measured = ratios["reference"], ratios["none"], ratios["delta+npo"]
     flagged = [abs(a - b) > 1e-12 for a, b in zip(none, measured, strict=True)]
-    subset = load_subset(
-        Path(cfg["data_dir"]),
-        cfg["forget_split"],
-        retain_authors=cfg["retain_authors"],
-        retain_eval=cfg["retain_eval"],
-        seed=cfg["seed"],
-        forget_authors=cfg.get("forget_authors"),
-    )
+    subset = run_subset(run)
     if len(subset.forget) != len(reference):
         raise SystemExit("the results file is not of this subset")
     target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])

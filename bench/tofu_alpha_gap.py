@@ -30,8 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.tofu_alpha import run_subset  # noqa: E402
 from evaluation.scoring import AnswerScorer, ScoreItem, load_model  # noqa: E402
-from evaluation.tofu_data import QA, QUESTIONS_PER_AUTHOR, load_subset  # noqa: E402
+from evaluation.tofu_data import QA, QUESTIONS_PER_AUTHOR  # noqa: E402
 
 OTHERS = 3
 """Unrelated answers per question, as the strength search's objective uses."""
@@ -70,14 +71,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = json.loads(args.results.read_text())
     cfg = run["config"]
-    subset = load_subset(
-        Path(cfg["data_dir"]),
-        cfg["forget_split"],
-        retain_authors=cfg["retain_authors"],
-        retain_eval=cfg["retain_eval"],
-        seed=cfg["seed"],
-        forget_authors=cfg.get("forget_authors"),
-    )
+    subset = run_subset(run)
     rows: list[QA] = list(subset.forget)
     names = subset.author_names
     target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])

@@ -270,8 +270,7 @@ class OffsetPair:
         tokens = list(token_ids)
         if not 1 <= n <= len(tokens):
             raise ValueError("n must be between 1 and the number of tokens")
-        if self._batch is not None and self._batch.row(seq_id) is not None:
-            self._leave_batch(seq_id)
+        self._leave_batch(seq_id)
         state = self._states.get(seq_id)
         if state is not None and n == 1 and tokens == state.tokens:
             self._states.move_to_end(seq_id)

@@ -33,16 +33,13 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return tiny_smollm_folders(tmp_path_factory.mktemp("models"), specs)
 
 
-def _upstream(
-    model: Any, k_seen: list[int], drafts: list[int] | None = None
-) -> httpx.MockTransport:
+def _upstream(model: Any, drafts: list[int] | None = None) -> httpx.MockTransport:
     """vLLM's /v1/completions over `model`: the greedy continuation of max_tokens tokens, with
     the top-k logprobs at each position (`token_id:N`); `drafts` records each max_tokens."""
 
     def handle(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         assert body["temperature"] == 0.0 and body["return_tokens_as_token_ids"] is True
-        k_seen.append(body["logprobs"])
         if drafts is not None:
             drafts.append(body["max_tokens"])
         ids, tokens, tops = list(body["prompt"]), [], []
@@ -65,30 +62,16 @@ def _upstream(
     return httpx.MockTransport(handle)
 
 
-async def _run(
+async def _answer(
     decoder: UpstreamDeltaDecoder,
     spec: DeltaSpec,
     big: Any,
     drafts: list[int] | None = None,
     **sampling: Any,
-) -> list[int]:
-    seen: list[int] = []
-    transport = _upstream(big, seen, drafts)
-    client = httpx.AsyncClient(base_url="http://upstream/v1/", transport=transport)
-    request = GenerationRequest(
-        "r1", TokenPrompt(PROMPT), SamplingOptions(**sampling), offsets=(spec,)
-    )
-    ids: list[int] = []
-    async for chunk in decoder.generate(client, "m", request, 2048):
-        ids += chunk.choices[0].token_ids
-    return ids
-
-
-async def _answer(
-    decoder: UpstreamDeltaDecoder, spec: DeltaSpec, big: Any, **sampling: Any
 ) -> tuple[list[int], str, str | None]:
-    """Token ids, text and finish reason of one choice."""
-    client = httpx.AsyncClient(base_url="http://upstream/v1/", transport=_upstream(big, []))
+    """Token ids, text and finish reason of one choice (`drafts`: each call's max_tokens)."""
+    transport = _upstream(big, drafts)
+    client = httpx.AsyncClient(base_url="http://upstream/v1/", transport=transport)
     request = GenerationRequest(
         "r1", TokenPrompt(PROMPT), SamplingOptions(**sampling), offsets=(spec,)
     )
@@ -99,6 +82,17 @@ async def _answer(
         text += chunk.choices[0].text
         finish = chunk.choices[0].finish_reason or finish
     return ids, text, finish
+
+
+async def _run(
+    decoder: UpstreamDeltaDecoder,
+    spec: DeltaSpec,
+    big: Any,
+    drafts: list[int] | None = None,
+    **sampling: Any,
+) -> list[int]:
+    """Token ids of one choice."""
+    return (await _answer(decoder, spec, big, drafts, **sampling))[0]
 
 
 def _greedy(model: Any, steps: int, score: Any = None) -> list[int]:
