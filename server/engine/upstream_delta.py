@@ -102,6 +102,7 @@ class UpstreamDeltaDecoder:
             key = f"{request.request_id}/{index}"
             ids: list[int] = []
             text = ""
+            decoded = _Text(tokenizer, s.skip_special_tokens)
             size = min(2, self._draft_tokens)
             try:
                 while len(ids) < budget:
@@ -117,7 +118,7 @@ class UpstreamDeltaDecoder:
                         token = _read(drafted, step_scores, s, rng)
                         ids.append(token)
                         completion += 1
-                        finish, full = _finish(ids, text, tokenizer, s, len(ids) >= budget)
+                        finish, full = _finish(ids, text, decoded, tokenizer, s, len(ids) >= budget)
                         delta = ChoiceDelta(index, full[len(text) :], [token], finish_reason=finish)
                         text = full
                         yield GenerationChunk([delta], len(prompt_ids), completion)
@@ -280,17 +281,51 @@ def _distribution(scores: dict[int, float], s: SamplingOptions) -> list[tuple[in
     return [(t, w / total) for (t, _), w in zip(ranked, weights, strict=True)]
 
 
+class _Text:
+    """An answer's text decoded incrementally, as vLLM's detokenizer does: each step decodes
+    only the tokens since the last complete piece of text (and that piece, for the spacing
+    between them), and text that ends in an incomplete UTF-8 sequence (U+FFFD: an emoji or a CJK
+    character split over byte-level tokens) waits for the tokens that complete it. Decoding the
+    whole answer at every token cost O(n^2), and sent the replacement character in place of the
+    split character, whose completed text then fell out of the stream."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.text = ""
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of `text`
+        self._read = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+
+    def add(self, ids: Sequence[int], *, final: bool = False) -> str:
+        """The text of `ids` (the answer so far; `text`'s ids and more), less an incomplete
+        character at its end unless `final`."""
+        seen = self._decode(ids[self._prefix : self._read])
+        now = self._decode(ids[self._prefix :])
+        if len(now) > len(seen) and (final or not now.endswith("\ufffd")):
+            self.text += now[len(seen) :]
+            self._prefix, self._read = self._read, len(ids)
+        return self.text
+
+
 def _finish(
-    ids: list[int], before: str, tokenizer: Any, s: SamplingOptions, out_of_budget: bool
+    ids: list[int],
+    before: str,
+    decoded: _Text,
+    tokenizer: Any,
+    s: SamplingOptions,
+    out_of_budget: bool,
 ) -> tuple[FinishReason | None, str]:
     """Whether the answer `ids` ends here, and its text, with vLLM's rules: EOS (unless
     ignore_eos) and stop_token_ids end it, the stop token's text left out; once past
-    min_tokens, a stop string in the new text (`before`: the text so far) ends it, cut before
-    the stop."""
+    min_tokens, a stop string in the new text (`before`: the text sent so far) ends it, cut
+    before the stop."""
     token = ids[-1]
     if token in s.stop_token_ids or (token == tokenizer.eos_token_id and not s.ignore_eos):
-        return "stop", tokenizer.decode(ids[:-1], skip_special_tokens=s.skip_special_tokens)
-    text = tokenizer.decode(ids, skip_special_tokens=s.skip_special_tokens)
+        return "stop", decoded.add(ids[:-1], final=True)
+    text = decoded.add(ids, final=out_of_budget)
     if len(ids) > s.min_tokens:
         for stop in s.stop:
             at = text.find(stop, max(0, len(before) - len(stop) + 1))

@@ -240,6 +240,43 @@ async def test_upstream_drafts_give_the_tokens_of_one_call_per_token(
     assert calls[8, unrelated] < len(answers[1, unrelated]) / 2, calls
 
 
+async def test_upstream_text_keeps_characters_split_over_tokens(
+    vllm_server: Server, model_path: Path
+) -> None:
+    """Chinese characters take two byte-level tokens each in SmolLM2's vocabulary: through the
+    black-box decoder (a zero offset: the base against itself) the streamed pieces add up to
+    vLLM's own text for the same greedy answer, not to replacement characters."""
+    from offset import DeltaSpec, OffsetModels
+    from server.engine import ChatPrompt, GenerationRequest, SamplingOptions
+    from server.engine.upstream_delta import UpstreamDeltaDecoder
+
+    question = "How do you say hello in Chinese?"
+    zero = DeltaSpec(str(model_path), str(model_path), 1.0)
+    decoder = UpstreamDeltaDecoder(OffsetModels("cpu"), top_k=20, draft_tokens=8)
+    request = GenerationRequest(
+        "split",
+        ChatPrompt([{"role": "user", "content": question}]),
+        SamplingOptions(max_tokens=24, temperature=0.0),
+        offsets=(zero,),
+    )
+    text = ""
+    async with httpx.AsyncClient(base_url=f"{vllm_server.url}/v1/", timeout=120) as client:
+        async for chunk in decoder.generate(client, MODEL_NAME, request, 2048):
+            text += chunk.choices[0].text
+        plain = await client.post(
+            "chat/completions",
+            json={
+                "model": MODEL_NAME,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 24,
+                "temperature": 0.0,
+            },
+        )
+    want = plain.json()["choices"][0]["message"]["content"]
+    assert any(ord(c) > 0x2E80 for c in want), want  # the premise: CJK in the answer
+    assert text == want
+
+
 def test_a_replica_sharing_only_the_registry_enforces_the_delta_target(
     gateway: Server, delta_target: dict, model_path: Path, tmp_path: Path
 ) -> None:

@@ -416,3 +416,40 @@ async def test_logprobs_are_refused_with_a_clear_error(folders: dict[str, Path])
     decoder = UpstreamDeltaDecoder(OffsetModels(), top_k=5)
     with pytest.raises(InvalidRequestError, match="logprobs"):
         await _run(decoder, spec, tiny_llama(seed=0, vocab_size=VOCAB), max_tokens=2, logprobs=1)
+
+
+def _saying(big: Any, script: list[int]) -> Any:
+    """big, made to say `script` after PROMPT (its next token's logit lifted far above the rest),
+    then EOS."""
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor) -> Any:
+            out = big(input_ids=input_ids)
+            said = input_ids.shape[-1] - len(PROMPT)
+            out.logits[..., -1, script[said] if said < len(script) else EOS] = 1000.0
+            return out
+
+    return Wrapped()
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 8])
+async def test_characters_split_over_tokens_reach_the_stream_whole(
+    folders: dict[str, Path], draft_tokens: int
+) -> None:
+    """An emoji and a CJK character take several byte-level tokens each: the streamed pieces add
+    up to the whole text, not to replacement characters with the completed ones left out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folders["base"])
+    said = "Hi 😀 café 日本"
+    script = tokenizer(said, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in tokenizer.decode(script[:2])  # the premise: the emoji is split
+    spec = DeltaSpec(str(folders["unlearned"]), str(folders["base"]), 1.0)
+    decoder = UpstreamDeltaDecoder(OffsetModels(), top_k=5, draft_tokens=draft_tokens)
+    big = _saying(tiny_llama(seed=3, vocab_size=VOCAB), script)
+    ids, text, finish = await _answer(decoder, spec, big, max_tokens=20, temperature=0.0)
+    assert ids == [*script, EOS] and finish == "stop"
+    assert text == said
+    # cut by the budget inside the emoji: the last piece is sent as it decodes
+    ids, text, finish = await _answer(decoder, spec, big, max_tokens=2, temperature=0.0)
+    assert finish == "length" and text == tokenizer.decode(script[:2])
