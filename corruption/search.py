@@ -13,7 +13,9 @@ f(s) <= target and returning the weakest such strength they found:
   two where the other could not narrow the bracket past the tolerance), until the weakest
   passing strength is within a factor `tolerance` of the strongest failing one. An objective
   that evaluates several strengths in one batch (`evaluate(strengths) -> values`) pays one
-  forward pass per round, not one per strength. Both searches assume f is monotone between the
+  forward pass per round, not one per strength: on a GPU two strengths cost about one. On a CPU
+  they cost two, so there (`paired=False`) a round probes the lower of the two alone, and the
+  upper one is not spent when the lower passes. Both searches assume f is monotone between the
   probes they compare.
 
 `bracket_strength(..., warm=WarmStart(...))` starts instead where earlier searches on the same
@@ -56,6 +58,11 @@ class StrengthSearchConfig:
     (4 geometric bisections of a 16x bracket, the old refinement, reach 1.19)."""
     expand: float = 2.0
     """`bracket_strength`: factor between probes while looking for a bracket."""
+    paired: bool = True
+    """`bracket_strength`: narrow by the pair of probes around the estimated crossing in one
+    batched evaluation (where two strengths cost about one, as on a GPU: fewer rounds), or,
+    False, by the lower of the two alone (where an evaluation costs in proportion to the
+    strengths it holds, as on a CPU: the upper probe is wasted whenever the lower passes)."""
 
     @classmethod
     def for_embeddings(cls, std: float, **overrides: float | int) -> StrengthSearchConfig:
@@ -475,6 +482,8 @@ def bracket_strength(
         probes = sorted({min(max(guess / half, lo), hi), min(max(guess * half, lo), hi)})
         probes = [p for p in probes if lo < p < hi] or [math.sqrt(lo * hi)]
         probes = _needed(probes, lo, hi, config.tolerance)
+        if not config.paired:
+            probes = probes[:1]
         for p, v in zip(probes, f.many(probes), strict=True):  # ascending
             if v <= target:
                 hi = p  # the weakest passing probe; any above it adds nothing

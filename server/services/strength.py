@@ -228,7 +228,7 @@ class StrengthCalibrator:
             model,
             examples[:MAX_EXAMPLES],
             spec,
-            StrengthSearchConfig.for_embeddings(std),
+            StrengthSearchConfig.for_embeddings(std, paired=self._device != "cpu"),
             fluency_bound=FLUENCY_BOUND,
             eos_token_id=tokenizer.eos_token_id,
             generate_with=generate_with,

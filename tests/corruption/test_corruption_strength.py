@@ -254,6 +254,43 @@ def test_bracket_spends_no_probe_inside_the_tolerance_of_its_bracket():
     assert result.evaluations == 5
 
 
+def _measured(points: list[tuple[float, float]]):
+    """f linear in log u between measured points (flat beyond them)."""
+
+    def f(u: float) -> float:
+        u = min(max(u, points[0][0]), points[-1][0])
+        for (u0, f0), (u1, f1) in zip(points, points[1:], strict=False):
+            if u0 <= u <= u1:
+                return f0 + (f1 - f0) * math.log(u / u0) / math.log(u1 / u0)
+        raise AssertionError(u)
+
+    return f
+
+
+# The Tolkien target's bf16 search (bench/registration.py, 2026-12-04).
+TOLKIEN_CURVE = [(1.0, 0.0990), (1.4058, 0.0081), (1.5797, -0.0041), (1.8206, -0.0268),
+                 (2.0, -0.0309), (4.0, -0.0687)]  # fmt: skip
+
+
+@pytest.mark.parametrize("curve", [SHERLOCK_CURVE, TOLKIEN_CURVE])
+def test_one_probe_per_round_spends_no_probe_above_a_passing_one(curve):
+    """On a CPU two strengths cost two evaluations: narrowing by the lower probe alone skips
+    the upper one wherever the lower passes (both curves' narrowing did), to the same criterion.
+    """
+    f = _measured(curve)
+    results = {}
+    for paired in (True, False):
+        batch, calls = _counting(f)
+        config = StrengthSearchConfig.for_embeddings(1.0, paired=paired)
+        results[paired] = bracket_strength(batch, config)
+        assert paired or all(len(call) == 1 for call in calls), calls
+    for result in results.values():
+        assert result.reached and result.failing_below is not None
+        assert result.strength / result.failing_below <= 1.2
+    assert results[False].strength == pytest.approx(results[True].strength)
+    assert results[False].evaluations == results[True].evaluations - 1
+
+
 # f against u = strength / std, measured on SmolLM2 for 8 Harry Potter questions
 # (corruption/README.md); linear in log u between the points.
 README_CURVE = [(0.5, 0.77), (1, 0.26), (1.5, 0.15), (2, 0.09), (2.5, 0.05), (3, 0.02),

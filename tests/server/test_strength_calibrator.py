@@ -86,6 +86,32 @@ def test_model_is_loaded_per_search_and_released(
     assert report["evaluations"] == len(report["probes"]) >= 1
 
 
+@pytest.mark.parametrize(("device", "paired"), [("cpu", False), ("cuda", True)])
+def test_the_search_probes_one_strength_per_round_on_a_cpu(
+    tiny_llama_factory,  # noqa: F811
+    bpe_tokenizer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    paired: bool,
+):
+    """A CPU pays for every strength in a batch (the upper probe of a pair is wasted whenever
+    the lower passes); a GPU evaluates two in about the time of one."""
+    folder, _ = tiny_llama_factory()
+    bpe_tokenizer.save_pretrained(folder)
+    seen = []
+
+    def calibrate(model, examples, spec, config, **kwargs):
+        seen.append(config.paired)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(strength_service, "calibrate_strength", calibrate)
+    monkeypatch.setattr(StrengthCalibrator, "_load", lambda self: (object(), bpe_tokenizer))
+    calibrator = StrengthCalibrator(folder, EmbeddingTable.from_model_dir(folder), device)
+    with pytest.raises(RuntimeError, match="stop here"):
+        calibrator.calibrate(PROMPTS[:2], ANSWERS[:2], ALIASES, None)
+    assert seen == [paired]
+
+
 def test_auto_searches_in_the_served_dtype_only_where_bf16_is_native(
     monkeypatch: pytest.MonkeyPatch,
 ):
