@@ -86,6 +86,8 @@ def test_registration_reports_its_stages_and_returns_the_model_memory(gateway: S
         assert below is not None and below < strength <= 1.2 * below, corruption
         assert corruption["objective"] <= 0.0
         assert corruption["evaluations"] == len(corruption["probes"])
+        # On a CPU each round probes one strength (the pair's upper probe costs a whole one).
+        assert corruption["rounds"] == corruption["evaluations"], corruption
         assert corruption["dtype"] == "float32"  # auto: the served dtype here (bf16: if native)
         # The float32 copy of the model (~540 MB) was loaded for the search and handed back.
         after = _settled_rss_mib(proc)
