@@ -97,6 +97,9 @@ class UpstreamDeltaDecoder:
         budget = min(s.max_tokens, room) if s.max_tokens else room
         rng = random.Random(s.seed)
         ending = {*s.stop_token_ids, tokenizer.eos_token_id}
+        # As vLLM: the last len(longest stop) - 1 characters wait until the text is known not to
+        # end in a stop string, so no piece of one is sent before the answer is cut at it.
+        hold = max((len(stop) for stop in s.stop), default=1) - 1
         completion = 0
         for index in range(s.n):
             key = f"{request.request_id}/{index}"
@@ -118,9 +121,13 @@ class UpstreamDeltaDecoder:
                         token = _read(drafted, step_scores, s, rng)
                         ids.append(token)
                         completion += 1
-                        finish, full = _finish(ids, text, decoded, tokenizer, s, len(ids) >= budget)
-                        delta = ChoiceDelta(index, full[len(text) :], [token], finish_reason=finish)
-                        text = full
+                        searched = len(decoded.text)
+                        finish, full = _finish(ids, searched, decoded, tokenizer, s,
+                                               len(ids) >= budget)  # fmt: skip
+                        sent = len(full) if finish else max(len(text), len(full) - hold)
+                        delta = ChoiceDelta(index, full[len(text) : sent], [token],
+                                            finish_reason=finish)  # fmt: skip
+                        text = full[:sent]
                         yield GenerationChunk([delta], len(prompt_ids), completion)
                         if finish is not None or token != drafted:
                             break
@@ -312,7 +319,7 @@ class _Text:
 
 def _finish(
     ids: list[int],
-    before: str,
+    searched: int,
     decoded: _Text,
     tokenizer: Any,
     s: SamplingOptions,
@@ -320,15 +327,15 @@ def _finish(
 ) -> tuple[FinishReason | None, str]:
     """Whether the answer `ids` ends here, and its text, with vLLM's rules: EOS (unless
     ignore_eos) and stop_token_ids end it, the stop token's text left out; once past
-    min_tokens, a stop string in the new text (`before`: the text sent so far) ends it, cut
-    before the stop."""
+    min_tokens, a stop string in the new text (past the first `searched` characters, already
+    searched before) ends it, cut before the stop."""
     token = ids[-1]
     if token in s.stop_token_ids or (token == tokenizer.eos_token_id and not s.ignore_eos):
         return "stop", decoded.add(ids[:-1], final=True)
     text = decoded.add(ids, final=out_of_budget)
     if len(ids) > s.min_tokens:
         for stop in s.stop:
-            at = text.find(stop, max(0, len(before) - len(stop) + 1))
+            at = text.find(stop, max(0, searched - len(stop) + 1))
             if at >= 0:
                 return "stop", text[:at]
     return ("length" if out_of_budget else None), text

@@ -253,28 +253,33 @@ async def test_upstream_text_keeps_characters_split_over_tokens(
     question = "How do you say hello in Chinese?"
     zero = DeltaSpec(str(model_path), str(model_path), 1.0)
     decoder = UpstreamDeltaDecoder(OffsetModels("cpu"), top_k=20, draft_tokens=8)
-    request = GenerationRequest(
-        "split",
-        ChatPrompt([{"role": "user", "content": question}]),
-        SamplingOptions(max_tokens=24, temperature=0.0),
-        offsets=(zero,),
-    )
-    text = ""
-    async with httpx.AsyncClient(base_url=f"{vllm_server.url}/v1/", timeout=120) as client:
+
+    async def both(client: httpx.AsyncClient, stop: tuple[str, ...]) -> tuple[str, str]:
+        """The decoder's streamed text and vLLM's own, for the same greedy request."""
+        request = GenerationRequest(
+            f"split-{len(stop)}",
+            ChatPrompt([{"role": "user", "content": question}]),
+            SamplingOptions(max_tokens=24, temperature=0.0, stop=stop),
+            offsets=(zero,),
+        )
+        text = ""
         async for chunk in decoder.generate(client, MODEL_NAME, request, 2048):
             text += chunk.choices[0].text
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": question}]}
         plain = await client.post(
             "chat/completions",
-            json={
-                "model": MODEL_NAME,
-                "messages": [{"role": "user", "content": question}],
-                "max_tokens": 24,
-                "temperature": 0.0,
-            },
+            json={**body, "max_tokens": 24, "temperature": 0.0, "stop": list(stop)},
         )
-    want = plain.json()["choices"][0]["message"]["content"]
-    assert any(ord(c) > 0x2E80 for c in want), want  # the premise: CJK in the answer
-    assert text == want
+        return text, plain.json()["choices"][0]["message"]["content"]
+
+    async with httpx.AsyncClient(base_url=f"{vllm_server.url}/v1/", timeout=120) as client:
+        text, want = await both(client, ())
+        assert any(ord(c) > 0x2E80 for c in want), want  # the premise: CJK in the answer
+        assert text == want
+        # A stop string over several tokens: no piece of it is sent before the cut (as vLLM).
+        assert "in Chinese is" in want  # the premise
+        text, want = await both(client, ("in Chinese is",))
+        assert text == want and "Chinese" not in text, (text, want)
 
 
 def test_a_replica_sharing_only_the_registry_enforces_the_delta_target(

@@ -453,3 +453,22 @@ async def test_characters_split_over_tokens_reach_the_stream_whole(
     # cut by the budget inside the emoji: the last piece is sent as it decodes
     ids, text, finish = await _answer(decoder, spec, big, max_tokens=2, temperature=0.0)
     assert finish == "length" and text == tokenizer.decode(script[:2])
+
+
+async def test_no_piece_of_a_stop_string_is_sent_before_the_answer_is_cut_at_it(
+    folders: dict[str, Path],
+) -> None:
+    """The stop "é 日" spans two tokens (" café", " 日"): the stream holds the last
+    len(stop) - 1 characters back, as vLLM does, so the pieces add up to the text cut before
+    the stop."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folders["base"])
+    script = tokenizer("Hi 😀 café 日本", add_special_tokens=False)["input_ids"]
+    spec = DeltaSpec(str(folders["unlearned"]), str(folders["base"]), 1.0)
+    decoder = UpstreamDeltaDecoder(OffsetModels(), top_k=5, draft_tokens=4)
+    big = _saying(tiny_llama(seed=3, vocab_size=VOCAB), script)
+    _, text, finish = await _answer(
+        decoder, spec, big, max_tokens=20, temperature=0.0, stop=("é 日",)
+    )
+    assert finish == "stop" and text == "Hi 😀 caf"
