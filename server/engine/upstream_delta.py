@@ -47,6 +47,7 @@ from server.engine.base import (
     TextPrompt,
     TokenPrompt,
 )
+from server.engine.stop_strings import first_stop_string, stop_buffer
 from server.engine.templating import render_prompt
 from server.errors import EngineError, InvalidRequestError
 
@@ -97,9 +98,7 @@ class UpstreamDeltaDecoder:
         budget = min(s.max_tokens, room) if s.max_tokens else room
         rng = random.Random(s.seed)
         ending = {*s.stop_token_ids, tokenizer.eos_token_id}
-        # As vLLM: the last len(longest stop) - 1 characters wait until the text is known not to
-        # end in a stop string, so no piece of one is sent before the answer is cut at it.
-        hold = max((len(stop) for stop in s.stop), default=1) - 1
+        hold = stop_buffer(s.stop)  # no piece of a stop string is sent before the cut at it
         completion = 0
         for index in range(s.n):
             key = f"{request.request_id}/{index}"
@@ -327,17 +326,14 @@ def _finish(
 ) -> tuple[FinishReason | None, str]:
     """Whether the answer `ids` ends here, and its text, with vLLM's rules: EOS (unless
     ignore_eos) and stop_token_ids end it, the stop token's text left out; once past
-    min_tokens, a stop string in the new text (past the first `searched` characters, already
-    searched before) ends it, cut before the stop."""
+    min_tokens, the stop string the new text (past the first `searched` characters, already
+    searched before) completes earliest ends it, cut before the stop."""
     token = ids[-1]
     if token in s.stop_token_ids or (token == tokenizer.eos_token_id and not s.ignore_eos):
         return "stop", decoded.add(ids[:-1], final=True)
     text = decoded.add(ids, final=out_of_budget)
-    if len(ids) > s.min_tokens:
-        for stop in s.stop:
-            at = text.find(stop, max(0, searched - len(stop) + 1))
-            if at >= 0:
-                return "stop", text[:at]
+    if len(ids) > s.min_tokens and (found := first_stop_string(text, len(text) - searched, s.stop)):
+        return "stop", text[: found[1]]
     return ("length" if out_of_budget else None), text
 
 

@@ -20,29 +20,13 @@ choice the gateway ended until its other choices end, and those tokens are count
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from server.engine import ChoiceDelta, SamplingOptions
+from server.engine.stop_strings import first_stop_string, stop_buffer
 
-__all__ = ["GatewayStops", "StopHit", "first_stop_string"]
-
-
-def first_stop_string(text: str, new_chars: int, stops: Sequence[str]) -> tuple[str, int] | None:
-    """The stop string that the last `new_chars` characters of `text` complete earliest (ties:
-    list order) and where it starts; None when none does (vLLM's `check_stop_strings`)."""
-    if not new_chars:
-        return None
-    best: tuple[str, int] | None = None
-    best_end = sys.maxsize
-    for stop in stops:
-        if not stop:
-            continue
-        start = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
-        if start != -1 and start + len(stop) < best_end:
-            best, best_end = (stop, start), start + len(stop)
-    return best
+__all__ = ["GatewayStops", "StopHit"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +59,8 @@ class GatewayStops:
 
     @property
     def buffer(self) -> int:
-        """Characters of checked text held back until no stop string can start in them (vLLM
-        holds them back from a stream as well): a stop string is never cut from sent text."""
-        return max((len(s) for s in self.strings), default=1) - 1
+        """Characters of checked text held back until no stop string can start in them."""
+        return stop_buffer(self.strings)
 
     def find(self, released: str, tokens: int, batch: Sequence[ChoiceDelta]) -> StopHit | None:
         """The first stop in `batch` (deltas about to be released, after `released` text and

@@ -5,7 +5,8 @@ engine) and tests/e2e/test_leaks.py (vLLM)."""
 from __future__ import annotations
 
 from server.engine import ChoiceDelta, SamplingOptions
-from server.services.stops import GatewayStops, first_stop_string
+from server.engine.stop_strings import first_stop_string
+from server.services.stops import GatewayStops
 
 
 def words(*texts: str) -> list[ChoiceDelta]:

@@ -472,3 +472,9 @@ async def test_no_piece_of_a_stop_string_is_sent_before_the_answer_is_cut_at_it(
         decoder, spec, big, max_tokens=20, temperature=0.0, stop=("é 日",)
     )
     assert finish == "stop" and text == "Hi 😀 caf"
+    # Two stops in one token's text (" café"): the one it completes earliest wins, as in vLLM,
+    # not the first listed.
+    _, text, finish = await _answer(
+        decoder, spec, big, max_tokens=20, temperature=0.0, stop=("fé", "ca")
+    )
+    assert finish == "stop" and text == "Hi 😀 "
