@@ -48,6 +48,15 @@ def run_subset(run: dict[str, Any]) -> TofuSubset:
     )
 
 
+def cached_reference(run: dict[str, Any], target_dir: Path) -> Path:
+    """The run's cached reference fine-tune, beside the target's. Found by name, not by the
+    runner's cache key: that hashes the base model's file times, which differ between machines."""
+    found = sorted(target_dir.parent.glob(f"reference-{run['config']['forget_split']}-*"))
+    if len(found) != 1:
+        raise SystemExit(f"{len(found)} cached reference fine-tunes beside {target_dir}")
+    return found[0]
+
+
 def summary(ratios: list[float], reference: list[float]) -> dict[str, float]:
     return {
         "forget_quality": metrics.forget_quality(ratios, reference),

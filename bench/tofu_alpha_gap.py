@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tofu_alpha import run_subset  # noqa: E402
+from bench.tofu_alpha import cached_reference, run_subset  # noqa: E402
 from evaluation.scoring import AnswerScorer, ScoreItem, load_model  # noqa: E402
 from evaluation.tofu_data import QA, QUESTIONS_PER_AUTHOR  # noqa: E402
 
@@ -70,18 +70,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     run = json.loads(args.results.read_text())
-    cfg = run["config"]
     subset = run_subset(run)
     rows: list[QA] = list(subset.forget)
     names = subset.author_names
     target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])
     npo_dir = target_dir.with_name(f"{target_dir.name}-snap-npo")
-    reference_dir = args.reference
-    if reference_dir is None:  # the run's cached reference fine-tune, beside the target's
-        found = sorted(target_dir.parent.glob(f"reference-{cfg['forget_split']}-*"))
-        if len(found) != 1:
-            raise SystemExit(f"{len(found)} cached reference fine-tunes: pass --reference DIR")
-        reference_dir = found[0]
+    reference_dir = args.reference or cached_reference(run, target_dir)
     tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
     target, npo, reference = (load_model(d) for d in (target_dir, npo_dir, reference_dir))
 

@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tofu_alpha import run_subset, summary  # noqa: E402
+from bench.tofu_alpha import cached_reference, run_subset, summary  # noqa: E402
 from evaluation import metrics  # noqa: E402
 from evaluation.measure import split_scores  # noqa: E402
 from evaluation.scoring import AnswerScorer, load_model  # noqa: E402
@@ -82,13 +82,10 @@ def main() -> None:
     by_alpha[0.0] = none  # the target itself
     rows, authors = unseen_rows(run)
     target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])
-    found = sorted(target_dir.parent.glob(f"reference-{run['config']['forget_split']}-*"))
-    if len(found) != 1:
-        raise SystemExit(f"{len(found)} cached reference fine-tunes beside {target_dir}")
     tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
     unseen: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for name, folder in (("target", target_dir), ("reference", found[0])):
+    for name, folder in (("target", target_dir), ("reference", cached_reference(run, target_dir))):
         started = time.perf_counter()
         scorer = AnswerScorer(tokenizer, [(load_model(folder), 1.0)])
         unseen[name] = split_scores(scorer, None, rows, multiple_choice=False)["ratios"]
@@ -123,9 +120,9 @@ def main() -> None:
         "unseen_authors": authors,
         "unseen_questions": len(rows),
         "median_log_r": {
-            "reference on forget05": statistics.median(map(_log, reference)),
-            "target on unseen": statistics.median(map(_log, proxy)),
-            "reference on unseen": statistics.median(map(_log, unseen["reference"])),
+            "reference on forget05": statistics.median(map(math.log, reference)),
+            "target on unseen": statistics.median(map(math.log, proxy)),
+            "reference on unseen": statistics.median(map(math.log, unseen["reference"])),
         },
         "proxy_against_reference": {
             "ks_p(reference on forget05, target on unseen)": metrics.forget_quality(
@@ -145,10 +142,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "unseen_ratios"}, indent=1))  # noqa: T201
-
-
-def _log(x: float) -> float:
-    return math.log(x)
 
 
 if __name__ == "__main__":

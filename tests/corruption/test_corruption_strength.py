@@ -298,14 +298,8 @@ README_CURVE = [(0.5, 0.77), (1, 0.26), (1.5, 0.15), (2, 0.09), (2.5, 0.05), (3,
 
 
 def _readme_f(std):
-    def f(strength):
-        u = min(max(strength / std, 0.5), 16.0)
-        for (u0, f0), (u1, f1) in zip(README_CURVE, README_CURVE[1:], strict=False):
-            if u0 <= u <= u1:
-                return f0 + (f1 - f0) * math.log(u / u0) / math.log(u1 / u0)
-        raise AssertionError(u)
-
-    return f
+    f = _measured(README_CURVE)
+    return lambda strength: f(strength / std)
 
 
 def test_bracket_cheaper_than_gradient_search_and_no_stronger():
