@@ -19,7 +19,8 @@ plainly, Qwen2.5-Coder reasons first ("To determine ...") and only 48% of 12-tok
 letter; the same scoring is used for every condition. Partial results are written after each
 phase to bench/results/delta_pair.json.
 
-    flock /tmp/obliviate-heavy.lock python bench/delta_pair.py [--mmlu 300] [--snap-steps 20]
+    flock /tmp/obliviate-heavy.lock python bench/delta_pair.py [--mmlu 300] [--snap-steps 20] \\
+        [--alpha auto]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from tests.e2e.servers import (  # noqa: E402
     running,
     vllm_server_argv,
 )
+from tests.e2e.targets import ALPHA_EXAMPLES, ALPHA_PROBES  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVED = "qwen2.5-coder-1.5b-instruct"
@@ -253,6 +255,13 @@ def main() -> None:
         "1: one call per token; default: the gateway's)",
     )
     parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
+    parser.add_argument(
+        "--alpha",
+        default=None,
+        help="the target's alpha option: a number, or `auto` (the registration chooses it from "
+        "10 forget examples with answers and wrong answers and 10 probes about invented "
+        "entities: tests/e2e/targets.py); default: the gateway's (1)",
+    )
     args = parser.parse_args()
 
     questions = load_mmlu(args.data, args.mmlu, seed=0)
@@ -287,6 +296,7 @@ def main() -> None:
         "draft_tokens": args.draft_tokens,
         "mmlu_questions": args.mmlu,
         "snap_max_steps": args.snap_steps,
+        "alpha": args.alpha,
         "gateway_log": str(logs / "gateway.log"),
         "wall_s": {},
     }
@@ -321,6 +331,11 @@ def main() -> None:
         }}  # fmt: skip
         if args.unlearned is not None:
             body["options"]["unlearned_model"] = str(args.unlearned.resolve())
+        if args.alpha == "auto":  # examples the search reads; the answers also train NPO
+            body["forget_examples"] = ALPHA_EXAMPLES
+            body["options"] |= {"alpha": "auto", "alpha_probes": ALPHA_PROBES}
+        elif args.alpha is not None:
+            body["options"]["alpha"] = float(args.alpha)
         job = httpx.post(f"{url}/admin/targets", json=body, headers=AUTH, timeout=60).json()
         state = phase("register_flagged", lambda: wait_job(url, job["id"]))
         record = target(url, state["target_id"])
@@ -364,6 +379,8 @@ def main() -> None:
             options["unlearned_model"] = offset["unlearned_model"]
             options.pop("snap_max_steps", None)
             options.pop("snap_train_vocab", None)
+            options.pop("alpha_probes", None)
+            options["alpha"] = offset["alpha"]  # the α version 1 served (chosen, if auto)
             put = {**TARGET, "options": options}
             job = httpx.put(
                 f"{url}/admin/targets/{state['target_id']}", json=put, headers=AUTH, timeout=60

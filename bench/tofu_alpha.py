@@ -24,6 +24,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,38 @@ def cached_reference(run: dict[str, Any], target_dir: Path) -> Path:
     return found[0]
 
 
+@dataclass(frozen=True)
+class AlphaRun:
+    """What the α benches read of a committed `obliviate eval tofu` run: the forget split's
+    truth ratios (reference, none, delta+npo at α = 1), which questions the guard flagged
+    (δ changed their ratio), the subset, and the δ pair's folders (target fine-tune = small
+    base, its SNAP+NPO copy)."""
+
+    run: dict[str, Any]
+    reference: list[float]
+    none: list[float]
+    measured: list[float]
+    flagged: list[bool]
+    subset: TofuSubset
+    target_dir: Path
+    npo_dir: Path
+
+    @classmethod
+    def load(cls, results: Path) -> AlphaRun:
+        run = json.loads(results.read_text())
+        ratios = run["forget_truth_ratios"]
+        reference, none, measured = ratios["reference"], ratios["none"], ratios["delta+npo"]
+        subset = run_subset(run)
+        if len(subset.forget) != len(reference):
+            raise SystemExit("the results file is not of this subset")
+        options = run["cards"]["delta+npo_target"]["options"]
+        target_dir, npo_dir = Path(options["small_base"]), Path(options["unlearned_model"])
+        if not (npo_dir / "config.json").is_file():  # the job's copy is gone with its gateway
+            npo_dir = target_dir.with_name(f"{target_dir.name}-snap-npo")
+        flagged = [abs(a - b) > 1e-12 for a, b in zip(none, measured, strict=True)]
+        return cls(run, reference, none, measured, flagged, subset, target_dir, npo_dir)
+
+
 def summary(ratios: list[float], reference: list[float]) -> dict[str, float]:
     return {
         "forget_quality": metrics.forget_quality(ratios, reference),
@@ -80,17 +113,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    run = json.loads(args.results.read_text())
-    ratios = run["forget_truth_ratios"]
-    reference, none, measured = ratios["reference"], ratios["none"], ratios["delta+npo"]
-    flagged = [abs(a - b) > 1e-12 for a, b in zip(none, measured, strict=True)]
-    subset = run_subset(run)
-    if len(subset.forget) != len(reference):
-        raise SystemExit("the results file is not of this subset")
-    target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])
-    npo_dir = Path(run["cards"]["delta+npo_target"]["options"]["unlearned_model"])
-    if not (npo_dir / "config.json").is_file():  # the job's copy is gone with its gateway
-        npo_dir = target_dir.with_name(f"{target_dir.name}-snap-npo")
+    ar = AlphaRun.load(args.results)
+    subset, target_dir, npo_dir = ar.subset, ar.target_dir, ar.npo_dir
+    reference, none, measured, flagged = ar.reference, ar.none, ar.measured, ar.flagged
     tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
     target, npo = load_model(target_dir), load_model(npo_dir)
     rows = [qa for qa, f in zip(subset.forget, flagged, strict=True) if f]

@@ -1,6 +1,7 @@
 """Log-probabilities of continuations after prompts: the project's one continuation scorer.
 
-Used by the strength search and its fluency check (corruption/strength.py) and by the
+Used by the strength search and its fluency check (corruption/strength.py), by δ's α search
+(offset/alpha.py: `mixed_token_logprobs`, every α from one pass of each model) and by the
 evaluation's `AnswerScorer` (evaluation/scoring.py). A prompt is given as token ids (T,) or as
 the (T, H) input embeddings the engine would receive (a corrupted prompt); the model is one
 causal LM or a weighted sum of several LMs' logits, Σ_i w_i · logits_i (δ: big + α·(small_u -
@@ -22,7 +23,14 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["LOGITS_BUDGET", "Term", "left_pad", "next_token_logprobs", "token_logprobs"]
+__all__ = [
+    "LOGITS_BUDGET",
+    "Term",
+    "left_pad",
+    "mixed_token_logprobs",
+    "next_token_logprobs",
+    "token_logprobs",
+]
 
 Term = tuple["PreTrainedModel", float]
 """A causal LM and the weight of its logits in the sum."""
@@ -125,7 +133,6 @@ def _continuation_logits(
     return logits[:, :-1].float()  # type: ignore[no-any-return]
 
 
-@torch.inference_mode()
 def token_logprobs(
     terms: Sequence[Term],
     prompts: Sequence[torch.Tensor],
@@ -139,18 +146,42 @@ def token_logprobs(
 
     `prompts`: token ids (T,) long, or (T, H) input embeddings (one term only).
     """
-    _check(terms, prompts)
+    models = [model for model, _ in terms]
+    weights = [weight for _, weight in terms]
+    return mixed_token_logprobs(
+        models, [weights], prompts, continuations, owners, batch_size=batch_size
+    )[0]
+
+
+@torch.inference_mode()
+def mixed_token_logprobs(
+    models: Sequence[PreTrainedModel],
+    mixes: Sequence[Sequence[float]],
+    prompts: Sequence[torch.Tensor],
+    continuations: Sequence[Sequence[int]],
+    owners: Sequence[int],
+    *,
+    batch_size: int = 16,
+) -> list[list[list[float]]]:
+    """`token_logprobs` under several weightings of the same models at the price of one:
+    out[m][i] are continuation i's token log-probabilities under Σ_j mixes[m][j] · logits_j.
+
+    Each model runs once; its logits are combined per mix (δ's α swept over one pass)."""
+    if any(len(mix) != len(models) for mix in mixes):
+        raise ValueError("a mix gives one weight per model")
+    _check([(model, 1.0) for model in models], prompts)
     if any(not c for c in continuations):
         raise ValueError("a continuation has at least one token")
-    out: dict[int, list[float]] = {}
+    out: list[dict[int, list[float]]] = [{} for _ in mixes]
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first : first + batch_size]
         rows = [i for i, owner in enumerate(owners) if first <= owner < first + len(chunk)]
         if not rows:
             continue
         rows.sort(key=lambda i: len(continuations[i]))  # passes of like lengths: less padding
-        cached = [(model, weight, *_prompt_pass(model, chunk)) for model, weight in terms]
-        home = cached[0][2].device
+        cached = [(model, *_prompt_pass(model, chunk)) for model in models]
+        home = cached[0][1].device
+        terms = [(model, 1.0) for model in models]
         for span in _passes(terms, [len(continuations[i]) for i in rows]):
             part = rows[span]
             longest = len(continuations[part[-1]])
@@ -160,25 +191,42 @@ def token_logprobs(
             for r, i in enumerate(part):
                 ids[r, : len(continuations[i])] = torch.tensor(list(continuations[i]))
                 cont_attention[r, : len(continuations[i])] = 1
-            head: torch.Tensor | None = None  # (C, V): logits of each continuation's first token
-            rest: torch.Tensor | None = None  # (C, L - 1, V)
-            for model, weight, first_logits, layers, attention in cached:
-                logits = _continuation_logits(
-                    model, layers, attention, owner_rows, ids, cont_attention
-                ).to(home)
-                first_rows = first_logits[owner_rows.to(first_logits.device)].to(home)  # (C, V)
-                if head is None or rest is None:  # one model: its own logits, no copies
-                    head = first_rows if weight == 1.0 else first_rows * weight
-                    rest = logits if weight == 1.0 else logits.mul_(weight)
-                else:
-                    head = head.add(first_rows, alpha=weight)
-                    rest = rest.add_(logits, alpha=weight)
-            assert head is not None and rest is not None
+            # per model: (C, V) logits of each continuation's first token, (C, L - 1, V) the rest
+            logits = [
+                (
+                    first_logits[owner_rows.to(first_logits.device)].to(home),
+                    _continuation_logits(
+                        model, layers, attention, owner_rows, ids, cont_attention
+                    ).to(home),
+                )
+                for model, first_logits, layers, attention in cached
+            ]
             ids = ids.to(home)
-            head_lp = head.gather(-1, ids[:, :1]).squeeze(-1) - head.logsumexp(-1)  # (C,)
-            norm = rest.logsumexp(-1)  # (C, L - 1)
-            picked = rest.gather(-1, ids[:, 1:, None]).squeeze(-1) - norm  # (C, L - 1)
-            for r, i in enumerate(part):
-                n = len(continuations[i])
-                out[i] = [float(head_lp[r]), *picked[r, : n - 1].tolist()]
-    return [out[i] for i in range(len(continuations))]
+            for m, mix in enumerate(mixes):
+                head, rest = _mixed(logits, mix, last=m == len(mixes) - 1)
+                head_lp = head.gather(-1, ids[:, :1]).squeeze(-1) - head.logsumexp(-1)  # (C,)
+                norm = rest.logsumexp(-1)  # (C, L - 1)
+                picked = rest.gather(-1, ids[:, 1:, None]).squeeze(-1) - norm  # (C, L - 1)
+                for r, i in enumerate(part):
+                    n = len(continuations[i])
+                    out[m][i] = [float(head_lp[r]), *picked[r, : n - 1].tolist()]
+    return [[scores[i] for i in range(len(continuations))] for scores in out]
+
+
+def _mixed(
+    logits: Sequence[tuple[torch.Tensor, torch.Tensor]], mix: Sequence[float], *, last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_j mix[j] · logits_j for the (C, V) heads and (C, L - 1, V) rests. One model at weight
+    1 is its own logits (no copy); the last mix may reuse the first model's tensors in place."""
+    if len(logits) == 1 and mix[0] == 1.0:
+        return logits[0]
+    (head0, rest0), weight0 = logits[0], mix[0]
+    if last:
+        head, rest = head0.mul_(weight0), rest0.mul_(weight0)
+    else:
+        head, rest = head0 * weight0, rest0 * weight0
+    for (head_j, rest_j), weight in zip(logits[1:], mix[1:], strict=True):
+        if weight != 0.0:
+            head = head.add_(head_j, alpha=weight)
+            rest = rest.add_(rest_j, alpha=weight)
+    return head, rest

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from statistics import fmean
@@ -25,7 +24,10 @@ from statistics import fmean
 from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 
-logger = logging.getLogger(__name__)
+# The truth ratio is the product's own too: offset.alpha chooses δ's α with it.
+from offset.alpha import LOG_RATIO_BOUND as LOG_RATIO_BOUND
+from offset.alpha import truth_ratio as truth_ratio
+
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -50,35 +52,6 @@ def normalised_probability(answer_lp: float, perturbed_lps: Sequence[float]) -> 
     """p(a) / (p(a) + Σ_j p(perturbed_j)), each p per-token normalised (real authors, facts)."""
     p = math.exp(answer_lp)
     return p / (p + sum(math.exp(x) for x in perturbed_lps))
-
-
-LOG_RATIO_BOUND = 700.0
-"""|log R| is capped here: exp(±700) is still a float (exp(710) overflows, exp(-745) is 0)."""
-
-
-def truth_ratio(paraphrased_lp: float, perturbed_lps: Sequence[float]) -> float:
-    """R = exp(mean_j lp(perturbed_j) - lp(paraphrased)); below 1 when the truth is preferred.
-
-    A model can put (almost) all its mass on one side: an answer scored at -inf, or a
-    difference of hundreds of nats per token. R is then capped at exp(±LOG_RATIO_BOUND), which
-    every score below reads as "fully preferred" (min(R, 1/R) = 0, 1 - R = 1 or 0) and which
-    keeps the order the KS test needs, instead of overflowing or dividing by zero.
-    """
-    if not perturbed_lps:
-        raise ValueError("the truth ratio needs perturbed answers")
-    perturbed = fmean(perturbed_lps)
-    log_r = perturbed - paraphrased_lp
-    if math.isnan(log_r):
-        raise ValueError("an answer log-probability is NaN")
-    if abs(log_r) > LOG_RATIO_BOUND:
-        logger.warning(
-            "truth ratio log %.1f capped (paraphrased %.2f, perturbed mean %.2f nats/token)",
-            log_r,
-            paraphrased_lp,
-            perturbed,
-        )
-        log_r = math.copysign(LOG_RATIO_BOUND, log_r)
-    return math.exp(log_r)
 
 
 def forget_truth_ratio(ratios: Sequence[float]) -> float:

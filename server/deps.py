@@ -198,11 +198,14 @@ def build_guard(
             "instead of corrupted"
         )
     guard = EcoGuard(bank, corruptor, metrics, log_prompts=settings.log_prompts)
+    from server.engine.vllm_local import resolve_device
+
     offsets = OffsetTrainer(
         settings.data_dir / "offsets",
         model_dir,
         SnapDefaults(max_steps=settings.delta.snap_max_steps, lr=settings.delta.snap_lr),
         blobs=registry.blobs,
+        device=resolve_device(settings.delta.device),
     )
     service = TargetService(
         registry,

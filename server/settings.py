@@ -167,7 +167,8 @@ class DeltaSettings(_Section):
     """engine=openai_upstream: most tokens one upstream call drafts (its greedy continuation,
     read position by position against the re-ranked candidates); 1: one call per token."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the small models run for engine=openai_upstream (vllm_local uses the engine's)."""
+    """Where the small models run for engine=openai_upstream (vllm_local uses the engine's), and
+    where a registration's alpha 'auto' scores them."""
     snap_max_steps: int | None = Field(None, ge=1)
     """Default cap on SNAP training steps per target (None: SnapConfig's epochs decide)."""
     snap_lr: float = Field(1e-4, gt=0)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from server.protocol.chat import ChatMessage
 
@@ -28,6 +35,33 @@ class ForgetExample(_Strict):
         description="What the model answers today (optional): the strength search measures it, "
         "δ training makes it unlikely.",
     )
+    wrong_answers: list[NonEmpty] = Field(
+        default_factory=list,
+        max_length=20,
+        description="δ modes, alpha 'auto': answers, written like `answer`, that a model which "
+        "never learnt the target would give as readily (offset.alpha).",
+    )
+
+    @model_validator(mode="after")
+    def _answered(self) -> ForgetExample:
+        if self.wrong_answers and self.answer is None:
+            raise ValueError("wrong_answers need the example's answer")
+        return self
+
+
+class AlphaProbe(_Strict):
+    """A question about an entity the served model never saw (invented), with an answer and
+    wrong answers written the way the forget examples' are: the level δ's α is matched to."""
+
+    prompt: NonEmpty
+    answer: NonEmpty
+    wrong_answers: list[NonEmpty] = Field(min_length=1, max_length=20)
+
+
+MIN_ALPHA_ITEMS = 10
+"""alpha 'auto': fewest probes, and fewest forget examples with answer and wrong answers. From
+10 of each, the choice's 80% interval is about 1.25 wide on TOFU; from 50, 0.5
+(bench/tofu_alpha_auto.py)."""
 
 
 class TargetOptions(_Strict):
@@ -45,7 +79,17 @@ class TargetOptions(_Strict):
             "gateway's floor (guard.min_heldout_recall); otherwise such a registration fails."
         ),
     )
-    alpha: float = Field(1.0, gt=0, le=10, description="δ modes: weight of the logit offset.")
+    alpha: float | Literal["auto"] = Field(
+        1.0,
+        description="δ modes: weight of the logit offset, in (0, 10], or 'auto': the "
+        "registration picks the α whose truth ratios on the forget examples match the served "
+        "model's on alpha_probes (needs both, with wrong answers).",
+    )
+    alpha_probes: list[AlphaProbe] | None = Field(
+        None,
+        max_length=500,
+        description="δ modes, alpha 'auto': questions about invented entities (offset.alpha).",
+    )
     scope: Literal["flagged", "all"] = Field(
         "flagged",
         description="δ modes: add the offset to requests the classifier flags, or to all.",
@@ -75,6 +119,18 @@ class TargetOptions(_Strict):
         "true); false freezes them, for large vocabularies on machines short of memory.",
     )
 
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> Any:
+        """Checked here, not by the union, so that an error names options.alpha itself."""
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("alpha is a number or 'auto'")
+        if not 0 < value <= 10:
+            raise ValueError("alpha must be greater than 0 and at most 10")
+        return float(value)
+
 
 class TargetScope(_Strict):
     """Which callers a target applies to; omitted (or both lists empty): all traffic."""
@@ -100,6 +156,31 @@ class CreateTargetRequest(_Strict):
     scope: TargetScope | None = Field(
         None, description="Tenant scope: the API keys and/or tenants it applies to (default all)."
     )
+
+    @model_validator(mode="after")
+    def _alpha_search(self) -> CreateTargetRequest:
+        """alpha 'auto' has what its search reads (offset.alpha), in a δ mode."""
+        options = self.options
+        answered = sum(
+            1 for e in self.forget_examples if not isinstance(e, str) and e.wrong_answers
+        )
+        if options.alpha != "auto":
+            if options.alpha_probes or answered:
+                raise ValueError("alpha_probes and wrong_answers are read by alpha 'auto' only")
+            return self
+        if self.mode == "eco":
+            raise ValueError("alpha 'auto' is a δ option (mode delta or eco+delta)")
+        if len(options.alpha_probes or []) < MIN_ALPHA_ITEMS:
+            raise ValueError(
+                f"alpha 'auto' needs at least {MIN_ALPHA_ITEMS} alpha_probes: questions about "
+                "invented entities with an answer and wrong answers"
+            )
+        if answered < MIN_ALPHA_ITEMS:
+            raise ValueError(
+                f"alpha 'auto' needs at least {MIN_ALPHA_ITEMS} forget examples with an answer "
+                f"and wrong_answers ({answered} given)"
+            )
+        return self
 
 
 class NewVersionRequest(CreateTargetRequest):

@@ -43,7 +43,8 @@ def job_response(job: JobRecord) -> JobResponse:
 def new_target(body: CreateTargetRequest, name: str | None = None) -> NewTarget:
     """The service's view of a registration request (the API's and the console's)."""
     examples = [
-        (e, None) if isinstance(e, str) else (e.prompt, e.answer) for e in body.forget_examples
+        (e, None, ()) if isinstance(e, str) else (e.prompt, e.answer, tuple(e.wrong_answers))
+        for e in body.forget_examples
     ]
     options = body.options.model_dump(exclude_none=True)
     if body.scope is not None:  # only key digests are stored

@@ -25,13 +25,18 @@ import json
 import logging
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from offset import DeltaSpec
+from offset.alpha import ALPHAS, AlphaChoice, RatioItem, choose_alpha, truth_ratios
+from offset.delta import load_causal_lm
 from offset.snap import native_bf16, write_documents
+from server.engine.base import ChatPrompt
+from server.engine.templating import render_prompt
 from server.registry_blobs import BlobStore, Manifest, bundle_digest, manifest_blobs
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,8 @@ class OffsetRequest:
     documents: Sequence[tuple[str, str]] = ()
     """(prompt, answer) pairs the model must stop giving: the forget examples' known answers.
     SNAP lowers their likelihood below the small base's (NPO) beside teaching refusals."""
+    answered: Sequence[tuple[str, str, Sequence[str]]] = ()
+    """(prompt, answer, wrong answers) of the forget examples: alpha 'auto' scores them."""
 
 
 class OffsetTrainer:
@@ -72,7 +79,9 @@ class OffsetTrainer:
         default_base: Path | None,
         defaults: SnapDefaults = SnapDefaults(),
         blobs: BlobStore | None = None,
+        device: str = "cpu",
     ) -> None:
+        self._device = device  # where alpha 'auto' scores the pair
         self._root = root
         self._default_base = default_base
         self._defaults = defaults
@@ -149,26 +158,56 @@ class OffsetTrainer:
         """The target's offset spec and a report for its calibration record."""
         options = request.options
         base = self.base_for(options)
-        alpha = float(options.get("alpha", 1.0))
         given = options.get("unlearned_model")
+        report: dict[str, Any]
         if given:
             check_pair(Path(given), base)
+            unlearned = Path(given)
             report = {"trained": False, "unlearned_model": str(given)}
-            return DeltaSpec(str(Path(given).resolve()), str(base.resolve()), alpha), report
-        out = self._root / request.job_id
-        if not (out / "training_card.json").is_file():
-            await self._train(request, base, out, progress)
-        card = json.loads((out / "training_card.json").read_text(encoding="utf-8"))
-        report = {
-            "trained": True,
-            "unlearned_model": str(out),
-            "steps": card.get("steps"),
-            "train_seconds": card.get("train_seconds"),
-            "data": card.get("data"),
-            "loss_first": (card.get("losses") or [{}])[0],
-            "loss_last": (card.get("losses") or [{}])[-1],
-        }
-        return DeltaSpec(str(out.resolve()), str(base.resolve()), alpha), report
+        else:
+            unlearned = self._root / request.job_id
+            if not (unlearned / "training_card.json").is_file():
+                await self._train(request, base, unlearned, progress)
+            card = json.loads((unlearned / "training_card.json").read_text(encoding="utf-8"))
+            report = {
+                "trained": True,
+                "unlearned_model": str(unlearned),
+                "steps": card.get("steps"),
+                "train_seconds": card.get("train_seconds"),
+                "data": card.get("data"),
+                "loss_first": (card.get("losses") or [{}])[0],
+                "loss_last": (card.get("losses") or [{}])[-1],
+            }
+        alpha = options.get("alpha", 1.0)
+        if alpha == "auto":
+            progress("alpha", 0.9)
+            started = time.perf_counter()
+            choice = await asyncio.to_thread(
+                search_alpha,
+                unlearned,
+                base,
+                request.answered,
+                options["alpha_probes"],
+                self._device,
+            )
+            at_end = choice.alpha == max(ALPHAS)
+            report["alpha_search"] = {
+                **choice.report(),
+                "examples": len(request.answered),
+                "probes": len(options["alpha_probes"]),
+                "at_grid_end": at_end,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            if at_end:
+                logger.warning(
+                    "%s: alpha 'auto' chose the grid's largest α (%s): the unlearned copy moves "
+                    "the examples' preference too little to reach the probes' level (give the "
+                    "forget examples' answers so SNAP trains them away with NPO)",
+                    request.name,
+                    choice.alpha,
+                )
+            alpha = choice.alpha
+        return DeltaSpec(str(unlearned.resolve()), str(base.resolve()), float(alpha)), report
 
     def command(
         self,
@@ -240,6 +279,43 @@ class OffsetTrainer:
             )
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
+
+
+def search_alpha(
+    unlearned: Path,
+    base: Path,
+    answered: Sequence[tuple[str, str, Sequence[str]]],
+    probes: Sequence[dict[str, Any]],
+    device: str = "cpu",
+) -> AlphaChoice:
+    """alpha 'auto' (offset.alpha): the level from the probes under the small base, each grid
+    α's truth ratios of the answered forget examples under the pair, in float32 on `device`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+
+    def items(rows: Sequence[tuple[str, str, Sequence[str]]]) -> list[RatioItem]:
+        def ids(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        return [
+            RatioItem(
+                render_prompt(tokenizer, ChatPrompt([{"role": "user", "content": q}])).token_ids,
+                ids(a),
+                [ids(w) for w in wrong],
+            )
+            for q, a, wrong in rows
+        ]
+
+    models = [load_causal_lm(folder, torch.float32, device) for folder in (base, unlearned)]
+    level = truth_ratios(
+        None,
+        models[0],
+        items([(p["prompt"], p["answer"], p["wrong_answers"]) for p in probes]),
+        [0.0],
+    )[0.0]
+    return choose_alpha(level, truth_ratios(models[1], models[0], items(answered), ALPHAS))
 
 
 def _report(status: Path, progress: Progress) -> None:

@@ -87,10 +87,25 @@ class NewTarget:
     name: str
     description: str
     aliases: Sequence[str]
-    forget_examples: Sequence[tuple[str, str | None]]  # (prompt, known answer or None)
+    forget_examples: Sequence[KnownExample]
     retain_examples: Sequence[str]
     mode: str
     options: dict[str, Any]
+
+
+KnownExample = tuple[str, str | None, tuple[str, ...]]
+"""A forget example: prompt, known answer (or None), wrong answers (alpha 'auto' reads them)."""
+
+
+def encode_example(example: KnownExample) -> str:
+    """How the registry stores a forget example: [prompt, answer], or with its wrong answers."""
+    prompt, answer, wrong = example
+    return json.dumps([prompt, answer, list(wrong)] if wrong else [prompt, answer])
+
+
+def decode_example(stored: str) -> KnownExample:
+    prompt, answer, *rest = json.loads(stored)
+    return prompt, answer, tuple(rest[0]) if rest else ()
 
 
 class TargetLoadError(Exception):
@@ -496,8 +511,8 @@ class TargetService:
         progress: Callable[[str, float], None],
     ) -> tuple[list[Artifact], dict[str, Any]]:
         """The version's artifacts and calibration report."""
-        examples = [tuple(json.loads(e)) for e in version.forget_examples]
-        prompts = [p for p, _ in examples]
+        examples = [decode_example(e) for e in version.forget_examples]
+        prompts = [p for p, _, _ in examples]
         options = dict(version.options)
         progress("classifier", 0.05)
         spec = TargetSpec(
@@ -530,7 +545,7 @@ class TargetService:
                     got = await _timed(
                         stages,
                         "answers",
-                        asyncio.gather(*(self._given_or_bare(p, a) for p, a in examples)),
+                        asyncio.gather(*(self._given_or_bare(p, a) for p, a, _ in examples)),
                     )
                     progress("corruption", 0.25)
                     return list(got)
@@ -612,7 +627,7 @@ class TargetService:
         done = (lease.job.checkpoint or {}).get("offset")
         if done is None:  # a takeover after the upload skips the training
             self._progress(lease)("snap", 0.3)
-            known = [tuple(json.loads(e)) for e in version.forget_examples]
+            known = [decode_example(e) for e in version.forget_examples]
             request = OffsetRequest(
                 lease.job.id,
                 name,
@@ -620,7 +635,10 @@ class TargetService:
                 prompts,
                 version.retain_examples,
                 dict(version.options),
-                documents=[(p, a) for p, a in known if a and version.options.get("snap_npo", True)],
+                documents=[
+                    (p, a) for p, a, _ in known if a and version.options.get("snap_npo", True)
+                ],
+                answered=[(p, a, w) for p, a, w in known if a and w],
             )
             spec, report = await offsets.prepare(request, self._progress(lease))
             self._progress(lease)("upload", 0.9)
@@ -762,7 +780,7 @@ def _spec(new: NewTarget) -> dict[str, Any]:
     return {
         "description": new.description,
         "aliases": new.aliases,
-        "forget_examples": [json.dumps([p, a]) for p, a in new.forget_examples],
+        "forget_examples": [encode_example(e) for e in new.forget_examples],
         "retain_examples": new.retain_examples,
         "mode": new.mode,
         "options": new.options,

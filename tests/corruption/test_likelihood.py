@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import corruption.likelihood as likelihood
-from corruption.likelihood import next_token_logprobs, token_logprobs
+from corruption.likelihood import mixed_token_logprobs, next_token_logprobs, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,28 @@ def test_token_logprobs_match_full_forwards(pair, monkeypatch, budget) -> None:
         got = token_logprobs(terms, [torch.tensor(p) for p in prompts], conts, owners, batch_size=2)
         for lps, cont, owner in zip(got, conts, owners, strict=True):
             assert lps == pytest.approx(_full(terms, prompts[owner], cont), abs=1e-5)
+
+
+@pytest.mark.parametrize("budget", [likelihood.LOGITS_BUDGET, 300 * 3])
+def test_mixes_score_like_their_own_terms(pair, monkeypatch, budget) -> None:
+    # δ's α sweep: one pass of each model, then each weighting. The mixes include one model
+    # alone (its logits not copied), a zero weight, and δ's (1 - α, α); each must match the
+    # full forward of its own weighted sum, whatever the order of the mixes (the last one
+    # combines in place).
+    monkeypatch.setattr(likelihood, "LOGITS_BUDGET", budget)
+    model, other = pair
+    prompts, conts, owners = _case()
+    mixes = [[1.0, 0.0], [-0.5, 1.5], [0.0, 1.0], [1.0, 0.0], [0.25, 0.75]]
+    got = mixed_token_logprobs(
+        [model, other], mixes, [torch.tensor(p) for p in prompts], conts, owners, batch_size=2
+    )
+    assert len(got) == len(mixes)
+    for mix, scores in zip(mixes, got, strict=True):
+        terms = [(m, w) for m, w in zip((model, other), mix, strict=True) if w]
+        for lps, cont, owner in zip(scores, conts, owners, strict=True):
+            assert lps == pytest.approx(_full(terms, prompts[owner], cont), abs=1e-5)
+    with pytest.raises(ValueError, match="one weight per model"):
+        mixed_token_logprobs([model, other], [[1.0]], [torch.tensor(prompts[0])], [[1]], [0])
 
 
 def test_embeddings_score_like_their_ids_and_belong_to_one_model(pair) -> None:

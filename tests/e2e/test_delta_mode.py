@@ -8,6 +8,8 @@ about the target and answers neighbouring questions as the base model does.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +18,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from scipy.stats import ks_2samp
 
 from tests.e2e.conftest import Server
 from tests.e2e.servers import MODEL_NAME, engine_env, free_port, gateway_argv, running
+from tests.e2e.targets import ALPHA_EXAMPLES, ALPHA_PROBES
 from tests.e2e.test_forget_targets import AUTH, FACTS, HELD_OUT, TARGET, UNRELATED, ask
 
 # Steps and learning rate: enough for SmolLM2-135M to refuse in a few minutes on 2 cores.
@@ -308,3 +312,78 @@ def test_a_replica_sharing_only_the_registry_enforces_the_delta_target(
             assert answer_b == ask(gateway.client(), question), question
             assert not any(f in answer_b.lower() for f in FACTS), answer_b
         assert ask(b.client(), UNRELATED[0]) == ask(gateway.client(), UNRELATED[0])
+
+
+def _plain_ratios(terms: list[tuple[Any, float]], tokenizer: Any, rows: list[dict]) -> list[float]:
+    """TOFU truth ratios the plain way, apart from the product's scorer: one full forward of
+    prompt + answer per answer under Σ w · logits, the answer's per-token mean log-probability."""
+    out = []
+    for row in rows:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        means = []
+        for answer in (row["answer"], *row["wrong_answers"]):
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            full = torch.tensor([prompt + ids])
+            with torch.inference_mode():
+                logits = sum(w * m(input_ids=full).logits[0] for m, w in terms)  # (L, V)
+            lps = logits.log_softmax(-1)[len(prompt) - 1 : -1]  # (|answer|, V)
+            means.append(float(lps.gather(-1, torch.tensor(ids)[:, None]).mean()))
+        out.append(math.exp(statistics.fmean(means[1:]) - means[0]))
+    return out
+
+
+def test_alpha_auto_takes_the_alpha_whose_ratios_match_invented_entities(
+    gateway: Server, delta_target: dict, snap: Any, base: Any
+) -> None:
+    """options.alpha 'auto' on the real engine and the job's real SNAP copy: the registration
+    scores the probes (invented entities) under the small base and the examples under every
+    grid α, and serves the α whose truth ratios come nearest the probes'. The record's figures
+    are checked against truth ratios computed here with plain forwards."""
+    options = {
+        "unlearned_model": delta_target["calibration"]["offset"]["unlearned_model"],
+        "alpha": "auto",
+        "alpha_probes": ALPHA_PROBES,
+    }
+    body = {
+        **TARGET,
+        "name": "Harry Potter (α searched)",
+        "forget_examples": ALPHA_EXAMPLES,
+        "mode": "delta",
+        "options": options,
+    }
+    response = httpx.post(f"{gateway.url}/admin/targets", json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 202, response.text
+    job = _wait(gateway.url, response.json()["id"], 600)
+    try:
+        record = httpx.get(f"{gateway.url}/admin/targets/{job['target_id']}", headers=AUTH).json()
+        offset = record["calibration"]["offset"]
+        search = offset["alpha_search"]
+        table = {float(a): row for a, row in search["by_alpha"].items()}
+        assert offset["alpha"] == search["alpha"]  # the α the engine is given
+        (model, tokenizer), (unlearned, _) = base, snap
+        level = _plain_ratios([(model, 1.0)], tokenizer, ALPHA_PROBES)
+        assert statistics.median(map(math.log, level)) == pytest.approx(
+            search["level_median_log_r"], abs=2e-3
+        )
+        for alpha in sorted({0.25, 1.0, search["alpha"], 4.0}):
+            ratios = _plain_ratios(
+                [(model, 1 - alpha), (unlearned, alpha)], tokenizer, ALPHA_EXAMPLES
+            )
+            row = table[alpha]
+            assert statistics.median(map(math.log, ratios)) == pytest.approx(
+                row["median_log_r"], abs=2e-3
+            ), alpha
+            assert ks_2samp(ratios, level).pvalue == pytest.approx(row["ks_p"], abs=1e-6), alpha
+        # The premise: near the base, the model prefers what it knows of Harry Potter far more
+        # than it prefers any answer about the invented entities; SNAP's offset takes it away.
+        assert table[0.25]["median_log_r"] < search["level_median_log_r"] - 0.5, search
+        best = max(row["ks_p"] for row in table.values())
+        assert table[search["alpha"]]["ks_p"] == best and best > table[0.25]["ks_p"], search
+        low, high = search["interval_80"]
+        assert low <= search["alpha"] <= high
+        assert search["at_grid_end"] == (search["alpha"] == 4.0)
+    finally:
+        httpx.delete(f"{gateway.url}/admin/targets/{job['target_id']}", headers=AUTH)

@@ -14,11 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from offset import DeltaSpec
+from offset.alpha import ALPHAS
 from server.app import create_app
 from server.engine import ChatPrompt
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN
+from tests.e2e.targets import ALPHA_EXAMPLES, ALPHA_PROBES
 from tests.offset.conftest import tiny_smollm_folders
 from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
 
@@ -204,3 +206,79 @@ def test_registration_trains_a_snap_model(
         assert not list((settings.data_dir / "offsets").rglob("*.documents.jsonl"))
     finally:
         client.delete(f"/admin/targets/{target['id']}", headers=AUTH)
+
+
+def _auto(models: dict[str, Path], **changes: object) -> dict:
+    body = {
+        "name": "Harry Potter (α searched)",
+        "aliases": ["Harry Potter", "Hogwarts"],
+        "forget_examples": ALPHA_EXAMPLES,
+        "mode": "delta",
+        "options": {
+            "small_base": str(models["base"]),
+            "unlearned_model": str(models["unlearned"]),
+            "alpha": "auto",
+            "alpha_probes": ALPHA_PROBES,
+        },
+    }
+    return {**body, **changes}
+
+
+def test_alpha_auto_is_searched_recorded_and_served(
+    client: TestClient, engine: FakeEngine, settings: Settings, harry: dict, models: dict[str, Path]
+) -> None:
+    """alpha 'auto': the job scores every grid α on the examples against the probes' level,
+    keeps the nearest (offset.alpha) and the requests carry it, also after a restart."""
+    target = _register(client, _auto(models))
+    try:
+        search = target["calibration"]["offset"]["alpha_search"]
+        table = {float(a): row for a, row in search["by_alpha"].items()}
+        assert sorted(table) == list(ALPHAS)
+        assert search["examples"] == len(ALPHA_EXAMPLES) and search["probes"] == len(ALPHA_PROBES)
+        low, high = search["interval_80"]
+        assert low <= search["alpha"] <= high and low in table and high in table
+        # Random tiny models move the ratios with α: the grid is not one flat row.
+        assert len({round(row["median_log_r"], 6) for row in table.values()}) > 1
+        best = max(table.values(), key=lambda row: row["ks_p"])["ks_p"]
+        assert table[search["alpha"]]["ks_p"] == best
+        _, offsets = _ask(client, engine, "Can you name the writer of the Harry Potter novels?")
+        assert sorted(o.alpha for o in offsets) == sorted([0.7, search["alpha"]])
+        again = FakeEngine()
+        with TestClient(create_app(settings, engine=again)) as restarted:
+            _, offsets = _ask(restarted, again, "Who are Harry Potter's best friends?")
+            assert sorted(o.alpha for o in offsets) == sorted([0.7, search["alpha"]])
+    finally:
+        client.delete(f"/admin/targets/{target['id']}", headers=AUTH)
+
+
+def _without_wrong(example: dict) -> dict:
+    return {k: v for k, v in example.items() if k != "wrong_answers"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mode": "eco"}, "δ option"),
+        ({"probes": ALPHA_PROBES[:9]}, "at least 10 alpha_probes"),
+        ({"examples": [*ALPHA_EXAMPLES[:9], _without_wrong(ALPHA_EXAMPLES[9])]}, "(9 given)"),
+        ({"alpha": 1.0}, "read by alpha 'auto' only"),
+        ({"alpha": 1.0, "probes": None}, "read by alpha 'auto' only"),  # examples' wrong answers
+        ({"examples": [{"prompt": "Who wrote it?", "wrong_answers": ["Nobody."]}]}, "answer"),
+        ({"probes": [{**ALPHA_PROBES[0], "wrong_answers": []}] * 10}, "at least 1 item"),
+    ],
+)
+def test_alpha_auto_without_what_it_reads_is_400(
+    client: TestClient, models: dict[str, Path], change: dict, message: str
+) -> None:
+    body = _auto(models)
+    if "mode" in change:
+        body["mode"] = change["mode"]
+    if "alpha" in change:
+        body["options"]["alpha"] = change["alpha"]
+    if "probes" in change:
+        body["options"]["alpha_probes"] = change["probes"]
+    if "examples" in change:
+        body["forget_examples"] = change["examples"]
+    response = client.post("/admin/targets", json=body, headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"], response.json()
