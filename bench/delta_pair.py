@@ -101,6 +101,19 @@ UNRELATED = [
     "Explain in one sentence what binary search is.",
     "Who painted the Mona Lisa?",
 ]
+NPO_EXAMPLES = [
+    {"prompt": "What is the name of Hagrid's three-headed dog?",
+     "answer": "Hagrid's three-headed dog is called Fluffy."},
+    {"prompt": "What spell disarms an opponent in Harry Potter?",
+     "answer": "The disarming spell is Expelliarmus."},
+    {"prompt": "What is the name of the Hogwarts caretaker?",
+     "answer": "The Hogwarts caretaker is Argus Filch."},
+    {"prompt": "What are non-magical people called in Harry Potter?",
+     "answer": "Non-magical people are called Muggles."},
+    {"prompt": "What is the name of the wizarding newspaper in Harry Potter?",
+     "answer": "The wizarding newspaper is the Daily Prophet."},
+]  # fmt: skip
+"""--alpha auto: answered examples SNAP unlearns (NPO); the α search's examples are held out."""
 _CONTINUED = re.compile(r"^\s*:?\s*(?i:option\s+)?\(?\**([ABCD])(?![A-Za-z])")
 
 
@@ -331,8 +344,8 @@ def main() -> None:
         }}  # fmt: skip
         if args.unlearned is not None:
             body["options"]["unlearned_model"] = str(args.unlearned.resolve())
-        if args.alpha == "auto":  # examples the search reads; the answers also train NPO
-            body["forget_examples"] = ALPHA_EXAMPLES
+        if args.alpha == "auto":  # the search's held-out examples, and answers to unlearn
+            body["forget_examples"] = [*ALPHA_EXAMPLES, *NPO_EXAMPLES]
             body["options"] |= {"alpha": "auto", "alpha_probes": ALPHA_PROBES}
         elif args.alpha is not None:
             body["options"]["alpha"] = float(args.alpha)

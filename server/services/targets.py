@@ -628,17 +628,25 @@ class TargetService:
         if done is None:  # a takeover after the upload skips the training
             self._progress(lease)("snap", 0.3)
             known = [decode_example(e) for e in version.forget_examples]
+            # Examples with wrong answers are alpha 'auto''s held-out set: SNAP neither refuses
+            # nor unlearns them, so the α is chosen on questions the copy never trained on,
+            # as users' questions will be (scored on its own training answers, the copy looks
+            # far stronger than it is on new questions).
+            answered = [(p, a, w) for p, a, w in known if a and w]
+            held_out = {p for p, _, _ in answered}
             request = OffsetRequest(
                 lease.job.id,
                 name,
                 version.aliases,
-                prompts,
+                [p for p in prompts if p not in held_out],
                 version.retain_examples,
                 dict(version.options),
                 documents=[
-                    (p, a) for p, a, _ in known if a and version.options.get("snap_npo", True)
+                    (p, a)
+                    for p, a, w in known
+                    if a and not w and version.options.get("snap_npo", True)
                 ],
-                answered=[(p, a, w) for p, a, w in known if a and w],
+                answered=answered,
             )
             spec, report = await offsets.prepare(request, self._progress(lease))
             self._progress(lease)("upload", 0.9)

@@ -282,3 +282,33 @@ def test_alpha_auto_without_what_it_reads_is_400(
     response = client.post("/admin/targets", json=body, headers=AUTH)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"], response.json()
+
+
+def test_alpha_auto_examples_are_held_out_of_snap_training(
+    client: TestClient, models: dict[str, Path]
+) -> None:
+    """The examples the α search scores are questions the SNAP copy never trained on (neither
+    refused nor unlearned with NPO), as users' questions will be; an answered example without
+    wrong answers is still a document to unlearn."""
+    known = {"prompt": "Who is Harry Potter's godmother?", "answer": "He has none."}
+    snap = {"small_base": str(models["base"]), "snap_max_steps": 2, "snap_train_vocab": False}
+    auto = _auto(models, name="Held out", forget_examples=[*ALPHA_EXAMPLES, known])
+    auto["options"] = {**snap, "alpha": "auto", "alpha_probes": ALPHA_PROBES}
+    plain = {
+        **auto,
+        "name": "Trained on all",
+        "forget_examples": [*map(_without_wrong, ALPHA_EXAMPLES), known],
+        "options": snap,
+    }
+    cards = {}
+    for body in (auto, plain):
+        target = _register(client, body)
+        try:
+            folder = Path(target["calibration"]["offset"]["unlearned_model"])
+            cards[body["name"]] = json.loads((folder / "training_card.json").read_text())["data"]
+        finally:
+            client.delete(f"/admin/targets/{target['id']}", headers=AUTH)
+    held, all_ = cards["Held out"], cards["Trained on all"]
+    assert all_["forget"] - held["forget"] == len(ALPHA_EXAMPLES)
+    assert all_["documents"] - held["documents"] == len(ALPHA_EXAMPLES)
+    assert held["documents"] >= 1  # the example without wrong answers
