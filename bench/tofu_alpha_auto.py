@@ -39,23 +39,16 @@ from evaluation import metrics  # noqa: E402
 from evaluation.scoring import load_model  # noqa: E402
 from evaluation.tofu_data import QA  # noqa: E402
 from offset.alpha import ALPHAS, AlphaChoice, RatioItem, choose_alpha, truth_ratios  # noqa: E402
-from server.engine.base import ChatPrompt  # noqa: E402
-from server.engine.templating import render_prompt  # noqa: E402
+from server.services.offsets import ratio_items  # noqa: E402
 
 
 def items_of(tokenizer: Any, rows: list[QA]) -> list[RatioItem]:
-    """TOFU rows as the registration scores forget examples: the templated question, the
-    (paraphrased) answer, the perturbed answers as the wrong ones."""
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    out = []
-    for qa in rows:
-        prompt = render_prompt(tokenizer, ChatPrompt([{"role": "user", "content": qa.question}]))
-        answer = qa.paraphrased_answer or qa.answer
-        out.append(RatioItem(prompt.token_ids, ids(answer), [ids(a) for a in qa.perturbed_answers]))
-    return out
+    """TOFU rows as the registration scores forget examples: the (paraphrased) answer, the
+    perturbed answers as the wrong ones."""
+    return ratio_items(
+        tokenizer,
+        [(qa.question, qa.paraphrased_answer or qa.answer, qa.perturbed_answers) for qa in rows],
+    )
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tofu_alpha import cached_reference, run_subset  # noqa: E402
+from bench.tofu_alpha import AlphaRun, cached_reference  # noqa: E402
 from evaluation.scoring import AnswerScorer, ScoreItem, load_model  # noqa: E402
 from evaluation.tofu_data import QA, QUESTIONS_PER_AUTHOR  # noqa: E402
 
@@ -69,13 +69,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    run = json.loads(args.results.read_text())
-    subset = run_subset(run)
-    rows: list[QA] = list(subset.forget)
-    names = subset.author_names
-    target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])
-    npo_dir = target_dir.with_name(f"{target_dir.name}-snap-npo")
-    reference_dir = args.reference or cached_reference(run, target_dir)
+    ar = AlphaRun.load(args.results)
+    rows: list[QA] = list(ar.subset.forget)
+    names = ar.subset.author_names
+    target_dir, npo_dir = ar.target_dir, ar.npo_dir
+    reference_dir = args.reference or cached_reference(ar.run, target_dir)
     tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
     target, npo, reference = (load_model(d) for d in (target_dir, npo_dir, reference_dir))
 

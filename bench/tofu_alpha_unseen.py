@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tofu_alpha import cached_reference, run_subset, summary  # noqa: E402
+from bench.tofu_alpha import AlphaRun, cached_reference, run_subset, summary  # noqa: E402
 from evaluation import metrics  # noqa: E402
 from evaluation.measure import split_scores  # noqa: E402
 from evaluation.scoring import AnswerScorer, load_model  # noqa: E402
@@ -75,13 +75,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    run = json.loads(args.results.read_text())
+    ar = AlphaRun.load(args.results)
+    run, reference, target_dir = ar.run, ar.reference, ar.target_dir
     by_alpha = {float(a): r for a, r in json.loads(args.alphas.read_text())["ratios"].items()}
-    ratios = run["forget_truth_ratios"]
-    reference, none = ratios["reference"], ratios["none"]
-    by_alpha[0.0] = none  # the target itself
+    by_alpha[0.0] = ar.none  # the target itself
     rows, authors = unseen_rows(run)
-    target_dir = Path(run["cards"]["delta+npo_target"]["options"]["small_base"])
     tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
     unseen: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}

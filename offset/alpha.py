@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
+import torch
 from scipy.stats import ks_2samp
 
 from corruption.likelihood import mixed_token_logprobs
@@ -115,8 +116,6 @@ def truth_ratios(
     if unlearned is None and any(a != 0.0 for a in alphas):
         raise ValueError("α > 0 needs the unlearned model")
     mixes = [[1.0] if unlearned is None else [1.0 - a, a] for a in alphas]
-    import torch
-
     prompts = [torch.tensor(list(item.prompt_ids)) for item in items]
     continuations: list[Sequence[int]] = []
     owners: list[int] = []

@@ -294,28 +294,28 @@ def search_alpha(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-
-    def items(rows: Sequence[tuple[str, str, Sequence[str]]]) -> list[RatioItem]:
-        def ids(text: str) -> list[int]:
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        return [
-            RatioItem(
-                render_prompt(tokenizer, ChatPrompt([{"role": "user", "content": q}])).token_ids,
-                ids(a),
-                [ids(w) for w in wrong],
-            )
-            for q, a, wrong in rows
-        ]
-
     models = [load_causal_lm(folder, torch.float32, device) for folder in (base, unlearned)]
-    level = truth_ratios(
-        None,
-        models[0],
-        items([(p["prompt"], p["answer"], p["wrong_answers"]) for p in probes]),
-        [0.0],
-    )[0.0]
-    return choose_alpha(level, truth_ratios(models[1], models[0], items(answered), ALPHAS))
+    probe_rows = [(p["prompt"], p["answer"], p["wrong_answers"]) for p in probes]
+    level = truth_ratios(None, models[0], ratio_items(tokenizer, probe_rows), [0.0])[0.0]
+    by_alpha = truth_ratios(models[1], models[0], ratio_items(tokenizer, answered), ALPHAS)
+    return choose_alpha(level, by_alpha)
+
+
+def ratio_items(tokenizer: Any, rows: Sequence[tuple[str, str, Sequence[str]]]) -> list[RatioItem]:
+    """(question, answer, wrong answers) as alpha 'auto' scores them: the question as a user
+    turn in the chat template, each answer's tokens after it."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return [
+        RatioItem(
+            render_prompt(tokenizer, ChatPrompt([{"role": "user", "content": q}])).token_ids,
+            ids(a),
+            [ids(w) for w in wrong],
+        )
+        for q, a, wrong in rows
+    ]
 
 
 def _report(status: Path, progress: Progress) -> None:
