@@ -27,6 +27,7 @@ import inspect
 import json
 import pstats
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,9 +107,9 @@ class _Counting:
         self.rows = 0
         self._encode = embedder.encode
 
-        def encode(texts: Sequence[str]) -> np.ndarray:
+        def encode(texts: Sequence[str], stop: threading.Event | None = None) -> np.ndarray:
             self.rows += len(texts)
-            return self._encode(texts)
+            return self._encode(texts, stop)
 
         embedder.encode = encode  # type: ignore[method-assign]
 

@@ -187,9 +187,9 @@ def main() -> None:
         cpu_before = _cpu_seconds(proc.pid)
         started = time.perf_counter()
         latencies: list[float] = []
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             result = run_burst(
-                url, MODEL_NAME, unflagged_prompts(args.concurrency), args.tokens,
+                url, MODEL_NAME, unflagged_prompts(args.concurrency, r + 1), args.tokens,
                 stream=args.stream,
             )  # fmt: skip
             latencies += result.latencies

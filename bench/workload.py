@@ -41,13 +41,31 @@ TOPICS = [
 ]  # fmt: skip
 
 
-def unflagged_prompts(n: int) -> list[str]:
-    return [f"Tell me about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+# A round's prompts differ from every earlier round's: the guard keeps its verdicts on texts
+# it has read (server.services.guard; a chat's re-sent turns), so a burst that repeats the last
+# one measures the cache, not the classifier.
+ASKS = (
+    "Tell me about {}.", "What should I know about {}?", "Explain {} in simple words.",
+    "Give me three facts about {}.", "Why does {} matter?", "Write a short note on {}.",
+    "What is surprising about {}?", "Summarise what is known about {}.",
+)  # fmt: skip
 
 
-def flagged_prompts(n: int) -> list[str]:
+def _ask(i: int, round: int, lead: str = "") -> str:
+    """Round `round`'s question `i` (round 0: "Tell me about {lead}{topic}.")."""
+    text = ASKS[round % len(ASKS)].format(lead + TOPICS[i % len(TOPICS)])
+    if i >= len(TOPICS) or round >= len(ASKS):
+        text += f" Keep it short for reader {i // len(TOPICS)}-{round // len(ASKS)}."
+    return text
+
+
+def unflagged_prompts(n: int, round: int = 0) -> list[str]:
+    return [_ask(i, round) for i in range(n)]
+
+
+def flagged_prompts(n: int, round: int = 0) -> list[str]:
     """Prompts about the Harry Potter target (bench.targets.HARRY_POTTER), none of its examples."""
-    return [f"Tell me about Harry Potter and {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+    return [_ask(i, round, "Harry Potter and ") for i in range(n)]
 
 
 @dataclass
