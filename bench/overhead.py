@@ -10,8 +10,7 @@ every level it reports:
 - unflagged throughput against vLLM's and the latency obliviate adds (p50, p99), and whether
   the greedy answers are byte-identical to vLLM's;
 - the guard's p50 / p99 per request under the burst (obliviate_guard_seconds, Prometheus'
-  histogram_quantile over the unflagged rounds), and where the classifier read the texts
-  (obliviate_guard_reads: in the request's own task, or batched on the guard's thread);
+  histogram_quantile over the unflagged rounds);
 - flagged traffic (prompts about the Harry Potter target: corrupted prompt embeddings) against
   unflagged, on the same gateway;
 - the resident memory of the gateway's process tree beyond vLLM server's (both trees hold one
@@ -64,7 +63,6 @@ from tests.e2e.servers import (  # noqa: E402
 
 LEVELS = (0, 1, 20, 100)
 GUARD = "obliviate_guard_seconds"
-READS = "obliviate_guard_reads"
 
 
 def levels_up_to(n: int) -> list[int]:
@@ -113,7 +111,6 @@ def measure_level(
     guard = dict.fromkeys(histogram(urls["obliviate"], GUARD), 0.0)
     guard_total_s = 0.0
     false_flags = 0.0
-    reads = dict.fromkeys(("static", "batched"), 0.0)
     identical = compared = 0
     for r in range(args.rounds):
         for side in sides:
@@ -125,7 +122,6 @@ def measure_level(
                 if side == "obliviate"
                 else 0.0
             )
-            reads_before = {p: counter(url, READS, path=p) for p in reads}
             # Every round reads new texts (the guard's verdict cache would answer repeats);
             # both servers get the same ones, so their answers can be compared.
             prompts = flagged_prompts if side == "flagged" else unflagged_prompts
@@ -141,8 +137,6 @@ def measure_level(
                 false_flags += (
                     counter(url, "obliviate_guard_decisions", action="corrupt") - flags_before
                 )
-                for p in reads:
-                    reads[p] += counter(url, READS, path=p) - reads_before[p]
                 vllm_texts = rounds["vllm"][-1].texts
                 identical += sum(a == b for a, b in zip(result.texts, vllm_texts, strict=True))
                 compared += len(vllm_texts)
@@ -170,8 +164,6 @@ def measure_level(
     if p50 is not None and p99 is not None:
         level.update(guard_p50_ms=1000 * p50, guard_p99_ms=1000 * p99)
         level["guarded_requests"] = guard[float("inf")]
-        # Where the classifier read them (prompts and the output guard's sentence checks).
-        level["guard_reads"] = reads
         level["guard_mean_ms"] = 1000 * guard_total_s / max(1.0, guard[float("inf")])
     if targets:
         mine = summary(rounds["flagged"])

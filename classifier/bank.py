@@ -38,10 +38,6 @@ _STAGES = (STAGE_STATIC, STAGE_FULL, STAGE_ALIAS)  # the codes of `_Verdicts.sta
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-class _NeedsSecondStage(Exception):
-    """A row passed a target's gate: MiniLM must read it (`ClassifierBank.settled`)."""
-
-
 def _clean(text: str) -> str:
     """Lone surrogates (valid in JSON escapes, not in UTF-8) as U+FFFD, one for one, so the
     tokenizers never raise and offsets stay those of the text."""
@@ -284,22 +280,6 @@ class ClassifierBank:
                 out.append(self._decisions(snap, _best(rows)))
         return out
 
-    def settled(self, texts: Sequence[str]) -> list[Decision] | None:
-        """`classify_groups([texts], only_flagged=True)[0]` when the first stage settles it
-        (each text cached, or no piece of any passes a target's gate: no MiniLM pass), else
-        None, and nothing is computed beyond the static stage. The same Decisions as the full
-        call; cheap enough (a fraction of a millisecond for a prompt of a few sentences) to
-        run where the caller stands instead of queueing for the guard's thread."""
-        snap = self._snapshot
-        unique = list(dict.fromkeys(t for t in texts if t.strip()))
-        if not unique:
-            return []
-        try:
-            rows = self._verdicts(snap, unique, True, static_only=True)
-        except _NeedsSecondStage:
-            return None
-        return self._flagged(snap, _best(rows))
-
     @staticmethod
     def _empty(target: TargetClassifier) -> Decision:
         return Decision(target.name, 0.0, target.gate_threshold, False, STAGE_STATIC)
@@ -357,12 +337,9 @@ class ClassifierBank:
         joined, pieces = conversation_pieces(messages, tools)
         return self.classify_all([joined, *(p.text for p in pieces)])
 
-    def _verdicts(
-        self, snap: _Snapshot, texts: Sequence[str], normalized: bool, *, static_only: bool = False
-    ) -> list[_Verdicts]:
+    def _verdicts(self, snap: _Snapshot, texts: Sequence[str], normalized: bool) -> list[_Verdicts]:
         """Each text's verdicts: from the cache, or classified in one batch with the other
-        texts not found there (and the normalised views of those that have one).
-        `static_only`: raise _NeedsSecondStage instead of running MiniLM (nothing cached)."""
+        texts not found there (and the normalised views of those that have one)."""
         texts = [_clean(t) for t in texts]
         if not normalized:
             return self._classify(snap, texts)
@@ -374,7 +351,7 @@ class ClassifierBank:
         missing = [texts[i] for i in todo]
         views = [normalize(t) for t in missing]
         extra = [k for k, (t, v) in enumerate(zip(missing, views, strict=True)) if v != t]
-        decided = self._classify(snap, [*missing, *(views[k] for k in extra)], static_only)
+        decided = self._classify(snap, [*missing, *(views[k] for k in extra)])
         new = decided[: len(missing)]
         for j, k in enumerate(extra):
             new[k] = _merge(new[k], decided[len(missing) + j])
@@ -388,9 +365,7 @@ class ClassifierBank:
             out.append(v)
         return out
 
-    def _classify(
-        self, snap: _Snapshot, texts: Sequence[str], static_only: bool = False
-    ) -> list[_Verdicts]:
+    def _classify(self, snap: _Snapshot, texts: Sequence[str]) -> list[_Verdicts]:
         if not snap.targets:
             empty = np.zeros(0)
             none = _Verdicts(empty, empty, empty.astype(bool), empty.astype(np.int8), {})
@@ -416,8 +391,6 @@ class ClassifierBank:
         s2 = np.full_like(s1, -np.inf)
         rows = np.flatnonzero(gated.any(axis=1))
         if len(rows):
-            if static_only:
-                raise _NeedsSecondStage
             emb = self.embedder.encode([seg_texts[r] for r in rows])
             s2[rows] = _logits(emb, lex[rows], [ids[r] for r in rows], snap.full)
         return [

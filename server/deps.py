@@ -197,13 +197,7 @@ def build_guard(
             "No local copy of the served model (--model PATH): flagged requests will be refused "
             "instead of corrupted"
         )
-    guard = EcoGuard(
-        bank,
-        corruptor,
-        metrics,
-        log_prompts=settings.log_prompts,
-        inline_chars=settings.guard.inline_chars,
-    )
+    guard = EcoGuard(bank, corruptor, metrics, log_prompts=settings.log_prompts)
     from server.engine.vllm_local import resolve_device
 
     offsets = OffsetTrainer(

@@ -63,13 +63,6 @@ class Metrics:
             registry=self.registry,
         )
 
-        self.guard_reads = Counter(
-            "obliviate_guard_reads",
-            "Classifier reads by where they ran: `static` settled by the static stage in the "
-            "request's own task, `batched` on the guard's thread (MiniLM, or a long text)",
-            ["path"],
-            registry=self.registry,
-        )
         self.shared_limit_fallbacks = Counter(
             "obliviate_shared_limit_fallbacks",
             "Rate-limit checks done in process because the shared store (Redis) did not answer",

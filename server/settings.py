@@ -89,11 +89,6 @@ class GuardSettings(_Section):
     torch_threads: int = Field(1, ge=1)
     """Torch and BLAS threads of the gateway process (the guard's models; vLLM's engine has its
     own)."""
-    inline_chars: int = Field(1000, ge=0)
-    """Prompts of up to this many characters (every text the guard reads, together) are read
-    by the classifier's static stage where the request is handled, about 1.2 ms per 1,000
-    characters; those a target's gate passes, and longer ones, queue for the guard's thread
-    (0: every prompt queues)."""
     fail_closed: bool = True
     """If the guard fails on a request, treat it as flagged (corrupt it, or refuse it); off
     (not recommended): log the failure and send the prompt unguarded."""

@@ -2,11 +2,8 @@
 
 protect(prompt)
   ├─ texts = every turn (any role), tool calls and definitions, alone and joined, no template
-  ├─ decisions = bank.settled(texts)         the static stage, right here, for a short prompt
-  │    or bank.classify_groups(...)          that no target's gate passes; else two stages
-  │                                          (static embeddings, then MiniLM) batched on the
-  │                                          guard's thread. A prompt naming an alias in full
-  │                                          is always flagged
+  ├─ decisions = bank.classify_groups(...)   two stages: static embeddings, then MiniLM; a
+  │                                          prompt naming an alias in full is always flagged
   ├─ nothing flagged ──> the prompt, untouched (token ids; byte-identical output)
   └─ flagged         ──> PromptCorruptor (server.services.corruptor): every flagged ECO
                           target's tokens corrupted with its own spec ──> PromptEmbeds
@@ -90,10 +87,8 @@ class EcoGuard:
         *,
         log_prompts: bool = False,
         threads: int = 2,
-        inline_chars: int = 1000,
     ) -> None:
         self._bank = bank
-        self._inline_chars = inline_chars
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).
         # One item is one request's texts (joined, then each turn alone); its result, the
@@ -172,23 +167,9 @@ class EcoGuard:
 
     async def flagged(self, texts: Sequence[str]) -> list[Decision]:
         """The decisions of the targets flagged on texts read together (as `classify`, less
-        the others).
-
-        Texts of up to `inline_chars` characters in all are read by the static stage right
-        here (a fraction of a millisecond): most requests are settled there. Under a burst, a
-        hop to the guard's thread cost each request its place in the event loop's queue: it
-        resumed only after the loop had sent the requests ahead of it to the engine (13 ms p50
-        at 32 streams, against 0.4 ms for the reading itself). Longer texts, and those a
-        target's gate passes (MiniLM reads them), go to the guard's thread, batched with the
-        other requests waiting."""
+        the others), batched with the other requests waiting."""
         if not self._targets:
             return []
-        if sum(map(len, texts)) <= self._inline_chars:
-            settled = self._bank.settled(texts)
-            if settled is not None:
-                self._metrics.guard_reads.labels("static").inc()
-                return settled
-        self._metrics.guard_reads.labels("batched").inc()
         return await self._classifier.submit(tuple(texts))
 
     async def protect(

@@ -284,38 +284,3 @@ def test_classify_matches_the_reference(
     assert_same(bank.classify(TEXTS), reference.classify(TEXTS))
     assert_same(bank.classify(TEXTS, normalized=False), reference.classify(TEXTS, normalized=False))
     assert_same(bank.classify(TEXTS[:3]), reference.classify(TEXTS[:3]))
-
-
-def test_settled_matches_the_reference_or_leaves_the_text_to_minilm(
-    embedder: Embedder, targets: list[TargetClassifier], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`settled` (what the guard runs in the request's own task): the reference's flagged
-    Decisions whenever the static stage decides, None exactly when the full call needs
-    MiniLM; it never runs MiniLM itself, and a text in the cache is always settled."""
-    reference = _Reference(embedder, targets)
-    want = [[d for d in row if d.flagged] for row in reference.classify_groups(GROUPS)]
-    encoded: list[int] = []
-    encode = embedder.encode
-    monkeypatch.setattr(
-        embedder, "encode", lambda texts, *a: encoded.append(len(texts)) or encode(texts, *a)
-    )
-    deferred = 0
-    for group, flagged in zip(GROUPS, want, strict=True):
-        encoded.clear()
-        got = ClassifierBank(embedder, targets, cache_size=0).settled(group)
-        assert not encoded, group  # settled never reads with MiniLM
-        ClassifierBank(embedder, targets, cache_size=0).classify_groups([group])
-        if encoded:
-            assert got is None, group
-            deferred += 1
-        else:
-            assert got is not None, group
-            assert_same([got], [flagged])
-    assert 0 < deferred < len(GROUPS)  # both outcomes were seen
-    bank = ClassifierBank(embedder, targets)
-    bank.classify_groups(GROUPS)
-    encoded.clear()
-    settled = [bank.settled(g) for g in GROUPS]
-    assert not encoded
-    assert all(s is not None for s in settled)
-    assert_same([s for s in settled if s is not None], want)

@@ -88,43 +88,28 @@ def test_metrics_count_decisions(gateway: Server, target: dict):
     )
 
 
-def _reads(url: str) -> dict[str, float]:
-    """obliviate_guard_reads_total by path."""
-    text = httpx.get(f"{url}/metrics", headers=AUTH).text
-    found = re.findall(r'^obliviate_guard_reads_total\{path="(\w+)"\} (\S+)$', text, re.M)
-    return {path: float(n) for path, n in found}
-
-
 def _burst(client: openai.OpenAI, questions: list[str]) -> list[str]:
     """The questions sent at once, greedy, 16 tokens each: the answers in order."""
     with ThreadPoolExecutor(len(questions)) as pool:
         return list(pool.map(lambda q: ask(client, q, max_tokens=16), questions))
 
 
-def test_a_burst_is_guarded_with_short_unflagged_prompts_settled_in_their_own_task(
+def test_a_burst_is_guarded_like_single_requests(
     gateway: Server, vllm_server: Server, target: dict
 ):
-    """Under concurrent load, short prompts the static stage clears are read in the request's
-    own task (no hop to the guard's thread) and their answers stay byte-identical to vLLM's;
-    flagged prompts, and prompts past `guard.inline_chars`, go to the guard's thread (MiniLM)
-    and are still corrupted."""
+    """Requests sent at once are classified in batches on the guard's thread: unflagged ones,
+    short and long, come back byte-identical to vLLM's; flagged ones, short and long (cut into
+    windows), are all corrupted."""
     filler = "Please answer in one short sentence and keep to plain words. " * 20  # 1,240 chars
     plain = [*UNRELATED, "Tell me about bees.", "Tell me about glaciers."]
-    long_plain = filler + "What is the capital of Italy?"
-    before = _reads(gateway.url)
-    assert _burst(gateway.client(), [*plain, long_plain]) == _burst(
-        vllm_server.client(), [*plain, long_plain]
-    )
-    after = _reads(gateway.url)
-    assert after.get("static", 0) - before.get("static", 0) >= len(plain)
-    assert after["batched"] - before.get("batched", 0) >= 1  # the long prompt
+    plain.append(filler + "What is the capital of Italy?")
+    assert _burst(gateway.client(), plain) == _burst(vllm_server.client(), plain)
     flagged = [*HELD_OUT, filler + HELD_OUT[0]]
     corrupted = _decisions(gateway.url, target["id"])
     answers = _burst(gateway.client(), [*flagged, *plain[:3]])
     for question, answer in zip(flagged, answers, strict=False):
         assert not any(f in answer.lower() for f in FACTS), (question, answer)
     assert _decisions(gateway.url, target["id"]) - corrupted == len(flagged)
-    assert _reads(gateway.url)["batched"] - after["batched"] >= len(flagged)
 
 
 def _decisions(url: str, target_id: str) -> float:

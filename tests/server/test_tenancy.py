@@ -84,9 +84,6 @@ class StubBank:
     ) -> list[list[Decision]]:
         return [self.classify_all(group) for group in groups]
 
-    def settled(self, texts: Sequence[str]) -> list[Decision] | None:
-        return None  # flagged at the full stage: never settled by the static one
-
     def find_spans(self, text: str, names: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
         return {n: [] for n in names}
 
