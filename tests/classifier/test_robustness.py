@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from classifier import ClassifierBank, Embedder, TargetClassifier, conversation_text, find_spans
-from classifier.normalize import normalize_view
+from classifier.normalize import _view, normalize_view
 
 # Every character category, lone surrogates (valid in JSON escapes) and format characters too.
 ANY_CHAR = st.characters(codec=None, categories=None)
@@ -48,6 +48,20 @@ def test_spans_and_the_view_never_raise_and_stay_in_bounds(text: str) -> None:
     for i in range(len(view.text)):
         start, end = view.source_span(i, i + 1)
         assert 0 <= start < end <= len(text)
+
+
+# ASCII with what every obfuscation is made of: digits, @ and $, and separators between
+# single letters ("H.a.r.r.y", "H4rry", "P@tter").
+OBFUSCATION_PARTS = st.lists(
+    st.sampled_from([*"HarryPotterab xyz", *"0134578@$", *".-_* \t\n", "I ", "a b c", "H.a.r"]),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(text=st.one_of(OBFUSCATION_PARTS, st.text(max_size=80), ANY_TEXT))
+def test_the_plain_ascii_shortcut_gives_the_full_view(text: str) -> None:
+    assert normalize_view(text) == _view(text)
 
 
 @SETTINGS
