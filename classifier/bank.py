@@ -393,10 +393,7 @@ class ClassifierBank:
         if len(rows):
             emb = self.embedder.encode([seg_texts[r] for r in rows])
             s2[rows] = _logits(emb, lex[rows], [ids[r] for r in rows], snap.full)
-        return [
-            self._decide(snap, matches[i], slice(bounds[i], bounds[i + 1]), s1, s2, gated)
-            for i in range(len(texts))
-        ]
+        return self._decide(snap, matches, bounds, s1, s2, gated)
 
     @staticmethod
     def _piece_lex(matches: list[AliasMatch], off: int, length: int, n_t: int) -> np.ndarray:
@@ -407,24 +404,34 @@ class ClassifierBank:
     @staticmethod
     def _decide(
         snap: _Snapshot,
-        matches: list[AliasMatch],
-        rows: slice,
+        matches: list[list[AliasMatch]],
+        bounds: list[int],
         s1: np.ndarray,
         s2: np.ndarray,
         gated: np.ndarray,
-    ) -> _Verdicts:
-        """One text's verdicts on every target, from its pieces' `rows` (one pass over all
-        targets: array operations, plus the alias checks of the targets named)."""
-        g = gated[rows]  # (R, T)
-        any_gated = g.any(axis=0)  # (T,)
-        full = np.where(g, s2[rows], -np.inf).max(axis=0)  # (T,) best stage-2 logit, gated rows
-        static = s1[rows].max(axis=0)  # (T,)
-        logit = np.where(any_gated, full, static)
-        thr = np.where(any_gated, snap.threshold, snap.gate)
-        flagged = any_gated & (full > snap.threshold)
-        stage = np.asarray(any_gated, dtype=np.int8)  # 0: static, 1: full
-        for t in {m.target for m in matches}:  # only targets the text names can flag by alias
-            if not flagged[t] and named_in_full(matches, t, snap.targets[t].flags_alias):
-                flagged[t], stage[t] = True, 2
-        spans = {t: tuple(accepted_spans(matches, t)) for t in np.flatnonzero(flagged).tolist()}
-        return _Verdicts(sigmoid(logit), sigmoid(thr), flagged, stage, spans)
+    ) -> list[_Verdicts]:
+        """Each text's verdicts on every target from its pieces' rows (text i: rows
+        bounds[i]:bounds[i + 1], at least one): array operations over the whole batch, then
+        the alias checks of the targets each text names."""
+        starts = np.asarray(bounds[:-1])  # (N,)
+        any_gated = np.logical_or.reduceat(gated, starts, axis=0)  # (N, T)
+        # (N, T): best stage-2 logit over the gated rows, best static logit over all rows
+        full = np.maximum.reduceat(np.where(gated, s2, -np.inf), starts, axis=0)
+        static = np.maximum.reduceat(s1, starts, axis=0)
+        score = sigmoid(np.where(any_gated, full, static))
+        thr = sigmoid(np.where(any_gated, snap.threshold[None], snap.gate[None]))
+        flagged = any_gated & (full > snap.threshold[None])
+        stage = any_gated.astype(np.int8)  # 0: static, 1: full
+        out = []
+        for i, found in enumerate(matches):
+            for t in {m.target for m in found}:  # only targets a text names flag by alias
+                if not flagged[i, t] and named_in_full(found, t, snap.targets[t].flags_alias):
+                    flagged[i, t], stage[i, t] = True, 2
+            spans = {
+                t: tuple(accepted_spans(found, t)) for t in np.flatnonzero(flagged[i]).tolist()
+            }
+            # Copies: a cached verdict keeps its own rows, not the whole batch's arrays.
+            out.append(
+                _Verdicts(score[i].copy(), thr[i].copy(), flagged[i].copy(), stage[i].copy(), spans)
+            )
+        return out
