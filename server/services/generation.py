@@ -223,6 +223,7 @@ class GenerationService:
         async def prime(i: int, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> Primed:
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
             guarded = await self._guard.protect(prompt, sub_id, caller)
+            self._metrics.observe_admission()
             if guarded.offsets and sampling.logprobs is not None:
                 # vLLM reports logprobs before logits processors run (and an upstream only has
                 # the big model's): they would show the very answer the offset steers away from.

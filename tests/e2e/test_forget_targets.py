@@ -80,12 +80,16 @@ def test_unrelated_questions_are_untouched(
 
 
 def test_metrics_count_decisions(gateway: Server, target: dict):
+    admitted = _metric(gateway.url, "obliviate_admission_seconds_count")
     ask(gateway.client(), HELD_OUT[1])
+    ask(gateway.client(), UNRELATED[0])
     metrics = httpx.get(f"{gateway.url}/metrics", headers=AUTH).text
     assert (
         f'obliviate_guard_decisions_total{{action="corrupt",target="{target["id"]}",tenant="-"}}'
         in metrics
     )
+    # Both prompts, flagged and not, timed from arrival until they went to the engine.
+    assert _metric(gateway.url, "obliviate_admission_seconds_count") - admitted == 2
 
 
 def _burst(client: openai.OpenAI, questions: list[str]) -> list[str]:
@@ -113,9 +117,13 @@ def test_a_burst_is_guarded_like_single_requests(
 
 
 def _decisions(url: str, target_id: str) -> float:
-    text = httpx.get(f"{url}/metrics", headers=AUTH).text
     key = f'obliviate_guard_decisions_total{{action="corrupt",target="{target_id}",tenant="-"}}'
-    found = re.search(re.escape(key) + r" (\S+)", text)
+    return _metric(url, key)
+
+
+def _metric(url: str, key: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    found = re.search("^" + re.escape(key) + r" (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -200,6 +201,24 @@ def test_health_ready_metrics(client):
     assert "obliviate_request_seconds_bucket" in text
     assert 'obliviate_tokens_total{kind="completion"}' in text
     assert "obliviate_requests_in_flight" in text
+
+
+def _admissions(client) -> float:
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
+    found = re.search(r"^obliviate_admission_seconds_count (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_every_prompt_is_timed_from_arrival_to_the_engine(client):
+    """obliviate_admission_seconds: one observation per prompt sent to the engine (a chat
+    request, each prompt of a batched completion, streamed or not); none for a refused one."""
+    before = _admissions(client)
+    client.post("/v1/chat/completions", json=CHAT)
+    client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    body = {"model": "fake-model", "prompt": ["p1", "p2", "p3"], "max_tokens": 4}
+    client.post("/v1/completions", json=body)
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": -1})  # 400
+    assert _admissions(client) - before == 5
 
 
 def test_batched_completion_stream_error_closes_every_prompt(client, fake_engine: FakeEngine):
