@@ -162,6 +162,14 @@ def test_logprobs_of_flagged_requests_are_refused(gateway: Server, delta_target:
     assert served.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
 
 
+def _register_upstream(gateway: Server, options: dict) -> str:
+    """A δ target on the upstream gateway; its id once live."""
+    body = {**TARGET, "mode": "delta", "options": options}
+    response = httpx.post(f"{gateway.url}/admin/targets", json=body, headers=AUTH)
+    assert response.status_code == 202, response.text
+    return str(_wait(gateway.url, response.json()["id"], 600)["target_id"])
+
+
 def test_upstream_engine_applies_the_offset_to_top_k(
     upstream_gateway: Server, delta_target: dict, model_path: Path
 ) -> None:
@@ -171,35 +179,41 @@ def test_upstream_engine_applies_the_offset_to_top_k(
         "unlearned_model": delta_target["calibration"]["offset"]["unlearned_model"],
         "scope": "flagged",
     }
-    body = {**TARGET, "mode": "delta", "options": options}
-    response = httpx.post(f"{upstream_gateway.url}/admin/targets", json=body, headers=AUTH)
-    assert response.status_code == 202, response.text
-    job = _wait(upstream_gateway.url, response.json()["id"], 600)
+
+    def chat(content: str, **fields: Any) -> httpx.Response:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}]}
+        return httpx.post(
+            f"{upstream_gateway.url}/v1/chat/completions",
+            json={**body, "max_tokens": 24, "temperature": 0, **fields},
+            timeout=300,
+        )
+
+    target_id = _register_upstream(upstream_gateway, options)
     try:
         for question in HELD_OUT[:2]:
             answer = ask(upstream_gateway.client(), question).lower()
             assert answer.strip() and not any(f in answer for f in FACTS), (question, answer)
         assert ask(upstream_gateway.client(), UNRELATED[0]).strip()
-
-        def chat(**fields: Any) -> httpx.Response:
-            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": HELD_OUT[0]}]}
-            return httpx.post(
-                f"{upstream_gateway.url}/v1/chat/completions",
-                json={**body, "max_tokens": 24, "temperature": 0, **fields},
-                timeout=300,
-            )
-
         # A field the re-ranking cannot honour is refused by name, not dropped.
-        refused = chat(presence_penalty=0.5)
+        refused = chat(HELD_OUT[0], presence_penalty=0.5)
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["param"] == "presence_penalty"
-        # min_tokens is applied: the refusal may not end before 20 tokens.
-        short = chat().json()
-        assert short["usage"]["completion_tokens"] < 20, short  # the premise
-        long = chat(min_tokens=20).json()
-        assert long["usage"]["completion_tokens"] >= 20, long
     finally:
-        httpx.delete(f"{upstream_gateway.url}/admin/targets/{job['target_id']}", headers=AUTH)
+        httpx.delete(f"{upstream_gateway.url}/admin/targets/{target_id}", headers=AUTH)
+    # min_tokens is applied: the answer may not end before 20 tokens. Asked on a short answer
+    # that names no target (scope `all`: every request takes the δ path), so the output guard,
+    # which ends a δ answer about to name the target where it cannot restart it (no local
+    # model here), does not end it first: on a held-out question it does on some machines.
+    target_id = _register_upstream(upstream_gateway, {**options, "scope": "all"})
+    try:
+        short = chat(UNRELATED[0]).json()
+        assert short["usage"]["completion_tokens"] < 20, short  # the premise
+        long = chat(UNRELATED[0], min_tokens=20).json()
+        assert long["usage"]["completion_tokens"] >= 20, long
+        restarts = httpx.get(f"{upstream_gateway.url}/metrics", headers=AUTH).text
+        assert f'action="output_restart",target="{target_id}"' not in restarts
+    finally:
+        httpx.delete(f"{upstream_gateway.url}/admin/targets/{target_id}", headers=AUTH)
 
 
 async def test_upstream_drafts_give_the_tokens_of_one_call_per_token(
