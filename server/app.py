@@ -27,6 +27,7 @@ from server.errors import (
     error_body,
     validation_message,
 )
+from server.heap import freeze_heap, watch_pauses
 from server.limits import AdmissionQueue, BodyLimitMiddleware, Limiter, LocalLimiter, V1Gate
 from server.logs import RequestIdMiddleware
 from server.metrics import Metrics, MetricsAuthMiddleware, MetricsMiddleware, start_metrics_server
@@ -59,6 +60,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A gateway that builds its engine owns its process, and so its garbage collector.
+        owns_process = engine is None
+        stop_watching = watch_pauses(metrics.gc_pause_seconds) if owns_process else None
         if engine is None:
             chosen, model_dir = await asyncio.to_thread(build_engine, settings)
         else:
@@ -105,7 +109,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             await activity.start()
         app.state.engine_failure = None
         app.state.draining = False
-        starter = asyncio.create_task(_start_engine(app, chosen))
+        starter = asyncio.create_task(_start_engine(app, chosen, freeze=owns_process))
         stop_metrics = None
         if settings.metrics.port is not None:
             host = settings.metrics.host or settings.host
@@ -139,6 +143,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             await chosen.stop()
             if registry is not None:
                 registry.close()
+            if stop_watching is not None:
+                stop_watching()
 
     app = FastAPI(
         title="obliviate",
@@ -214,7 +220,9 @@ def _add_v1_gate(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     )
 
 
-async def _start_engine(app: FastAPI, engine: Engine) -> None:
+async def _start_engine(app: FastAPI, engine: Engine, *, freeze: bool) -> None:
+    """Start the engine; then, where the gateway owns its process, freeze the heap it built
+    (`server.heap`)."""
     try:
         await engine.start()
     except asyncio.CancelledError:
@@ -222,6 +230,9 @@ async def _start_engine(app: FastAPI, engine: Engine) -> None:
     except Exception as e:
         logger.exception("The engine failed to start")
         app.state.engine_failure = f"{type(e).__name__}: {e}"
+        return
+    if freeze:
+        logger.info("%d objects of the startup heap frozen", freeze_heap())
 
 
 def _register_error_handlers(app: FastAPI) -> None:

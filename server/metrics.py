@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import json
@@ -29,6 +30,9 @@ _GUARD_BUCKETS = (
     0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01,
     0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
+
+
+_GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -76,6 +80,21 @@ class Metrics:
             buckets=_GUARD_BUCKETS,
             registry=self.registry,
         )
+        self.gc_pause_seconds = Histogram(
+            "obliviate_gc_pause_seconds",
+            "Pauses of Python's cycle collector in the gateway's process, by generation: every "
+            "thread waits for them (recorded where the gateway owns its process)",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=self.registry,
+        )
+        self.gc_frozen = Gauge(
+            "obliviate_gc_frozen_objects",
+            "Objects in the permanent generation, which full collections skip: the heap is "
+            "frozen once the engine is up (where the gateway owns its process)",
+            registry=self.registry,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
         self.shared_limit_fallbacks = Counter(
             "obliviate_shared_limit_fallbacks",
             "Rate-limit checks done in process because the shared store (Redis) did not answer",

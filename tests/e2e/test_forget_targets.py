@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -90,6 +91,18 @@ def test_metrics_count_decisions(gateway: Server, target: dict):
     )
     # Both prompts, flagged and not, timed from arrival until they went to the engine.
     assert _metric(gateway.url, "obliviate_admission_seconds_count") - admitted == 2
+
+
+def test_the_startup_heap_is_frozen_and_collections_are_timed(gateway: Server):
+    """Once its engine is up, the gateway moves the heap it built (torch, vLLM, the
+    classifier: most of a million objects, which a full collection would walk while every
+    request waits) into the permanent generation, as vLLM's own server does."""
+    deadline = time.monotonic() + 60
+    while _metric(gateway.url, "obliviate_gc_frozen_objects") < 200_000:
+        assert time.monotonic() < deadline, "the heap was not frozen"
+        time.sleep(1)
+    ask(gateway.client(), UNRELATED[1])
+    assert _metric(gateway.url, 'obliviate_gc_pause_seconds_count{generation="0"}') > 0
 
 
 def _burst(client: openai.OpenAI, questions: list[str]) -> list[str]:
