@@ -105,6 +105,21 @@ def test_the_startup_heap_is_frozen_and_collections_are_timed(gateway: Server):
     assert _metric(gateway.url, 'obliviate_gc_pause_seconds_count{generation="0"}') > 0
 
 
+@pytest.mark.parametrize(
+    "question",
+    ["Who wrote H.a.r.r.y P.o.t.t.e.r?", "Who wrote the books about H a r r y P o t t e r?"],
+)
+def test_a_name_spelled_out_in_plain_ascii_is_read_and_corrupted(
+    gateway: Server, target: dict, question: str
+):
+    """Plain ASCII skips the character-by-character de-obfuscation unless a word is spelled
+    out letter by letter (classifier.normalize): such a prompt is still read as the name."""
+    corrupted = _decisions(gateway.url, target["id"])
+    answer = ask(gateway.client(), question).lower()
+    assert not any(f in answer for f in FACTS), answer
+    assert _decisions(gateway.url, target["id"]) - corrupted == 1
+
+
 def _burst(client: openai.OpenAI, questions: list[str]) -> list[str]:
     """The questions sent at once, greedy, 16 tokens each: the answers in order."""
     with ThreadPoolExecutor(len(questions)) as pool:
