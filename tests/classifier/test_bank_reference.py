@@ -21,7 +21,6 @@ from classifier.conversation import segments
 from classifier.details import DetailIndex
 from classifier.features import (
     add_details,
-    bow_logits,
     lexical_features,
     named_in_full,
     names_target,
@@ -139,7 +138,9 @@ class _Reference:
     ) -> np.ndarray:
         w_emb, w_lex, w_bow, bias = head
         dense = emb @ w_emb.T + (lex * w_lex[None]).sum(-1) + bias[None]
-        return np.asarray(dense + bow_logits(ids, w_bow), dtype=np.float64)
+        # Each text's distinct word pieces, one at a time (the bank sorts the batch's at once).
+        bow = [w_bow[:, np.unique(row)].sum(axis=-1) for row in ids]
+        return np.asarray(dense + np.array(bow).reshape(len(ids), -1), dtype=np.float64)
 
     def one_view(self, texts: Sequence[str]) -> list[list[Decision]]:
         n_t = len(self.targets)
