@@ -15,7 +15,10 @@ every level it reports:
   histogram_quantile over the unflagged rounds): the classifier call alone;
 - admission p50 / p99 (obliviate_admission_seconds: from a request's arrival until its prompt
   goes to the engine, the wait for the event loop behind the burst included) and what the
-  guard adds: this level's admission p50 minus the same gateway's at no target;
+  guard adds: each round's admission p50 minus that of a "bare" round on the same gateway with
+  every target disabled (PATCH enabled=false: nothing classified), sent right before or after it
+  (the order alternates), the median of those paired differences; and the throughput of the
+  guarded rounds against the bare ones;
 - flagged traffic (prompts about the Harry Potter target: corrupted prompt embeddings) against
   unflagged, on the same gateway;
 - the resident memory of the gateway's process tree beyond vLLM server's (both trees hold one
@@ -44,7 +47,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.targets import HARRY_POTTER, people, register, register_many, wait_idle  # noqa: E402
+from bench.targets import (  # noqa: E402
+    HARRY_POTTER,
+    people,
+    register,
+    register_many,
+    set_enabled,
+    wait_idle,
+)
 from bench.workload import (  # noqa: E402
     Round,
     counter,
@@ -113,15 +123,22 @@ def measure_level(
     urls: dict[str, str], pids: dict[str, int], targets: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Alternated rounds at one number of targets."""
-    sides = ["vllm", "obliviate"] + (["flagged"] if targets else [])
+    # "bare": the same gateway with every target disabled, for what the guard adds in one
+    # gateway (bare before guarded on even rounds, after on odd ones).
+    sides = ["vllm", "obliviate"] + (["bare", "flagged"] if targets else [])
     rounds: dict[str, list[Round]] = {side: [] for side in sides}
     timed = {name: dict.fromkeys(histogram(urls["obliviate"], name), 0.0) for name in TIMED}
+    admitted: dict[str, list[float]] = {"obliviate": [], "bare": []}  # p50 per round, s
     guard_total_s = 0.0
     false_flags = 0.0
     identical = compared = 0
     for r in range(args.rounds):
-        for side in sides:
+        order = sides if r % 2 or not targets else ["vllm", "bare", "obliviate", "flagged"]
+        for side in order:
             url = urls["vllm" if side == "vllm" else "obliviate"]
+            if side == "bare":
+                set_enabled(url, ADMIN_TOKEN, False)
+            admission_before = histogram(url, ADMISSION) if side in admitted else {}
             before = {name: histogram(url, name) for name in TIMED} if side == "obliviate" else {}
             sum_before = histogram_sum(url, GUARD) if side == "obliviate" else 0.0
             flags_before = (
@@ -131,12 +148,23 @@ def measure_level(
             )
             # Every round reads new texts (the guard's verdict cache would answer repeats);
             # both servers get the same ones, so their answers can be compared.
+            # Bare rounds get texts of their own: the engine's prefix cache would serve
+            # the guarded round's prompts again.
             prompts = flagged_prompts if side == "flagged" else unflagged_prompts
             result = run_burst(
-                url, MODEL_NAME, prompts(args.concurrency, r + 1), args.tokens,
-                stream=args.stream,
+                url, MODEL_NAME,
+                prompts(args.concurrency, r + 1 + (500 if side == "bare" else 0)),
+                args.tokens, stream=args.stream,
             )  # fmt: skip
             rounds[side].append(result)
+            if side in admitted:
+                p50 = histogram_quantile(
+                    histogram_delta(admission_before, histogram(url, ADMISSION)), 0.5
+                )
+                admitted[side].append(p50 if p50 is not None else float("nan"))
+            if side == "bare":
+                set_enabled(url, ADMIN_TOKEN, True)
+                wait_idle(pids["obliviate"])  # the targets load again
             if side == "obliviate":
                 for name, buckets in timed.items():
                     for le, n in histogram_delta(before[name], histogram(url, name)).items():
@@ -189,6 +217,15 @@ def measure_level(
     if p50 is not None and p99 is not None:
         level.update(admission_p50_ms=1000 * p50, admission_p99_ms=1000 * p99)
     if targets:
+        pairs = zip(admitted["obliviate"], admitted["bare"], strict=True)
+        paired = [1000 * (guarded - bare) for guarded, bare in pairs]
+        level["guard_adds_rounds_ms"] = paired
+        level["guard_adds_p50_ms"] = statistics.median(paired)
+        level["bare_admission_p50_ms"] = 1000 * statistics.median(admitted["bare"])
+        level["guarded_over_bare"] = statistics.median(
+            got.tok_per_s / base.tok_per_s
+            for got, base in zip(rounds["obliviate"], rounds["bare"], strict=True)
+        )
         mine = summary(rounds["flagged"])
         level["flagged"] = mine
         level["flagged_over_unflagged"] = mine["tok_per_s_median"] / ours["tok_per_s_median"]
@@ -207,12 +244,13 @@ def measure_level(
 def markdown(report: dict[str, Any]) -> str:
     rows = [
         "| targets | vLLM tok/s | obliviate tok/s | ratio (rounds min-max) | added p50 | added p99 "
-        "| guard p50 | guard p99 | admission p50 | guard adds (p50) | flagged / unflagged "
-        "| identical | vLLM vs itself | RSS beyond vLLM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| guard p50 | guard p99 | admission p50 | guard adds (p50) | guarded / bare "
+        "| flagged / unflagged | identical | vLLM vs itself | RSS beyond vLLM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in report["levels"]:
         flagged = f"{lv['flagged_over_unflagged']:.3f}" if "flagged_over_unflagged" in lv else "–"
+        over_bare = f"{lv['guarded_over_bare']:.3f}" if "guarded_over_bare" in lv else "–"
         guard50 = f"{lv['guard_p50_ms']:.2f} ms" if "guard_p50_ms" in lv else "–"
         guard99 = f"{lv['guard_p99_ms']:.2f} ms" if "guard_p99_ms" in lv else "–"
         admitted = f"{lv['admission_p50_ms']:.1f} ms" if "admission_p50_ms" in lv else "–"
@@ -226,7 +264,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {lv['obliviate']['tok_per_s_median']:.1f} | {lv['throughput_ratio']:.3f} "
             f"({min(lv['round_ratios']):.2f}-{max(lv['round_ratios']):.2f}) "
             f"| {lv['added_latency_p50_ms']:+.0f} ms | {lv['added_latency_p99_ms']:+.0f} ms "
-            f"| {guard50} | {guard99} | {admitted} | {adds} | {flagged} | {lv['greedy_identical']} "
+            f"| {guard50} | {guard99} | {admitted} | {adds} | {over_bare} | {flagged} "
+            f"| {lv['greedy_identical']} "
             f"| {lv.get('vllm_self_identical', '–')} "
             f"| {lv['memory_mib']['gateway_beyond_vllm']:+.0f} MiB |"
         )
@@ -280,9 +319,6 @@ def main() -> None:
             have = targets
             wait_idle(pids["obliviate"])
             level = measure_level(urls, pids, targets, args)
-            bare = report["levels"][0] if report["levels"] else level
-            if bare["targets"] == 0 and "admission_p50_ms" in level:
-                level["guard_adds_p50_ms"] = level["admission_p50_ms"] - bare["admission_p50_ms"]
             report["levels"].append(level)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2, default=str))

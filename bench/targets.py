@@ -149,3 +149,23 @@ def wait_idle(
         if (after - before) / window_s < below:
             break
     return time.monotonic() - started
+
+
+def set_enabled(url: str, token: str, enabled: bool) -> int:
+    """PATCH every registered target to `enabled` (the guard follows each at once); returns
+    how many were switched. A gateway with none enabled classifies nothing, as with none."""
+    headers = {"Authorization": f"Bearer {token}"}
+    listed = httpx.get(f"{url}/admin/targets", headers=headers, timeout=60)
+    listed.raise_for_status()
+    switched = 0
+    for target in listed.json()["data"]:
+        if target["enabled"] != enabled:
+            response = httpx.patch(
+                f"{url}/admin/targets/{target['id']}",
+                json={"enabled": enabled},
+                headers=headers,
+                timeout=120,
+            )
+            response.raise_for_status()
+            switched += 1
+    return switched

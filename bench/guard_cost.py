@@ -1,0 +1,176 @@
+"""What the guard adds to a request's admission under a burst, in one gateway, in pairs.
+
+    python bench/guard_cost.py [--targets 20] [--pairs 30] [--concurrency 32] [--tokens 4]
+                               [--stream] [--dtype float32|bfloat16] [--gateway-args "..."]
+
+bench/overhead.py compares whole rounds, a few per level, and on a shared 2-core machine one
+round's admission p50 moves by 10-20 ms from the next; that buries a guard cost of a few ms.
+This runs one `obliviate serve` (no vLLM server beside it), registers the README's Harry Potter
+target and people up to `--targets` (bench/targets.py), then sends `--pairs` pairs of bursts:
+in each pair, one burst with every target disabled (PATCH enabled=false: nothing classified,
+as with no target) and one with every target enabled (each prompt classified), the order
+alternating from pair to pair. A burst is `--concurrency` new unflagged chat requests sent at
+once (bench/workload.py; no text twice, so neither the verdict cache nor the engine's prefix
+cache answers), each generating `--tokens` tokens: short, as admission ends when the prompt goes
+to the engine and the burst's arrivals are what load the event loop then.
+
+Per burst it reads obliviate_admission_seconds (arrival until the prompt goes to the engine)
+and, for the guarded ones, obliviate_guard_seconds. It reports the median of the pairs'
+differences in admission p50 (guarded - bare) with a 95% bootstrap interval, the same for the
+p90, and the guard's p50 / p99 over every guarded request. Writes bench/results/guard_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.targets import (  # noqa: E402
+    HARRY_POTTER,
+    people,
+    register,
+    register_many,
+    set_enabled,
+    wait_idle,
+)
+from bench.workload import (  # noqa: E402
+    histogram,
+    histogram_delta,
+    histogram_quantile,
+    run_burst,
+    unflagged_prompts,
+)
+from offset.snap import native_bf16  # noqa: E402
+from server.modelstore import resolve_model  # noqa: E402
+from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, running  # noqa: E402
+
+ADMISSION = "obliviate_admission_seconds"
+GUARD = "obliviate_guard_seconds"
+
+
+def interval(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of `values`."""
+    rng = random.Random(seed)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def burst_quantiles(url: str, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """One burst; its admission p50 / p90 (ms) and the guard histogram's change."""
+    before = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
+    run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
+    after = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
+    admission = histogram_delta(before[ADMISSION], after[ADMISSION])
+    p50, p90 = histogram_quantile(admission, 0.5), histogram_quantile(admission, 0.9)
+    if p50 is None or p90 is None or admission[float("inf")] != len(prompts):
+        raise RuntimeError(f"admission not observed for every prompt: {admission}")
+    return {
+        "p50_ms": 1000 * p50,
+        "p90_ms": 1000 * p90,
+        "guard": histogram_delta(before[GUARD], after[GUARD]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--targets", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--stream", action="store_true", help="streamed requests (SSE)")
+    parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
+    parser.add_argument(
+        "--gateway-args",
+        default="",
+        help='more `obliviate serve` flags, e.g. "--guard.loop-chars 0"',
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/guard_cost.json"))
+    args = parser.parse_args()
+    if args.targets < 1 or args.pairs < 2:
+        parser.error("give --targets >= 1 and --pairs >= 2")
+
+    model = resolve_model(None, auto_pull=True)
+    logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = gateway_argv(
+        port,
+        "--model",
+        str(model),
+        "--data-dir",
+        str(logs / "data"),
+        *shlex.split(args.gateway_args),
+        dtype=args.dtype,
+    )
+    report: dict[str, Any] = {"workload": {**vars(args), "out": str(args.out)}}
+    report["workload"].update(cpus=os.cpu_count(), load_average_at_start=os.getloadavg())
+    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as gw:
+        wait_idle(gw.pid)
+        register(url, ADMIN_TOKEN, HARRY_POTTER)
+        if args.targets > 1:
+            register_many(url, ADMIN_TOKEN, people(args.targets - 1))
+        wait_idle(gw.pid)
+        run_burst(url, MODEL_NAME, unflagged_prompts(args.concurrency), 8, stream=args.stream)
+        pairs: list[dict[str, Any]] = []
+        guard: dict[float, float] = {}
+        for i in range(args.pairs):
+            pair: dict[str, Any] = {}
+            for side in ("bare", "guarded") if i % 2 == 0 else ("guarded", "bare"):
+                set_enabled(url, ADMIN_TOKEN, side == "guarded")
+                wait_idle(gw.pid)  # enabling loads the targets again
+                # New texts for each burst: 2 per pair, far from bench/overhead.py's rounds.
+                prompts = unflagged_prompts(args.concurrency, 10_000 + 2 * i + (side == "bare"))
+                got = burst_quantiles(url, prompts, args)
+                for le, n in got.pop("guard").items():
+                    guard[le] = guard.get(le, 0.0) + n
+                pair[side] = got
+            pair["adds_p50_ms"] = pair["guarded"]["p50_ms"] - pair["bare"]["p50_ms"]
+            pair["adds_p90_ms"] = pair["guarded"]["p90_ms"] - pair["bare"]["p90_ms"]
+            pairs.append(pair)
+            print(
+                f"pair {i + 1:3d}: bare p50 {pair['bare']['p50_ms']:6.1f} ms, guarded "
+                f"{pair['guarded']['p50_ms']:6.1f} ms, adds {pair['adds_p50_ms']:+6.1f} ms",
+                flush=True,
+            )
+    adds50 = [p["adds_p50_ms"] for p in pairs]
+    adds90 = [p["adds_p90_ms"] for p in pairs]
+    guard_p50, guard_p99 = histogram_quantile(guard, 0.5), histogram_quantile(guard, 0.99)
+    report.update(
+        pairs=pairs,
+        guard_adds_p50_ms=statistics.median(adds50),
+        guard_adds_p50_interval_ms=interval(adds50),
+        guard_adds_p90_ms=statistics.median(adds90),
+        guard_adds_p90_interval_ms=interval(adds90),
+        bare_admission_p50_ms=statistics.median(p["bare"]["p50_ms"] for p in pairs),
+        guarded_admission_p50_ms=statistics.median(p["guarded"]["p50_ms"] for p in pairs),
+        guard_p50_ms=1000 * guard_p50 if guard_p50 is not None else None,
+        guard_p99_ms=1000 * guard_p99 if guard_p99 is not None else None,
+        guarded_requests=guard.get(float("inf"), 0.0),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    low, high = report["guard_adds_p50_interval_ms"]
+    print(
+        f"{args.targets} targets, {args.pairs} pairs of {args.concurrency} requests: the guard "
+        f"adds {report['guard_adds_p50_ms']:+.1f} ms to admission p50 (95% interval "
+        f"{low:+.1f} to {high:+.1f}); p90 {report['guard_adds_p90_ms']:+.1f} ms; guard p50 / p99 "
+        f"{report['guard_p50_ms']:.1f} / {report['guard_p99_ms']:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
