@@ -197,7 +197,13 @@ def build_guard(
             "No local copy of the served model (--model PATH): flagged requests will be refused "
             "instead of corrupted"
         )
-    guard = EcoGuard(bank, corruptor, metrics, log_prompts=settings.log_prompts)
+    guard = EcoGuard(
+        bank,
+        corruptor,
+        metrics,
+        log_prompts=settings.log_prompts,
+        loop_chars=settings.guard.loop_chars,
+    )
     from server.engine.vllm_local import resolve_device
 
     offsets = OffsetTrainer(

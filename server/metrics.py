@@ -63,6 +63,14 @@ class Metrics:
             ["target", "action", "tenant"],
             registry=self.registry,
         )
+        self.guard_reads = Counter(
+            "obliviate_guard_reads",
+            "Texts the guard's classifier read (prompts, and the output guard's windows), by "
+            "where: `loop` (static stage, on the event loop) or `thread` (both stages, on the "
+            "guard's thread)",
+            ["path"],
+            registry=self.registry,
+        )
         self.guard_seconds = Histogram(
             "obliviate_guard_seconds",
             "Time the guard adds before the engine sees a request",

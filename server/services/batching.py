@@ -98,3 +98,54 @@ class BatchingExecutor(Generic[T, R]):
             return
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)
+
+
+class LoopBatcher(Generic[T, R]):
+    """`await submit(item)` -> `fn([... item ...])[i]`, run on the event loop itself.
+
+    The first call schedules one run (`loop.call_soon`) behind the callbacks already waiting;
+    every call made before it runs joins it. For work of a millisecond or two per batch that a
+    thread would make dearer: on a busy loop each time a worker thread hands the GIL back it
+    waits up to the interpreter's switch interval (5 ms) to get it again (bench/gil_contention.py).
+    If `fn` raises, every call of the batch raises it: callers have their own fallback.
+    """
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 64) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._fn = fn
+        self._max_batch = max_batch
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._scheduled = False
+        self.batches = 0
+        """How many times `fn` ran (for tests and metrics)."""
+
+    async def submit(self, item: T) -> R:
+        """The result for `item`, computed on this loop (possibly with other items)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._waiting.append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._run)
+        return await future
+
+    def _run(self) -> None:
+        batch = [(item, f) for item, f in self._waiting[: self._max_batch] if not f.done()]
+        del self._waiting[: self._max_batch]
+        self._scheduled = bool(self._waiting)
+        if self._scheduled:
+            asyncio.get_running_loop().call_soon(self._run)
+        if not batch:
+            return
+        self.batches += 1
+        try:
+            results = self._fn([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+        except Exception as e:
+            for _, future in batch:
+                future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)

@@ -285,3 +285,63 @@ def test_classify_matches_the_reference(
     assert_same(bank.classify(TEXTS), reference.classify(TEXTS))
     assert_same(bank.classify(TEXTS, normalized=False), reference.classify(TEXTS, normalized=False))
     assert_same(bank.classify(TEXTS[:3]), reference.classify(TEXTS[:3]))
+
+
+def test_settled_groups_match_the_reference_or_leave_the_group_to_minilm(
+    embedder: Embedder, targets: list[TargetClassifier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`settled_groups` (what the guard runs on its event loop): the reference's flagged
+    Decisions for each group the static stage decides, None exactly for the groups the full
+    call sends to MiniLM, whether alone or in one batch with the others; it never runs MiniLM
+    itself, and a group whose texts are cached is always settled."""
+    reference = _Reference(embedder, targets)
+    want = [[d for d in row if d.flagged] for row in reference.classify_groups(GROUPS)]
+    encoded: list[int] = []
+    encode = embedder.encode
+    monkeypatch.setattr(
+        embedder, "encode", lambda texts, *a: encoded.append(len(texts)) or encode(texts, *a)
+    )
+    needs_minilm = []
+    for group, flagged in zip(GROUPS, want, strict=True):
+        encoded.clear()
+        got = ClassifierBank(embedder, targets, cache_size=0).settled_groups([group])[0]
+        assert not encoded, group  # never reads with MiniLM
+        ClassifierBank(embedder, targets, cache_size=0).classify_groups([group])
+        needs_minilm.append(bool(encoded))
+        if encoded:
+            assert got is None, group
+        else:
+            assert got is not None, group
+            assert_same([got], [flagged])
+    assert 0 < sum(needs_minilm) < len(GROUPS)  # both outcomes were seen
+    # All groups in one batch: the same split, and nothing MiniLM must read is cached.
+    bank = ClassifierBank(embedder, targets)
+    encoded.clear()
+    batch = bank.settled_groups(GROUPS)
+    assert not encoded
+    assert [got is None for got in batch] == needs_minilm
+    assert_same(
+        [g for g in batch if g is not None],
+        [w for w, n in zip(want, needs_minilm, strict=True) if not n],
+    )
+    assert_same(bank.classify_groups(GROUPS, only_flagged=True), want)  # reads what was left
+    encoded.clear()
+    settled = bank.settled_groups(GROUPS)  # every text cached now
+    assert not encoded
+    assert all(s is not None for s in settled)
+    assert_same([s for s in settled if s is not None], want)
+
+
+def test_a_name_only_the_normalised_view_reveals_is_left_to_minilm(
+    embedder: Embedder, hp_classifier: TargetClassifier
+) -> None:
+    """The text as sent passes no gate; its de-obfuscated view names the target. The static
+    stage must not settle it on the text alone."""
+    text = "H4rry P0tt3r"
+    bank = ClassifierBank(embedder, [hp_classifier], cache_size=0)
+    assert [d.target for d in bank.classify_groups([[text]], only_flagged=True)[0]] == [
+        hp_classifier.name
+    ]
+    # As sent, the gate does not pass: the static stage's Decision.
+    assert [d.stage for d in bank.classify([text], normalized=False)[0]] == ["static"]
+    assert bank.settled_groups([[text], ["What is rain?"]]) == [None, []]

@@ -129,19 +129,30 @@ def _burst(client: openai.OpenAI, questions: list[str]) -> list[str]:
 def test_a_burst_is_guarded_like_single_requests(
     gateway: Server, vllm_server: Server, target: dict
 ):
-    """Requests sent at once are classified in batches on the guard's thread: unflagged ones,
-    short and long, come back byte-identical to vLLM's; flagged ones, short and long (cut into
-    windows), are all corrupted."""
-    filler = "Please answer in one short sentence and keep to plain words. " * 20  # 1,240 chars
+    """Requests sent at once are classified in batches: the static stage settles short
+    unflagged ones on the event loop, and they come back byte-identical to vLLM's, as do long
+    ones; flagged ones, short and long (cut into windows), go on to MiniLM on the guard's
+    thread and are all corrupted."""
+    filler = "Please answer in one short sentence and keep to plain words. " * 40  # 2,480 chars
     plain = [*UNRELATED, "Tell me about bees.", "Tell me about glaciers."]
     plain.append(filler + "What is the capital of Italy?")
+    on_loop, on_thread = _reads(gateway.url, "loop"), _reads(gateway.url, "thread")
     assert _burst(gateway.client(), plain) == _burst(vllm_server.client(), plain)
+    assert _reads(gateway.url, "loop") - on_loop >= 3  # the short unflagged prompts
+    assert _reads(gateway.url, "thread") - on_thread >= 1  # the long one
     flagged = [*HELD_OUT, filler + HELD_OUT[0]]
     corrupted = _decisions(gateway.url, target["id"])
+    on_thread = _reads(gateway.url, "thread")
     answers = _burst(gateway.client(), [*flagged, *plain[:3]])
     for question, answer in zip(flagged, answers, strict=False):
         assert not any(f in answer.lower() for f in FACTS), (question, answer)
     assert _decisions(gateway.url, target["id"]) - corrupted == len(flagged)
+    assert _reads(gateway.url, "thread") - on_thread >= len(flagged)
+
+
+def _reads(url: str, path: str) -> float:
+    """Texts the guard read on `path` (loop or thread): prompts and the output guard's windows."""
+    return _metric(url, f'obliviate_guard_reads_total{{path="{path}"}}')
 
 
 def _decisions(url: str, target_id: str) -> float:

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from server.services.batching import BatchingExecutor
+from server.services.batching import BatchingExecutor, LoopBatcher
 
 
 class Recorder:
@@ -72,3 +72,29 @@ async def test_closed_executor_refuses_new_calls():
     executor.close()
     with pytest.raises(RuntimeError, match="closed"):
         await executor.submit("a")
+
+
+async def test_loop_batcher_runs_the_calls_of_one_pass_together_on_the_loop():
+    fn = Recorder()
+    batcher: LoopBatcher[str, str] = LoopBatcher(fn, max_batch=3)
+    got = await asyncio.gather(*(batcher.submit(x) for x in "abcde"))
+    assert got == ["A", "B", "C", "D", "E"]
+    # Five calls made in one pass: batches of at most 3, on the loop's own thread.
+    assert fn.batches == [["a", "b", "c"], ["d", "e"]]
+    assert fn.threads == {threading.current_thread().name}
+    assert await batcher.submit("f") == "F"  # a later call runs on its own
+    assert fn.batches[-1] == ["f"]
+
+
+async def test_loop_batcher_fails_the_whole_batch_and_skips_cancelled_calls():
+    fn = Recorder()
+    batcher: LoopBatcher[str, str] = LoopBatcher(fn)
+    gone = asyncio.ensure_future(batcher.submit("gone"))
+    await asyncio.sleep(0)  # `gone` is queued
+    gone.cancel()
+    results = await asyncio.gather(
+        batcher.submit("ok"), batcher.submit("bad"), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [ValueError, ValueError]  # the caller falls back
+    assert fn.batches == [["ok", "bad"]]  # the cancelled call was not computed
+    assert await batcher.submit("again") == "AGAIN"

@@ -84,6 +84,9 @@ class StubBank:
     ) -> list[list[Decision]]:
         return [self.classify_all(group) for group in groups]
 
+    def settled_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Decision] | None]:
+        return [None for _ in groups]  # flagged at the full stage: never settled by the static
+
     def find_spans(self, text: str, names: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
         return {n: [] for n in names}
 
