@@ -44,6 +44,7 @@ from bench.targets import (  # noqa: E402
     wait_idle,
 )
 from bench.workload import (  # noqa: E402
+    counter,
     histogram,
     histogram_delta,
     histogram_quantile,
@@ -56,6 +57,7 @@ from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, 
 
 ADMISSION = "obliviate_admission_seconds"
 GUARD = "obliviate_guard_seconds"
+READS = "obliviate_guard_reads"  # texts read on the event loop / on the guard's thread
 
 
 def interval(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
@@ -70,8 +72,10 @@ def interval(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tu
 def burst_quantiles(url: str, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """One burst; its admission p50 / p90 (ms) and the guard histogram's change."""
     before = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
+    reads = {path: counter(url, READS, path=path) for path in ("loop", "thread")}
     run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
     after = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
+    reads = {path: counter(url, READS, path=path) - n for path, n in reads.items()}
     admission = histogram_delta(before[ADMISSION], after[ADMISSION])
     p50, p90 = histogram_quantile(admission, 0.5), histogram_quantile(admission, 0.9)
     if p50 is None or p90 is None or admission[float("inf")] != len(prompts):
@@ -80,6 +84,7 @@ def burst_quantiles(url: str, prompts: list[str], args: argparse.Namespace) -> d
         "p50_ms": 1000 * p50,
         "p90_ms": 1000 * p90,
         "guard": histogram_delta(before[GUARD], after[GUARD]),
+        "reads": reads,
     }
 
 
@@ -160,6 +165,9 @@ def main() -> None:
         guard_p50_ms=1000 * guard_p50 if guard_p50 is not None else None,
         guard_p99_ms=1000 * guard_p99 if guard_p99 is not None else None,
         guarded_requests=guard.get(float("inf"), 0.0),
+        reads={
+            path: sum(p["guarded"]["reads"][path] for p in pairs) for path in ("loop", "thread")
+        },
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
