@@ -97,7 +97,7 @@ class EcoGuard:
         # Short prompts: the static stage on the event loop, batched with the requests handled
         # in the same pass (server.services.batching.LoopBatcher); no thread hand-off.
         self._settle: LoopBatcher[tuple[str, ...], list[Decision] | None] = LoopBatcher(
-            self._bank.settled_groups
+            lambda groups: self._bank.settled_groups(groups)
         )
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).
@@ -181,10 +181,12 @@ class EcoGuard:
 
         Texts of up to `loop_chars` characters in all go first to the static stage on the
         event loop (`ClassifierBank.settled_groups`: the same Decisions when no target's gate
-        passes). Under a 32-request burst the guard's thread added 11 ms p50 to admission: on
-        the busy loop it waited for the GIL each time NumPy or the tokenizer let go of it
-        (bench/guard_cost.py, bench/gil_contention.py). What the static stage leaves to MiniLM,
-        longer texts, and any failure of the loop path go to the guard's thread, batched."""
+        passes): on the guard's thread, a batch waits for the GIL each time NumPy or the
+        tokenizer lets go of it while the loop is busy (bench/gil_contention.py). Under a
+        32-request burst at 20 targets the guard's own p50 is 13-15 ms this way against 17-20
+        ms on the thread; admission, about +10 ms either way (bench/guard_cost.py). What the
+        static stage leaves to MiniLM, longer texts, and any failure of the loop path go to the
+        guard's thread, batched."""
         if not self._targets:
             return []
         item = tuple(texts)

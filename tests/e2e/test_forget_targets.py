@@ -131,8 +131,9 @@ def test_a_burst_is_guarded_like_single_requests(
 ):
     """Requests sent at once are classified in batches: the static stage settles short
     unflagged ones on the event loop, and they come back byte-identical to vLLM's, as do long
-    ones; flagged ones, short and long (cut into windows), go on to MiniLM on the guard's
-    thread and are all corrupted."""
+    ones (read on the guard's thread); flagged ones, short and long (cut into windows), are all
+    corrupted (on the thread, where MiniLM reads them, unless an earlier test's verdicts on
+    them are cached)."""
     filler = "Please answer in one short sentence and keep to plain words. " * 40  # 2,480 chars
     plain = [*UNRELATED, "Tell me about bees.", "Tell me about glaciers."]
     plain.append(filler + "What is the capital of Italy?")
@@ -142,12 +143,10 @@ def test_a_burst_is_guarded_like_single_requests(
     assert _reads(gateway.url, "thread") - on_thread >= 1  # the long one
     flagged = [*HELD_OUT, filler + HELD_OUT[0]]
     corrupted = _decisions(gateway.url, target["id"])
-    on_thread = _reads(gateway.url, "thread")
     answers = _burst(gateway.client(), [*flagged, *plain[:3]])
     for question, answer in zip(flagged, answers, strict=False):
         assert not any(f in answer.lower() for f in FACTS), (question, answer)
     assert _decisions(gateway.url, target["id"]) - corrupted == len(flagged)
-    assert _reads(gateway.url, "thread") - on_thread >= len(flagged)
 
 
 def _reads(url: str, path: str) -> float:

@@ -100,7 +100,9 @@ def test_fail_closed_treats_a_classifier_error_as_flagged(
     def broken(self: ClassifierBank, groups: list[list[str]], **options: object) -> list[object]:
         raise RuntimeError("injected classifier failure")
 
+    # Both paths: the static stage on the event loop and both stages on the guard's thread.
     monkeypatch.setattr(ClassifierBank, "classify_groups", broken)
+    monkeypatch.setattr(ClassifierBank, "settled_groups", broken)
     response = client.post("/v1/chat/completions", json=chat(PLAIN_PROMPT))
     assert response.status_code == 200, response.text
     # Even a harmless prompt is corrupted: the guard could not vouch for it.
