@@ -138,8 +138,7 @@ def measure_level(
             url = urls["vllm" if side == "vllm" else "obliviate"]
             if side == "bare":
                 set_enabled(url, ADMIN_TOKEN, False)
-            admission_before = histogram(url, ADMISSION) if side in admitted else {}
-            before = {name: histogram(url, name) for name in TIMED} if side == "obliviate" else {}
+            before = {name: histogram(url, name) for name in TIMED} if side in admitted else {}
             sum_before = histogram_sum(url, GUARD) if side == "obliviate" else 0.0
             flags_before = (
                 counter(url, "obliviate_guard_decisions", action="corrupt")
@@ -158,16 +157,15 @@ def measure_level(
             )  # fmt: skip
             rounds[side].append(result)
             if side in admitted:
-                p50 = histogram_quantile(
-                    histogram_delta(admission_before, histogram(url, ADMISSION)), 0.5
-                )
+                grew = {name: histogram_delta(before[name], histogram(url, name)) for name in TIMED}
+                p50 = histogram_quantile(grew[ADMISSION], 0.5)
                 admitted[side].append(p50 if p50 is not None else float("nan"))
             if side == "bare":
                 set_enabled(url, ADMIN_TOKEN, True)
                 wait_idle(pids["obliviate"])  # the targets load again
             if side == "obliviate":
                 for name, buckets in timed.items():
-                    for le, n in histogram_delta(before[name], histogram(url, name)).items():
+                    for le, n in grew[name].items():
                         buckets[le] = buckets.get(le, 0.0) + n
                 guard_total_s += histogram_sum(url, GUARD) - sum_before
                 false_flags += (

@@ -267,8 +267,7 @@ class ClassifierBank:
         target for every request (at 100 targets that was half the cost of a burst's batch).
         """
         snap = self._snapshot
-        unique = list(dict.fromkeys(t for group in groups for t in group if t.strip()))
-        decided = dict(zip(unique, self._verdicts(snap, unique, True), strict=True))
+        decided = self._by_text(snap, groups, False)
         return [self._group(snap, group, decided, only_flagged) for group in groups]
 
     def settled_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Decision] | None]:
@@ -278,25 +277,30 @@ class ClassifierBank:
         same Decisions as `classify_groups`, for a fraction of its cost when MiniLM has nothing
         to read: cheap enough to run where the caller stands (the guard's event loop)."""
         snap = self._snapshot
-        unique = list(dict.fromkeys(t for group in groups for t in group if t.strip()))
-        decided = dict(zip(unique, self._some_verdicts(snap, unique, True, True), strict=True))
-        settled = {t: v for t, v in decided.items() if v is not None}
+        decided = self._by_text(snap, groups, True)
         return [
-            self._group(snap, group, settled, True)
-            if all(t in settled or t not in decided for t in group)
-            else None
+            None
+            if any(t in decided and decided[t] is None for t in group)
+            else self._group(snap, group, decided, True)
             for group in groups
         ]
+
+    def _by_text(
+        self, snap: _Snapshot, groups: Sequence[Sequence[str]], static_only: bool
+    ) -> dict[str, _Verdicts | None]:
+        """The verdicts on every distinct non-blank text of `groups` (`_some_verdicts`)."""
+        unique = list(dict.fromkeys(t for group in groups for t in group if t.strip()))
+        return dict(zip(unique, self._some_verdicts(snap, unique, True, static_only), strict=True))
 
     def _group(
         self,
         snap: _Snapshot,
         group: Sequence[str],
-        decided: Mapping[str, _Verdicts],
+        decided: Mapping[str, _Verdicts | None],
         only_flagged: bool,
     ) -> list[Decision]:
         """One group's Decisions from its texts' verdicts (blank texts have none)."""
-        rows = [decided[t] for t in dict.fromkeys(group) if t in decided]
+        rows = [v for t in dict.fromkeys(group) if (v := decided.get(t)) is not None]
         if not rows:
             return [] if only_flagged else [self._empty(t) for t in snap.targets]
         if only_flagged:

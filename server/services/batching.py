@@ -26,6 +26,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _results(fn: Callable[[list[T]], Sequence[R]], items: list[T]) -> Sequence[R]:
+    """`fn(items)`, which must give one result per item."""
+    results = fn(items)
+    if len(results) != len(items):
+        raise RuntimeError(f"{len(results)} results for {len(items)} items")
+    return results
+
+
 class BatchingExecutor(Generic[T, R]):
     """`await submit(item)` -> `fn([... item ...])[i]`, batching the calls that wait together."""
 
@@ -85,9 +93,7 @@ class BatchingExecutor(Generic[T, R]):
     def _process(self, batch: list[tuple[T, Future[R]]]) -> None:
         self.batches += 1
         try:
-            results = self._fn([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+            results = _results(self._fn, [item for item, _ in batch])
         except BaseException as e:
             if len(batch) == 1:
                 batch[0][1].set_exception(e)
@@ -140,9 +146,7 @@ class LoopBatcher(Generic[T, R]):
             return
         self.batches += 1
         try:
-            results = self._fn([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+            results = _results(self._fn, [item for item, _ in batch])
         except Exception as e:
             for _, future in batch:
                 future.set_exception(e)
