@@ -203,6 +203,7 @@ def build_guard(
         metrics,
         log_prompts=settings.log_prompts,
         loop_chars=settings.guard.loop_chars,
+        loop_batch=settings.guard.loop_batch,
     )
     from server.engine.vllm_local import resolve_device
 
@@ -228,27 +229,32 @@ def build_guard(
     return guard, service
 
 
-def get_generation_service(request: Request) -> GenerationService:
+# Dependencies are `async def`: FastAPI runs a plain function on a worker thread, a thread hop
+# (and a wait for the GIL behind a busy loop) per dependency per request
+# (tests/server/test_no_thread_hops.py).
+
+
+async def get_generation_service(request: Request) -> GenerationService:
     service: GenerationService = request.app.state.generation
     return service
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     """The request's id (RequestIdMiddleware): the client's sane X-Request-Id, else a fresh one."""
     return current_request_id() or sane_request_id(request.headers.get("x-request-id"))
 
 
-def get_caller(request: Request) -> Caller:
+async def get_caller(request: Request) -> Caller:
     """Who is calling, from the API key (the /v1 gate has already refused bad keys; routes
     outside /v1, such as /tokenize, are refused here)."""
     keys: ApiKeys = request.app.state.api_keys
@@ -262,7 +268,7 @@ def get_caller(request: Request) -> Caller:
     return caller
 
 
-def get_responses_service(request: Request) -> ResponsesService:
+async def get_responses_service(request: Request) -> ResponsesService:
     service: ResponsesService = request.app.state.responses
     return service
 

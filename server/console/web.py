@@ -59,7 +59,12 @@ def get_console(request: Request) -> Console:
     return console
 
 
-ConsoleDep = Annotated[Console, Depends(get_console)]
+async def console_dep(request: Request) -> Console:
+    """get_console as a dependency (async: FastAPI runs a plain function on a worker thread)."""
+    return get_console(request)
+
+
+ConsoleDep = Annotated[Console, Depends(console_dep)]
 
 
 def admin_auth(request: Request) -> str:

@@ -27,7 +27,7 @@ from server.services.tenancy import SCOPE_OPTION, Caller, TenantScope, key_diges
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def get_target_service(request: Request) -> TargetService:
+async def get_target_service(request: Request) -> TargetService:
     service: TargetService = request.app.state.targets
     return service
 

@@ -26,17 +26,17 @@ from server.services.playground import PlaygroundService
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def get_playground(request: Request) -> PlaygroundService:
+async def get_playground(request: Request) -> PlaygroundService:
     service: PlaygroundService = request.app.state.playground
     return service
 
 
-def get_activity(request: Request) -> ActivityRecorder:
+async def get_activity(request: Request) -> ActivityRecorder:
     recorder: ActivityRecorder = request.app.state.activity
     return recorder
 
 
-def get_audit_trail(request: Request) -> AuditTrail:
+async def get_audit_trail(request: Request) -> AuditTrail:
     trail: AuditTrail = request.app.state.audit_trail
     return trail
 
