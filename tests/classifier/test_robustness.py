@@ -117,3 +117,19 @@ def test_100k_character_prompts(bank: ClassifierBank, text: str) -> None:
     assert bank.classify_all([prompt])[0].flagged
     spans = find_spans(prompt, ALIASES)
     assert (len(prompt) - 13, len(prompt) - 1) in spans
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Keep it short for reader 0-1250.", "What happened in 1997?", "It costs $5 or 4 @ 2."],
+)
+def test_numbers_apart_from_letters_take_the_shortcut(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Digits, @ and $ that touch no letter are no leetspeak: the view is the text, without
+    the character-by-character path (half the static stage's time for such a prompt)."""
+    import classifier.normalize
+
+    assert _view(text).text == text
+    monkeypatch.setattr(classifier.normalize, "_view", lambda t: pytest.fail("full path taken"))
+    assert normalize_view(text).text == text
