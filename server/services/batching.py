@@ -113,6 +113,10 @@ class LoopBatcher(Generic[T, R]):
     every call made before it runs joins it. For work of a millisecond or two per batch that a
     thread would make dearer: on a busy loop each time a worker thread hands the GIL back it
     waits up to the interpreter's switch interval (5 ms) to get it again (bench/gil_contention.py).
+
+    A run takes at most `max_batch` calls, and the next run is scheduled only once their
+    results are set, so their callers go on before it: under a burst the first requests do
+    not wait for the whole burst to be read, and one run blocks the loop for a bounded time.
     If `fn` raises, every call of the batch raises it: callers have their own fallback.
     """
 
@@ -139,11 +143,16 @@ class LoopBatcher(Generic[T, R]):
     def _run(self) -> None:
         batch = [(item, f) for item, f in self._waiting[: self._max_batch] if not f.done()]
         del self._waiting[: self._max_batch]
-        self._scheduled = bool(self._waiting)
-        if self._scheduled:
-            asyncio.get_running_loop().call_soon(self._run)
-        if not batch:
-            return
+        try:
+            if batch:
+                self._process(batch)
+        finally:
+            # After the results: their callers' wake-ups are queued ahead of the next run.
+            self._scheduled = bool(self._waiting)
+            if self._scheduled:
+                asyncio.get_running_loop().call_soon(self._run)
+
+    def _process(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.batches += 1
         try:
             results = _results(self._fn, [item for item, _ in batch])

@@ -91,13 +91,15 @@ class EcoGuard:
         log_prompts: bool = False,
         threads: int = 2,
         loop_chars: int = 2000,
+        loop_batch: int = 8,
     ) -> None:
         self._bank = bank
         self._loop_chars = loop_chars
         # Short prompts: the static stage on the event loop, batched with the requests handled
-        # in the same pass (server.services.batching.LoopBatcher); no thread hand-off.
+        # in the same pass (server.services.batching.LoopBatcher); no thread hand-off;
+        # `loop_batch` at a time, whose callers go on before the next batch is read.
         self._settle: LoopBatcher[tuple[str, ...], list[Decision] | None] = LoopBatcher(
-            lambda groups: self._bank.settled_groups(groups)
+            lambda groups: self._bank.settled_groups(groups), max_batch=loop_batch
         )
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).

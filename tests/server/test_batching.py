@@ -86,6 +86,28 @@ async def test_loop_batcher_runs_the_calls_of_one_pass_together_on_the_loop():
     assert fn.batches[-1] == ["f"]
 
 
+async def test_loop_batcher_resumes_a_batch_s_callers_before_the_next_batch_runs():
+    """Under a burst the first callers go on (to the engine) before later ones are read."""
+    events: list[str] = []
+
+    def fn(items: list[str]) -> list[str]:
+        events.append("run " + "".join(items))
+        return [x.upper() for x in items]
+
+    batcher: LoopBatcher[str, str] = LoopBatcher(fn, max_batch=2)
+
+    async def call(x: str) -> None:
+        await batcher.submit(x)
+        events.append("resumed " + x)
+
+    await asyncio.gather(*(call(x) for x in "abcde"))
+    assert events == [
+        "run ab", "resumed a", "resumed b",
+        "run cd", "resumed c", "resumed d",
+        "run e", "resumed e",
+    ]  # fmt: skip
+
+
 async def test_loop_batcher_fails_the_whole_batch_and_skips_cancelled_calls():
     fn = Recorder()
     batcher: LoopBatcher[str, str] = LoopBatcher(fn)

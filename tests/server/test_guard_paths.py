@@ -48,9 +48,9 @@ class StubClassifier:
     name: str
 
 
-def guard(bank: SplitBank, loop_chars: int = 2000) -> tuple[EcoGuard, Metrics]:
+def guard(bank: SplitBank, loop_chars: int = 2000, loop_batch: int = 8) -> tuple[EcoGuard, Metrics]:
     metrics = Metrics()
-    eco = EcoGuard(bank, None, metrics, loop_chars=loop_chars)  # type: ignore[arg-type]
+    eco = EcoGuard(bank, None, metrics, loop_chars=loop_chars, loop_batch=loop_batch)  # type: ignore[arg-type]
     target = ActiveTarget("id", bank.name, (), None, StubClassifier(bank.name))  # type: ignore[arg-type]
     eco.set_targets([target])
     return eco, metrics
@@ -71,6 +71,14 @@ async def test_short_prompts_of_one_pass_are_settled_together_on_the_loop() -> N
     assert bank.settled_batches == [[("what is rain?",), ("who is harry?",), ("hi",)]]
     assert bank.full_batches == []
     assert (reads(metrics, "loop"), reads(metrics, "thread")) == (3, 0)
+
+
+async def test_loop_batch_bounds_what_one_pass_reads_at_once() -> None:
+    bank = SplitBank()
+    eco, _ = guard(bank, loop_batch=2)
+    got = await asyncio.gather(*(eco.flagged([f"question {i}"]) for i in range(5)))
+    assert got == [[]] * 5
+    assert [len(b) for b in bank.settled_batches] == [2, 2, 1]
 
 
 async def test_what_the_static_stage_leaves_and_long_prompts_go_to_the_guard_thread() -> None:
