@@ -17,7 +17,10 @@ to the engine and the burst's arrivals are what load the event loop then.
 Per burst it reads obliviate_admission_seconds (arrival until the prompt goes to the engine)
 and, for the guarded ones, obliviate_guard_seconds. It reports the median of the pairs'
 differences in admission p50 (guarded - bare) with a 95% bootstrap interval, the same for the
-p90, and the guard's p50 / p99 over every guarded request. Writes bench/results/guard_cost.json.
+p90, the guard's p50 / p99 over every guarded request, and the CPU time the gateway's event loop
+(its main thread) and its whole process used per burst on each side (/proc; the counters tick
+every 10 ms, so only the mean over many bursts means anything). Writes
+bench/results/guard_cost.json.
 """
 
 from __future__ import annotations
@@ -69,11 +72,28 @@ def interval(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tu
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
-def burst_quantiles(url: str, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """One burst; its admission p50 / p90 (ms) and the guard histogram's change."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of process `pid`'s main thread (the gateway's event loop)
+    and of the whole process (every thread), from /proc; resolution one clock tick."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
+
+
+def burst_quantiles(
+    url: str, prompts: list[str], args: argparse.Namespace, pid: int
+) -> dict[str, Any]:
+    """One burst; its admission p50 / p90 (ms), the guard histogram's change and the CPU the
+    gateway's event loop and process used from its start to its end."""
     before = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
     reads = {path: counter(url, READS, path=path) for path in ("loop", "thread")}
+    cpu = cpu_seconds(pid)
     run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
+    loop_s, process_s = (after - start for after, start in zip(cpu_seconds(pid), cpu, strict=True))
     after = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
     reads = {path: counter(url, READS, path=path) - n for path, n in reads.items()}
     admission = histogram_delta(before[ADMISSION], after[ADMISSION])
@@ -85,6 +105,8 @@ def burst_quantiles(url: str, prompts: list[str], args: argparse.Namespace) -> d
         "p90_ms": 1000 * p90,
         "guard": histogram_delta(before[GUARD], after[GUARD]),
         "reads": reads,
+        "loop_cpu_ms": 1000 * loop_s,
+        "process_cpu_ms": 1000 * process_s,
     }
 
 
@@ -139,7 +161,7 @@ def main() -> None:
                 wait_idle(gw.pid)  # enabling loads the targets again
                 # New texts for each burst: 2 per pair, far from bench/overhead.py's rounds.
                 prompts = unflagged_prompts(args.concurrency, 10_000 + 2 * i + (side == "bare"))
-                got = burst_quantiles(url, prompts, args)
+                got = burst_quantiles(url, prompts, args, gw.pid)
                 for le, n in got.pop("guard").items():
                     guard[le] = guard.get(le, 0.0) + n
                 pair[side] = got
@@ -168,6 +190,15 @@ def main() -> None:
         reads={
             path: sum(p["guarded"]["reads"][path] for p in pairs) for path in ("loop", "thread")
         },
+        # Mean over the bursts (the /proc counters tick every 10 ms): what a burst costs the
+        # gateway's event loop, and its whole process, with every target disabled or enabled.
+        cpu_ms_per_burst={
+            side: {
+                what: statistics.fmean(p[side][f"{what}_cpu_ms"] for p in pairs)
+                for what in ("loop", "process")
+            }
+            for side in ("bare", "guarded")
+        },
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -177,6 +208,12 @@ def main() -> None:
         f"adds {report['guard_adds_p50_ms']:+.1f} ms to admission p50 (95% interval "
         f"{low:+.1f} to {high:+.1f}); p90 {report['guard_adds_p90_ms']:+.1f} ms; guard p50 / p99 "
         f"{report['guard_p50_ms']:.1f} / {report['guard_p99_ms']:.1f} ms"
+    )
+    cpu = report["cpu_ms_per_burst"]
+    print(
+        "CPU per burst, event loop / whole gateway: bare "
+        f"{cpu['bare']['loop']:.0f} / {cpu['bare']['process']:.0f} ms, guarded "
+        f"{cpu['guarded']['loop']:.0f} / {cpu['guarded']['process']:.0f} ms"
     )
 
 
