@@ -425,7 +425,8 @@ class ClassifierBank:
             ]
         )
         seg_texts = [seg for _, _, seg in pieces]
-        ids = self.embedder.token_ids(seg_texts)
+        # The static-only read runs on the event loop (settled_groups): it keeps the GIL.
+        ids = self.embedder.token_ids(seg_texts, pool=not static_only)
         s1 = _logits(self.embedder.static_from_ids(ids), lex, ids, snap.static)  # (P, T)
         gated = (s1 > snap.gate[None]) | names_target(lex)  # (P, T)
         s2 = np.full_like(s1, -np.inf)

@@ -128,10 +128,15 @@ class Embedder:
                 out[idx] = pooled.float().cpu().numpy()
         return _normalise(out)
 
-    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Word-piece ids of each text, without special tokens, truncated to `max_length`."""
-        if len(texts) == 1:  # the common single-prompt case: skip the batch thread pool
-            encodings = [self._fast.encode(texts[0], add_special_tokens=False)]
+    def token_ids(self, texts: Sequence[str], *, pool: bool = True) -> list[np.ndarray]:
+        """Word-piece ids of each text, without special tokens, truncated to `max_length`.
+
+        `pool=False`: text by text, holding the GIL. The batch call lets go of the GIL and
+        hands the texts to the tokenizer's thread pool; on the event loop, beside a thread that
+        takes the GIL meanwhile, getting it back waits up to the switch interval (5 ms): 32
+        prompts took 10.2 ms that way against 1.2 ms text by text (the same 1.1 ms alone)."""
+        if len(texts) == 1 or not pool:  # one prompt: the pool costs more than it saves
+            encodings = [self._fast.encode(t, add_special_tokens=False) for t in texts]
         else:
             encodings = self._fast.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(enc.ids[: self.max_length], dtype=np.int64) for enc in encodings]

@@ -92,9 +92,9 @@ class _Reads:
         self.texts: list[str] = []
         token_ids = embedder.token_ids
 
-        def counting(texts: Sequence[str]) -> list[np.ndarray]:
+        def counting(texts: Sequence[str], *, pool: bool = True) -> list[np.ndarray]:
             self.texts += texts
-            return token_ids(texts)
+            return token_ids(texts, pool=pool)
 
         monkeypatch.setattr(embedder, "token_ids", counting)
 
