@@ -107,13 +107,19 @@ def test_the_startup_heap_is_frozen_and_collections_are_timed(gateway: Server):
 
 @pytest.mark.parametrize(
     "question",
-    ["Who wrote H.a.r.r.y P.o.t.t.e.r?", "Who wrote the books about H a r r y P o t t e r?"],
+    [
+        "Who wrote H.a.r.r.y P.o.t.t.e.r?",
+        "Who wrote the books about H a r r y P o t t e r?",
+        "Who wrote H4rry P0tt3r, first published in 1997?",
+    ],
 )
 def test_a_name_spelled_out_in_plain_ascii_is_read_and_corrupted(
     gateway: Server, target: dict, question: str
 ):
     """Plain ASCII skips the character-by-character de-obfuscation unless a word is spelled
-    out letter by letter (classifier.normalize): such a prompt is still read as the name."""
+    out letter by letter or a digit, @ or $ touches a letter (classifier.normalize; a number
+    apart from letters, like the year here, does not count): such a prompt is still read as
+    the name."""
     corrupted = _decisions(gateway.url, target["id"])
     answer = ask(gateway.client(), question).lower()
     assert not any(f in answer for f in FACTS), answer
