@@ -134,7 +134,7 @@ class Embedder:
         `pool=False`: text by text, holding the GIL. The batch call lets go of the GIL and
         hands the texts to the tokenizer's thread pool; on the event loop, beside a thread that
         takes the GIL meanwhile, getting it back waits up to the switch interval (5 ms): 32
-        prompts took 10.2 ms that way against 1.2 ms text by text (the same 1.1 ms alone)."""
+        prompts took 8-10 ms that way against 1.1-1.2 ms text by text (1.1 ms alone either way)."""
         if len(texts) == 1 or not pool:  # one prompt: the pool costs more than it saves
             encodings = [self._fast.encode(t, add_special_tokens=False) for t in texts]
         else:
