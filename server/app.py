@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import Gauge
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -109,7 +110,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             await activity.start()
         app.state.engine_failure = None
         app.state.draining = False
-        starter = asyncio.create_task(_start_engine(app, chosen, freeze=owns_process))
+        frozen = metrics.gc_frozen if owns_process else None
+        starter = asyncio.create_task(_start_engine(app, chosen, frozen=frozen))
         stop_metrics = None
         if settings.metrics.port is not None:
             host = settings.metrics.host or settings.host
@@ -220,9 +222,9 @@ def _add_v1_gate(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     )
 
 
-async def _start_engine(app: FastAPI, engine: Engine, *, freeze: bool) -> None:
-    """Start the engine; then, where the gateway owns its process, freeze the heap it built
-    (`server.heap`)."""
+async def _start_engine(app: FastAPI, engine: Engine, *, frozen: Gauge | None) -> None:
+    """Start the engine; then, where the gateway owns its process (`frozen`: the gauge of
+    frozen objects), freeze the heap it built (`server.heap`)."""
     try:
         await engine.start()
     except asyncio.CancelledError:
@@ -231,8 +233,8 @@ async def _start_engine(app: FastAPI, engine: Engine, *, freeze: bool) -> None:
         logger.exception("The engine failed to start")
         app.state.engine_failure = f"{type(e).__name__}: {e}"
         return
-    if freeze:
-        logger.info("%d objects of the startup heap frozen", freeze_heap())
+    if frozen is not None:
+        logger.info("%d objects of the startup heap frozen", freeze_heap(frozen))
 
 
 def _register_error_handlers(app: FastAPI) -> None:
