@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 
 ENTITY_KINDS = ("person", "title", "place", "any")
@@ -31,7 +31,7 @@ class Lexicon:
     wrappers: tuple[str, ...]
     entity_templates: dict[str, tuple[str, ...]]
 
-    @property
+    @cached_property
     def name_words(self) -> frozenset[str]:
         """Every word of the shipped person names, lower-cased."""
         return frozenset(w.lower() for n in self.first_names + self.surnames for w in n.split())
