@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -216,21 +216,32 @@ class AliasIndex:
         """Whether one folded word (or two glued) is, or is one typo away from, alias words."""
         return bool(self._cached_lookup(word, True))
 
-    def match(self, text: str, words: list[Word] | None = None) -> list[AliasMatch]:
-        """Every full or partial alias match in text, for every target."""
-        words = split_words(text) if words is None else words
-        hits: dict[tuple[int, int], list[tuple[int, int, _Entry, int]]] = {}
-        for i, w in enumerate(words):
-            spans = [(i + 1, w.norm, True)]
-            if i + 1 < len(words) and w.norm not in STOPWORDS:
-                nxt = words[i + 1].norm
+    def _keys(self, norms: Sequence[str]) -> Iterator[tuple[int, int, str, bool]]:
+        """Every lookup `match` makes in a text of words `norms` (folded): (first word, end
+        word, key, fuzzy)."""
+        for i, norm in enumerate(norms):
+            yield i, i + 1, norm, True
+            if i + 1 < len(norms) and norm not in STOPWORDS:
+                nxt = norms[i + 1]
                 # Two glued words ("Naka mura"): exact, or fuzzy when neither is a real word.
                 if nxt not in STOPWORDS:
-                    fuzzy = w.norm not in self._common and nxt not in self._common
-                    spans.append((i + 2, w.norm + nxt, fuzzy))
-            for j, key, fuzzy in spans:
-                for entry, edits in self._cached_lookup(key, fuzzy):
-                    hits.setdefault((entry.target, entry.alias), []).append((i, j, entry, edits))
+                    yield i, i + 2, norm + nxt, norm not in self._common and nxt not in self._common
+
+    def match(self, text: str, words: list[Word] | None = None) -> list[AliasMatch]:
+        """Every full or partial alias match in text, for every target."""
+        if words is None:
+            # Most prompts name no alias: an ASCII text's folded words are its lower-cased
+            # regex words, so the same lookups can rule it out before any `Word` is built.
+            if text.isascii() and not any(
+                self._cached_lookup(key, fuzzy)
+                for _, _, key, fuzzy in self._keys(_WORD_RE.findall(text.lower()))
+            ):
+                return []
+            words = split_words(text)
+        hits: dict[tuple[int, int], list[tuple[int, int, _Entry, int]]] = {}
+        for i, j, key, fuzzy in self._keys([w.norm for w in words]):
+            for entry, edits in self._cached_lookup(key, fuzzy):
+                hits.setdefault((entry.target, entry.alias), []).append((i, j, entry, edits))
         matches: list[AliasMatch] = []
         lower_only = not any(c.isupper() for c in text)
         for (t, a), group in hits.items():

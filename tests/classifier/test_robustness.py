@@ -8,11 +8,12 @@ import sys
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from classifier import ClassifierBank, Embedder, TargetClassifier, conversation_text, find_spans
 from classifier.normalize import _view, normalize_view
+from classifier.spans import AliasIndex, split_words
 
 # Every character category, lone surrogates (valid in JSON escapes) and format characters too.
 ANY_CHAR = st.characters(codec=None, categories=None)
@@ -133,3 +134,75 @@ def test_numbers_apart_from_letters_take_the_shortcut(
     assert _view(text).text == text
     monkeypatch.setattr(classifier.normalize, "_view", lambda t: pytest.fail("full path taken"))
     assert normalize_view(text).text == text
+
+
+# ASCII made of alias words, their typos and glued halves, stopwords and case changes.
+ALIAS_PARTS = st.lists(
+    st.sampled_from(
+        [
+            "Harry",
+            "harry",
+            "HARRY",
+            "Hary",
+            "Potter",
+            "Pottr",
+            "pot",
+            "ter",
+            "Hog",
+            "warts",
+            "Hogwarts",
+            "Hogwart",
+            "J.K.",
+            "JK",
+            "Rowling",
+            "Rowlng",
+            "Hermione",
+            "Granger",
+            "Grangr",
+            "Voldemort",
+            "the",
+            "of",
+            "and",
+            "who",
+            "wrote",
+            "a",
+            "public",
+            "park",
+            " ",
+            ", ",
+            "? ",
+            "-",
+            "'s ",
+            "1997",
+            "\n",
+        ]  # fmt: skip
+    ),
+    max_size=30,
+).map(" ".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(ALIAS_PARTS, ALIAS_PARTS, st.text(max_size=80), ANY_TEXT))
+@example("Who built Hog warts?")  # two glued words
+@example("who is hermione grangr")  # a typo, lower case
+@example("On what basis was the public park built?")  # common words
+@example("Who is Ｈａｒｒｙ Ｐｏｔｔｅｒ?")  # not ASCII: folding, not lower-casing, reads it
+def test_the_no_alias_shortcut_matches_as_the_word_by_word_path(text: str) -> None:
+    index = _INDEX
+    assert index.match(text) == index.match(text, split_words(text))
+
+
+_INDEX = AliasIndex([ALIASES, ["Basil Mahfouz Al-Kuwaiti"]], common_words={"basis", "park"})
+
+
+def test_a_prompt_naming_no_alias_builds_no_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most prompts name no alias: their lookups rule them out before the `Word` list (a
+    third of the static stage's time for a short prompt) is built."""
+    import classifier.spans
+
+    text = "What is the capital city of Australia, and when did it become the capital?"
+    assert _INDEX.match(text) == []
+    monkeypatch.setattr(classifier.spans, "split_words", lambda t: pytest.fail("words built"))
+    assert _INDEX.match(text) == []
+    with pytest.raises(pytest.fail.Exception, match="words built"):
+        _INDEX.match(text.replace("Australia", "Hogwarts"))  # a name: the words are built
