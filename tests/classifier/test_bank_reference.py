@@ -21,6 +21,7 @@ from classifier.bank import _clean
 from classifier.calibrate import sigmoid
 from classifier.conversation import segments
 from classifier.details import DetailIndex
+from classifier.embed import _WordPieces
 from classifier.features import (
     add_details,
     lexical_features,
@@ -371,7 +372,10 @@ def test_the_event_loop_s_read_keeps_the_gil_while_it_tokenizes(
     want = bank.settled_groups(texts)
     counting = _CountingTokenizer(embedder._fast)
     monkeypatch.setattr(embedder, "_fast", counting)
+    monkeypatch.setattr(embedder, "_pieces", _WordPieces.of(counting))
     assert bank.settled_groups(texts) == want
-    assert counting.calls["encode"] >= 3 and counting.calls["encode_batch"] == 0
+    # Words seen before come from the embedder's word cache; new ones, from `encode`.
+    assert bank.settled_groups([["Is rain wet, Zorvexi?"], ["Who is Quillonbeck?"]])
+    assert counting.calls["encode"] >= 2 and counting.calls["encode_batch"] == 0
     bank.classify_groups(texts)  # the guard's thread may use the tokenizer's pool
     assert counting.calls["encode_batch"] == 1
