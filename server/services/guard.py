@@ -79,6 +79,25 @@ class Guarded:
 PromptIn = ChatPrompt | TextPrompt | TokenPrompt
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """The targets that apply to a request, and what `protect` needs of them as a set."""
+
+    targets: Mapping[str, ActiveTarget]
+    always: tuple[DeltaSpec, ...]
+    """The offsets of targets with scope `all`: added to every request."""
+    classify: bool
+    """Whether any target depends on the classifier (not every one is δ with scope `all`)."""
+
+    @staticmethod
+    def of(targets: Mapping[str, ActiveTarget]) -> _Scope:
+        always = tuple(
+            t.offset for t in targets.values() if t.offset is not None and t.scope == "all"
+        )
+        classify = any(t.offset is None or t.scope != "all" for t in targets.values())
+        return _Scope(targets, always, classify)
+
+
 class EcoGuard:
     """`PromptGuard` that flags prompts about active targets and corrupts them (ECO)."""
 
@@ -113,6 +132,11 @@ class EcoGuard:
         self._metrics = metrics
         self._log_prompts = log_prompts
         self._targets: Mapping[str, ActiveTarget] = {}
+        # Computed once per set of targets, not per request: the full scope, and whether
+        # every target applies to every caller (then it is every request's scope).
+        self._scope = _Scope.of({})
+        self._everyone = True
+        self._reads = {path: metrics.guard_reads.labels(path) for path in ("loop", "thread")}
         # The guard's own threads for corruption: never queued behind unrelated to_thread calls.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="guard")
 
@@ -131,10 +155,14 @@ class EcoGuard:
 
     def in_scope(self, caller: Caller | None) -> Mapping[str, ActiveTarget]:
         """The active targets that apply to `caller` (tenant scoping)."""
-        targets = self._targets
-        if all(t.tenants.everyone for t in targets.values()):
-            return targets
-        return {name: t for name, t in targets.items() if t.tenants.applies_to(caller)}
+        return self._scope_of(caller).targets
+
+    def _scope_of(self, caller: Caller | None) -> _Scope:
+        scope = self._scope
+        if self._everyone:
+            return scope
+        targets = scope.targets
+        return _Scope.of({n: t for n, t in targets.items() if t.tenants.applies_to(caller)})
 
     def set_targets(self, targets: Sequence[ActiveTarget]) -> None:
         """Swap the whole active set at once; requests in flight keep the set they started with."""
@@ -143,6 +171,10 @@ class EcoGuard:
         self._targets = {**self._targets, **by_name}
         self._bank.set_targets(t.classifier for t in targets)
         self._targets = by_name
+        # One assignment each, read in this order by `_scope_of`: a request sees either set.
+        self._everyone = False
+        self._scope = _Scope.of(by_name)
+        self._everyone = all(t.tenants.everyone for t in targets)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run guard work (classifier, corruption) on the guard's own threads."""
@@ -199,9 +231,9 @@ class EcoGuard:
                 logger.exception("Static stage failed on the loop; reading on the guard thread")
                 settled = None
             if settled is not None:
-                self._metrics.guard_reads.labels("loop").inc()
+                self._reads["loop"].inc()
                 return settled
-        self._metrics.guard_reads.labels("thread").inc()
+        self._reads["thread"].inc()
         return await self._classifier.submit(item)
 
     async def protect(
@@ -209,20 +241,20 @@ class EcoGuard:
     ) -> Guarded:
         """The prompt, untouched or with every flagged ECO target corrupted, and the δ offsets
         in scope (only targets whose tenant scope includes `caller` apply)."""
-        targets = self.in_scope(caller)
+        scope = self._scope_of(caller)
+        targets, always = scope.targets, list(scope.always)
         tenant = caller.label if caller else "-"
         if not targets:
             return Guarded(prompt)
-        always = [t.offset for t in targets.values() if t.offset is not None and t.scope == "all"]
-        if all(t.offset is not None and t.scope == "all" for t in targets.values()):
-            return Guarded(prompt, tuple(always))  # nothing depends on the classifier
+        if not scope.classify:
+            return Guarded(prompt, scope.always)  # nothing depends on the classifier
         start = time.perf_counter()
         decisions = await self.flagged(self.texts(prompt))
         flagged = [targets[d.target] for d in decisions if d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
             self._metrics.decisions.labels("none", "pass", tenant).inc()
-            return Guarded(prompt, tuple(always))
+            return Guarded(prompt, scope.always)
         by_name = {d.target: d for d in decisions}
         names = tuple(t.name for t in flagged)
         scoped = [t.offset for t in flagged if t.offset is not None and t.scope == "flagged"]
