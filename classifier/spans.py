@@ -64,6 +64,12 @@ def folded_words(words: frozenset[str]) -> frozenset[str]:
     return frozenset(fold(w) for w in words)
 
 
+def ascii_norms(text: str) -> list[str] | None:
+    """The folded forms of `split_words(text)` for an ASCII text (its lower-cased words: no
+    `Word` built), None for any other text."""
+    return _WORD_RE.findall(text.lower()) if text.isascii() else None
+
+
 @dataclass(frozen=True, slots=True)
 class Word:
     """One word of a text: character offsets, folded form, and whether it starts upper-case."""
@@ -232,9 +238,9 @@ class AliasIndex:
         if words is None:
             # Most prompts name no alias: an ASCII text's folded words are its lower-cased
             # regex words, so the same lookups can rule it out before any `Word` is built.
-            if text.isascii() and not any(
-                self._cached_lookup(key, fuzzy)
-                for _, _, key, fuzzy in self._keys(_WORD_RE.findall(text.lower()))
+            norms = ascii_norms(text)
+            if norms is not None and not any(
+                self._cached_lookup(key, fuzzy) for _, _, key, fuzzy in self._keys(norms)
             ):
                 return []
             words = split_words(text)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .normalize import normalize_view
-from .spans import STOPWORDS, AliasIndex, AliasMatch, Word, fold, split_words
+from .spans import STOPWORDS, AliasIndex, AliasMatch, Word, ascii_norms, fold, split_words
 
 _SUSPICIOUS = re.compile(r"[0-9@$]|(?<![^\W_])[^\W_]([.\-_*· ])[^\W_]\1[^\W_]")
 _GAP = re.compile(r"[\s.,'\-_*·]{0,3}")  # what may separate two words of one alias mention
@@ -65,6 +65,11 @@ class StreamScanner:
         window = text[start:]
         view = normalize_view(window) if _SUSPICIOUS.search(window) else None
         read = view.text if view is not None else window
+        norms = ascii_norms(read)
+        if norms is not None and not any(self._alias_word(n) or n in self._prefixes for n in norms):
+            # No word is, or could grow into, an alias word: no mention, nothing held (as
+            # below, without a `Word` per word: this runs on every streamed token).
+            return [], len(text)
         words = split_words(read)
         if not words:
             return [], len(text)

@@ -11,7 +11,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from classifier import ClassifierBank, Embedder, TargetClassifier, conversation_text, find_spans
+from classifier import (
+    ClassifierBank,
+    Embedder,
+    StreamScanner,
+    TargetClassifier,
+    conversation_text,
+    find_spans,
+)
 from classifier.normalize import _view, normalize_view
 from classifier.spans import AliasIndex, split_words
 
@@ -206,3 +213,30 @@ def test_a_prompt_naming_no_alias_builds_no_words(monkeypatch: pytest.MonkeyPatc
     assert _INDEX.match(text) == []
     with pytest.raises(pytest.fail.Exception, match="words built"):
         _INDEX.match(text.replace("Australia", "Hogwarts"))  # a name: the words are built
+
+
+_SCANNER = StreamScanner(_INDEX)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.one_of(ALIAS_PARTS, ALIAS_PARTS, st.text(max_size=80)),
+    released=st.integers(0, 200),
+    final=st.booleans(),
+)
+@example("The school is Hogw", 0, False)  # a word that may grow into an alias
+@example("He is Harry", 3, False)  # an alias word: held
+@example("Ask her", 0, False)  # "her", a prefix of "hermione"
+@example("Who is Ｈａｒｒｙ Ｐｏｔｔｅｒ?", 0, True)
+def test_the_scanner_s_shortcut_scans_as_the_word_by_word_path(
+    text: str, released: int, final: bool
+) -> None:
+    """On every streamed token the scanner rules out, without building words, an ASCII window
+    in which no word is or could grow into an alias word; the result is the full path's."""
+    import classifier.stream
+
+    released = min(released, len(text))
+    fast = _SCANNER.scan(text, released, final)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(classifier.stream, "ascii_norms", lambda t: None)
+        assert _SCANNER.scan(text, released, final) == fast
