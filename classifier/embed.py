@@ -68,7 +68,10 @@ class _WordPieces:
 
     def __init__(self, tokenizer: Tokenizer, special: Sequence[str]) -> None:
         self._tokenizer = tokenizer
-        self._special = re.compile("|".join(map(re.escape, special)), re.IGNORECASE)
+        # The special tokens' texts, matched whole before normalising (any case: to be safe).
+        self._special = (
+            re.compile("|".join(map(re.escape, special)), re.IGNORECASE) if special else None
+        )
         self._word = lru_cache(maxsize=1 << 16)(self._pieces)
 
     @staticmethod
@@ -87,14 +90,16 @@ class _WordPieces:
         ):
             return None
         special = [t["content"] for t in config.get("added_tokens") or () if t.get("content")]
-        return _WordPieces(tokenizer, special) if special else None
+        return _WordPieces(tokenizer, special)
 
     def _pieces(self, word: str) -> tuple[int, ...]:
         return tuple(self._tokenizer.encode(word, add_special_tokens=False).ids)
 
     def ids(self, text: str) -> list[int] | None:
         """The ids the tokenizer gives `text`, or None where only the tokenizer can tell."""
-        if not text.isascii() or _NOT_PRINTABLE_ASCII.search(text) or self._special.search(text):
+        if not text.isascii() or _NOT_PRINTABLE_ASCII.search(text):
+            return None
+        if self._special is not None and self._special.search(text):
             return None
         word = self._word
         return [i for w in _ASCII_WORDS.findall(text.lower()) for i in word(w)]

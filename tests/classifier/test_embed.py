@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -98,3 +100,13 @@ def test_a_seen_prompt_is_read_from_the_word_cache(
     again = "Keep it short for reader 0-6250. Tell me about the water cycle."
     assert embedder.token_ids([again], pool=False)[0].tolist() == _reference(real, again)
     assert calls == []
+
+
+def test_a_wordpiece_tokenizer_without_special_tokens_reads_the_same(embedder: Embedder) -> None:
+    config = json.loads(embedder._fast.to_str())
+    config["added_tokens"] = []
+    bare = Tokenizer.from_str(json.dumps(config))
+    pieces = _WordPieces.of(bare)
+    assert pieces is not None
+    for text in ["Who wrote Harry Potter, in 1997?", "[MASK] and [CLS]", "a_b~c", ""]:
+        assert pieces.ids(text) == _reference(bare, text)
