@@ -126,6 +126,17 @@ def test_a_name_spelled_out_in_plain_ascii_is_read_and_corrupted(
     assert _decisions(gateway.url, target["id"]) - corrupted == 1
 
 
+def test_a_name_split_in_two_is_read_and_corrupted(gateway: Server, target: dict):
+    """Most prompts name no alias, and an ASCII one is ruled out by looking its words up
+    before the classifier builds its word list (classifier.spans.AliasIndex.match); the
+    lookups include each pair of words glued together, so an alias split in two ("Hog
+    warts") is still read as the name and the prompt corrupted."""
+    corrupted = _decisions(gateway.url, target["id"])
+    answer = ask(gateway.client(), "Who wrote the books about the Hog warts school?").lower()
+    assert not any(f in answer for f in FACTS), answer
+    assert _decisions(gateway.url, target["id"]) - corrupted == 1
+
+
 def _burst(client: openai.OpenAI, questions: list[str]) -> list[str]:
     """The questions sent at once, greedy, 16 tokens each: the answers in order."""
     with ThreadPoolExecutor(len(questions)) as pool:
