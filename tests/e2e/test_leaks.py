@@ -185,6 +185,22 @@ def test_the_output_guard_is_counted_and_unflagged_answers_are_untouched(
         assert answer(gateway, [user(question)]) == answer(vllm_server, [user(question)])
 
 
+def test_a_name_streamed_in_pieces_is_held_from_its_first_piece(
+    gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    """The model writes " Rowling" as " Row" + "ling". The output guard's scanner, on every
+    streamed token, rules out a window in which no word is or could grow into an alias word
+    without building its words (classifier.stream); " Row" could, so it is held until the
+    next token shows the name, and no piece of it reaches the client."""
+    prompt = "My favourite author is J.K."
+    assert "rowling" in answer(vllm_server, prompt).lower()  # the premise
+    stream = gateway.client().completions.create(
+        model=MODEL_NAME, prompt=prompt, temperature=0, max_tokens=8, stream=True
+    )
+    pieces = [choice.text for chunk in stream for choice in chunk.choices]
+    assert "row" not in "".join(pieces).lower(), pieces
+
+
 # Side channels of the answer. Each prompt is unflagged (so only the output guard stands between
 # the model and the client) and the bare model reveals Tolkien through a field other than the
 # text: the stop string it matched, the alternatives vLLM lists beside each token (the name the
