@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 
 from .lexicon import load_lexicon
-from .spans import STOPWORDS, split_words
+from .spans import STOPWORDS, ascii_norms, split_words
 
 _MONTH_NAMES = (
     "january february march april may june july august september october november december"
@@ -46,7 +46,10 @@ def _term(norm: str) -> str:
 
 def text_terms(text: str) -> frozenset[str]:
     """Every normalised word of a text (numbers without leading zeros, months as numbers)."""
-    return frozenset(_term(w.norm) for w in split_words(text))
+    norms = ascii_norms(text)  # an ASCII text's folded words, without a Word for each
+    if norms is None:
+        norms = [w.norm for w in split_words(text)]
+    return frozenset(map(_term, norms))
 
 
 @cache

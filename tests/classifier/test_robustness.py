@@ -20,7 +20,7 @@ from classifier import (
     find_spans,
 )
 from classifier.normalize import _view, normalize_view
-from classifier.spans import AliasIndex, split_words
+from classifier.spans import AliasIndex, ascii_norms, split_words
 
 # Every character category, lone surrogates (valid in JSON escapes) and format characters too.
 ANY_CHAR = st.characters(codec=None, categories=None)
@@ -240,3 +240,12 @@ def test_the_scanner_s_shortcut_scans_as_the_word_by_word_path(
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(classifier.stream, "ascii_norms", lambda t: None)
         assert _SCANNER.scan(text, released, final) == fast
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(ALIAS_PARTS, st.text(st.characters(max_codepoint=127), max_size=80)))
+def test_an_ascii_text_s_norms_are_its_words_folded(text: str) -> None:
+    """The shortcuts of the alias index, the stream scanner and the detail terms read an
+    ASCII text's lower-cased regex words as its folded words."""
+    assert ascii_norms(text) == [w.norm for w in split_words(text)]
+    assert ascii_norms(text + "é") is None
