@@ -88,6 +88,8 @@ class _Scope:
     """The offsets of targets with scope `all`: added to every request."""
     classify: bool
     """Whether any target depends on the classifier (not every one is δ with scope `all`)."""
+    everyone: bool
+    """Whether every target applies to every caller (then this is every request's scope)."""
 
     @staticmethod
     def of(targets: Mapping[str, ActiveTarget]) -> _Scope:
@@ -95,7 +97,8 @@ class _Scope:
             t.offset for t in targets.values() if t.offset is not None and t.scope == "all"
         )
         classify = any(t.offset is None or t.scope != "all" for t in targets.values())
-        return _Scope(targets, always, classify)
+        everyone = all(t.tenants.everyone for t in targets.values())
+        return _Scope(targets, always, classify, everyone)
 
 
 class EcoGuard:
@@ -131,11 +134,9 @@ class EcoGuard:
         self._corruptor = corruptor
         self._metrics = metrics
         self._log_prompts = log_prompts
-        self._targets: Mapping[str, ActiveTarget] = {}
-        # Computed once per set of targets, not per request: the full scope, and whether
-        # every target applies to every caller (then it is every request's scope).
+        # The active targets and what protect needs of them, computed once per set of targets
+        # (not per request), swapped in one assignment.
         self._scope = _Scope.of({})
-        self._everyone = True
         self._reads = {path: metrics.guard_reads.labels(path) for path in ("loop", "thread")}
         # The guard's own threads for corruption: never queued behind unrelated to_thread calls.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="guard")
@@ -151,7 +152,7 @@ class EcoGuard:
     @property
     def active(self) -> Mapping[str, ActiveTarget]:
         """Active targets by name."""
-        return self._targets
+        return self._scope.targets
 
     def in_scope(self, caller: Caller | None) -> Mapping[str, ActiveTarget]:
         """The active targets that apply to `caller` (tenant scoping)."""
@@ -159,7 +160,7 @@ class EcoGuard:
 
     def _scope_of(self, caller: Caller | None) -> _Scope:
         scope = self._scope
-        if self._everyone:
+        if scope.everyone:
             return scope
         targets = scope.targets
         return _Scope.of({n: t for n, t in targets.items() if t.tenants.applies_to(caller)})
@@ -168,13 +169,9 @@ class EcoGuard:
         """Swap the whole active set at once; requests in flight keep the set they started with."""
         by_name = {t.name: t for t in targets}
         # Map first, bank second: a decision always finds its target (extra entries are harmless).
-        self._targets = {**self._targets, **by_name}
+        self._scope = _Scope.of({**self._scope.targets, **by_name})
         self._bank.set_targets(t.classifier for t in targets)
-        self._targets = by_name
-        # One assignment each, read in this order by `_scope_of`: a request sees either set.
-        self._everyone = False
         self._scope = _Scope.of(by_name)
-        self._everyone = all(t.tenants.everyone for t in targets)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run guard work (classifier, corruption) on the guard's own threads."""
@@ -204,7 +201,7 @@ class EcoGuard:
 
     async def classify(self, texts: Sequence[str]) -> list[Decision]:
         """Every active target's decision on texts read together (flagged on any of them)."""
-        if not self._targets:
+        if not self._scope.targets:
             return []
         decisions: list[Decision] = await self.run(self._bank.classify_all, list(texts))
         return decisions
@@ -221,7 +218,7 @@ class EcoGuard:
         ms on the thread; admission, +10-13 ms either way (bench/guard_cost.py). What the
         static stage leaves to MiniLM, longer texts, and any failure of the loop path go to the
         guard's thread, batched."""
-        if not self._targets:
+        if not self._scope.targets:
             return []
         item = tuple(texts)
         if sum(map(len, item)) <= self._loop_chars:
@@ -242,7 +239,7 @@ class EcoGuard:
         """The prompt, untouched or with every flagged ECO target corrupted, and the δ offsets
         in scope (only targets whose tenant scope includes `caller` apply)."""
         scope = self._scope_of(caller)
-        targets, always = scope.targets, list(scope.always)
+        targets = scope.targets
         tenant = caller.label if caller else "-"
         if not targets:
             return Guarded(prompt)
@@ -258,7 +255,7 @@ class EcoGuard:
         by_name = {d.target: d for d in decisions}
         names = tuple(t.name for t in flagged)
         scoped = [t.offset for t in flagged if t.offset is not None and t.scope == "flagged"]
-        offsets = tuple(dict.fromkeys(always + scoped))
+        offsets = tuple(dict.fromkeys((*scope.always, *scoped)))
         eco = [t for t in flagged if t.corruption is not None]
         if not eco:
             for t in flagged:
