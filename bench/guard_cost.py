@@ -32,20 +32,12 @@ import random
 import shlex
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.targets import (  # noqa: E402
-    HARRY_POTTER,
-    people,
-    register,
-    register_many,
-    set_enabled,
-    wait_idle,
-)
+from bench.targets import serving, set_enabled, wait_idle  # noqa: E402
 from bench.workload import (  # noqa: E402
     counter,
     histogram,
@@ -55,8 +47,7 @@ from bench.workload import (  # noqa: E402
     unflagged_prompts,
 )
 from offset.snap import native_bf16  # noqa: E402
-from server.modelstore import resolve_model  # noqa: E402
-from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, running  # noqa: E402
+from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME  # noqa: E402
 
 ADMISSION = "obliviate_admission_seconds"
 GUARD = "obliviate_guard_seconds"
@@ -130,27 +121,10 @@ def main() -> None:
     if args.targets < 1 or args.pairs < 2:
         parser.error("give --targets >= 1 and --pairs >= 2")
 
-    model = resolve_model(None, auto_pull=True)
-    logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = gateway_argv(
-        port,
-        "--model",
-        str(model),
-        "--data-dir",
-        str(logs / "data"),
-        *shlex.split(args.gateway_args),
-        dtype=args.dtype,
-    )
     report: dict[str, Any] = {"workload": {**vars(args), "out": str(args.out)}}
     report["workload"].update(cpus=os.cpu_count(), load_average_at_start=os.getloadavg())
-    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as gw:
-        wait_idle(gw.pid)
-        register(url, ADMIN_TOKEN, HARRY_POTTER)
-        if args.targets > 1:
-            register_many(url, ADMIN_TOKEN, people(args.targets - 1))
-        wait_idle(gw.pid)
+    extra = shlex.split(args.gateway_args)
+    with serving(args.targets, dtype=args.dtype, extra=extra) as (url, pid):
         run_burst(url, MODEL_NAME, unflagged_prompts(args.concurrency), 8, stream=args.stream)
         pairs: list[dict[str, Any]] = []
         guard: dict[float, float] = {}
@@ -158,10 +132,10 @@ def main() -> None:
             pair: dict[str, Any] = {}
             for side in ("bare", "guarded") if i % 2 == 0 else ("guarded", "bare"):
                 set_enabled(url, ADMIN_TOKEN, side == "guarded")
-                wait_idle(gw.pid)  # enabling loads the targets again
+                wait_idle(pid)  # enabling loads the targets again
                 # New texts for each burst: 2 per pair, far from bench/overhead.py's rounds.
                 prompts = unflagged_prompts(args.concurrency, 10_000 + 2 * i + (side == "bare"))
-                got = burst_quantiles(url, prompts, args, gw.pid)
+                got = burst_quantiles(url, prompts, args, pid)
                 for le, n in got.pop("guard").items():
                     guard[le] = guard.get(le, 0.0) + n
                 pair[side] = got

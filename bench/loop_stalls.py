@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +31,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.targets import HARRY_POTTER, people, register, register_many, wait_idle  # noqa: E402
+from bench.targets import serving  # noqa: E402
 from bench.workload import METRICS_AUTH, percentile  # noqa: E402
 from offset.snap import native_bf16  # noqa: E402
-from server.modelstore import resolve_model  # noqa: E402
-from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running  # noqa: E402
+from tests.e2e.servers import ADMIN_TOKEN  # noqa: E402
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -102,20 +100,8 @@ def main() -> None:
     if args.targets < 1 or args.repeats < 1:
         parser.error("give --targets >= 1 and --repeats >= 1")
 
-    model = resolve_model(None, auto_pull=True)
-    logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = gateway_argv(
-        port, "--model", str(model), "--data-dir", str(logs / "data"), dtype=args.dtype
-    )
     report: dict[str, Any] = {"workload": {**vars(args), "out": str(args.out)}}
-    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as gw:
-        wait_idle(gw.pid)
-        register(url, ADMIN_TOKEN, HARRY_POTTER)
-        if args.targets > 1:
-            register_many(url, ADMIN_TOKEN, people(args.targets - 1))
-        wait_idle(gw.pid)
+    with serving(args.targets, dtype=args.dtype) as (url, _):
         target = httpx.get(f"{url}/admin/targets", headers=ADMIN, timeout=60).json()["data"][-1]
 
         def scrape() -> None:

@@ -13,12 +13,18 @@ its classifier is trained and calibrated like any other and the guard scores it 
 from __future__ import annotations
 
 import random
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+
+from server.modelstore import resolve_model
+from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running
 
 DATA = Path(__file__).resolve().parents[1] / "classifier" / "data"
 
@@ -169,3 +175,22 @@ def set_enabled(url: str, token: str, enabled: bool) -> int:
             response.raise_for_status()
             switched += 1
     return switched
+
+
+@contextmanager
+def serving(targets: int, *, dtype: str, extra: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+    """One `obliviate serve` on the default model (more flags: `extra`), with the README's
+    Harry Potter target and people up to `targets` registered, once it is idle: (url, pid)."""
+    model = resolve_model(None, auto_pull=True)
+    logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = ("--model", str(model), "--data-dir", str(logs / "data"))
+    argv = gateway_argv(port, *data, *extra, dtype=dtype)
+    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as gw:
+        wait_idle(gw.pid)
+        register(url, ADMIN_TOKEN, HARRY_POTTER)
+        if targets > 1:
+            register_many(url, ADMIN_TOKEN, people(targets - 1))
+        wait_idle(gw.pid)
+        yield url, gw.pid
