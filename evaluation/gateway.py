@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from server.launch import free_port, start_server, stop_server
+from server.launch import engine_env, free_port, start_server, stop_server
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,35 @@ class Gateway:
         return result
 
 
+def gateway_command(
+    model_dir: Path,
+    *,
+    port: int,
+    workdir: Path,
+    token: str,
+    dtype: str = "float32",
+    extra_args: Sequence[str] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of `obliviate serve --model DIR` on 127.0.0.1:`port`.
+
+    The admin token goes in the environment, not argv: a token_urlsafe token may begin with
+    "-", which argparse reads as the next flag (and argv is visible to every user in `ps`).
+    """
+    argv = [
+        sys.executable, "-m", "server", "serve",
+        "--model", str(model_dir),
+        "--served-model-name", SERVED_NAME,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--data-dir", str(workdir / f"data-{model_dir.name}"),
+        "--vllm.dtype", dtype,
+        "--vllm.max-model-len", "1024",
+        "--log-level", "warning",
+        *extra_args,
+    ]  # fmt: skip
+    return argv, {**engine_env(), "OBLIVIATE_ADMIN_TOKEN": token}
+
+
 @contextmanager
 def run_gateway(
     model_dir: Path,
@@ -176,22 +205,16 @@ def run_gateway(
     token = secrets.token_urlsafe(24)
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"gateway-{model_dir.name}.log"
-    argv = [
-        sys.executable, "-m", "server", "serve",
-        "--model", str(model_dir),
-        "--served-model-name", SERVED_NAME,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--data-dir", str(workdir / f"data-{model_dir.name}"),
-        "--admin-token", token,
-        "--vllm.dtype", dtype,
-        "--vllm.max-model-len", "1024",
-        "--log-level", "warning",
-        *extra_args,
-    ]  # fmt: skip
+    argv, env = gateway_command(
+        model_dir, port=port, workdir=workdir, token=token, dtype=dtype, extra_args=extra_args
+    )
     try:
         proc = start_server(
-            argv, ready_url=f"http://127.0.0.1:{port}/ready", log=log, timeout_s=ready_timeout_s
+            argv,
+            ready_url=f"http://127.0.0.1:{port}/ready",
+            log=log,
+            env=env,
+            timeout_s=ready_timeout_s,
         )
     except (RuntimeError, TimeoutError) as e:
         raise GatewayFailedError(f"the gateway did not start: {e}") from e
