@@ -114,10 +114,12 @@ class LoopBatcher(Generic[T, R]):
     thread would make dearer: on a busy loop each time a worker thread hands the GIL back it
     waits up to the interpreter's switch interval (5 ms) to get it again (bench/gil_contention.py).
 
-    A run takes at most `max_batch` calls, and the next run is scheduled only once their
-    results are set, so their callers go on before it: under a burst the first requests do
-    not wait for the whole burst to be read, and one run blocks the loop for a bounded time.
-    If `fn` raises, every call of the batch raises it: callers have their own fallback.
+    A run takes at most `max_batch` calls, so one run blocks the loop for a bounded time. The
+    call that fills a batch reads it at once, in its own step, and goes on: under a burst the
+    other callers' wake-ups then queue ahead of the requests that reach the loop after it,
+    where a scheduled run would come after them. A partial batch waits for the scheduled run,
+    and the next run is scheduled only once its results are set. If `fn` raises, every call
+    of the batch raises it: callers have their own fallback.
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 64) -> None:
@@ -135,16 +137,25 @@ class LoopBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
-        if not self._scheduled:
+        if len(self._waiting) >= self._max_batch:
+            # A full batch is read now, in this caller's step: its callers' wake-ups are
+            # queued ahead of whatever reaches the loop later (the rest of a burst's requests).
+            if batch := self._take():
+                self._process(batch)
+        elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._run)
         return await future
 
-    def _run(self) -> None:
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+        """The next batch's calls (at most `max_batch`), less those cancelled meanwhile."""
         batch = [(item, f) for item, f in self._waiting[: self._max_batch] if not f.done()]
         del self._waiting[: self._max_batch]
+        return batch
+
+    def _run(self) -> None:
         try:
-            if batch:
+            if batch := self._take():
                 self._process(batch)
         finally:
             # After the results: their callers' wake-ups are queued ahead of the next run.

@@ -86,8 +86,9 @@ async def test_loop_batcher_runs_the_calls_of_one_pass_together_on_the_loop():
     assert fn.batches[-1] == ["f"]
 
 
-async def test_loop_batcher_resumes_a_batch_s_callers_before_the_next_batch_runs():
-    """Under a burst the first callers go on (to the engine) before later ones are read."""
+async def test_loop_batcher_reads_a_full_batch_in_the_step_of_the_call_that_fills_it():
+    """Under a burst a batch is read as soon as it is full, so its callers' wake-ups queue
+    ahead of the requests that reach the loop after it; a partial batch waits for the pass."""
     events: list[str] = []
 
     def fn(items: list[str]) -> list[str]:
@@ -97,15 +98,21 @@ async def test_loop_batcher_resumes_a_batch_s_callers_before_the_next_batch_runs
     batcher: LoopBatcher[str, str] = LoopBatcher(fn, max_batch=2)
 
     async def call(x: str) -> None:
+        events.append("submit " + x)
         await batcher.submit(x)
         events.append("resumed " + x)
 
     await asyncio.gather(*(call(x) for x in "abcde"))
     assert events == [
-        "run ab", "resumed a", "resumed b",
-        "run cd", "resumed c", "resumed d",
-        "run e", "resumed e",
+        "submit a",
+        "submit b", "run ab", "resumed b",  # b filled the batch: read in b's step, b goes on
+        "submit c",
+        "submit d", "run cd", "resumed d",
+        "submit e",
+        "run e",  # the pass is over: the partial batch is read
+        "resumed a", "resumed c", "resumed e",
     ]  # fmt: skip
+    assert batcher.batches == 3
 
 
 async def test_loop_batcher_fails_the_whole_batch_and_skips_cancelled_calls():
