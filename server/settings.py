@@ -108,10 +108,11 @@ class GuardSettings(_Section):
     0.1 ms per prompt of a few sentences); longer ones, and those a target's gate sends on to
     MiniLM, are read on the guard's thread. 0: every read on the thread."""
     loop_batch: int = Field(8, ge=1)
-    """Requests read together on the event loop; the callers of one batch go on (to the
-    engine) before the next batch is read. Bounds how long one read holds the loop (8 prompts
-    of `loop_chars`: about 20 ms; 20 targets, 8 prompts of a sentence: about 1 ms). Admission
-    under a burst of 32 measured the same with 8 and 64 (bench/guard_cost.py)."""
+    """Requests read together on the event loop; a batch is read as soon as it is full, the
+    rest after the loop's pass. Bounds how long one read holds the loop (8 prompts of
+    `loop_chars`: about 20 ms; 20 targets, 8 prompts of a sentence: about 1 ms). Under a burst
+    of 32, batches of 4 and of 64 added as much to admission as 8, or more; 1 (each request
+    read alone) about twice as much (bench/guard_cost.py)."""
 
 
 class LimitsSettings(_Section):
