@@ -166,6 +166,43 @@ def test_a_burst_is_guarded_like_single_requests(
     assert _decisions(gateway.url, target["id"]) - corrupted == len(flagged)
 
 
+def test_each_caller_of_a_full_loop_batch_acts_on_its_own_verdict(
+    gateway: Server, vllm_server: Server, target: dict, model_path: Path, logs_dir: Path
+):
+    """The static stage reads short prompts on the event loop in batches, a full batch at once
+    in the step of the request that fills it (server.services.batching.LoopBatcher). With
+    batches of 2 (a second gateway on the same registry, in front of vLLM's server), a burst
+    of flagged and unflagged prompts in turn fills many: each request acts on its own verdict,
+    so the unflagged answers are vLLM's, byte for byte, and every flagged prompt is corrupted."""
+    assert gateway.data_dir is not None
+    port = free_port()
+    argv = gateway_argv(
+        port,
+        "--engine", "openai_upstream",
+        "--upstream.url", f"{vllm_server.url}/v1",
+        "--model", str(model_path),
+        "--data-dir", str(gateway.data_dir),
+        "--guard.loop-batch", "2",
+    )  # fmt: skip
+    plain = [*UNRELATED, "Tell me about owls.", "Name a river in Asia.", "Why is the sky blue?"]
+    flagged = [
+        *HELD_OUT,
+        "Who wrote the Harry Potter books?",
+        "Who is the author of the Harry Potter series?",
+        "Name the writer who created Harry Potter.",
+        "Which author wrote Harry Potter and the Goblet of Fire?",
+    ]
+    burst = [q for pair in zip(plain, flagged, strict=True) for q in pair]
+    log = logs_dir / "loop-batch.log"
+    with running(argv, ready_url=f"http://127.0.0.1:{port}/ready", log=log):
+        url = f"http://127.0.0.1:{port}"
+        answers = dict(zip(burst, _burst(Server(url).client(), burst), strict=True))
+        assert [answers[q] for q in plain] == _burst(vllm_server.client(), plain)
+        for question in flagged:
+            assert not any(f in answers[question].lower() for f in FACTS), answers[question]
+        assert _decisions(url, target["id"]) == len(flagged)
+
+
 def _reads(url: str, path: str) -> float:
     """Texts the guard read on `path` (loop or thread): prompts and the output guard's windows."""
     return _metric(url, f'obliviate_guard_reads_total{{path="{path}"}}')
