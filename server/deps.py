@@ -204,6 +204,7 @@ def build_guard(
         log_prompts=settings.log_prompts,
         loop_chars=settings.guard.loop_chars,
         loop_batch=settings.guard.loop_batch,
+        loop_batch_chars=settings.guard.loop_batch_chars,
     )
     from server.engine.vllm_local import resolve_device
 

@@ -107,12 +107,17 @@ class GuardSettings(_Section):
     static stage on the event loop, batched with the requests handled in the same pass (about
     0.1 ms per prompt of a few sentences); longer ones, and those a target's gate sends on to
     MiniLM, are read on the guard's thread. 0: every read on the thread."""
-    loop_batch: int = Field(8, ge=1)
+    loop_batch: int = Field(32, ge=1)
     """Requests read together on the event loop; a batch is read as soon as it is full, the
-    rest after the loop's pass. Bounds how long one read holds the loop (8 prompts of
-    `loop_chars`: about 20 ms; 20 targets, 8 prompts of a sentence: about 1 ms). Under a burst
-    of 32, batches of 4 and of 64 added as much to admission as 8, or more; 1 (each request
-    read alone) about twice as much (bench/guard_cost.py)."""
+    rest after the loop's pass. Under a burst of 32 new short prompts at 20 targets, one read of
+    32 added less to admission than four of 8 (+4.6 / +6.3 against +7.2 / +8.4 ms p50, and the
+    loop spent 54-58 against 65-67 ms of CPU a burst; bench/guard_cost.py); batches of 4 added
+    more than 8, each request read alone about twice as much (docs/results/performance.md)."""
+    loop_batch_chars: int = Field(16000, ge=1)
+    """A batch is also full once its requests' texts come to this many characters (the
+    request that reaches it is the last): bounds how long one read holds the loop whatever
+    the prompts' length (8 prompts of `loop_chars`, about 20 ms; 32 prompts of a sentence at
+    20 targets, about 2 ms)."""
 
 
 class LimitsSettings(_Section):

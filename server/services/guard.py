@@ -113,15 +113,20 @@ class EcoGuard:
         log_prompts: bool = False,
         threads: int = 2,
         loop_chars: int = 2000,
-        loop_batch: int = 8,
+        loop_batch: int = 32,
+        loop_batch_chars: int = 16000,
     ) -> None:
         self._bank = bank
         self._loop_chars = loop_chars
         # Short prompts: the static stage on the event loop, batched with the requests handled
         # in the same pass (server.services.batching.LoopBatcher); no thread hand-off;
-        # `loop_batch` at a time, whose callers go on before the next batch is read.
+        # `loop_batch` requests (and `loop_batch_chars` characters) at a time, whose callers go
+        # on before the next batch is read.
         self._settle: LoopBatcher[tuple[str, ...], list[Decision] | None] = LoopBatcher(
-            lambda groups: self._bank.settled_groups(groups), max_batch=loop_batch
+            lambda groups: self._bank.settled_groups(groups),
+            max_batch=loop_batch,
+            max_size=loop_batch_chars,
+            size=lambda texts: sum(map(len, texts)),
         )
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).
@@ -214,8 +219,8 @@ class EcoGuard:
         event loop (`ClassifierBank.settled_groups`: the same Decisions when no target's gate
         passes): on the guard's thread, a batch waits for the GIL each time NumPy or the
         tokenizer lets go of it while the loop is busy (bench/gil_contention.py). Under a
-        32-request burst at 20 targets the guard's own p50 is 11-13 ms this way (17-20 ms on
-        the thread) and it adds 6-8 ms to admission p50 (bench/guard_cost.py). What the
+        32-request burst at 20 targets the guard's own p50 is 12-13 ms this way (17-20 ms on
+        the thread) and it adds 4.6-6.3 ms to admission p50 (bench/guard_cost.py). What the
         static stage leaves to MiniLM, longer texts, and any failure of the loop path go to the
         guard's thread, batched."""
         if not self._scope.targets:

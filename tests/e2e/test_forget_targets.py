@@ -171,9 +171,10 @@ def test_each_caller_of_a_full_loop_batch_acts_on_its_own_verdict(
 ):
     """The static stage reads short prompts on the event loop in batches, a full batch at once
     in the step of the request that fills it (server.services.batching.LoopBatcher). With
-    batches of 2 (a second gateway on the same registry, in front of vLLM's server), a burst
-    of flagged and unflagged prompts in turn fills many: each request acts on its own verdict,
-    so the unflagged answers are vLLM's, byte for byte, and every flagged prompt is corrupted."""
+    batches of 3 requests or 60 characters (a second gateway on the same registry, in front of
+    vLLM's server), a burst of flagged and unflagged prompts in turn fills many, by count and by
+    characters: each request acts on its own verdict, so the unflagged answers are vLLM's, byte
+    for byte, and every flagged prompt is corrupted."""
     assert gateway.data_dir is not None
     port = free_port()
     argv = gateway_argv(
@@ -182,7 +183,8 @@ def test_each_caller_of_a_full_loop_batch_acts_on_its_own_verdict(
         "--upstream.url", f"{vllm_server.url}/v1",
         "--model", str(model_path),
         "--data-dir", str(gateway.data_dir),
-        "--guard.loop-batch", "2",
+        "--guard.loop-batch", "3",
+        "--guard.loop-batch-chars", "60",
     )  # fmt: skip
     plain = [*UNRELATED, "Tell me about owls.", "Name a river in Asia.", "Why is the sky blue?"]
     flagged = [

@@ -115,6 +115,31 @@ async def test_loop_batcher_reads_a_full_batch_in_the_step_of_the_call_that_fill
     assert batcher.batches == 3
 
 
+async def test_loop_batcher_reads_a_batch_once_its_items_reach_max_size():
+    events: list[str] = []
+
+    def fn(items: list[str]) -> list[str]:
+        events.append("run " + ",".join(items))
+        return [x.upper() for x in items]
+
+    batcher: LoopBatcher[str, str] = LoopBatcher(fn, max_batch=10, max_size=5, size=len)
+
+    async def call(x: str) -> None:
+        events.append("submit " + x)
+        await batcher.submit(x)
+
+    # "ccc" reaches 5 (2 + 3 after "aa"): read at once; "dddddd" alone is over 5: read at once
+    await asyncio.gather(*(call(x) for x in ["aa", "ccc", "dddddd", "e", "f"]))
+    assert events == [
+        "submit aa",
+        "submit ccc", "run aa,ccc",
+        "submit dddddd", "run dddddd",
+        "submit e",
+        "submit f",
+        "run e,f",  # the pass is over: the partial batch is read
+    ]  # fmt: skip
+
+
 async def test_loop_batcher_fails_the_whole_batch_and_skips_cancelled_calls():
     fn = Recorder()
     batcher: LoopBatcher[str, str] = LoopBatcher(fn)

@@ -48,9 +48,18 @@ class StubClassifier:
     name: str
 
 
-def guard(bank: SplitBank, loop_chars: int = 2000, loop_batch: int = 8) -> tuple[EcoGuard, Metrics]:
+def guard(
+    bank: SplitBank, loop_chars: int = 2000, loop_batch: int = 8, loop_batch_chars: int = 16000
+) -> tuple[EcoGuard, Metrics]:
     metrics = Metrics()
-    eco = EcoGuard(bank, None, metrics, loop_chars=loop_chars, loop_batch=loop_batch)  # type: ignore[arg-type]
+    eco = EcoGuard(
+        bank,  # type: ignore[arg-type]
+        None,
+        metrics,
+        loop_chars=loop_chars,
+        loop_batch=loop_batch,
+        loop_batch_chars=loop_batch_chars,
+    )
     target = ActiveTarget("id", bank.name, (), None, StubClassifier(bank.name))  # type: ignore[arg-type]
     eco.set_targets([target])
     return eco, metrics
@@ -79,6 +88,16 @@ async def test_loop_batch_bounds_what_one_pass_reads_at_once() -> None:
     got = await asyncio.gather(*(eco.flagged([f"question {i}"]) for i in range(5)))
     assert got == [[]] * 5
     assert [len(b) for b in bank.settled_batches] == [2, 2, 1]
+
+
+async def test_loop_batch_chars_bounds_the_characters_one_read_takes() -> None:
+    bank = SplitBank()
+    eco, _ = guard(bank, loop_chars=100, loop_batch=32, loop_batch_chars=100)
+    # 40 + 40 + 40 characters reach 100 at the third request: it is the batch's last.
+    texts = [["a" * 40], ["b" * 40], ["c" * 20, "c" * 20], ["d" * 90], ["e" * 5]]
+    got = await asyncio.gather(*(eco.flagged(t) for t in texts))
+    assert got == [[]] * 5
+    assert [[sum(map(len, g)) for g in b] for b in bank.settled_batches] == [[40, 40, 40], [90, 5]]
 
 
 async def test_what_the_static_stage_leaves_and_long_prompts_go_to_the_guard_thread() -> None:
