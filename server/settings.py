@@ -110,9 +110,9 @@ class GuardSettings(_Section):
     loop_batch: int = Field(32, ge=1)
     """Requests read together on the event loop; a batch is read as soon as it is full, the
     rest after the loop's pass. Under a burst of 32 new short prompts at 20 targets, one read of
-    32 added less to admission than four of 8 (+4.6 / +6.3 against +7.2 / +8.4 ms p50, and the
-    loop spent 54-58 against 65-67 ms of CPU a burst; bench/guard_cost.py); batches of 4 added
-    more than 8, each request read alone about twice as much (docs/results/performance.md)."""
+    32 added less to admission than four of 8 (p50 +4.6 to +6.8 ms in four runs against +7.2 to
+    +9.9 in three, alternated, and less loop CPU a burst; bench/guard_cost.py); batches of 4
+    added more than 8, each request read alone about twice as much (docs/results/performance.md)."""
     loop_batch_chars: int = Field(16000, ge=1)
     """A batch is also full once its requests' texts come to this many characters (the
     request that reaches it is the last): bounds how long one read holds the loop whatever
