@@ -54,4 +54,19 @@ def gateway_argv(port: int, *extra: str, dtype: str = DTYPE) -> list[str]:
     ]  # fmt: skip
 
 
+def upstream_gateway_argv(
+    port: int, upstream_url: str, model_path: Path, data_dir: Path, *extra: str
+) -> list[str]:
+    """`gateway_argv` in front of an OpenAI server (`upstream_url`, vLLM's), with the local copy
+    of the model whose embeddings the guard corrupts, and `data_dir` (its registry)."""
+    return gateway_argv(
+        port,
+        "--engine", "openai_upstream",
+        "--upstream.url", f"{upstream_url}/v1",
+        "--model", str(model_path),
+        "--data-dir", str(data_dir),
+        *extra,
+    )  # fmt: skip
+
+
 __all__ = ["engine_env", "free_port", "running"]

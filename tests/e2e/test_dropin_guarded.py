@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.servers import MODEL_NAME, free_port, running, upstream_gateway_argv
 from tests.e2e.targets import AUTH, register
 
 # A fixed corruption strength skips the strength search: registration takes seconds.
@@ -157,14 +157,9 @@ def tenant_gateway(
     keys = data_dir / "keys.txt"
     keys.write_text("# key tenant\nsk-a team-a\nsk-b team-b\nsk-c\n")
     port = free_port()
-    argv = gateway_argv(
-        port,
-        "--engine", "openai_upstream",
-        "--upstream.url", f"{vllm_server.url}/v1",
-        "--model", str(model_path),
-        "--data-dir", str(data_dir),
-        "--limits.api-keys-file", str(keys),
-    )  # fmt: skip
+    argv = upstream_gateway_argv(
+        port, vllm_server.url, model_path, data_dir, "--limits.api-keys-file", str(keys)
+    )
     with running(argv, ready_url=f"http://127.0.0.1:{port}/ready", log=logs_dir / "tenants.log"):
         server = Server(f"http://127.0.0.1:{port}", data_dir)
         register(server.url, {**TARGET, "scope": {"tenants": ["team-a"]}}, limit_s=300)

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.servers import MODEL_NAME, free_port, running, upstream_gateway_argv
 from tests.e2e.targets import AUTH, FACTS, HELD_OUT, TARGET, UNRELATED, ask
 
 __all__ = ["AUTH", "FACTS", "HELD_OUT", "TARGET", "UNRELATED", "ask"]
@@ -177,12 +177,8 @@ def test_each_caller_of_a_full_loop_batch_acts_on_its_own_verdict(
     for byte, and every flagged prompt is corrupted."""
     assert gateway.data_dir is not None
     port = free_port()
-    argv = gateway_argv(
-        port,
-        "--engine", "openai_upstream",
-        "--upstream.url", f"{vllm_server.url}/v1",
-        "--model", str(model_path),
-        "--data-dir", str(gateway.data_dir),
+    argv = upstream_gateway_argv(
+        port, vllm_server.url, model_path, gateway.data_dir,
         "--guard.loop-batch", "3",
         "--guard.loop-batch-chars", "60",
     )  # fmt: skip
@@ -227,17 +223,7 @@ def test_restart_keeps_targets_and_upstream_engine_protects_too(
     """A second gateway on the same registry (a restart), in front of vLLM's server this time."""
     assert gateway.data_dir is not None
     port = free_port()
-    argv = gateway_argv(
-        port,
-        "--engine",
-        "openai_upstream",
-        "--upstream.url",
-        f"{vllm_server.url}/v1",
-        "--model",
-        str(model_path),
-        "--data-dir",
-        str(gateway.data_dir),
-    )
+    argv = upstream_gateway_argv(port, vllm_server.url, model_path, gateway.data_dir)
     with running(argv, ready_url=f"http://127.0.0.1:{port}/ready", log=logs_dir / "restart.log"):
         url = f"http://127.0.0.1:{port}"
         record = httpx.get(f"{url}/admin/targets/{target['id']}", headers=AUTH).json()

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, gateway_argv, running
+from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, running, upstream_gateway_argv
 from tests.postgres import create_database
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -56,18 +56,17 @@ def gateways(
     database = create_database(postgres_server, "gateways")
 
     def argv(port: int, name: str) -> list[str]:
-        return gateway_argv(
+        return upstream_gateway_argv(
             port,
-            "--engine", "openai_upstream",
-            "--upstream.url", f"{vllm_server.url}/v1",
-            "--model", str(model_path),  # local copy: embeddings to corrupt
+            vllm_server.url,
+            model_path,
+            tmp_path_factory.mktemp(name),
             "--registry-url", database,
             "--registry-poll-interval", str(POLL_INTERVAL_S),
             "--guard.calibrate-strength", "false",  # the default corruption; keeps this quick
             "--shutdown-grace-seconds", "60",
             "--log-format", "json",
             "--log-level", "info",
-            "--data-dir", str(tmp_path_factory.mktemp(name)),
         )  # fmt: skip
 
     port_a, port_b = free_port(), free_port()
