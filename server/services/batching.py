@@ -114,13 +114,13 @@ class LoopBatcher(Generic[T, R]):
     thread would make dearer: on a busy loop each time a worker thread hands the GIL back it
     waits up to the interpreter's switch interval (5 ms) to get it again (bench/gil_contention.py).
 
-    A run takes at most `max_batch` calls, and with `max_size` calls whose `size` comes to about
-    that much (the call that reaches it is the last), so one run blocks the loop for a bounded
-    time. The call that fills a batch reads it at once, in its own step, and goes on: under a
-    burst the other callers' wake-ups then queue ahead of the requests that reach the loop after
-    it, where a scheduled run would come after them. A partial batch waits for the scheduled run,
-    and the next run is scheduled only once its results are set. If `fn` raises, every call
-    of the batch raises it: callers have their own fallback.
+    A run takes at most `max_batch` calls, and with `max_size` calls whose sizes (given to
+    `submit`) come to about that much (the call that reaches it is the last), so one run blocks
+    the loop for a bounded time. The call that fills a batch reads it at once, in its own step,
+    and goes on: under a burst the other callers' wake-ups then queue ahead of the requests that
+    reach the loop after it, where a scheduled run would come after them. A partial batch waits
+    for the scheduled run, and the next run is scheduled only once its results are set. If `fn`
+    raises, every call of the batch raises it: callers have their own fallback.
     """
 
     def __init__(
@@ -129,29 +129,26 @@ class LoopBatcher(Generic[T, R]):
         *,
         max_batch: int = 64,
         max_size: int | None = None,
-        size: Callable[[T], int] = lambda item: 1,
     ) -> None:
         if max_batch < 1 or (max_size is not None and max_size < 1):
             raise ValueError("max_batch and max_size must be >= 1")
         self._fn = fn
         self._max_batch = max_batch
         self._max_size = max_size
-        self._size = size
         self._waiting: list[tuple[T, asyncio.Future[R], int]] = []  # (item, future, size)
-        self._waiting_size = 0
         self._scheduled = False
         self.batches = 0
         """How many times `fn` ran (for tests and metrics)."""
 
-    async def submit(self, item: T) -> R:
-        """The result for `item`, computed on this loop (possibly with other items)."""
+    async def submit(self, item: T, size: int = 1) -> R:
+        """The result for `item` (of `size`, counted against `max_size`), computed on this loop
+        (possibly with other items)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        size = self._size(item)
         self._waiting.append((item, future, size))
-        self._waiting_size += size
         if len(self._waiting) >= self._max_batch or (
-            self._max_size is not None and self._waiting_size >= self._max_size
+            self._max_size is not None
+            and sum(s for _, _, s in self._waiting) >= self._max_size  # at most max_batch
         ):
             # A full batch is read now, in this caller's step: its callers' wake-ups are
             # queued ahead of whatever reaches the loop later (the rest of a burst's requests).
@@ -167,7 +164,6 @@ class LoopBatcher(Generic[T, R]):
         waits: the call that fills one reads it.)"""
         taken = self._waiting[: self._max_batch]
         del self._waiting[: self._max_batch]
-        self._waiting_size -= sum(size for _, _, size in taken)
         return [(item, f) for item, f, _ in taken if not f.done()]
 
     def _run(self) -> None:

@@ -126,7 +126,6 @@ class EcoGuard:
             lambda groups: self._bank.settled_groups(groups),
             max_batch=loop_batch,
             max_size=loop_batch_chars,
-            size=lambda texts: sum(map(len, texts)),
         )
         # A thread of its own, not asyncio's pool shared with registry calls and registration
         # jobs; requests waiting together are classified in one call (server.services.batching).
@@ -226,9 +225,10 @@ class EcoGuard:
         if not self._scope.targets:
             return []
         item = tuple(texts)
-        if sum(map(len, item)) <= self._loop_chars:
+        chars = sum(map(len, item))
+        if chars <= self._loop_chars:
             try:
-                settled = await self._settle.submit(item)
+                settled = await self._settle.submit(item, chars)
             except Exception:
                 logger.exception("Static stage failed on the loop; reading on the guard thread")
                 settled = None

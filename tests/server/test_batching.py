@@ -122,11 +122,11 @@ async def test_loop_batcher_reads_a_batch_once_its_items_reach_max_size():
         events.append("run " + ",".join(items))
         return [x.upper() for x in items]
 
-    batcher: LoopBatcher[str, str] = LoopBatcher(fn, max_batch=10, max_size=5, size=len)
+    batcher: LoopBatcher[str, str] = LoopBatcher(fn, max_batch=10, max_size=5)
 
     async def call(x: str) -> None:
         events.append("submit " + x)
-        await batcher.submit(x)
+        await batcher.submit(x, len(x))
 
     # "ccc" reaches 5 (2 + 3 after "aa"): read at once; "dddddd" alone is over 5: read at once
     await asyncio.gather(*(call(x) for x in ["aa", "ccc", "dddddd", "e", "f"]))
