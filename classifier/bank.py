@@ -66,10 +66,24 @@ class _Verdicts:
     flagged: np.ndarray  # (T,) bool
     stage: np.ndarray  # (T,) int8: index into _STAGES
     spans: Mapping[int, tuple[tuple[int, int], ...]]  # target -> spans, for flagged targets only
+    hits: tuple[int, ...]  # the flagged targets, in order (np.flatnonzero(flagged))
 
     def __post_init__(self) -> None:
         for a in (self.score, self.threshold, self.flagged, self.stage):
-            a.setflags(write=False)  # shared by the cache: never changed once made
+            if a.flags.writeable:
+                a.setflags(write=False)  # shared by the cache: never changed once made
+
+    @staticmethod
+    def of(
+        score: np.ndarray,
+        threshold: np.ndarray,
+        flagged: np.ndarray,
+        stage: np.ndarray,
+        spans: Mapping[int, tuple[tuple[int, int], ...]],
+    ) -> _Verdicts:
+        return _Verdicts(
+            score, threshold, flagged, stage, spans, tuple(np.flatnonzero(flagged).tolist())
+        )
 
 
 def _merge(sent: _Verdicts, view: _Verdicts) -> _Verdicts:
@@ -78,7 +92,7 @@ def _merge(sent: _Verdicts, view: _Verdicts) -> _Verdicts:
     keep = np.asarray(sent.flagged | (~view.flagged & (sent.score >= view.score)))  # (T,)
     if keep.all():
         return sent
-    return _Verdicts(
+    return _Verdicts.of(
         np.where(keep, sent.score, view.score),
         np.where(keep, sent.threshold, view.threshold),
         np.where(keep, sent.flagged, view.flagged),
@@ -104,7 +118,7 @@ def _best(rows: Sequence[_Verdicts]) -> _Verdicts:
         found = rows[pick[t]].spans.get(t)
         if found is not None:
             spans[t] = found
-    return _Verdicts(
+    return _Verdicts.of(
         score[pick, cols],
         np.stack([r.threshold for r in rows])[pick, cols],
         best,
@@ -175,6 +189,15 @@ class _Snapshot:
         self.scanner = StreamScanner(self.index)
         self.gate = np.array([t.gate_logit for t in targets])
         self.threshold = np.array([t.threshold_logit for t in targets])
+        # What a text no target's gate passes and no alias flags has on every target, but its
+        # scores: shared by all such verdicts (read-only), not copied for each.
+        self.plain = (
+            sigmoid(self.gate),  # threshold
+            np.zeros(len(targets), dtype=bool),  # flagged
+            np.zeros(len(targets), dtype=np.int8),  # stage: static
+        )
+        for a in self.plain:
+            a.setflags(write=False)
 
 
 def _logits(
@@ -339,7 +362,7 @@ class ClassifierBank:
                 _STAGES[v.stage[t]],
                 v.spans.get(t, ()),
             )
-            for t in np.flatnonzero(v.flagged).tolist()
+            for t in v.hits
         ]
 
     def stream_scanner(self) -> tuple[StreamScanner, tuple[str, ...]]:
@@ -408,7 +431,7 @@ class ClassifierBank:
         piece that passes a target's gate, MiniLM not run."""
         if not snap.targets:
             empty = np.zeros(0)
-            none = _Verdicts(empty, empty, empty.astype(bool), empty.astype(np.int8), {})
+            none = _Verdicts(empty, empty, empty.astype(bool), empty.astype(np.int8), {}, ())
             return [none for _ in texts]
         pieces: list[tuple[int, int, str]] = []  # (text index, offset, segment)
         bounds = [0]  # text i's pieces: bounds[i]:bounds[i + 1]
@@ -467,16 +490,27 @@ class ClassifierBank:
         thr = sigmoid(np.where(any_gated, snap.threshold[None], snap.gate[None]))
         flagged = any_gated & (full > snap.threshold[None])
         stage = any_gated.astype(np.int8)  # 0: static, 1: full
-        out = []
         for i, found in enumerate(matches):
             for t in {m.target for m in found}:  # only targets a text names flag by alias
                 if not flagged[i, t] and named_in_full(found, t, snap.targets[t].flags_alias):
                     flagged[i, t], stage[i, t] = True, 2
-            spans = {
-                t: tuple(accepted_spans(found, t)) for t in np.flatnonzero(flagged[i]).tolist()
-            }
+        hits: dict[int, list[int]] = {}  # text -> its flagged targets, in order
+        for i, t in zip(*(a.tolist() for a in np.nonzero(flagged)), strict=True):
+            hits.setdefault(i, []).append(t)
+        # Texts with no gate passed and nothing flagged: the snapshot's shared `plain` rows.
+        plain: list[bool] = np.asarray(~any_gated.any(axis=1)).tolist()  # (N,)
+        threshold, no_flags, static_stage = snap.plain
+        out = []
+        for i, found in enumerate(matches):
             # Copies: a cached verdict keeps its own rows, not the whole batch's arrays.
+            if plain[i] and i not in hits:
+                out.append(_Verdicts(score[i].copy(), threshold, no_flags, static_stage, {}, ()))
+                continue
+            ts = tuple(hits.get(i, ()))
+            spans = {t: tuple(accepted_spans(found, t)) for t in ts}
             out.append(
-                _Verdicts(score[i].copy(), thr[i].copy(), flagged[i].copy(), stage[i].copy(), spans)
+                _Verdicts(
+                    score[i].copy(), thr[i].copy(), flagged[i].copy(), stage[i].copy(), spans, ts
+                )
             )
         return out

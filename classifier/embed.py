@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
@@ -135,6 +136,7 @@ class Embedder:
         self._model = model.to(self.device).eval()
         # (V, H): the model's own input token embeddings, for the static first stage.
         self._static = model.get_input_embeddings().weight.detach().float().cpu().numpy().copy()
+        self._static_t = torch.from_numpy(self._static)  # the same memory, for embedding_bag
         # A private copy: tokenizer.json pads and truncates to 128, and the HF wrapper changes
         # those settings on every call; the static stage wants the bare word pieces.
         self._fast = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
@@ -203,12 +205,24 @@ class Embedder:
         return ids if ids is not None else self._fast.encode(text, add_special_tokens=False).ids
 
     def static_from_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:
-        """Mean of the model's input token embeddings, shape (N, dim), L2-normalised."""
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        for i, row in enumerate(ids):
-            if len(row):
-                out[i] = self._static[row].mean(axis=0)
-        return _normalise(out)
+        """Mean of the model's input token embeddings, shape (N, dim), L2-normalised (a text
+        without pieces: zeros).
+
+        A few texts: a NumPy mean each (7 us a text); more: one `embedding_bag` for the batch
+        (a burst's 32 prompts in 50 us instead of 220; its fixed cost is ~20 us)."""
+        if len(ids) <= 4:
+            out = np.zeros((len(ids), self.dim), dtype=np.float32)
+            for i, row in enumerate(ids):
+                if len(row):
+                    out[i] = self._static[row].mean(axis=0)
+            return _normalise(out)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (N,)
+        offsets = np.zeros(len(ids), dtype=np.int64)  # (N,) where each text's ids start
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        flat = torch.from_numpy(np.concatenate(ids).astype(np.int64, copy=False))  # (sum L,)
+        # The weights need no gradient (from_numpy): no graph is recorded.
+        mean = F.embedding_bag(flat, self._static_t, torch.from_numpy(offsets), mode="mean")
+        return _normalise(mean.numpy())  # (N, H)
 
     def encode_static(self, texts: Sequence[str]) -> np.ndarray:
         """Static embeddings of texts (cheap: no transformer layers), shape (N, dim)."""

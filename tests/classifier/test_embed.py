@@ -110,3 +110,21 @@ def test_a_wordpiece_tokenizer_without_special_tokens_reads_the_same(embedder: E
     assert pieces is not None
     for text in ["Who wrote Harry Potter, in 1997?", "[MASK] and [CLS]", "a_b~c", ""]:
         assert pieces.ids(text) == _reference(bare, text)
+
+
+def test_static_embeddings_of_a_batch_are_each_texts_own(embedder: Embedder) -> None:
+    """Batches of more than a few texts take one `embedding_bag`; each row is still the mean
+    of that text's own input embeddings, L2-normalised (zeros for a text without pieces), as
+    when it is read alone."""
+    import numpy as np
+
+    texts = [*general_negatives().texts[:40], "", "Who is Harry Potter?", "a"]
+    ids = embedder.token_ids(texts)
+    batch = embedder.static_from_ids(ids)
+    table = embedder._static
+    for i, row in enumerate(ids):
+        mean = table[row].mean(axis=0) if len(row) else np.zeros(embedder.dim, np.float32)
+        want = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        np.testing.assert_allclose(batch[i], want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(embedder.static_from_ids([row])[0], want, rtol=0, atol=1e-6)
+    assert not batch[texts.index("")].any()

@@ -66,3 +66,13 @@ def test_the_word_lists_are_folded_once_per_process(monkeypatch) -> None:
     assert len(calls) <= 10  # the aliases' own words only
     assert second.part_weight("word7") == first.part_weight("word7") == 0.5  # folded
     assert second.part_weight("bjorn") == 0.5
+
+
+def test_words_found_clear_do_not_hide_a_name_they_make_together() -> None:
+    """`match` rules out a text whose every word (and two words glued) it has found clear
+    before; two clear words glued can still spell an alias word."""
+    index = AliasIndex([["Hogwarts"]])
+    assert index.spans("a hog and some warts") == []  # "hog" and "warts" now known clear
+    assert index.spans("some warts, a hog") == []  # every key known clear: ruled out
+    assert index.spans("hog warts") == [(0, 9)]
+    assert index.spans("the hogwart") == [(4, 11)]  # one edit away
