@@ -18,6 +18,7 @@ from .conversation import conversation_pieces, segments
 from .details import DetailIndex
 from .embed import Embedder
 from .features import (
+    N_LEXICAL,
     add_details,
     bow_logits,
     lexical_features,
@@ -441,12 +442,11 @@ class ClassifierBank:
             pieces += [(i, off, seg) for off, seg in segments(text)]
             bounds.append(len(pieces))
         n_t = len(snap.targets)
-        lex = np.stack(
-            [
-                add_details(self._piece_lex(matches[i], off, len(seg), n_t), seg, snap.details)
-                for i, off, seg in pieces
-            ]
-        )
+        lex = np.zeros((len(pieces), n_t, N_LEXICAL), dtype=np.float32)  # (P, T, 5)
+        for p, (i, off, seg) in enumerate(pieces):
+            if matches[i]:  # most texts name nobody: their alias features stay 0
+                lex[p] = self._piece_lex(matches[i], off, len(seg), n_t)
+            add_details(lex[p], seg, snap.details)  # the view: filled in place
         seg_texts = [seg for _, _, seg in pieces]
         # The static-only read runs on the event loop (settled_groups): it keeps the GIL.
         ids = self.embedder.token_ids(seg_texts, pool=not static_only)
@@ -481,6 +481,17 @@ class ClassifierBank:
         """Each text's verdicts on every target from its pieces' rows (text i: rows
         bounds[i]:bounds[i + 1], at least one): array operations over the whole batch, then
         the alias checks of the targets each text names."""
+        threshold, no_flags, static_stage = snap.plain
+        if not gated.any() and not any(matches):
+            # No gate passed, no name: each text's best static logit decides, nothing flagged
+            # (what the general case below gives, with a fraction of its array operations).
+            single = len(s1) == len(matches)  # one piece per text
+            best = s1 if single else np.maximum.reduceat(s1, bounds[:-1], axis=0)  # (N, T)
+            top = sigmoid(best)
+            return [
+                _Verdicts(top[i].copy(), threshold, no_flags, static_stage, {}, ())
+                for i in range(len(matches))
+            ]
         starts = np.asarray(bounds[:-1])  # (N,)
         any_gated = np.logical_or.reduceat(gated, starts, axis=0)  # (N, T)
         # (N, T): best stage-2 logit over the gated rows, best static logit over all rows
@@ -499,7 +510,6 @@ class ClassifierBank:
             hits.setdefault(i, []).append(t)
         # Texts with no gate passed and nothing flagged: the snapshot's shared `plain` rows.
         plain: list[bool] = np.asarray(~any_gated.any(axis=1)).tolist()  # (N,)
-        threshold, no_flags, static_stage = snap.plain
         out = []
         for i, found in enumerate(matches):
             # Copies: a cached verdict keeps its own rows, not the whole batch's arrays.

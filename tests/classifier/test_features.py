@@ -30,6 +30,11 @@ def test_a_batch_sums_each_texts_distinct_pieces(lead: tuple[int, ...]) -> None:
     np.testing.assert_allclose(got, one_by_one(ids, w_bow), rtol=1e-5, atol=1e-5)
     assert not got[3].any() and not got[-1].any()
     np.testing.assert_allclose(got[4], w_bow[..., 7], rtol=1e-6)
+    # A few texts (a request on the event loop) take another path: the same sums, bit for bit.
+    for k in range(0, len(ids), 3):
+        few = bow_logits(ids[k : k + 3], w_bow)
+        assert few.shape == (len(ids[k : k + 3]), *lead)
+        assert (few == got[k : k + 3]).all()
 
 
 def test_int32_ids_do_not_overflow_the_keys() -> None:
