@@ -162,6 +162,8 @@ def conversation_pieces(
         text = " ".join(tool_strings(tool))
         found.append((f"tools[{k}]", text))
     for key, value in (template_kwargs or {}).items():
+        if value is None or isinstance(value, bool):
+            continue  # no text (add_generation_prompt=True on every chat request)
         found.append((f"template_kwargs.{key}", " ".join(_strings(value))))
     for i, message in enumerate(messages):
         found += message_texts(message, f"messages[{i}]")

@@ -136,6 +136,7 @@ class LoopBatcher(Generic[T, R]):
         self._max_batch = max_batch
         self._max_size = max_size
         self._waiting: list[tuple[T, asyncio.Future[R], int]] = []  # (item, future, size)
+        self._size = 0  # the sizes of the waiting calls, summed
         self._scheduled = False
         self.batches = 0
         """How many times `fn` ran (for tests and metrics)."""
@@ -146,9 +147,9 @@ class LoopBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future, size))
+        self._size += size
         if len(self._waiting) >= self._max_batch or (
-            self._max_size is not None
-            and sum(s for _, _, s in self._waiting) >= self._max_size  # at most max_batch
+            self._max_size is not None and self._size >= self._max_size
         ):
             # A full batch is read now, in this caller's step: its callers' wake-ups are
             # queued ahead of whatever reaches the loop later (the rest of a burst's requests).
@@ -164,6 +165,7 @@ class LoopBatcher(Generic[T, R]):
         waits: the call that fills one reads it.)"""
         taken = self._waiting[: self._max_batch]
         del self._waiting[: self._max_batch]
+        self._size -= sum(s for _, _, s in taken)
         return [(item, f) for item, f, _ in taken if not f.done()]
 
     def _run(self) -> None:

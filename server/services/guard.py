@@ -142,6 +142,9 @@ class EcoGuard:
         # (not per request), swapped in one assignment.
         self._scope = _Scope.of({})
         self._reads = {path: metrics.guard_reads.labels(path) for path in ("loop", "thread")}
+        # The pass counter of each tenant seen (as many as the metric has label sets): a
+        # `labels` call costs a lock and a key check on every request.
+        self._passes: dict[str, Any] = {}
         # The guard's own threads for corruption: never queued behind unrelated to_thread calls.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="guard")
 
@@ -255,7 +258,11 @@ class EcoGuard:
         flagged = [targets[d.target] for d in decisions if d.target in targets]
         self._metrics.guard_seconds.observe(time.perf_counter() - start)
         if not flagged:
-            self._metrics.decisions.labels("none", "pass", tenant).inc()
+            passes = self._passes.get(tenant)
+            if passes is None:
+                passes = self._metrics.decisions.labels("none", "pass", tenant)
+                self._passes[tenant] = passes
+            passes.inc()
             return Guarded(prompt, scope.always)
         by_name = {d.target: d for d in decisions}
         names = tuple(t.name for t in flagged)

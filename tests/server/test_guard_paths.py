@@ -131,3 +131,23 @@ async def test_loop_chars_zero_reads_everything_on_the_thread() -> None:
     assert [d.target for d in await eco.flagged(["harry"])] == ["harry"]
     assert bank.settled_batches == []
     assert (reads(metrics, "loop"), reads(metrics, "thread")) == (0, 1)
+
+
+async def test_passed_requests_are_counted_per_tenant() -> None:
+    from server.engine import ChatPrompt
+    from server.services.tenancy import Caller
+
+    eco, metrics = guard(SplitBank())
+
+    def passes(tenant: str) -> float:
+        labels = {"target": "none", "action": "pass", "tenant": tenant}
+        return metrics.registry.get_sample_value("obliviate_guard_decisions_total", labels) or 0
+
+    for tenant, text in [("team-a", "rain"), ("team-b", "snow"), ("team-a", "sun")]:
+        prompt = ChatPrompt([{"role": "user", "content": text}])
+        await eco.protect(prompt, "r", Caller("d", tenant))
+    await eco.protect(ChatPrompt([{"role": "user", "content": "hail"}]), "r")
+    await eco.protect(
+        ChatPrompt([{"role": "user", "content": "harry"}]), "r", Caller("d", "team-b")
+    )
+    assert (passes("team-a"), passes("team-b"), passes("-")) == (2, 1, 1)
