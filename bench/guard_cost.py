@@ -2,6 +2,7 @@
 
     python bench/guard_cost.py [--targets 20] [--pairs 30] [--concurrency 32] [--tokens 4]
                                [--stream] [--dtype float32|bfloat16] [--gateway-args "..."]
+                               [--against WORKTREE]
 
 bench/overhead.py compares whole rounds, a few per level, and on a shared 2-core machine one
 round's admission p50 moves by 10-20 ms from the next; that buries a guard cost of a few ms.
@@ -21,6 +22,13 @@ p90, the guard's p50 / p99 over every guarded request, and the CPU time the gate
 (its main thread) and its whole process used per burst on each side (/proc; the counters tick
 every 10 ms, so only the mean over many bursts means anything). Writes
 bench/results/guard_cost.json.
+
+From one run to the next on this 2-core machine the figure moves by 2-3 ms, more than a change
+to the guard's code often makes. `--against WORKTREE` (e.g. `git worktree add /tmp/before
+HEAD~1`) runs a second gateway on that checkout's code beside this one, with the same targets:
+each pair of bursts goes to both gateways, one after the other (their order alternating), with
+the same prompts, and the report adds the median of the pairs' differences (this - against)
+with its 95% interval: the drift between runs reaches both sides of each pair alike.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import random
 import shlex
 import statistics
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +110,53 @@ def burst_quantiles(
     }
 
 
+def summary(pairs: list[dict[str, Any]], guard: dict[float, float]) -> dict[str, Any]:
+    """One gateway's figures over its pairs of bursts (and its guard histogram's counts)."""
+    adds50 = [p["adds_p50_ms"] for p in pairs]
+    adds90 = [p["adds_p90_ms"] for p in pairs]
+    guard_p50, guard_p99 = histogram_quantile(guard, 0.5), histogram_quantile(guard, 0.99)
+    return {
+        "pairs": pairs,
+        "guard_adds_p50_ms": statistics.median(adds50),
+        "guard_adds_p50_interval_ms": interval(adds50),
+        "guard_adds_p90_ms": statistics.median(adds90),
+        "guard_adds_p90_interval_ms": interval(adds90),
+        "bare_admission_p50_ms": statistics.median(p["bare"]["p50_ms"] for p in pairs),
+        "guarded_admission_p50_ms": statistics.median(p["guarded"]["p50_ms"] for p in pairs),
+        "guard_p50_ms": 1000 * guard_p50 if guard_p50 is not None else None,
+        "guard_p99_ms": 1000 * guard_p99 if guard_p99 is not None else None,
+        "guarded_requests": guard.get(float("inf"), 0.0),
+        "reads": {
+            path: sum(p["guarded"]["reads"][path] for p in pairs) for path in ("loop", "thread")
+        },
+        # Mean over the bursts (the /proc counters tick every 10 ms): what a burst costs the
+        # gateway's event loop, and its whole process, with every target disabled or enabled.
+        "cpu_ms_per_burst": {
+            side: {
+                what: statistics.fmean(p[side][f"{what}_cpu_ms"] for p in pairs)
+                for what in ("loop", "process")
+            }
+            for side in ("bare", "guarded")
+        },
+    }
+
+
+def show(name: str, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    low, high = report["guard_adds_p50_interval_ms"]
+    print(
+        f"{name}: {args.targets} targets, {args.pairs} pairs of {args.concurrency} requests: the "
+        f"guard adds {report['guard_adds_p50_ms']:+.1f} ms to admission p50 (95% interval "
+        f"{low:+.1f} to {high:+.1f}); p90 {report['guard_adds_p90_ms']:+.1f} ms; guard p50 / p99 "
+        f"{report['guard_p50_ms']:.1f} / {report['guard_p99_ms']:.1f} ms"
+    )
+    cpu = report["cpu_ms_per_burst"]
+    print(
+        f"{name}: CPU per burst, event loop / whole gateway: bare "
+        f"{cpu['bare']['loop']:.0f} / {cpu['bare']['process']:.0f} ms, guarded "
+        f"{cpu['guarded']['loop']:.0f} / {cpu['guarded']['process']:.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -116,79 +172,82 @@ def main() -> None:
         default="",
         help='more `obliviate serve` flags, e.g. "--guard.loop-chars 0"',
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout (a worktree of another commit): a second gateway runs its code "
+        "beside this one, the same bursts go to both, and the report adds the difference",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/guard_cost.json"))
     args = parser.parse_args()
     if args.targets < 1 or args.pairs < 2:
         parser.error("give --targets >= 1 and --pairs >= 2")
+    if args.against is not None and not (args.against / "server" / "__main__.py").is_file():
+        parser.error(f"--against {args.against}: not a checkout of this project")
 
     report: dict[str, Any] = {"workload": {**vars(args), "out": str(args.out)}}
-    report["workload"].update(cpus=os.cpu_count(), load_average_at_start=os.getloadavg())
+    report["workload"].update(
+        against=str(args.against) if args.against else None,
+        cpus=os.cpu_count(),
+        load_average_at_start=os.getloadavg(),
+    )
     extra = shlex.split(args.gateway_args)
-    with serving(args.targets, dtype=args.dtype, extra=extra) as (url, pid):
-        run_burst(url, MODEL_NAME, unflagged_prompts(args.concurrency), 8, stream=args.stream)
-        pairs: list[dict[str, Any]] = []
-        guard: dict[float, float] = {}
-        for i in range(args.pairs):
-            pair: dict[str, Any] = {}
-            for side in ("bare", "guarded") if i % 2 == 0 else ("guarded", "bare"):
-                set_enabled(url, ADMIN_TOKEN, side == "guarded")
-                wait_idle(pid)  # enabling loads the targets again
-                # New texts for each burst: 2 per pair, far from bench/overhead.py's rounds.
-                prompts = unflagged_prompts(args.concurrency, 10_000 + 2 * i + (side == "bare"))
-                got = burst_quantiles(url, prompts, args, pid)
-                for le, n in got.pop("guard").items():
-                    guard[le] = guard.get(le, 0.0) + n
-                pair[side] = got
-            pair["adds_p50_ms"] = pair["guarded"]["p50_ms"] - pair["bare"]["p50_ms"]
-            pair["adds_p90_ms"] = pair["guarded"]["p90_ms"] - pair["bare"]["p90_ms"]
-            pairs.append(pair)
-            print(
-                f"pair {i + 1:3d}: bare p50 {pair['bare']['p50_ms']:6.1f} ms, guarded "
-                f"{pair['guarded']['p50_ms']:6.1f} ms, adds {pair['adds_p50_ms']:+6.1f} ms",
-                flush=True,
+    codes = {"this": None, **({"against": args.against} if args.against else {})}
+    with ExitStack() as stack:
+        served = {
+            name: stack.enter_context(
+                serving(args.targets, dtype=args.dtype, extra=extra, code=code)
             )
-    adds50 = [p["adds_p50_ms"] for p in pairs]
-    adds90 = [p["adds_p90_ms"] for p in pairs]
-    guard_p50, guard_p99 = histogram_quantile(guard, 0.5), histogram_quantile(guard, 0.99)
-    report.update(
-        pairs=pairs,
-        guard_adds_p50_ms=statistics.median(adds50),
-        guard_adds_p50_interval_ms=interval(adds50),
-        guard_adds_p90_ms=statistics.median(adds90),
-        guard_adds_p90_interval_ms=interval(adds90),
-        bare_admission_p50_ms=statistics.median(p["bare"]["p50_ms"] for p in pairs),
-        guarded_admission_p50_ms=statistics.median(p["guarded"]["p50_ms"] for p in pairs),
-        guard_p50_ms=1000 * guard_p50 if guard_p50 is not None else None,
-        guard_p99_ms=1000 * guard_p99 if guard_p99 is not None else None,
-        guarded_requests=guard.get(float("inf"), 0.0),
-        reads={
-            path: sum(p["guarded"]["reads"][path] for p in pairs) for path in ("loop", "thread")
-        },
-        # Mean over the bursts (the /proc counters tick every 10 ms): what a burst costs the
-        # gateway's event loop, and its whole process, with every target disabled or enabled.
-        cpu_ms_per_burst={
-            side: {
-                what: statistics.fmean(p[side][f"{what}_cpu_ms"] for p in pairs)
-                for what in ("loop", "process")
-            }
-            for side in ("bare", "guarded")
-        },
-    )
+            for name, code in codes.items()
+        }
+        for url, _ in served.values():
+            run_burst(url, MODEL_NAME, unflagged_prompts(args.concurrency), 8, stream=args.stream)
+        pairs: dict[str, list[dict[str, Any]]] = {name: [] for name in served}
+        guard: dict[str, dict[float, float]] = {name: {} for name in served}
+        for i in range(args.pairs):
+            # Gateways in turn (their order alternating every two pairs), each a pair of bursts
+            # (bare and guarded, the order alternating every pair); the same prompts to both.
+            names = list(served) if (i // 2) % 2 == 0 else list(reversed(served))
+            for name in names:
+                url, pid = served[name]
+                pair: dict[str, Any] = {}
+                for side in ("bare", "guarded") if i % 2 == 0 else ("guarded", "bare"):
+                    set_enabled(url, ADMIN_TOKEN, side == "guarded")
+                    wait_idle(pid)  # enabling loads the targets again
+                    # New texts for each burst: 2 per pair, far from bench/overhead.py's rounds.
+                    prompts = unflagged_prompts(args.concurrency, 10_000 + 2 * i + (side == "bare"))
+                    got = burst_quantiles(url, prompts, args, pid)
+                    for le, n in got.pop("guard").items():
+                        guard[name][le] = guard[name].get(le, 0.0) + n
+                    pair[side] = got
+                pair["adds_p50_ms"] = pair["guarded"]["p50_ms"] - pair["bare"]["p50_ms"]
+                pair["adds_p90_ms"] = pair["guarded"]["p90_ms"] - pair["bare"]["p90_ms"]
+                pairs[name].append(pair)
+                print(
+                    f"pair {i + 1:3d} {name:7s}: bare p50 {pair['bare']['p50_ms']:6.1f} ms, "
+                    f"guarded {pair['guarded']['p50_ms']:6.1f} ms, "
+                    f"adds {pair['adds_p50_ms']:+6.1f} ms",
+                    flush=True,
+                )
+    report.update(summary(pairs["this"], guard["this"]))
+    show("this", args, report)
+    if args.against is not None:
+        report["against"] = summary(pairs["against"], guard["against"])
+        show("against", args, report["against"])
+        # Pair by pair: what this code's guard adds less what the other's adds.
+        diff = [
+            a["adds_p50_ms"] - b["adds_p50_ms"]
+            for a, b in zip(pairs["this"], pairs["against"], strict=True)
+        ]
+        report["difference_p50_ms"] = statistics.median(diff)
+        report["difference_p50_interval_ms"] = interval(diff)
+        low, high = report["difference_p50_interval_ms"]
+        print(
+            f"this - against, guard adds at the p50: {report['difference_p50_ms']:+.1f} ms "
+            f"(95% interval {low:+.1f} to {high:+.1f})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    low, high = report["guard_adds_p50_interval_ms"]
-    print(
-        f"{args.targets} targets, {args.pairs} pairs of {args.concurrency} requests: the guard "
-        f"adds {report['guard_adds_p50_ms']:+.1f} ms to admission p50 (95% interval "
-        f"{low:+.1f} to {high:+.1f}); p90 {report['guard_adds_p90_ms']:+.1f} ms; guard p50 / p99 "
-        f"{report['guard_p50_ms']:.1f} / {report['guard_p99_ms']:.1f} ms"
-    )
-    cpu = report["cpu_ms_per_burst"]
-    print(
-        "CPU per burst, event loop / whole gateway: bare "
-        f"{cpu['bare']['loop']:.0f} / {cpu['bare']['process']:.0f} ms, guarded "
-        f"{cpu['guarded']['loop']:.0f} / {cpu['guarded']['process']:.0f} ms"
-    )
+    args.out.write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import httpx
 import psutil
 
 from server.modelstore import resolve_model
-from tests.e2e.servers import ADMIN_TOKEN, free_port, gateway_argv, running
+from tests.e2e.servers import ADMIN_TOKEN, engine_env, free_port, gateway_argv, running
 
 DATA = Path(__file__).resolve().parents[1] / "classifier" / "data"
 
@@ -178,16 +178,22 @@ def set_enabled(url: str, token: str, enabled: bool) -> int:
 
 
 @contextmanager
-def serving(targets: int, *, dtype: str, extra: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+def serving(
+    targets: int, *, dtype: str, extra: Sequence[str] = (), code: Path | None = None
+) -> Iterator[tuple[str, int]]:
     """One `obliviate serve` on the default model (more flags: `extra`), with the README's
-    Harry Potter target and people up to `targets` registered, once it is idle: (url, pid)."""
+    Harry Potter target and people up to `targets` registered, once it is idle: (url, pid).
+    `code`: the checkout whose code the gateway runs (another commit's worktree; default the
+    installed one)."""
     model = resolve_model(None, auto_pull=True)
     logs = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data = ("--model", str(model), "--data-dir", str(logs / "data"))
     argv = gateway_argv(port, *data, *extra, dtype=dtype)
-    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log") as gw:
+    # Imports from `code` first, not from the working directory (PYTHONSAFEPATH).
+    env = None if code is None else {**engine_env(), "PYTHONSAFEPATH": "1", "PYTHONPATH": str(code)}
+    with running(argv, ready_url=f"{url}/ready", log=logs / "gateway.log", env=env) as gw:
         wait_idle(gw.pid)
         register(url, ADMIN_TOKEN, HARRY_POTTER)
         if targets > 1:
