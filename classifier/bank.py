@@ -200,6 +200,11 @@ class _Snapshot:
         for a in self.plain:
             a.setflags(write=False)
 
+    def plain_verdict(self, score: np.ndarray) -> _Verdicts:
+        """The verdict of a text no gate passes and no alias flags, from its (T,) scores
+        (copied: a cached verdict keeps its own row, not the whole batch's array)."""
+        return _Verdicts(score.copy(), *self.plain, {}, ())
+
 
 def _logits(
     emb: np.ndarray, lex: np.ndarray, ids: list[np.ndarray], head: tuple[np.ndarray, ...]
@@ -481,17 +486,13 @@ class ClassifierBank:
         """Each text's verdicts on every target from its pieces' rows (text i: rows
         bounds[i]:bounds[i + 1], at least one): array operations over the whole batch, then
         the alias checks of the targets each text names."""
-        threshold, no_flags, static_stage = snap.plain
         if not gated.any() and not any(matches):
             # No gate passed, no name: each text's best static logit decides, nothing flagged
             # (what the general case below gives, with a fraction of its array operations).
             single = len(s1) == len(matches)  # one piece per text
             best = s1 if single else np.maximum.reduceat(s1, bounds[:-1], axis=0)  # (N, T)
             top = sigmoid(best)
-            return [
-                _Verdicts(top[i].copy(), threshold, no_flags, static_stage, {}, ())
-                for i in range(len(matches))
-            ]
+            return [snap.plain_verdict(row) for row in top]
         starts = np.asarray(bounds[:-1])  # (N,)
         any_gated = np.logical_or.reduceat(gated, starts, axis=0)  # (N, T)
         # (N, T): best stage-2 logit over the gated rows, best static logit over all rows
@@ -514,7 +515,7 @@ class ClassifierBank:
         for i, found in enumerate(matches):
             # Copies: a cached verdict keeps its own rows, not the whole batch's arrays.
             if plain[i] and i not in hits:
-                out.append(_Verdicts(score[i].copy(), threshold, no_flags, static_stage, {}, ()))
+                out.append(snap.plain_verdict(score[i]))
                 continue
             ts = tuple(hits.get(i, ()))
             spans = {t: tuple(accepted_spans(found, t)) for t in ts}
