@@ -2,7 +2,7 @@
 
     python bench/guard_cost.py [--targets 20] [--pairs 30] [--concurrency 32] [--tokens 4]
                                [--stream] [--dtype float32|bfloat16] [--gateway-args "..."]
-                               [--against WORKTREE]
+                               [--against WORKTREE] [--against-args "..."]
 
 bench/overhead.py compares whole rounds, a few per level, and on a shared 2-core machine one
 round's admission p50 moves by 10-20 ms from the next; that buries a guard cost of a few ms.
@@ -29,6 +29,8 @@ HEAD~1`) runs a second gateway on that checkout's code beside this one, with the
 each pair of bursts goes to both gateways, one after the other (their order alternating), with
 the same prompts, and the report adds the median of the pairs' differences (this - against)
 with its 95% interval: the drift between runs reaches both sides of each pair alike.
+`--against-args "--guard.loop-batch 1"` gives the second gateway other flags (instead of
+`--gateway-args`); without `--against` it runs this checkout's code: two settings side by side.
 """
 
 from __future__ import annotations
@@ -178,6 +180,11 @@ def main() -> None:
         help="another checkout (a worktree of another commit): a second gateway runs its code "
         "beside this one, the same bursts go to both, and the report adds the difference",
     )
+    parser.add_argument(
+        "--against-args",
+        help="the second gateway's `obliviate serve` flags instead of --gateway-args; without "
+        "--against, the second gateway runs this checkout with them",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/guard_cost.json"))
     args = parser.parse_args()
     if args.targets < 1 or args.pairs < 2:
@@ -188,17 +195,22 @@ def main() -> None:
     report: dict[str, Any] = {"workload": {**vars(args), "out": str(args.out)}}
     report["workload"].update(
         against=str(args.against) if args.against else None,
+        against_args=args.against_args,
         cpus=os.cpu_count(),
         load_average_at_start=os.getloadavg(),
     )
     extra = shlex.split(args.gateway_args)
-    codes = {"this": None, **({"against": args.against} if args.against else {})}
+    # name -> (checkout, flags); None: this checkout
+    gateways: dict[str, tuple[Path | None, list[str]]] = {"this": (None, extra)}
+    if args.against is not None or args.against_args is not None:
+        other = extra if args.against_args is None else shlex.split(args.against_args)
+        gateways["against"] = (args.against, other)
     with ExitStack() as stack:
         served = {
             name: stack.enter_context(
-                serving(args.targets, dtype=args.dtype, extra=extra, code=code)
+                serving(args.targets, dtype=args.dtype, extra=flags, code=code)
             )
-            for name, code in codes.items()
+            for name, (code, flags) in gateways.items()
         }
         for url, _ in served.values():
             run_burst(url, MODEL_NAME, unflagged_prompts(args.concurrency), 8, stream=args.stream)
@@ -231,7 +243,7 @@ def main() -> None:
                 )
     report.update(summary(pairs["this"], guard["this"]))
     show("this", args, report)
-    if args.against is not None:
+    if "against" in served:
         report["against"] = summary(pairs["against"], guard["against"])
         show("against", args, report["against"])
         # Pair by pair: what this code's guard adds less what the other's adds.
