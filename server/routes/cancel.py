@@ -17,6 +17,12 @@ from server.errors import GatewayError
 
 T = TypeVar("T")
 
+WATCH_AFTER_S = 0.05
+"""How long after a request's start its client begins to be watched. A watcher task costs the
+event loop two steps; most requests of a burst have reached the engine before this (and many
+short ones are done), so the watchers' steps do not queue ahead of the requests arriving with
+them. A client that hangs up sooner is noticed then."""
+
 
 class ClientDisconnectedError(GatewayError):
     status_code = 499
@@ -31,14 +37,40 @@ async def _disconnected(request: Request) -> None:
 
 
 async def run_cancellable(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting the engine request) on disconnect."""
-    handler = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Await `work`, cancelling it (and so aborting the engine request) on disconnect.
+
+    `work` runs in the request's own task, straight on from the route: a task of its own would
+    put the request's way to the guard one event-loop pass behind every request that arrived
+    with it. From `WATCH_AFTER_S` on, a watcher task cancels this one when the client hangs
+    up."""
+    task = asyncio.current_task()
+    assert task is not None  # a route always runs in a task
+    loop = asyncio.get_running_loop()
+    running = True
+    gone = False
+    watcher: asyncio.Task[None] | None = None
+
+    def hung_up(done: asyncio.Future[None]) -> None:
+        nonlocal gone
+        if running and not done.cancelled() and done.exception() is None:
+            gone = True
+            task.cancel()
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(_disconnected(request))
+        watcher.add_done_callback(hung_up)
+
+    timer = loop.call_later(WATCH_AFTER_S, watch)
     try:
-        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from outside (shutdown): not ours to turn into an answer
+        task.uncancel()
+        raise ClientDisconnectedError("The client closed the connection") from None
     finally:
-        watcher.cancel()
-    if not handler.done():
-        handler.cancel()
-        raise ClientDisconnectedError("The client closed the connection")
-    return handler.result()
+        running = False
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from server.deps import CallerDep, GenerationServiceDep, RequestIdDep, ResponsesServiceDep
+from server.deps import CallDep, CallerDep, GenerationServiceDep
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.common import dump
 from server.protocol.completion import CompletionRequest
@@ -40,42 +40,42 @@ def _as(caller: Caller, *users: str | None) -> Caller:
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    service: GenerationServiceDep,
-    rid: RequestIdDep,
-    caller: CallerDep,
+    call: CallDep,
 ) -> Response:
     """OpenAI chat completions, guarded."""
-    who = _as(caller, body.safety_identifier, body.user)
-    result = await run_cancellable(request, service.create_chat_completion(body, rid, who))
-    return _respond(result, rid)
+    who = _as(call.caller, body.safety_identifier, body.user)
+    result = await run_cancellable(
+        request, call.generation.create_chat_completion(body, call.request_id, who)
+    )
+    return _respond(result, call.request_id)
 
 
 @router.post("/completions")
 async def create_completion(
     body: CompletionRequest,
     request: Request,
-    service: GenerationServiceDep,
-    rid: RequestIdDep,
-    caller: CallerDep,
+    call: CallDep,
 ) -> Response:
     """OpenAI (legacy) completions, guarded."""
-    who = _as(caller, body.user)
-    result = await run_cancellable(request, service.create_completion(body, rid, who))
-    return _respond(result, rid)
+    who = _as(call.caller, body.user)
+    result = await run_cancellable(
+        request, call.generation.create_completion(body, call.request_id, who)
+    )
+    return _respond(result, call.request_id)
 
 
 @router.post("/responses")
 async def create_response(
     body: ResponsesRequest,
     request: Request,
-    service: ResponsesServiceDep,
-    rid: RequestIdDep,
-    caller: CallerDep,
+    call: CallDep,
 ) -> Response:
     """OpenAI Responses, guarded exactly like chat (nothing is stored: `store` must be false)."""
-    who = _as(caller, body.safety_identifier, body.user)
-    result = await run_cancellable(request, service.create_response(body, rid, who))
-    return _respond(result, rid)
+    who = _as(call.caller, body.safety_identifier, body.user)
+    result = await run_cancellable(
+        request, call.responses.create_response(body, call.request_id, who)
+    )
+    return _respond(result, call.request_id)
 
 
 @router.get("/models")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -168,6 +169,38 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Server):
             break
         time.sleep(0.5)
     assert "obliviate_engine_requests_running 0.0" in metrics
+
+
+def test_client_disconnect_aborts_a_request_that_is_not_streamed(gateway: Server):
+    # The route awaits the whole answer; a watcher cancels it when the client hangs up
+    # (server.routes.cancel), which closes the engine request.
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1500,
+        "min_tokens": 1500,
+    }
+    url = httpx.URL(gateway.url)
+    raw = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
+    )
+
+    def running() -> str:
+        return httpx.get(f"{gateway.url}/metrics", headers=METRICS_AUTH).text
+
+    with socket.create_connection((url.host, url.port)) as conn:
+        conn.sendall(head.encode() + raw)
+        deadline = time.monotonic() + 20
+        while "obliviate_engine_requests_running 1.0" not in running():
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.2)
+    # Hung up while the engine writes the answer.
+    deadline = time.monotonic() + 20
+    while "obliviate_engine_requests_running 0.0" not in running():
+        assert time.monotonic() < deadline, "the engine request went on after the hang-up"
+        time.sleep(0.5)
 
 
 def test_models_health_ready_metrics(gateway: Server, client: openai.OpenAI):
