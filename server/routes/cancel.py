@@ -31,33 +31,14 @@ async def _disconnected(request: Request) -> None:
 
 
 async def run_cancellable(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting the engine request) on disconnect.
-
-    `work` runs in the request's own task, straight on from the route: a task of its own would
-    put the request's way to the guard one event-loop pass behind every request that arrived
-    with it. A watcher task cancels this one when the client hangs up. (Starting the watcher
-    50 ms in, so that short requests never need one, cost a burst's event loop more: a timer
-    per request, and the watchers of longer ones all the same.)"""
-    task = asyncio.current_task()
-    assert task is not None  # a route always runs in a task
-    running = True
-    gone = False
-
-    def hung_up(done: asyncio.Future[None]) -> None:
-        nonlocal gone
-        if running and not done.cancelled() and done.exception() is None:
-            gone = True
-            task.cancel()
-
+    """Await `work`, cancelling it (and so aborting the engine request) on disconnect."""
+    handler = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
-    watcher.add_done_callback(hung_up)
     try:
-        return await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise  # cancelled from outside (shutdown): not ours to turn into an answer
-        task.uncancel()
-        raise ClientDisconnectedError("The client closed the connection") from None
+        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        running = False
         watcher.cancel()
+    if not handler.done():
+        handler.cancel()
+        raise ClientDisconnectedError("The client closed the connection")
+    return handler.result()

@@ -149,58 +149,47 @@ def test_errors(client: openai.OpenAI):
     assert bias.value.body["param"] == "logit_bias"
 
 
+LONG_STORY = {
+    "model": MODEL_NAME,
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 1500,
+    "min_tokens": 1500,
+}
+
+
+def _until_engine_running(gateway: Server, count: int, failure: str) -> None:
+    """Wait (20 s at most) until the engine runs `count` requests."""
+    deadline = time.monotonic() + 20
+    gauge = f"obliviate_engine_requests_running {count:.1f}"
+    while gauge not in httpx.get(f"{gateway.url}/metrics", headers=METRICS_AUTH).text:
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.2)
+
+
 def test_client_disconnect_aborts_the_engine_request(gateway: Server):
-    body = {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1500,
-        "min_tokens": 1500,
-        "stream": True,
-    }
+    body = {**LONG_STORY, "stream": True}
     with httpx.stream(
         "POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60
     ) as response:
         for _ in zip(range(3), response.iter_lines(), strict=False):
             pass  # a few tokens, then hang up
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        metrics = httpx.get(f"{gateway.url}/metrics", headers=METRICS_AUTH).text
-        if "obliviate_engine_requests_running 0.0" in metrics:
-            break
-        time.sleep(0.5)
-    assert "obliviate_engine_requests_running 0.0" in metrics
+    _until_engine_running(gateway, 0, "the engine request went on after the hang-up")
 
 
 def test_client_disconnect_aborts_a_request_that_is_not_streamed(gateway: Server):
     # The route awaits the whole answer; a watcher cancels it when the client hangs up
     # (server.routes.cancel), which closes the engine request.
-    body = {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1500,
-        "min_tokens": 1500,
-    }
     url = httpx.URL(gateway.url)
-    raw = json.dumps(body).encode()
+    raw = json.dumps(LONG_STORY).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
     )
-
-    def running() -> str:
-        return httpx.get(f"{gateway.url}/metrics", headers=METRICS_AUTH).text
-
     with socket.create_connection((url.host, url.port)) as conn:
         conn.sendall(head.encode() + raw)
-        deadline = time.monotonic() + 20
-        while "obliviate_engine_requests_running 1.0" not in running():
-            assert time.monotonic() < deadline, "the request never reached the engine"
-            time.sleep(0.2)
+        _until_engine_running(gateway, 1, "the request never reached the engine")
     # Hung up while the engine writes the answer.
-    deadline = time.monotonic() + 20
-    while "obliviate_engine_requests_running 0.0" not in running():
-        assert time.monotonic() < deadline, "the engine request went on after the hang-up"
-        time.sleep(0.5)
+    _until_engine_running(gateway, 0, "the engine request went on after the hang-up")
 
 
 def test_models_health_ready_metrics(gateway: Server, client: openai.OpenAI):
