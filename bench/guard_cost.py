@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import statistics
 import sys
@@ -51,9 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.targets import serving, set_enabled, wait_idle  # noqa: E402
 from bench.workload import (  # noqa: E402
     counter,
+    cpu_seconds,
     histogram,
     histogram_delta,
     histogram_quantile,
+    interval,
     run_burst,
     unflagged_prompts,
 )
@@ -63,27 +64,6 @@ from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME  # noqa: E402
 ADMISSION = "obliviate_admission_seconds"
 GUARD = "obliviate_guard_seconds"
 READS = "obliviate_guard_reads"  # texts read on the event loop / on the guard's thread
-
-
-def interval(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the median of `values`."""
-    rng = random.Random(seed)
-    medians = sorted(
-        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
-    )
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) of process `pid`'s main thread (the gateway's event loop)
-    and of the whole process (every thread), from /proc; resolution one clock tick."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def read(path: str) -> float:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-
-    return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
 
 
 def burst_quantiles(

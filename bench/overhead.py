@@ -22,7 +22,11 @@ every level it reports:
 - flagged traffic (prompts about the Harry Potter target: corrupted prompt embeddings) against
   unflagged, on the same gateway;
 - the resident memory of the gateway's process tree beyond vLLM server's (both trees hold one
-  engine on the same model and KV cache size).
+  engine on the same model and KV cache size);
+- the front end's CPU per request: the CPU time of each server's own process (every thread;
+  the engine core is a child process on both sides) over each round, and obliviate's over the
+  vLLM round before it, with the 95% interval of the median. On a machine whose cores vLLM
+  keeps busy this is the cost that throughput shows only through its round-to-round noise.
 
 The first target is the README's Harry Potter target, registered with default options (its
 POST-to-live time and the job's stage timings are reported); the others come from
@@ -58,11 +62,13 @@ from bench.targets import (  # noqa: E402
 from bench.workload import (  # noqa: E402
     Round,
     counter,
+    cpu_seconds,
     flagged_prompts,
     histogram,
     histogram_delta,
     histogram_quantile,
     histogram_sum,
+    interval,
     percentile,
     run_burst,
     side_by_side,
@@ -99,6 +105,11 @@ def summary(rounds: list[Round]) -> dict[str, float]:
     return out
 
 
+def cpu_ratios(cpu: dict[str, list[float]]) -> list[float]:
+    """obliviate's front-end CPU over vLLM's, round by round."""
+    return [a / b for a, b in zip(cpu["obliviate"], cpu["vllm"], strict=True) if b > 0]
+
+
 def register_up_to(url: str, have: int, want: int, report: dict[str, Any]) -> None:
     """Register targets `have`..`want`-1: Harry Potter first (default options), then people."""
     if have == 0 and want > 0:
@@ -129,6 +140,9 @@ def measure_level(
     rounds: dict[str, list[Round]] = {side: [] for side in sides}
     timed = {name: dict.fromkeys(histogram(urls["obliviate"], name), 0.0) for name in TIMED}
     admitted: dict[str, list[float]] = {"obliviate": [], "bare": []}  # p50 per round, s
+    # CPU seconds of the server's own process (all its threads; vLLM's engine core is a child
+    # process on both sides) per round: what the front end costs, less noisy than throughput.
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
     guard_total_s = 0.0
     false_flags = 0.0
     identical = compared = 0
@@ -150,11 +164,14 @@ def measure_level(
             # Bare rounds get texts of their own: the engine's prefix cache would serve
             # the guarded round's prompts again.
             prompts = flagged_prompts if side == "flagged" else unflagged_prompts
+            pid = pids["vllm" if side == "vllm" else "obliviate"]
+            cpu_before = cpu_seconds(pid)[1]
             result = run_burst(
                 url, MODEL_NAME,
                 prompts(args.concurrency, r + 1 + (500 if side == "bare" else 0)),
                 args.tokens, stream=args.stream,
             )  # fmt: skip
+            cpu[side].append(cpu_seconds(pid)[1] - cpu_before)
             rounds[side].append(result)
             if side in admitted:
                 grew = {name: histogram_delta(before[name], histogram(url, name)) for name in TIMED}
@@ -194,11 +211,22 @@ def measure_level(
         "obliviate": ours,
         "throughput_ratio": ours["tok_per_s_median"] / theirs["tok_per_s_median"],
         # Each obliviate round against the vLLM round just before it: the spread is the noise.
-        "round_ratios": [
-            got.tok_per_s / base.tok_per_s
-            for got, base in zip(rounds["obliviate"], rounds["vllm"], strict=True)
-        ],
+        "round_ratios": (
+            round_ratios := [
+                got.tok_per_s / base.tok_per_s
+                for got, base in zip(rounds["obliviate"], rounds["vllm"], strict=True)
+            ]
+        ),
+        "round_ratio_median_interval": interval(round_ratios),
         "added_latency_p50_ms": ours["latency_p50_ms"] - theirs["latency_p50_ms"],
+        # The front end's CPU per request (ms): each server's own process, every thread.
+        "frontend_cpu_ms_per_request": {
+            side: 1000 * statistics.median(v) / args.concurrency for side, v in cpu.items()
+        },
+        # Round by round (obliviate's over the vLLM round just before it), with the 95%
+        # interval of the median.
+        "frontend_cpu_ratio": statistics.median(ratios := cpu_ratios(cpu)),
+        "frontend_cpu_ratio_interval": interval(ratios),
         "added_latency_p99_ms": ours["latency_p99_ms"] - theirs["latency_p99_ms"],
         "greedy_identical": f"{identical}/{compared}",
         "vllm_self_identical": f"{self_identical}/{len(last)}",
@@ -243,8 +271,9 @@ def markdown(report: dict[str, Any]) -> str:
     rows = [
         "| targets | vLLM tok/s | obliviate tok/s | ratio (rounds min-max) | added p50 | added p99 "
         "| guard p50 | guard p99 | admission p50 | guard adds (p50) | guarded / bare "
-        "| flagged / unflagged | identical | vLLM vs itself | RSS beyond vLLM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| flagged / unflagged | identical | vLLM vs itself | RSS beyond vLLM "
+        "| front-end CPU per request, obliviate / vLLM (round ratio, 95% interval) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in report["levels"]:
         flagged = f"{lv['flagged_over_unflagged']:.3f}" if "flagged_over_unflagged" in lv else "–"
@@ -252,6 +281,8 @@ def markdown(report: dict[str, Any]) -> str:
         guard50 = f"{lv['guard_p50_ms']:.2f} ms" if "guard_p50_ms" in lv else "–"
         guard99 = f"{lv['guard_p99_ms']:.2f} ms" if "guard_p99_ms" in lv else "–"
         admitted = f"{lv['admission_p50_ms']:.1f} ms" if "admission_p50_ms" in lv else "–"
+        cpu = lv["frontend_cpu_ms_per_request"]
+        low, high = lv["frontend_cpu_ratio_interval"]
         adds = (
             f"{lv['guard_adds_p50_ms']:+.1f} ms"
             if lv["targets"] and "guard_adds_p50_ms" in lv
@@ -265,7 +296,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {guard50} | {guard99} | {admitted} | {adds} | {over_bare} | {flagged} "
             f"| {lv['greedy_identical']} "
             f"| {lv.get('vllm_self_identical', '–')} "
-            f"| {lv['memory_mib']['gateway_beyond_vllm']:+.0f} MiB |"
+            f"| {lv['memory_mib']['gateway_beyond_vllm']:+.0f} MiB "
+            f"| {cpu['obliviate']:.2f} / {cpu['vllm']:.2f} ms ({lv['frontend_cpu_ratio']:.2f}, "
+            f"{low:.2f}-{high:.2f}) |"
         )
     return "\n".join(rows) + "\n"
 

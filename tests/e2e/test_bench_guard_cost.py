@@ -1,0 +1,53 @@
+"""bench/guard_cost.py in its smoke form: 2 targets, 2 pairs of bursts of 4, on the real engine.
+
+The figure the bench reports (what the guard adds to admission) is only what it says if the
+bare bursts are read by no classifier and each guarded request is read once, on both gateways
+of a side-by-side run, and if `--against-args` reaches the second gateway. The timings
+themselves are the benchmark's to show (docs/results/performance.md), not this test's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS, CONCURRENCY = 2, 4
+
+
+def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Path) -> None:
+    out = tmp_path / "guard_cost.json"
+    run = subprocess.run(
+        [
+            sys.executable, "bench/guard_cost.py",
+            "--targets", "2", "--pairs", str(PAIRS), "--concurrency", str(CONCURRENCY),
+            # The second gateway reads every prompt on the guard's thread, none on the loop.
+            "--against-args", "--guard.loop-chars 0",
+            "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    guarded = PAIRS * CONCURRENCY
+    this, other = report, report["against"]
+    for side in (this, other):
+        assert len(side["pairs"]) == PAIRS
+        # The guard's histogram grew by the guarded bursts' requests only.
+        assert side["guarded_requests"] == guarded
+        for pair in side["pairs"]:
+            assert pair["bare"]["reads"] == {"loop": 0.0, "thread": 0.0}
+    # Every prompt, and the output guard's read of every answer, on the loop for one gateway
+    # and on the guard's thread for the other.
+    assert this["reads"]["thread"] == 0 and this["reads"]["loop"] >= guarded
+    assert other["reads"]["loop"] == 0 and other["reads"]["thread"] >= guarded
+    diffs = [
+        a["adds_p50_ms"] - b["adds_p50_ms"]
+        for a, b in zip(this["pairs"], other["pairs"], strict=True)
+    ]
+    assert report["difference_p50_ms"] == statistics.median(diffs)
+    low, high = report["difference_p50_interval_ms"]
+    assert low <= report["difference_p50_ms"] <= high
