@@ -205,18 +205,18 @@ def measure_level(
     last = rounds["vllm"][-1].texts
     self_identical = sum(a == b for a, b in zip(again.texts, last, strict=True))
     ours, theirs = summary(rounds["obliviate"]), summary(rounds["vllm"])
+    # Each obliviate round against the vLLM round just before it: the spread is the noise.
+    round_ratios = [
+        got.tok_per_s / base.tok_per_s
+        for got, base in zip(rounds["obliviate"], rounds["vllm"], strict=True)
+    ]
+    cpu_ratio = cpu_ratios(cpu)
     level: dict[str, Any] = {
         "targets": targets,
         "vllm": theirs,
         "obliviate": ours,
         "throughput_ratio": ours["tok_per_s_median"] / theirs["tok_per_s_median"],
-        # Each obliviate round against the vLLM round just before it: the spread is the noise.
-        "round_ratios": (
-            round_ratios := [
-                got.tok_per_s / base.tok_per_s
-                for got, base in zip(rounds["obliviate"], rounds["vllm"], strict=True)
-            ]
-        ),
+        "round_ratios": round_ratios,
         "round_ratio_median_interval": interval(round_ratios),
         "added_latency_p50_ms": ours["latency_p50_ms"] - theirs["latency_p50_ms"],
         # The front end's CPU per request (ms): each server's own process, every thread.
@@ -225,8 +225,8 @@ def measure_level(
         },
         # Round by round (obliviate's over the vLLM round just before it), with the 95%
         # interval of the median.
-        "frontend_cpu_ratio": statistics.median(ratios := cpu_ratios(cpu)),
-        "frontend_cpu_ratio_interval": interval(ratios),
+        "frontend_cpu_ratio": statistics.median(cpu_ratio),
+        "frontend_cpu_ratio_interval": interval(cpu_ratio),
         "added_latency_p99_ms": ours["latency_p99_ms"] - theirs["latency_p99_ms"],
         "greedy_identical": f"{identical}/{compared}",
         "vllm_self_identical": f"{self_identical}/{len(last)}",

@@ -256,7 +256,9 @@ async def get_request_id(request: Request) -> str:
     return current_request_id() or sane_request_id(request.headers.get("x-request-id"))
 
 
-def _caller(request: Request) -> Caller:
+async def get_caller(request: Request) -> Caller:
+    """Who is calling, from the API key (the /v1 gate has already refused bad keys; routes
+    outside /v1, such as /tokenize, are refused here)."""
     keys: ApiKeys = request.app.state.api_keys
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -266,12 +268,6 @@ def _caller(request: Request) -> Caller:
             "Missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"
         )
     return caller
-
-
-async def get_caller(request: Request) -> Caller:
-    """Who is calling, from the API key (the /v1 gate has already refused bad keys; routes
-    outside /v1, such as /tokenize, are refused here)."""
-    return _caller(request)
 
 
 @dataclass(frozen=True)
@@ -289,7 +285,9 @@ class Call:
 
 async def get_call(request: Request) -> Call:
     state = request.app.state
-    return Call(await get_request_id(request), _caller(request), state.generation, state.responses)
+    return Call(
+        await get_request_id(request), await get_caller(request), state.generation, state.responses
+    )
 
 
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]

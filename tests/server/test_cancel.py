@@ -36,7 +36,7 @@ class HangingEngine(FakeEngine):
             self.closed += 1
 
 
-async def _call(app: Any, body: dict[str, Any], hang_up_after: float | None) -> list[int]:
+async def _call(app: Any, body: dict[str, Any], hang_up_after: float) -> list[int]:
     """POST /v1/chat/completions; the client hangs up `hang_up_after` s in. The statuses sent."""
     raw = json.dumps(body).encode()
     scope = {
@@ -60,7 +60,7 @@ async def _call(app: Any, body: dict[str, Any], hang_up_after: float | None) -> 
         if not sent_body:
             sent_body = True
             return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.sleep(3600 if hang_up_after is None else hang_up_after)
+        await asyncio.sleep(hang_up_after)
         return {"type": "http.disconnect"}
 
     statuses: list[int] = []
