@@ -36,8 +36,11 @@ class HangingEngine(FakeEngine):
             self.closed += 1
 
 
-async def _call(app: Any, body: dict[str, Any], hang_up_after: float) -> list[int]:
-    """POST /v1/chat/completions; the client hangs up `hang_up_after` s in. The statuses sent."""
+def _start(
+    app: Any, body: dict[str, Any], hang_up_after: float
+) -> tuple[asyncio.Future[None], list[int]]:
+    """POST /v1/chat/completions, in a task of its own: the client hangs up `hang_up_after` s
+    in. The task, and the statuses it sends."""
     raw = json.dumps(body).encode()
     scope = {
         "type": "http",
@@ -69,7 +72,12 @@ async def _call(app: Any, body: dict[str, Any], hang_up_after: float) -> list[in
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    call = asyncio.ensure_future(app(scope, receive, send))
+    return asyncio.ensure_future(app(scope, receive, send)), statuses
+
+
+async def _call(app: Any, body: dict[str, Any], hang_up_after: float) -> list[int]:
+    """POST /v1/chat/completions; the client hangs up `hang_up_after` s in. The statuses sent."""
+    call, statuses = _start(app, body, hang_up_after)
     done, _ = await asyncio.wait({call}, timeout=10)
     if not done:  # the disconnect did not end it: not the test's place to cancel it for it
         call.cancel()
@@ -104,5 +112,38 @@ def test_a_client_that_hangs_up_cancels_its_request_and_the_engine_request(
                     await asyncio.sleep(0.01)
                 assert engine.closed == before + 1
                 assert engine.running == 0
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_the_route_cancels_the_engine_request(tmp_path: Path) -> None:
+    """The server cancels a request's task (a shutdown, a timeout): the engine request goes too,
+    not left writing for nobody."""
+    engine = HangingEngine()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_cache_dir=tmp_path / "models",
+        admin_enabled=False,
+        guard={"enabled": False},  # type: ignore[arg-type]
+    )
+    app = create_app(settings, engine=engine)
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            call, _ = _start(app, body, hang_up_after=3600)
+            for _ in range(100):
+                if engine.running == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.running == 1
+            call.cancel()
+            for _ in range(100):
+                if engine.closed == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert call.cancelled()
+            assert engine.closed == 1
+            assert engine.running == 0
 
     asyncio.run(scenario())
