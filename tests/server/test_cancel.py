@@ -86,9 +86,11 @@ async def _call(app: Any, body: dict[str, Any], hang_up_after: float) -> list[in
     return statuses
 
 
-def test_a_client_that_hangs_up_cancels_its_request_and_the_engine_request(
-    tmp_path: Path,
-) -> None:
+BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def _app(tmp_path: Path) -> tuple[Any, HangingEngine]:
+    """The gateway on a HangingEngine, guard and admin off."""
     engine = HangingEngine()
     settings = Settings(
         data_dir=tmp_path / "data",
@@ -96,15 +98,20 @@ def test_a_client_that_hangs_up_cancels_its_request_and_the_engine_request(
         admin_enabled=False,
         guard={"enabled": False},  # type: ignore[arg-type]
     )
-    app = create_app(settings, engine=engine)
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+    return create_app(settings, engine=engine), engine
+
+
+def test_a_client_that_hangs_up_cancels_its_request_and_the_engine_request(
+    tmp_path: Path,
+) -> None:
+    app, engine = _app(tmp_path)
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
             # Hangs up at once, and once the engine is writing.
             for after in (0.0, 0.2):
                 before = engine.closed
-                statuses = await _call(app, body, hang_up_after=after)
+                statuses = await _call(app, BODY, hang_up_after=after)
                 assert statuses == [499]
                 for _ in range(100):  # the cancelled work may finish a few loop passes later
                     if engine.running == 0:
@@ -119,19 +126,11 @@ def test_a_client_that_hangs_up_cancels_its_request_and_the_engine_request(
 def test_cancelling_the_route_cancels_the_engine_request(tmp_path: Path) -> None:
     """The server cancels a request's task (a shutdown, a timeout): the engine request goes too,
     not left writing for nobody."""
-    engine = HangingEngine()
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        model_cache_dir=tmp_path / "models",
-        admin_enabled=False,
-        guard={"enabled": False},  # type: ignore[arg-type]
-    )
-    app = create_app(settings, engine=engine)
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+    app, engine = _app(tmp_path)
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
-            call, _ = _start(app, body, hang_up_after=3600)
+            call, _ = _start(app, BODY, hang_up_after=3600)
             for _ in range(100):
                 if engine.running == 1:
                     break
