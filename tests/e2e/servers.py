@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
+
+import httpx
 
 from server.launch import engine_env, free_port, running
 
@@ -70,3 +73,21 @@ def upstream_gateway_argv(
 
 
 __all__ = ["engine_env", "free_port", "running"]
+
+
+def raw_chat_post(
+    url: str, body: bytes, *, held_back: int = 0, headers: dict[str, str] | None = None
+) -> socket.socket:
+    """POST /v1/chat/completions to `url` on a plain socket, all of `body` but its last
+    `held_back` bytes: a client that can hang up, or finish its request, when the test says."""
+    address = httpx.URL(url)
+    conn = socket.create_connection((address.host, address.port), timeout=120)
+    lines = [
+        "POST /v1/chat/completions HTTP/1.1",
+        f"Host: {address.host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    conn.sendall("\r\n".join([*lines, "", ""]).encode() + body[: len(body) - held_back])
+    return conn

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
@@ -11,7 +10,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import ADMIN_TOKEN, MAX_MODEL_LEN, MODEL_NAME
+from tests.e2e.servers import ADMIN_TOKEN, MAX_MODEL_LEN, MODEL_NAME, raw_chat_post
 
 METRICS_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # /metrics is closed by default
 
@@ -179,14 +178,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Server):
 def test_client_disconnect_aborts_a_request_that_is_not_streamed(gateway: Server):
     # The route awaits the whole answer; a watcher cancels it when the client hangs up
     # (server.routes.cancel), which closes the engine request.
-    url = httpx.URL(gateway.url)
-    raw = json.dumps(LONG_STORY).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
-    )
-    with socket.create_connection((url.host, url.port)) as conn:
-        conn.sendall(head.encode() + raw)
+    with raw_chat_post(gateway.url, json.dumps(LONG_STORY).encode()):
         _until_engine_running(gateway, 1, "the request never reached the engine")
     # Hung up while the engine writes the answer.
     _until_engine_running(gateway, 0, "the engine request went on after the hang-up")

@@ -22,7 +22,14 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME, free_port, running, upstream_gateway_argv
+from tests.e2e.servers import (
+    ADMIN_TOKEN,
+    MODEL_NAME,
+    free_port,
+    raw_chat_post,
+    running,
+    upstream_gateway_argv,
+)
 from tests.postgres import create_database
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -169,25 +176,8 @@ def test_disable_and_delete_propagate(gateways, record_property):
     assert httpx.get(f"{b.url}/admin/targets/{target_id}", headers=AUTH).status_code == 404
 
 
-def _held_request(url: str, body: bytes) -> socket.socket:
-    """A /v1 request whose last body byte is not sent yet: in flight until `_release` sends it.
-
-    The drain counts it from its headers on, so B cannot finish draining (and close its port)
-    before the test lets it, however slowly this machine runs the checks in between.
-    """
-    address = httpx.URL(url)
-    conn = socket.create_connection((address.host, address.port), timeout=120)
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "X-Request-ID: held-through-the-drain\r\n\r\n"
-    )
-    conn.sendall(head.encode() + body[:-1])
-    return conn
-
-
 def _release(conn: socket.socket, body: bytes) -> bytes:
-    """Send the held request's last byte; its whole response (the server closes after it)."""
+    """Send the held request's last byte; its whole response (read up to its Content-Length)."""
     conn.sendall(body[-1:])
     response = b""
     while b"\r\n\r\n" not in response or not _complete(response):
@@ -234,7 +224,11 @@ def test_sigterm_drains_then_exits(gateways, logs_dir: Path):
     # requests reached B 15 s after the signal, when the stream had ended and B had drained.
     # The held request keeps B draining until the checks are done, however long they take.
     held_body = json.dumps({**ask, "stream": False, "max_tokens": 4, "min_tokens": 0}).encode()
-    held = _held_request(b.url, held_body)
+    # The drain counts it from its headers on, so B cannot finish draining (and close its port)
+    # before the test sends its last byte.
+    held = raw_chat_post(
+        b.url, held_body, held_back=1, headers={"X-Request-ID": "held-through-the-drain"}
+    )
     reader = threading.Thread(target=stream)
     reader.start()
     assert first_chunk.wait(120)
