@@ -17,6 +17,7 @@ from .spans import STOPWORDS, AliasIndex, AliasMatch, Word, ascii_norms, fold, s
 
 _SUSPICIOUS = re.compile(r"[0-9@$]|(?<![^\W_])[^\W_]([.\-_*· ])[^\W_]\1[^\W_]")
 _GAP = re.compile(r"[\s.,'\-_*·]{0,3}")  # what may separate two words of one alias mention
+_MAX_CLEAR = 50_000  # norms a scanner remembers as clear (~4 MB), then it starts again
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,31 @@ class StreamScanner:
         )
         self.window = 2 * longest + 32
         """Characters before the unreleased text that a scan looks at."""
+        self._clear: set[str] = set()
+        """Norms seen that are neither an alias word nor the start of one (`_all_clear`)."""
 
     def _alias_word(self, norm: str) -> bool:
         if norm in self._words:
             return True
         return bool(self._index.lookup(norm)) if len(norm) >= 4 else False
+
+    def _all_clear(self, norms: list[str]) -> bool:
+        """Whether no norm is, or could grow into, an alias word. Every token's scan reads the
+        words of the window before it again: the norms found clear are remembered (for this
+        set of targets; a set in C answers most scans with one `issuperset`), at most
+        `_MAX_CLEAR` of them."""
+        clear = self._clear
+        if clear.issuperset(norms):
+            return True
+        for n in norms:
+            if n in clear:
+                continue
+            if self._alias_word(n) or n in self._prefixes:
+                return False
+            if len(clear) >= _MAX_CLEAR:
+                clear.clear()
+            clear.add(n)
+        return True
 
     def scan(self, text: str, released: int, final: bool) -> tuple[list[Mention], int]:
         """Mentions overlapping text[released:], and where to hold back from (>= released;
@@ -66,7 +87,7 @@ class StreamScanner:
         view = normalize_view(window) if _SUSPICIOUS.search(window) else None
         read = view.text if view is not None else window
         norms = ascii_norms(read)
-        if norms is not None and not any(self._alias_word(n) or n in self._prefixes for n in norms):
+        if norms is not None and self._all_clear(norms):
             # No word is, or could grow into, an alias word: no mention, nothing held (as
             # below, without a `Word` per word: this runs on every streamed token).
             return [], len(text)

@@ -242,6 +242,20 @@ def test_the_scanner_s_shortcut_scans_as_the_word_by_word_path(
         assert _SCANNER.scan(text, released, final) == fast
 
 
+def test_a_scanner_remembers_clear_words_only_and_scans_a_stream_as_a_new_one_would() -> None:
+    """Each token's scan reads the window's words again; a scanner remembers the words that are
+    neither an alias word nor the start of one, and then scans every step of a stream as a
+    scanner that never saw a word before."""
+    answer = "The old school was quiet that day. Ask her: the boy at Hogwarts is Harry Potter."
+    warm = StreamScanner(_INDEX)
+    for end in range(1, len(answer) + 1):
+        for released in {0, max(0, end - 12), end}:
+            got = warm.scan(answer[:end], released, end == len(answer))
+            assert got == StreamScanner(_INDEX).scan(answer[:end], released, end == len(answer))
+    assert {"the", "old", "school", "was", "quiet", "that", "day", "ask"} <= warm._clear
+    assert not {"her", "hogwarts", "harry", "potter", "h", "ha", "hog"} & warm._clear
+
+
 @settings(max_examples=400, deadline=None)
 @given(text=st.one_of(ALIAS_PARTS, st.text(st.characters(max_codepoint=127), max_size=80)))
 def test_an_ascii_text_s_norms_are_its_words_folded(text: str) -> None:
