@@ -221,8 +221,9 @@ class EcoGuard:
         event loop (`ClassifierBank.settled_groups`: the same Decisions when no target's gate
         passes): on the guard's thread, a batch waits for the GIL each time NumPy or the
         tokenizer lets go of it while the loop is busy (bench/gil_contention.py). Under a
-        32-request burst at 20 targets the guard's own p50 is 11-15 ms this way (17-20 ms on
-        the thread) and it adds 3.9-7.5 ms to admission p50 (bench/guard_cost.py, 24 runs).
+        32-request burst at 20 targets the guard's own p50 is 9-15 ms this way (17-20 ms on
+        the thread) and it adds 2.8-7.5 ms to admission p50 (bench/guard_cost.py, 27 runs;
+        2.8-5.7 ms on a quiet machine).
         What the static stage leaves to MiniLM, longer texts, and any failure of the loop path
         go to the guard's thread, batched."""
         if not self._scope.targets:
