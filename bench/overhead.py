@@ -152,6 +152,7 @@ def measure_level(
             url = urls["vllm" if side == "vllm" else "obliviate"]
             if side == "bare":
                 set_enabled(url, ADMIN_TOKEN, False)
+                wait_idle(pids["obliviate"])  # as after enabling: nothing left from the switch
             before = {name: histogram(url, name) for name in TIMED} if side in admitted else {}
             sum_before = histogram_sum(url, GUARD) if side == "obliviate" else 0.0
             flags_before = (
@@ -161,14 +162,16 @@ def measure_level(
             )
             # Every round reads new texts (the guard's verdict cache would answer repeats);
             # both servers get the same ones, so their answers can be compared.
-            # Bare rounds get texts of their own: the engine's prefix cache would serve
-            # the guarded round's prompts again.
+            # Bare rounds get texts of their own (the engine's prefix cache would serve the
+            # guarded round's prompts again) of the same shape: the round's template, and a
+            # suffix that differs (bench.workload._ask), so neither side has longer prompts.
             prompts = flagged_prompts if side == "flagged" else unflagged_prompts
+            shape = 1000 + 16 * r + r % 8 + (8 if side == "bare" else 0)
             pid = pids["vllm" if side == "vllm" else "obliviate"]
             cpu_before = cpu_seconds(pid)[1]
             result = run_burst(
                 url, MODEL_NAME,
-                prompts(args.concurrency, r + 1 + (500 if side == "bare" else 0)),
+                prompts(args.concurrency, shape),
                 args.tokens, stream=args.stream,
             )  # fmt: skip
             cpu[side].append(cpu_seconds(pid)[1] - cpu_before)
