@@ -95,7 +95,8 @@ class StreamScanner:
         if not words:
             return [], len(text)
         mentions: list[Mention] = []
-        if any(self._alias_word(w.norm) or w.norm in self._prefixes for w in words):
+        # An ASCII window that gets here has such a word already (its norms are its words').
+        if norms is not None or not self._all_clear([w.norm for w in words]):
             for m in self._index.match(read):
                 if self._names(m):
                     s, e = (
