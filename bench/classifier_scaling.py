@@ -49,6 +49,7 @@ from classifier import (  # noqa: E402
     TrainConfig,
     train_target,
 )
+from offset import pack_linears  # noqa: E402
 
 BURST = 32
 
@@ -191,7 +192,7 @@ def main() -> None:
     if args.blas_threads:
         threadpool_limits(args.blas_threads, user_api="blas")
 
-    embedder = Embedder()
+    embedder = Embedder(pack=pack_linears)  # as the gateway runs it (server.deps)
     counter = _Counting(embedder)
     most = max([*args.targets, args.profile])
     t0 = time.perf_counter()
