@@ -121,6 +121,10 @@ class GenerationRequest:
     sampling: SamplingOptions
     stream: bool = True
     """False lets the engine send a single final chunk per choice."""
+    stream_every: int = 1
+    """A streamed answer's tokens may come this many at a time (a choice's first and last
+    chunks at once), as vLLM's `stream_interval`: fewer chunks for a reader that needs the
+    tokens in order but not one by one. An engine that cannot group them sends them singly."""
     offsets: tuple[DeltaSpec, ...] = ()
     """δ mode: add Σ α·(small_unlearned − small_base) to the logits at every step."""
     tools: ToolOptions | None = None

@@ -130,7 +130,9 @@ class FakeEngine:
             words = ["fake"] if error else str(reply).split(" ")
             max_tokens = request.sampling.max_tokens or len(words)
             first = True
-            async for chunk in self._emit(request, words, max_tokens, prompt_len, error):
+            chunks = self._emit(request, words, max_tokens, prompt_len, error)
+            every = request.stream_every if request.stream else 1
+            async for chunk in _grouped(chunks, every) if every > 1 else chunks:
                 if first and request.sampling.prompt_logprobs is not None:
                     ids = self._prompt_ids(request)
                     chunk.prompt_token_ids = ids
@@ -203,6 +205,39 @@ class FakeEngine:
                 )
                 if error:
                     raise error
+
+
+async def _grouped(
+    chunks: AsyncIterator[GenerationChunk], every: int
+) -> AsyncIterator[GenerationChunk]:
+    """One-word chunks `every` words at a time, as vLLM's `stream_interval`: each choice's first
+    word and its last chunk at once."""
+    pending: list[GenerationChunk] = []
+    started: set[int] = set()
+
+    def merged() -> GenerationChunk:
+        deltas = [c.choices[0] for c in pending]
+        logprobs = [lp for d in deltas for lp in d.logprobs or ()]
+        delta = replace(
+            deltas[-1],
+            text="".join(d.text for d in deltas),
+            token_ids=[t for d in deltas for t in d.token_ids],
+            logprobs=logprobs if deltas[-1].logprobs is not None else None,
+        )
+        last = pending[-1]
+        pending.clear()
+        return replace(last, choices=[delta])
+
+    async for chunk in chunks:
+        (delta,) = chunk.choices
+        if pending and pending[-1].choices[0].index != delta.index:
+            yield merged()
+        pending.append(chunk)
+        if delta.index not in started or len(pending) >= every or delta.finish_reason:
+            started.add(delta.index)
+            yield merged()
+    if pending:
+        yield merged()
 
 
 def _stop_hit(text: str, stops: Sequence[str]) -> tuple[int, str] | None:

@@ -205,7 +205,9 @@ class VllmLocalEngine:
             raise UnavailableError("The engine is still loading")
         return self._tokenizer
 
-    def _sampling_params(self, options: SamplingOptions, prompt_len: int, stream: bool) -> Any:
+    def _sampling_params(
+        self, options: SamplingOptions, prompt_len: int, stream: bool, every: int = 1
+    ) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         if prompt_len >= self._max_model_len:
@@ -255,6 +257,7 @@ class VllmLocalEngine:
                 ),
                 structured_outputs=_structured(options.structured),
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+                stream_interval=every if stream and every > 1 else None,
                 extra_args=options.extra_args,
             )
         except ValueError as e:
@@ -311,7 +314,7 @@ class VllmLocalEngine:
         prompt_len = len(prompt_ids)
         tools, options = self._tool_stream(request)
         options = self._with_offsets(replace(request, sampling=options), prompt_ids)
-        params = self._sampling_params(options, prompt_len, request.stream)
+        params = self._sampling_params(options, prompt_len, request.stream, request.stream_every)
         completion_tokens = 0
         first = True
         tok = self._tokenizer

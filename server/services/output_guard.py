@@ -2,7 +2,7 @@
 
 generate(prompt, guarded, request)
   ├─ no active target ──> the engine's stream, untouched
-  └─ each choice's text, token by token (classifier.StreamScanner):
+  └─ each choice's text as it comes (token by token; in chunks when the client reads one answer):
        ├─ held back only while its last words could still become an alias ("Harry" before
        │   " Potter"); everything before is released at once
        ├─ it names a target (full alias, a specific part, a typo, an obfuscated form), or so
@@ -48,6 +48,7 @@ audit = logging.getLogger("obliviate.audit")
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 _CLASSIFY_WINDOW = 400  # characters of answer text the classifier reads at a sentence end
+_ONE_ANSWER_EVERY = 16  # tokens per engine chunk when the client reads one answer, not a stream
 _ORIGINAL = 0
 
 
@@ -188,8 +189,13 @@ class OutputGuard:
         # engine, whose parser reads the text as the engine ends it.
         stops, engine_sampling = (None, sampling) if request.tools else GatewayStops.take(sampling)
         request = replace(request, sampling=engine_sampling)  # restarts build on it too
-        # Token by token even when the client wants one answer: text before a name can then be
-        # released (a tool-parsing request keeps the engine's mode: its parser depends on it).
+        if not request.stream and not request.tools and stops is None:
+            # Streamed even when the client wants one answer, so text before a name can be kept
+            # (a tool-parsing request keeps the engine's mode: its parser depends on it), but
+            # `_ONE_ANSWER_EVERY` tokens at a time: each chunk wakes the event loop, and token by
+            # token cost ~4 ms of its CPU a 64-token answer under a 32-request burst. The
+            # client's stops end the answer at a token, which wants the tokens one by one.
+            request = replace(request, stream_every=_ONE_ANSWER_EVERY)
         engine_request = request if request.tools else replace(request, stream=True)
         streams.add(_ORIGINAL, self._engine.generate(engine_request))
         counts: dict[int, tuple[int, int]] = {}  # source -> (prompt tokens, completion tokens)

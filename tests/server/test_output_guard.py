@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -82,17 +83,20 @@ def test_an_answer_naming_nobody_is_released_as_generated(client: TestClient, en
 
 def test_a_name_the_model_writes_unprompted_never_leaves(client: TestClient, engine: FakeEngine):
     before = len(engine.history)
-    engine.enqueue("It is Harry Potter by J.K. Rowling.", " a series by a British author.")
+    engine.enqueue("It is Harry Potter by J.K. Rowling.", " is a series by a British author.")
     reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=40)).json()
     text = reply["choices"][0]["message"]["content"]
     assert text == "It is a series by a British author."
     assert "Harry" not in text and "Rowling" not in text
-    restart = engine.history[-1]
+    first, restart = engine.history[-2:]
     assert len(engine.history) == before + 2
+    # One answer for the client: the engine streams it in chunks, the first token alone (as
+    # vLLM's stream_interval), and the restart too.
+    assert first.stream and first.stream_every == restart.stream_every == 16
     # The continuation: prompt + released text as corrupted embeddings, the names banned.
     assert isinstance(restart.prompt, PromptEmbeds)
     assert "Harry Potter" in restart.sampling.bad_words and "Rowling" in restart.sampling.bad_words
-    assert restart.sampling.max_tokens == 40 - 2  # "It" and " is" were released
+    assert restart.sampling.max_tokens == 40 - 1  # "It", the first chunk, was released
 
 
 def test_streams_hold_back_only_a_possible_name(client: TestClient, engine: FakeEngine):
@@ -319,3 +323,36 @@ def test_surnames_are_the_last_words_of_person_like_aliases() -> None:
         "Rowling": "Harry Potter",
         "Weasley": "Harry Potter",
     }
+
+
+def test_the_gateways_minilm_runs_on_packed_weights(client: TestClient) -> None:
+    """The output guard reads answer sentences with MiniLM, one short text at a time; on a CPU
+    its linear layers run on prepacked oneDNN weights (server.deps), about 40% less CPU."""
+    from offset.cpu_gemm import packable
+
+    if not packable(torch.float32):
+        pytest.skip("torch built without oneDNN")
+    embedder = client.app.state.targets._guard.bank.embedder
+    assert embedder.packed_layers == 6 * 6 + 1
+
+
+def test_one_answer_comes_from_the_engine_in_chunks_unless_tokens_are_needed_one_by_one(
+    client: TestClient, engine: FakeEngine
+):
+    """Watching an answer the client reads whole, the guard asks the engine for 16 tokens a
+    chunk (fewer wake-ups of the event loop); a stream, and the client's stops (which end the
+    answer at a token), take them one by one."""
+    words = [f"word{i}" for i in range(40)]
+    engine.enqueue(" ".join(words))
+    reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=60)).json()
+    assert reply["choices"][0]["message"]["content"] == " ".join(words)
+    assert reply["usage"]["completion_tokens"] == 40
+    assert engine.history[-1].stream_every == 16
+    engine.enqueue(" ".join(words))
+    reply = client.post("/v1/chat/completions", json=chat(PLAIN, stop=["word30"])).json()
+    assert reply["choices"][0]["message"]["content"] == " ".join(words[:30]) + " "
+    assert engine.history[-1].stream_every == 1
+    engine.enqueue(" ".join(words))
+    pieces, _ = stream_text(client, chat(PLAIN))
+    assert "".join(pieces) == " ".join(words)
+    assert engine.history[-1].stream_every == 1
