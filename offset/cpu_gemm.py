@@ -55,7 +55,8 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         weight = linear.weight.detach()  # (N, K)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS)  # (N, K)
-        self.bias = None if linear.bias is None else linear.bias.detach()  # (N,)
+        # (N,): a copy, as a view would keep the loaded file's mapping (every weight) in memory
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., K) -> (..., N), in the model's dtype
