@@ -146,6 +146,7 @@ def measure_level(
     guard_total_s = 0.0
     false_flags = 0.0
     identical = compared = 0
+    last_vllm_prompts: list[str] = []
     for r in range(args.rounds):
         order = sides if r % 2 or not targets else ["vllm", "bare", "obliviate", "flagged"]
         for side in order:
@@ -169,11 +170,10 @@ def measure_level(
             shape = 1000 + 16 * r + r % 8 + (8 if side == "bare" else 0)
             pid = pids["vllm" if side == "vllm" else "obliviate"]
             cpu_before = cpu_seconds(pid)[1]
-            result = run_burst(
-                url, MODEL_NAME,
-                prompts(args.concurrency, shape),
-                args.tokens, stream=args.stream,
-            )  # fmt: skip
+            sent = prompts(args.concurrency, shape)
+            result = run_burst(url, MODEL_NAME, sent, args.tokens, stream=args.stream)
+            if side == "vllm":
+                last_vllm_prompts = sent
             cpu[side].append(cpu_seconds(pid)[1] - cpu_before)
             rounds[side].append(result)
             if side in admitted:
@@ -201,10 +201,7 @@ def measure_level(
     # vLLM against itself on the last round's prompts: where batching changes the numerics
     # (bf16 matmuls on AMX), greedy answers under a burst differ between two runs of the same
     # server, and "identical to vLLM" can be no better than this.
-    again = run_burst(
-        urls["vllm"], MODEL_NAME, unflagged_prompts(args.concurrency, args.rounds), args.tokens,
-        stream=args.stream,
-    )  # fmt: skip
+    again = run_burst(urls["vllm"], MODEL_NAME, last_vllm_prompts, args.tokens, stream=args.stream)
     last = rounds["vllm"][-1].texts
     self_identical = sum(a == b for a, b in zip(again.texts, last, strict=True))
     ours, theirs = summary(rounds["obliviate"]), summary(rounds["vllm"])
