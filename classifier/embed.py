@@ -122,7 +122,7 @@ class Embedder:
         """`corpus_dir`: where `encode_corpus` keeps its results between processes (a cache
         folder; None keeps them in memory only). `pack`: rewrites the transformer's linear
         layers for the device once loaded, returning how many (the gateway passes
-        `offset.cpu_gemm.pack_linears`: on a CPU, one short text's pass is bound by streaming
+        `offset.pack_linears`: on a CPU, one short text's pass is bound by streaming
         MiniLM's weights, and prepacked oneDNN weights took 5.7-9.9 ms of CPU instead of
         10.0-15.2; embeddings equal to 2e-7)."""
         path = Path(model_path) if model_path is not None else default_model_path()
