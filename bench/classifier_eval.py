@@ -39,7 +39,6 @@ from classifier import (  # noqa: E402
     warm_up,
 )
 from classifier.negatives import general_negatives  # noqa: E402
-from offset import pack_linears  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 _NAME_RE = re.compile(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)+")
@@ -370,7 +369,7 @@ def main() -> None:
         sys.exit(f"evaluation data not found at {DATA}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    emb = Embedder(pack=pack_linears)  # as the gateway runs it (server.deps)
+    emb = Embedder()
     cached = CachedEmbedder(emb)
     result: dict = {"args": vars(args), "torch_threads": torch.get_num_threads()}
     if not args.skip_people:

@@ -49,7 +49,6 @@ from classifier import (  # noqa: E402
     TrainConfig,
     train_target,
 )
-from offset import pack_linears  # noqa: E402
 
 BURST = 32
 
@@ -192,7 +191,7 @@ def main() -> None:
     if args.blas_threads:
         threadpool_limits(args.blas_threads, user_api="blas")
 
-    embedder = Embedder(pack=pack_linears)  # as the gateway runs it (server.deps)
+    embedder = Embedder()
     counter = _Counting(embedder)
     most = max([*args.targets, args.profile])
     t0 = time.perf_counter()

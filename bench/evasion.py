@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from classifier_eval import HP_ALIASES, HP_EXAMPLES  # noqa: E402
 
 from classifier import ClassifierBank, Embedder, TargetSpec, TrainConfig, train_target  # noqa: E402
-from offset import pack_linears  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "evasion_harry_potter.json"
 STRONG_KINDS = ("plain", "leetspeak", "spaced_punctuated", "homoglyph", "case", "misspelling")
@@ -210,7 +209,7 @@ def main() -> None:
         "answer_names_another_target)",
     )
     args = parser.parse_args()
-    embedder = Embedder(pack=pack_linears)  # as the gateway runs it (server.deps)
+    embedder = Embedder()
     started = time.perf_counter()
     bank = train_bank(embedder, args.fpr, args.seed)
     report = evaluate(bank, load_cases())

@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 from bench.classifier_scaling import as_guard, make_bank, specs, trained  # noqa: E402
 from bench.workload import unflagged_prompts  # noqa: E402
 from classifier import Embedder  # noqa: E402
-from offset import pack_linears  # noqa: E402
 
 BURST = 32
 PAYLOAD = {"messages": [{"role": "user", "content": "x" * 200}] * 4, "n": list(range(50))}
@@ -85,7 +84,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # as the gateway runs the guard (server.deps.build_guard)
     threadpool_limits(1, user_api="blas")
-    embedder = Embedder(pack=pack_linears)  # as the gateway runs it (server.deps)
+    embedder = Embedder()
     targets = [trained(s, embedder, args.cache) for s in specs(args.targets)]
     call = as_guard(make_bank(embedder, targets, cache=False))
     call([[p] for p in unflagged_prompts(BURST)])  # warm-up

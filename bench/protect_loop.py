@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.classifier_scaling import ROOT, specs, trained  # noqa: E402
 from bench.workload import percentile, unflagged_prompts  # noqa: E402
 from classifier import ClassifierBank, Embedder  # noqa: E402
-from offset import pack_linears  # noqa: E402
 from server.engine import ChatPrompt  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
 from server.services.guard import ActiveTarget, EcoGuard  # noqa: E402
@@ -74,7 +73,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     threadpool_limits(1, user_api="blas")
-    embedder = Embedder(pack=pack_linears)  # as the gateway runs it (server.deps)
+    embedder = Embedder()
     targets = [trained(s, embedder, args.cache) for s in specs(args.targets)]
     guard = EcoGuard(ClassifierBank(embedder, targets), None, Metrics())
     guard.set_targets(

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -117,14 +117,9 @@ class Embedder:
         max_length: int = 256,
         batch_size: int = 64,
         corpus_dir: str | Path | None = None,
-        pack: Callable[[torch.nn.Module], int] | None = None,
     ) -> None:
         """`corpus_dir`: where `encode_corpus` keeps its results between processes (a cache
-        folder; None keeps them in memory only). `pack`: rewrites the transformer's linear
-        layers for the device once loaded, returning how many (the gateway passes
-        `offset.pack_linears`: on a CPU, one short text's pass is bound by streaming
-        MiniLM's weights, and prepacked oneDNN weights took 5.7-9.9 ms of CPU instead of
-        10.0-15.2; embeddings equal to 2e-7)."""
+        folder; None keeps them in memory only)."""
         path = Path(model_path) if model_path is not None else default_model_path()
         self.corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
         if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
@@ -138,8 +133,11 @@ class Embedder:
         self.batch_size = batch_size
         self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        # Its linear layers stay on torch's GEMM. On oneDNN's prepacked weights (what δ's small
+        # models use) a short text took ~40% less CPU, but every new input shape kept ~1.7 MiB
+        # more resident (100 new lengths: +190 MiB against +35), and a gateway reads texts of
+        # every length and batch size.
         self._model = model.to(self.device).eval()
-        self.packed_layers = pack(self._model) if pack is not None else 0
         # (V, H): the model's own input token embeddings, for the static first stage.
         self._static = model.get_input_embeddings().weight.detach().float().cpu().numpy().copy()
         self._static_t = torch.from_numpy(self._static)  # the same memory, for embedding_bag
@@ -159,12 +157,7 @@ class Embedder:
             digest.update((path / name).read_bytes())
         digest.update(self._static[:64].tobytes())
         self.fingerprint = digest.hexdigest()[:16]
-        logger.info(
-            "loaded sentence embedder from %s on %s (%d linear layers packed)",
-            path,
-            device,
-            self.packed_layers,
-        )
+        logger.info("loaded sentence embedder from %s on %s", path, device)
 
     def encode(self, texts: Sequence[str], stop: threading.Event | None = None) -> np.ndarray:
         """Full MiniLM embeddings, shape (N, dim), L2-normalised, in input order.

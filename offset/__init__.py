@@ -1,6 +1,5 @@
 """δ-unlearning offsets and the SNAP trainer that makes the small unlearned model."""
 
-from .cpu_gemm import pack_linears
 from .delta import DeltaSpec, OffsetModels, OffsetPair, offset_logits
 from .snap import SnapConfig, SnapTrainer
 from .snap_data import (
@@ -24,7 +23,6 @@ __all__ = [
     "OffsetModels",
     "OffsetPair",
     "offset_logits",
-    "pack_linears",
     "sliced_wasserstein",
     "snapshot_parameters",
     "swd_penalty",

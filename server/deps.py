@@ -155,7 +155,6 @@ def build_guard(
     from threadpoolctl import threadpool_limits
 
     from classifier import ClassifierBank, Embedder
-    from offset import pack_linears
 
     # One stage-2 prompt took ~300 ms instead of ~20 ms with 2 threads fighting the engine for
     # 2 cores; the guard's models are small. Process-wide, so it is set here, at the top.
@@ -174,7 +173,6 @@ def build_guard(
         settings.guard.embedder_path,
         device=settings.guard.device,
         corpus_dir=models / "corpus-embeddings",
-        pack=pack_linears,  # MiniLM on prepacked oneDNN weights on a CPU (no-op elsewhere)
     )
     bank = ClassifierBank(embedder)
     corruptor: PromptCorruptor | None = None

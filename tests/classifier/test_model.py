@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from classifier import (
     ArtifactError,
@@ -178,19 +177,3 @@ def test_corpus_embeddings_are_kept_on_disk_for_the_next_process(
     monkeypatch.setattr(embed, "_CORPORA", {})
     assert np.array_equal(second.encode_corpus("test/disk", texts)[0], full)  # whole again
     assert [p.name for p in tmp_path.iterdir()] == [saved.name]  # no temporary files left
-
-
-def test_minilm_on_packed_weights_embeds_as_before(embedder: Embedder) -> None:
-    """The gateway's embedder runs MiniLM's linear layers on prepacked oneDNN weights on a CPU
-    (server.deps): the embeddings, hence every trained head's scores, stay what they were."""
-    from offset import pack_linears
-    from offset.cpu_gemm import packable
-
-    if not packable(torch.float32):
-        pytest.skip("torch built without oneDNN")
-    packed = Embedder(embedder.model_path, pack=pack_linears)
-    assert packed.packed_layers == 6 * 6 + 1  # q k v, attention out, up, down per layer; pooler
-    assert embedder.packed_layers == 0
-    texts = ["The water cycle", *PARAPHRASES, " ".join(NEIGHBOURS) * 3]
-    want, got = embedder.encode(texts), packed.encode(texts)
-    np.testing.assert_allclose(got, want, atol=1e-5)

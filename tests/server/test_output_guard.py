@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -323,17 +322,6 @@ def test_surnames_are_the_last_words_of_person_like_aliases() -> None:
         "Rowling": "Harry Potter",
         "Weasley": "Harry Potter",
     }
-
-
-def test_the_gateways_minilm_runs_on_packed_weights(client: TestClient) -> None:
-    """The output guard reads answer sentences with MiniLM, one short text at a time; on a CPU
-    its linear layers run on prepacked oneDNN weights (server.deps), about 40% less CPU."""
-    from offset.cpu_gemm import packable
-
-    if not packable(torch.float32):
-        pytest.skip("torch built without oneDNN")
-    embedder = client.app.state.targets._guard.bank.embedder
-    assert embedder.packed_layers == 6 * 6 + 1
 
 
 def test_one_answer_comes_from_the_engine_in_chunks_unless_tokens_are_needed_one_by_one(
