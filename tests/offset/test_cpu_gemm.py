@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from offset import DeltaSpec, OffsetModels, OffsetPair
-from offset.cpu_gemm import PackedLinear, pack_linears, packable
+from offset import DeltaSpec, OffsetModels, OffsetPair, cpu_gemm
+from offset.cpu_gemm import PackedLinear, bucket_rows, pack_linears, packable
 
 from .conftest import tiny_llama
 
@@ -61,6 +61,30 @@ def test_the_packed_model_holds_none_of_the_plain_models_memory(make) -> None:
     ]
     inside = [t.shape for t in held if any(lo <= t.data_ptr() < hi for lo, hi in plain)]
     assert not inside, inside
+
+
+def test_onednn_sees_a_few_row_counts_whatever_the_lengths(monkeypatch) -> None:
+    """oneDNN keeps ~2.5 MiB per input shape it has seen (SmolLM2-135M): more than 64 rows are
+    padded to a few sizes, so prompts of 150 lengths make 67 shapes, and each row's result is
+    unchanged."""
+    plain, packed = untied_llama(seed=5), untied_llama(seed=5)
+    pack_linears(packed)
+    seen: set[int] = set()
+    linear = cpu_gemm._linear
+
+    def spy(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        seen.add(rows.shape[0])
+        return linear(rows, weight, bias)
+
+    monkeypatch.setattr(cpu_gemm, "_linear", spy)
+    with torch.inference_mode():
+        for length in range(1, 151):
+            ids = torch.arange(length).remainder(64).unsqueeze(0)  # (1, T)
+            got = packed(input_ids=ids).logits
+            if length in (1, 7, 30, 65, 150):
+                torch.testing.assert_close(got, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert seen == {*range(1, 65), 96, 128, 192}
+    assert all(bucket_rows(m) >= m for m in range(1, 10_000))
 
 
 def test_bf16_packs_where_the_cpu_computes_bf16() -> None:
