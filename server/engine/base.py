@@ -184,6 +184,28 @@ class ChoiceDelta:
     """The message's content is null, not "" (an answer that is only tool calls)."""
 
 
+def joined_deltas(index: int, deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
+    """Consecutive deltas of one choice as one delta `index`: text, tokens, logprobs, tool calls
+    and raw text in order; the last one's finish and stop reason."""
+    logprobs = None
+    if any(d.logprobs is not None for d in deltas):
+        logprobs = [lp for d in deltas for lp in (d.logprobs or [])]
+    last = deltas[-1]
+    calls = [c for d in deltas for c in (d.tool_calls or [])]
+    raw = [d.raw_text for d in deltas if d.raw_text is not None]
+    return ChoiceDelta(
+        index=index,
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        tool_calls=calls or None,
+        raw_text="".join(raw) if raw else None,
+        null_content=all(d.null_content for d in deltas),
+    )
+
+
 @dataclass
 class GenerationChunk:
     choices: list[ChoiceDelta]

@@ -25,6 +25,7 @@ from server.engine.base import (
     TokenPrompt,
     ToolCallDelta,
     TopLogprob,
+    joined_deltas,
 )
 from server.errors import ContextLengthError, GatewayError, InvalidRequestError
 
@@ -216,15 +217,8 @@ async def _grouped(
     started: set[int] = set()
 
     def merged() -> GenerationChunk:
-        deltas = [c.choices[0] for c in pending]
-        logprobs = [lp for d in deltas for lp in d.logprobs or ()]
-        delta = replace(
-            deltas[-1],
-            text="".join(d.text for d in deltas),
-            token_ids=[t for d in deltas for t in d.token_ids],
-            logprobs=logprobs if deltas[-1].logprobs is not None else None,
-        )
         last = pending[-1]
+        delta = joined_deltas(last.choices[0].index, [c.choices[0] for c in pending])
         pending.clear()
         return replace(last, choices=[delta])
 

@@ -36,7 +36,7 @@ from server.engine import (
     GenerationRequest,
     TokenPrompt,
 )
-from server.engine.base import Prompt
+from server.engine.base import Prompt, joined_deltas
 from server.errors import EngineError, GatewayError, InvalidRequestError
 from server.metrics import Metrics
 from server.services.guard import ActiveTarget, EcoGuard, Guarded, PromptIn
@@ -366,34 +366,18 @@ class OutputGuard:
             return None
         pos = ends[k - 1]
         batch, st.held = st.held[:k], st.held[k:]
-        text = "".join(d.text for d in batch)
         if hit is not None:
             batch = [*batch[: hit.delta], _ended(batch[hit.delta], hit.tokens, hit.reason)]
-            text = text[: hit.text_end - st.released]
             st.stopped = True
+        merged = joined_deltas(index, batch)
+        if hit is not None:
+            merged.text = merged.text[: hit.text_end - st.released]
         st.released = pos
-        tokens = [t for d in batch for t in d.token_ids]
-        st.released_tokens += len(tokens)
-        st.source_tokens += len(tokens)
-        logprobs = None
-        if any(d.logprobs is not None for d in batch):
-            logprobs = [lp for d in batch for lp in (d.logprobs or [])]
-        last = batch[-1]
-        if last.finish_reason is not None:
+        st.released_tokens += len(merged.token_ids)
+        st.source_tokens += len(merged.token_ids)
+        if merged.finish_reason is not None:
             st.done = True
-        calls = [c for d in batch for c in (d.tool_calls or [])]
-        raw = [d.raw_text for d in batch if d.raw_text is not None]
-        return ChoiceDelta(
-            index=index,
-            text=text,
-            token_ids=tokens,
-            logprobs=logprobs,
-            finish_reason=last.finish_reason,
-            stop_reason=last.stop_reason,
-            tool_calls=calls or None,
-            raw_text="".join(raw) if raw else None,
-            null_content=all(d.null_content for d in batch),
-        )
+        return merged
 
     async def _restart(
         self,
