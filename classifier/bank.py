@@ -206,6 +206,15 @@ class _Snapshot:
         return _Verdicts(score.copy(), *self.plain, {}, ())
 
 
+def _named_in_full(snap: _Snapshot, matches: Sequence[Sequence[AliasMatch]]) -> np.ndarray:
+    """(N, T): whether text i names target t in full by an alias that flags by itself."""
+    named = np.zeros((len(matches), len(snap.targets)), dtype=bool)
+    for i, found in enumerate(matches):
+        for t in {m.target for m in found}:
+            named[i, t] = named_in_full(found, t, snap.targets[t].flags_alias)
+    return named
+
+
 def _logits(
     emb: np.ndarray, lex: np.ndarray, ids: list[np.ndarray], head: tuple[np.ndarray, ...]
 ) -> np.ndarray:
@@ -301,7 +310,8 @@ class ClassifierBank:
 
     def settled_groups(self, groups: Sequence[Sequence[str]]) -> list[list[Decision] | None]:
         """`classify_groups(groups, only_flagged=True)` for each group the static stage settles
-        (each of its texts cached, or none with a piece that passes a target's gate), None for
+        (each of its texts cached, or none with a piece that passes the gate of a target the
+        text does not name in full), None for
         the others: MiniLM never runs here, and what it would have to read is not cached. The
         same Decisions as `classify_groups`, for a fraction of its cost when MiniLM has nothing
         to read: cheap enough to run where the caller stands (the guard's event loop)."""
@@ -456,17 +466,22 @@ class ClassifierBank:
         # The static-only read runs on the event loop (settled_groups): it keeps the GIL.
         ids = self.embedder.token_ids(seg_texts, pool=not static_only)
         s1 = _logits(self.embedder.static_from_ids(ids), lex, ids, snap.static)  # (P, T)
+        # A target a text names in full is flagged whatever stage 2 would say: MiniLM reads a
+        # piece only for the other targets its gates pass (a prompt naming one target and no
+        # other settles on the event loop, `settled_groups`).
+        named = _named_in_full(snap, matches)  # (N, T)
         gated = (s1 > snap.gate[None]) | names_target(lex)  # (P, T)
+        gated &= ~named[[i for i, _, _ in pieces]]
         s2 = np.full_like(s1, -np.inf)
         rows = np.flatnonzero(gated.any(axis=1))
         if len(rows) and static_only:
             unsettled = {pieces[r][0] for r in rows.tolist()}
-            decided = self._decide(snap, matches, bounds, s1, s2, gated)
+            decided = self._decide(snap, matches, bounds, (s1, s2), gated, named)
             return [None if i in unsettled else v for i, v in enumerate(decided)]
         if len(rows):
             emb = self.embedder.encode([seg_texts[r] for r in rows])
             s2[rows] = _logits(emb, lex[rows], [ids[r] for r in rows], snap.full)
-        return list(self._decide(snap, matches, bounds, s1, s2, gated))
+        return list(self._decide(snap, matches, bounds, (s1, s2), gated, named))
 
     @staticmethod
     def _piece_lex(matches: list[AliasMatch], off: int, length: int, n_t: int) -> np.ndarray:
@@ -479,14 +494,16 @@ class ClassifierBank:
         snap: _Snapshot,
         matches: list[list[AliasMatch]],
         bounds: list[int],
-        s1: np.ndarray,
-        s2: np.ndarray,
+        logits: tuple[np.ndarray, np.ndarray],
         gated: np.ndarray,
+        named: np.ndarray,
     ) -> list[_Verdicts]:
         """Each text's verdicts on every target from its pieces' rows (text i: rows
-        bounds[i]:bounds[i + 1], at least one): array operations over the whole batch, then
-        the alias checks of the targets each text names."""
-        if not gated.any() and not any(matches):
+        bounds[i]:bounds[i + 1], at least one): array operations over the whole batch.
+        `logits`: the (P, T) static and stage-2 logits (-inf where not read); `named`: (N, T),
+        the targets each text names in full (never gated: flagged by alias, scored statically)."""
+        s1, s2 = logits
+        if not gated.any() and not named.any():
             # No gate passed, no name: each text's best static logit decides, nothing flagged
             # (what the general case below gives, with a fraction of its array operations).
             single = len(s1) == len(matches)  # one piece per text
@@ -500,12 +517,8 @@ class ClassifierBank:
         static = np.maximum.reduceat(s1, starts, axis=0)
         score = sigmoid(np.where(any_gated, full, static))
         thr = sigmoid(np.where(any_gated, snap.threshold[None], snap.gate[None]))
-        flagged = any_gated & (full > snap.threshold[None])
-        stage = any_gated.astype(np.int8)  # 0: static, 1: full
-        for i, found in enumerate(matches):
-            for t in {m.target for m in found}:  # only targets a text names flag by alias
-                if not flagged[i, t] and named_in_full(found, t, snap.targets[t].flags_alias):
-                    flagged[i, t], stage[i, t] = True, 2
+        flagged = (any_gated & (full > snap.threshold[None])) | named
+        stage = np.where(named, 2, any_gated).astype(np.int8)  # 0: static, 1: full, 2: alias
         hits: dict[int, list[int]] = {}  # text -> its flagged targets, in order
         for i, t in zip(*(a.tolist() for a in np.nonzero(flagged)), strict=True):
             hits.setdefault(i, []).append(t)

@@ -19,10 +19,39 @@ def test_decisions_per_text_and_target(hp_classifier: TargetClassifier, embedder
     out = bank.classify(texts)
     assert [[d.target for d in ds] for ds in out] == [["harry-potter", "other"]] * 2
     hp, general = out[0][0], out[1][0]
-    assert hp.flagged and hp.stage == "full" and hp.score > hp.threshold
+    assert hp.flagged and hp.stage == "alias"  # named in full: MiniLM is not asked
     assert texts[0][slice(*hp.spans[0])] == "Harry Potter"
     assert not general.flagged and general.spans == ()
     assert ClassifierBank(embedder).classify(texts) == [[], []]
+
+
+def test_a_target_named_in_full_is_flagged_without_minilm(
+    hp_classifier: TargetClassifier, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt naming a target in full is flagged whatever stage 2 says, so MiniLM does not
+    read it for that target: it settles on the event loop (`settled_groups`). MiniLM still reads
+    it for any other target whose gate it passes, and for a target named in part."""
+    encoded: list[list[str]] = []
+    encode = embedder.encode
+    monkeypatch.setattr(
+        embedder, "encode", lambda texts, *a: encoded.append(list(texts)) or encode(texts, *a)
+    )
+    named = "Tell me about Harry Potter and the water cycle."
+    partly = "Which house was Harry sorted into?"
+    bank = ClassifierBank(embedder, [hp_classifier], cache_size=0)
+    settled = bank.settled_groups([[named]])[0]
+    assert settled is not None and [(d.flagged, d.stage) for d in settled] == [(True, "alias")]
+    [decision] = bank.classify([named])[0]
+    assert decision.flagged and decision.stage == "alias" and not encoded
+    assert bank.settled_groups([[partly]]) == [None]
+    assert bank.classify([partly])[0][0].stage == "full" and encoded == [[partly]]
+    # A second target whose gate every text passes (the same heads, no aliases).
+    other = dataclasses.replace(
+        hp_classifier, name="books", aliases=(), alias_flags=(), gate_logit=-50.0
+    )
+    encoded.clear()
+    hp, books = ClassifierBank(embedder, [hp_classifier, other], cache_size=0).classify([named])[0]
+    assert (hp.stage, books.stage) == ("alias", "full") and encoded == [[named]]
 
 
 def test_follow_up_turn_stays_flagged(hp_classifier: TargetClassifier, embedder: Embedder) -> None:

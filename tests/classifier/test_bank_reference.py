@@ -167,6 +167,10 @@ class _Reference:
         ids = self.embedder.token_ids(seg_texts)
         s1 = self.logits(self.embedder.static_from_ids(ids), lex, ids, self.static)
         gated = (s1 > self.gate[None]) | names_target(lex)
+        for p, (i, _, _) in enumerate(pieces):  # a target named in full: flagged by alias alone
+            for t, target in enumerate(self.targets):
+                if named_in_full(matches[i], t, target.flags_alias):
+                    gated[p, t] = False
         s2 = np.full_like(s1, -np.inf)
         rows = np.flatnonzero(gated.any(axis=1))
         if len(rows):
@@ -335,11 +339,12 @@ def test_settled_groups_match_the_reference_or_leave_the_group_to_minilm(
     assert_same([s for s in settled if s is not None], want)
 
 
-def test_a_name_only_the_normalised_view_reveals_is_left_to_minilm(
+def test_a_name_only_the_normalised_view_reveals_is_flagged_there(
     embedder: Embedder, hp_classifier: TargetClassifier
 ) -> None:
-    """The text as sent passes no gate; its de-obfuscated view names the target. The static
-    stage must not settle it on the text alone."""
+    """The text as sent passes no gate; its de-obfuscated view names the target in full. The
+    static stage must not settle it on the text alone: it reads the view too, which flags it
+    by alias (no MiniLM needed)."""
     text = "H4rry P0tt3r"
     bank = ClassifierBank(embedder, [hp_classifier], cache_size=0)
     assert [d.target for d in bank.classify_groups([[text]], only_flagged=True)[0]] == [
@@ -347,7 +352,11 @@ def test_a_name_only_the_normalised_view_reveals_is_left_to_minilm(
     ]
     # As sent, the gate does not pass: the static stage's Decision.
     assert [d.stage for d in bank.classify([text], normalized=False)[0]] == ["static"]
-    assert bank.settled_groups([[text], ["What is rain?"]]) == [None, []]
+    settled = bank.settled_groups([[text], ["What is rain?"]])
+    assert [[(d.target, d.stage) for d in g] if g is not None else None for g in settled] == [
+        [(hp_classifier.name, "alias")],
+        [],
+    ]
 
 
 class _CountingTokenizer:
