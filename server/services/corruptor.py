@@ -27,6 +27,7 @@ from server.errors import InvalidRequestError
 Span = tuple[int, int]
 SpanFinder = Callable[[str, Sequence[str]], Mapping[str, list[Span]]]
 """(text, target names) -> each target's character spans in the text."""
+_DECODE_CONTEXT = 8  # generated ids before a delta that `token_texts` decodes it after
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,23 @@ class PromptCorruptor:
     def decode(self, token_ids: Sequence[int]) -> str:
         """Token ids -> text, for classifying token prompts."""
         return str(self._tokenizer.decode(list(token_ids)))
+
+    def token_texts(
+        self, context: Sequence[int], ids: Sequence[int], *, skip_special_tokens: bool = True
+    ) -> list[str] | None:
+        """The text each of `ids` adds after the generated ids `context`, as vLLM's incremental
+        detokenizer (tokenizers' `DecodeStream`) writes it; None without a fast tokenizer."""
+        backend = getattr(self._tokenizer, "_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers.decoders import DecodeStream
+
+        # The last few ids are enough context: a token's text depends on the ids since the last
+        # complete character (a caller checks that the pieces join to the text it has).
+        stream = DecodeStream(
+            ids=list(context[-_DECODE_CONTEXT:]), skip_special_tokens=skip_special_tokens
+        )
+        return [stream.step(backend, int(i)) or "" for i in ids]
 
     def template(self, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> TemplatedPrompt:
         """The prompt as the engine will read it, with the client's texts located in it."""

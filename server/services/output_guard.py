@@ -23,7 +23,7 @@ import asyncio
 import logging
 import re
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Protocol
@@ -34,6 +34,7 @@ from server.engine import (
     Engine,
     GenerationChunk,
     GenerationRequest,
+    SamplingOptions,
     TokenPrompt,
 )
 from server.engine.base import Prompt, joined_deltas
@@ -50,6 +51,8 @@ _SENTENCE_END = re.compile(r"[.!?\n]")
 _CLASSIFY_WINDOW = 400  # characters of answer text the classifier reads at a sentence end
 _ONE_ANSWER_EVERY = 16  # tokens per engine chunk when the client reads one answer, not a stream
 _ORIGINAL = 0
+TokenTexts = Callable[[Sequence[int], Sequence[int]], list[str] | None]
+"""(the choice's token ids so far, a delta's ids) -> the text each of those ids adds."""
 
 
 class OutputWatcher(Protocol):
@@ -89,6 +92,7 @@ class _Choice:
     released: int = 0  # characters of `text` the client has
     hold: int = 0  # characters of `text` that may be released now
     held: list[ChoiceDelta] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the choice's token ids: released, then held
     released_tokens: int = 0
     source_tokens: int = 0  # of those, the ones its current source wrote
     restarts: int = 0
@@ -189,6 +193,7 @@ class OutputGuard:
         # engine, whose parser reads the text as the engine ends it.
         stops, engine_sampling = (None, sampling) if request.tools else GatewayStops.take(sampling)
         request = replace(request, sampling=engine_sampling)  # restarts build on it too
+        split = self._token_texts(sampling) if stops is not None else None
         if not request.stream and not request.tools and stops is None:
             # Streamed even when the client wants one answer, so text before a name can be kept
             # (a tool-parsing request keeps the engine's mode: its parser depends on it), but
@@ -237,7 +242,9 @@ class OutputGuard:
                     else:
                         if not found:
                             final = delta.finish_reason is not None
-                            released = self._release(st, index, final=final, stops=stops)
+                            released = self._release(
+                                st, index, final=final, stops=stops, split=split
+                            )
                             if released is not None:
                                 out.append(released)
                             if st.stopped and (source != _ORIGINAL or request.sampling.n == 1):
@@ -291,6 +298,7 @@ class OutputGuard:
         `readers`: the alias scanner, the target names by its index, and the surnames."""
         scanner, names, surnames = readers
         st.held.append(delta)
+        st.ids += delta.token_ids
         before = st.text
         st.text += _written(delta)
         final = delta.finish_reason is not None
@@ -334,6 +342,14 @@ class OutputGuard:
         involved.update({n: active[n] for n in guarded.flagged if n in active})
         return involved
 
+    def _token_texts(self, sampling: SamplingOptions) -> TokenTexts | None:
+        """How to split a delta's text by token (the served model's tokenizer), if known."""
+        corruptor = self._guard.corruptor
+        if corruptor is None:
+            return None
+        skip = sampling.skip_special_tokens
+        return lambda context, ids: corruptor.token_texts(context, ids, skip_special_tokens=skip)
+
     def _stop_text(self, stop: str | int) -> str:
         """The text of a stop reason: a stop string, or a stop token decoded (unreadable without
         the model's tokenizer: the choice then ends where it is)."""
@@ -346,10 +362,16 @@ class OutputGuard:
 
     @staticmethod
     def _release(
-        st: _Choice, index: int, *, final: bool, stops: GatewayStops | None = None
+        st: _Choice,
+        index: int,
+        *,
+        final: bool,
+        stops: GatewayStops | None = None,
+        split: TokenTexts | None = None,
     ) -> ChoiceDelta | None:
         """The held deltas that end before the hold point, merged into one, ended at the first
-        of `stops` they hold (None: nothing)."""
+        of `stops` they hold (None: nothing). `split(context, ids)`: each token's text, to end
+        a delta of several tokens at a stop token inside it."""
         cleared = len(st.text) if final else st.hold  # checked: no possible name in it
         # Where each held delta ends in the choice's text (ascending).
         ends = list(accumulate((len(_written(d)) for d in st.held), initial=st.released))[1:]
@@ -358,7 +380,14 @@ class OutputGuard:
             # A stop counts where checked text holds it whole; text up to `stops.buffer`
             # characters before the checked end waits, as a stop may start in it.
             checked = st.held[: bisect_right(ends, cleared)]
-            hit = stops.find(st.text[: st.released], st.released_tokens, checked)
+            pieces = None
+            if split is not None:
+
+                def pieces(k: int) -> list[str] | None:
+                    start = st.released_tokens + sum(len(d.token_ids) for d in checked[:k])
+                    return split(st.ids[:start], checked[k].token_ids)
+
+            hit = stops.find(st.text[: st.released], st.released_tokens, checked, pieces)
             if hit is None and not final:
                 cleared -= stops.buffer
         k = hit.delta + 1 if hit is not None else bisect_right(ends, cleared)
@@ -412,6 +441,7 @@ class OutputGuard:
             return None
         st.restarts += 1
         st.source_tokens = 0
+        del st.ids[st.released_tokens :]
         released = st.text[: st.released]
         st.text, st.held, st.checked = released, [], len(released)
         involved = self._involved(found, guarded)

@@ -13,20 +13,25 @@ where the bare engine would end it, byte for byte: a stop string is looked for i
 new token completes, the one completing earliest wins (ties by list order), the text ends
 before it (or after it with `include_stop_str_in_output`), the token that completed it is the
 last one kept; a stop token is kept in the token ids and its text left out (kept with
-`include_stop_str_in_output`); nothing stops before `min_tokens` tokens. The usage counts the
+`include_stop_str_in_output`; a delta of several tokens, as vLLM sends when the gateway reads
+late, is split by the text each token adds, from the served model's tokenizer); nothing stops
+before `min_tokens` tokens. The usage counts the
 tokens through the one a stop ends on, as vLLM's does; with n > 1 the engine writes on for a
 choice the gateway ended until its other choices end, and those tokens are counted too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from server.engine import ChoiceDelta, SamplingOptions
 from server.engine.stop_strings import first_stop_string, stop_buffer
 
 __all__ = ["GatewayStops", "StopHit"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,27 +67,67 @@ class GatewayStops:
         """Characters of checked text held back until no stop string can start in them."""
         return stop_buffer(self.strings)
 
-    def find(self, released: str, tokens: int, batch: Sequence[ChoiceDelta]) -> StopHit | None:
+    def find(
+        self,
+        released: str,
+        tokens: int,
+        batch: Sequence[ChoiceDelta],
+        pieces: Callable[[int], Sequence[str] | None] | None = None,
+    ) -> StopHit | None:
         """The first stop in `batch` (deltas about to be released, after `released` text and
-        `tokens` tokens of this choice), or None."""
+        `tokens` tokens of this choice), or None.
+
+        `pieces(k)`: the text each token of `batch[k]` adds. vLLM merges a request's deltas when
+        its reader lags, and a delta of several tokens is read token by token through them, as
+        the engine checks its stops; without them, a stop token's text is taken to be the
+        delta's last and a stop string to end on the delta's last token."""
         text = released
         for k, delta in enumerate(batch):
-            for j, token in enumerate(delta.token_ids):
-                if token in self.token_ids and tokens + j + 1 > self.min_tokens:
-                    # Its text is left out unless asked for (one token a delta: the whole text).
-                    shown = self.include or j + 1 < len(delta.token_ids)
-                    end = len(text) + (len(delta.text) if shown else 0)
-                    return StopHit(k, end, j + 1, token)
+            hit = self._in(text, tokens, delta)
+            if hit is not None and len(delta.token_ids) > 1 and pieces is not None:
+                split = pieces(k)
+                if split is not None and _splits(delta, split):
+                    hit = self._token_by_token(text, tokens, delta, split)
+                else:
+                    logger.info("A stop in a delta of %d tokens not split", len(delta.token_ids))
+            if hit is not None:
+                end, kept, reason = hit
+                return StopHit(k, end, kept, reason)
             tokens += len(delta.token_ids)
             text += delta.text
-            if tokens <= self.min_tokens:
-                continue
-            found = first_stop_string(text, len(delta.text), self.strings)
-            if found is not None:
-                stop, start = found
-                end = start + len(stop) if self.include else start
-                return StopHit(k, end, len(delta.token_ids), stop)
         return None
+
+    def _in(self, text: str, tokens: int, delta: ChoiceDelta) -> tuple[int, int, str | int] | None:
+        """The first stop in `delta` after `text` and `tokens`, read as one token: where the
+        client's text ends, the tokens of `delta` kept, the stop."""
+        for j, token in enumerate(delta.token_ids):
+            if token in self.token_ids and tokens + j + 1 > self.min_tokens:
+                # Its text is left out unless asked for (one token a delta: the whole text).
+                shown = self.include or j + 1 < len(delta.token_ids)
+                return len(text) + (len(delta.text) if shown else 0), j + 1, token
+        if tokens + len(delta.token_ids) <= self.min_tokens:
+            return None
+        found = first_stop_string(text + delta.text, len(delta.text), self.strings)
+        if found is None:
+            return None
+        stop, start = found
+        return start + len(stop) if self.include else start, len(delta.token_ids), stop
+
+    def _token_by_token(
+        self, text: str, tokens: int, delta: ChoiceDelta, pieces: Sequence[str]
+    ) -> tuple[int, int, str | int] | None:
+        """`_in` over each token of `delta` in turn (`pieces`: the text each adds)."""
+        for m, (token, piece) in enumerate(zip(delta.token_ids, pieces, strict=True)):
+            hit = self._in(text, tokens + m, ChoiceDelta(delta.index, piece, [token]))
+            if hit is not None:
+                return hit[0], m + 1, hit[2]
+            text += piece
+        return None
+
+
+def _splits(delta: ChoiceDelta, pieces: Sequence[str]) -> bool:
+    """Whether `pieces` are the texts of `delta`'s tokens (one each, making its text)."""
+    return len(pieces) == len(delta.token_ids) and "".join(pieces) == delta.text
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ searched, shared with test_forget_targets) and J.R.R. Tolkien (the same corrupti
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -271,3 +272,32 @@ def test_a_one_letter_stop_string_tells_nothing_of_the_next_name(
     fields = ("text", "finish_reason", "stop_reason")
     assert [ours[f] for f in fields] == [theirs[f] for f in fields], (ours, theirs)
     assert theirs["stop_reason"] == "."  # the premise: the engine stopped on it
+
+
+def test_a_stop_token_ends_an_answer_where_the_engine_would(
+    gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    """The gateway applies a client's stop tokens too (the engine writes on past them): an
+    answer naming nobody ends at the stop token as the bare engine ends it, the same text, stop
+    reason and token count, for each of 24 concurrent requests (vLLM merges a request's deltas
+    when the gateway reads late; that case, on the real tokenizer: tests/server, `merged`)."""
+    prompt = "Once upon a time, in a small village by the sea,"
+    probe = {"prompt": prompt, "logprobs": 0, "return_tokens_as_token_ids": True}
+    tokens = completion(vllm_server, probe).json()["choices"][0]["logprobs"]["tokens"]
+    ids = [int(t.split(":")[1]) for t in tokens]
+    stop = next(i for k, i in enumerate(ids) if k >= 8 and i not in ids[:k])  # first seen late
+    body = {"model": MODEL_NAME, "prompt": prompt, "temperature": 0, "max_tokens": 24}
+    body["stop_token_ids"] = [stop]
+    bare = httpx.post(f"{vllm_server.url}/v1/completions", json=body, timeout=300).json()
+    assert bare["choices"][0]["stop_reason"] == stop  # the premise: the engine stopped on it
+
+    async def burst() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            sent = [client.post(f"{gateway.url}/v1/completions", json=body) for _ in range(24)]
+            return [r.json() for r in await asyncio.gather(*sent)]
+
+    fields = ("text", "finish_reason", "stop_reason")
+    want = [bare["choices"][0][f] for f in fields] + [bare["usage"]["completion_tokens"]]
+    for reply in asyncio.run(burst()):
+        got = [reply["choices"][0][f] for f in fields] + [reply["usage"]["completion_tokens"]]
+        assert got == want, (got, want)

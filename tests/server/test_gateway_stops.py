@@ -75,3 +75,43 @@ def test_nothing_stops_before_min_tokens():
     assert hit is not None and hit.delta == 2 and hit.text_end == len("Go Go ")
     assert stops(stop=("Go",), min_tokens=2).find("Go Go", 2, words(" Go")) is not None
     assert stops(stop=("Go",), min_tokens=5).find("", 0, batch) is None
+
+
+def test_a_stop_token_inside_a_merged_delta_ends_the_text_at_that_token():
+    """vLLM merges a request's deltas when its reader lags: one delta then holds several
+    tokens. A stop token inside it ends the text at that token, by the text each token adds;
+    without that split the stop token's text is taken to be the delta's last."""
+    merged = [ChoiceDelta(0, "The answer is here", [100, 101, 102, 103])]
+    pieces = ["The", " answer", " is", " here"]
+    rule = stops(stop_token_ids=(101,))
+    hit = rule.find("Before: ", 3, merged, lambda k: pieces)
+    assert hit is not None and (hit.delta, hit.text_end, hit.tokens, hit.reason) == (
+        0,
+        len("Before: The"),
+        2,
+        101,
+    )
+    shown = stops(stop_token_ids=(101,), include_stop_str_in_output=True)
+    assert shown.find("", 0, merged, lambda k: pieces).text_end == len("The answer")  # type: ignore[union-attr]
+    # The stop token last in a merged delta: the tokens before it are kept.
+    last = stops(stop_token_ids=(103,)).find("", 0, merged, lambda k: pieces)
+    assert last is not None and last.text_end == len("The answer is")
+    # Pieces that do not make the delta's text (or none): the old reading, whole or nothing.
+    assert rule.find("", 0, merged, lambda k: ["x"] * 4).text_end == len("The answer is here")  # type: ignore[union-attr]
+    assert rule.find("", 0, merged).text_end == len("The answer is here")  # type: ignore[union-attr]
+
+
+def test_a_stop_string_inside_a_merged_delta_keeps_the_tokens_through_it():
+    merged = [ChoiceDelta(0, "The end. More", [100, 101, 102, 103])]
+    pieces = ["The", " end", ".", " More"]
+    rule = stops(stop=(".",))
+    hit = rule.find("", 0, merged, lambda k: pieces)
+    assert hit is not None and (hit.text_end, hit.tokens, hit.reason) == (len("The end"), 3, ".")
+    assert rule.find("", 0, merged).tokens == 4  # type: ignore[union-attr]  # unsplit: all
+    # A stop string and a stop token in one delta: the one the engine meets first.
+    both = stops(stop=(" More",), stop_token_ids=(101,)).find("", 0, merged, lambda k: pieces)
+    assert both is not None and (both.text_end, both.tokens, both.reason) == (3, 2, 101)
+    # min_tokens counts the delta's tokens one by one: " end" completes at its 2nd, too early.
+    late = stops(stop=(" end",), min_tokens=2)
+    assert late.find("", 0, merged, lambda k: pieces) is None
+    assert late.find("", 0, merged) is not None  # unsplit, the delta's 4 tokens were counted

@@ -344,3 +344,36 @@ def test_one_answer_comes_from_the_engine_in_chunks_unless_tokens_are_needed_one
     pieces, _ = stream_text(client, chat(PLAIN))
     assert "".join(pieces) == " ".join(words)
     assert engine.history[-1].stream_every == 1
+
+
+def test_a_stop_token_inside_a_merged_delta_ends_the_answer_there(model_dir: Path):
+    """The output guard splits a delta of several tokens by the served model's tokenizer (as
+    vLLM's detokenizer wrote it), so a client's stop token inside it ends the released text
+    at that token: neither the text after it nor the tokens before it are lost."""
+    from transformers import AutoTokenizer
+
+    from server.engine import ChoiceDelta, SamplingOptions
+    from server.services.corruptor import PromptCorruptor
+    from server.services.output_guard import OutputGuard, _Choice
+    from server.services.stops import GatewayStops
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    corruptor = PromptCorruptor(tokenizer, None)  # type: ignore[arg-type]
+    ids = tokenizer("It was written 🌱 by a British author.", add_special_tokens=False).input_ids
+    stop = tokenizer(" British", add_special_tokens=False).input_ids
+    assert len(stop) == 1 and stop[0] in ids
+    at = ids.index(stop[0])
+    head, merged = ids[:3], ids[3:]  # released one by one before; then one merged delta
+    rule, _ = GatewayStops.take(SamplingOptions(stop_token_ids=(stop[0],)))
+    assert rule is not None
+    st = _Choice(text=tokenizer.decode(ids), released=len(tokenizer.decode(head)))
+    st.ids, st.released_tokens = list(ids), len(head)
+    st.held = [ChoiceDelta(0, tokenizer.decode(ids)[st.released :], merged)]
+
+    def split(context, new):  # type: ignore[no-untyped-def]
+        return corruptor.token_texts(context, new)
+
+    out = OutputGuard._release(st, 0, final=True, stops=rule, split=split)
+    assert out is not None and out.finish_reason == "stop" and out.stop_reason == stop[0]
+    assert tokenizer.decode(head) + out.text == "It was written 🌱 by a"
+    assert out.token_ids == ids[len(head) : at + 1]
