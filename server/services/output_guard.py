@@ -92,13 +92,16 @@ class _Choice:
     released: int = 0  # characters of `text` the client has
     hold: int = 0  # characters of `text` that may be released now
     held: list[ChoiceDelta] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)  # the choice's token ids: released, then held
-    released_tokens: int = 0
+    released_ids: list[int] = field(default_factory=list)  # token ids the client has
     source_tokens: int = 0  # of those, the ones its current source wrote
     restarts: int = 0
     checked: int = 0  # end of the text the classifier last read
     done: bool = False
     stopped: bool = False  # ended by one of the client's stops, applied here (`stops`)
+
+    @property
+    def released_tokens(self) -> int:
+        return len(self.released_ids)
 
 
 class OutputGuard:
@@ -298,7 +301,6 @@ class OutputGuard:
         `readers`: the alias scanner, the target names by its index, and the surnames."""
         scanner, names, surnames = readers
         st.held.append(delta)
-        st.ids += delta.token_ids
         before = st.text
         st.text += _written(delta)
         final = delta.finish_reason is not None
@@ -384,8 +386,8 @@ class OutputGuard:
             if split is not None:
 
                 def pieces(k: int) -> list[str] | None:
-                    start = st.released_tokens + sum(len(d.token_ids) for d in checked[:k])
-                    return split(st.ids[:start], checked[k].token_ids)
+                    before = [t for d in checked[:k] for t in d.token_ids]
+                    return split([*st.released_ids, *before], checked[k].token_ids)
 
             hit = stops.find(st.text[: st.released], st.released_tokens, checked, pieces)
             if hit is None and not final:
@@ -402,7 +404,7 @@ class OutputGuard:
         if hit is not None:
             merged.text = merged.text[: hit.text_end - st.released]
         st.released = pos
-        st.released_tokens += len(merged.token_ids)
+        st.released_ids += merged.token_ids
         st.source_tokens += len(merged.token_ids)
         if merged.finish_reason is not None:
             st.done = True
@@ -441,7 +443,6 @@ class OutputGuard:
             return None
         st.restarts += 1
         st.source_tokens = 0
-        del st.ids[st.released_tokens :]
         released = st.text[: st.released]
         st.text, st.held, st.checked = released, [], len(released)
         involved = self._involved(found, guarded)

@@ -367,7 +367,7 @@ def test_a_stop_token_inside_a_merged_delta_ends_the_answer_there(model_dir: Pat
     rule, _ = GatewayStops.take(SamplingOptions(stop_token_ids=(stop[0],)))
     assert rule is not None
     st = _Choice(text=tokenizer.decode(ids), released=len(tokenizer.decode(head)))
-    st.ids, st.released_tokens = list(ids), len(head)
+    st.released_ids = list(head)
     st.held = [ChoiceDelta(0, tokenizer.decode(ids)[st.released :], merged)]
 
     def split(context, new):  # type: ignore[no-untyped-def]
