@@ -90,8 +90,14 @@ def test_registration_reports_its_stages_and_returns_the_model_memory(gateway: S
         assert corruption["rounds"] == corruption["evaluations"], corruption
         assert corruption["dtype"] == "float32"  # auto: the served dtype here (bf16: if native)
         # The float32 copy of the model (~540 MB) was loaded for the search and handed back.
+        # The rise is taken from the lowest reading before the peak: the gateway may hand memory
+        # back to the system as the job starts (seen in CI: 1948 -> 1418 MiB before the load).
         after = _settled_rss_mib(proc)
-        assert max(samples) - before > 300, (before, max(samples), after)
-        assert after - before < 150, (before, max(samples), after)
+        peak_at = max(range(len(samples)), key=samples.__getitem__)
+        trough = min(samples[: peak_at + 1])
+        figures = (before, trough, samples[peak_at], after)
+        assert samples[peak_at] - trough > 300, figures
+        assert samples[peak_at] - after > 300, figures
+        assert after - before < 150, figures
     finally:
         httpx.delete(f"{gateway.url}/admin/targets/{record['id']}", headers=AUTH)
