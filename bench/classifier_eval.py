@@ -140,10 +140,10 @@ class CachedEmbedder(Embedder):
         self.__dict__.update(inner.__dict__)
         self._memo: dict[str, np.ndarray] = {}
 
-    def encode(self, texts):  # type: ignore[override]
+    def encode(self, texts, stop=None):  # type: ignore[override]
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if missing:
-            for t, v in zip(missing, Embedder.encode(self, missing), strict=True):
+            for t, v in zip(missing, Embedder.encode(self, missing, stop), strict=True):
                 self._memo[t] = v
         return np.stack([self._memo[t] for t in texts]) if texts else super().encode(texts)
 
@@ -364,12 +364,18 @@ def main() -> None:
     p.add_argument("--skip-hp", action="store_true")
     p.add_argument("--skip-tofu", action="store_true")
     p.add_argument("--skip-people", action="store_true")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "fp32"],
+        default="auto",
+        help="MiniLM's linear weights: fp16 where FBGEMM runs (the gateway's default), or fp32",
+    )
     args = p.parse_args()
     if not DATA.is_dir():
         sys.exit(f"evaluation data not found at {DATA}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    emb = Embedder()
+    emb = Embedder(half_weights=False if args.weights == "fp32" else None)
     cached = CachedEmbedder(emb)
     result: dict = {"args": vars(args), "torch_threads": torch.get_num_threads()}
     if not args.skip_people:
