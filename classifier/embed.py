@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
-from .half_linear import half_weights_available, use_half_weights
+from .half_linear import half_weights_available, own_memory, use_half_weights
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,14 @@ class Embedder:
                 and torch.get_num_threads() == 1
                 and half_weights_available()
             )
+        elif half_weights and (self.device.type != "cpu" or not half_weights_available()):
+            raise ValueError(
+                f"half_weights needs FBGEMM's fp16 GEMM on the CPU ({device}: not available)"
+            )
         self.half_weights = bool(half_weights)
         if self.half_weights:
             use_half_weights(self._model)
+            own_memory(self._model)  # the loaded file's mapping goes with the float32 weights
         # (V, H): the model's own input token embeddings, for the static first stage.
         self._static = model.get_input_embeddings().weight.detach().float().cpu().numpy().copy()
         self._static_t = torch.from_numpy(self._static)  # the same memory, for embedding_bag

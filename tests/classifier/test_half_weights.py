@@ -3,6 +3,8 @@ on float32."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -72,6 +74,26 @@ def test_the_embedder_reads_on_fp16_weights_and_embeds_as_float32_does(
     assert cosine.min() > 0.99999, cosine.min()
 
 
+def _in_the_loaded_file(embedder: Embedder) -> int:
+    """How many of the model's tensors are views of a mapped safetensors file (Linux)."""
+    spans = []
+    for line in open("/proc/self/maps").read().splitlines():
+        if line.endswith(".safetensors"):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            spans.append((start, end))
+    tensors = [*embedder._model.parameters(), *embedder._model.buffers()]
+    return sum(any(a <= t.data_ptr() < b for a, b in spans) for t in tensors)
+
+
+@needs_fbgemm
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="no /proc here")
+def test_the_float32_weights_leave_memory_with_the_loaded_files_mapping(
+    half: Embedder, full: Embedder
+) -> None:
+    assert _in_the_loaded_file(full) > 0  # loaded as views of the file
+    assert _in_the_loaded_file(half) == 0
+
+
 @needs_fbgemm
 def test_fp16_weights_change_no_decision_of_the_classifier(half: Embedder, full: Embedder) -> None:
     """A target trained on each embedder: the same verdicts on the shipped negatives and on
@@ -111,3 +133,5 @@ def test_without_fbgemm_the_linear_layers_stay_float32(monkeypatch: pytest.Monke
     embedder = Embedder()
     assert not embedder.half_weights
     assert any(isinstance(m, nn.Linear) for m in embedder._model.modules())
+    with pytest.raises(ValueError, match="FBGEMM"):
+        Embedder(half_weights=True)
