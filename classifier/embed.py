@@ -155,12 +155,14 @@ class Embedder:
                 f"half_weights needs FBGEMM's fp16 GEMM on the CPU ({device}: not available)"
             )
         self.half_weights = bool(half_weights)
-        if self.half_weights:
-            use_half_weights(self._model)
-            own_memory(self._model)  # the loaded file's mapping goes with the float32 weights
         # (V, H): the model's own input token embeddings, for the static first stage.
         self._static = model.get_input_embeddings().weight.detach().float().cpu().numpy().copy()
         self._static_t = torch.from_numpy(self._static)  # the same memory, for embedding_bag
+        if self.half_weights:
+            use_half_weights(self._model)
+            own_memory(self._model)  # the loaded file's mapping goes with the float32 weights
+            # One table in memory, not two: MiniLM's own input embeddings read the static one.
+            self._model.get_input_embeddings().weight.data = self._static_t
         # A private copy: tokenizer.json pads and truncates to 128, and the HF wrapper changes
         # those settings on every call; the static stage wants the bare word pieces.
         self._fast = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())

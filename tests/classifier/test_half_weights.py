@@ -92,6 +92,8 @@ def test_the_float32_weights_leave_memory_with_the_loaded_files_mapping(
 ) -> None:
     assert _in_the_loaded_file(full) > 0  # loaded as views of the file
     assert _in_the_loaded_file(half) == 0
+    # and the word-piece table is held once, shared with the static stage
+    assert half._model.get_input_embeddings().weight.data_ptr() == half._static_t.data_ptr()
 
 
 @needs_fbgemm
