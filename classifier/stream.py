@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .normalize import normalize_view
+from .normalize import View, normalize_view
 from .spans import STOPWORDS, AliasIndex, AliasMatch, Word, ascii_norms, fold, split_words
 
 _SUSPICIOUS = re.compile(r"[0-9@$]|(?<![^\W_])[^\W_]([.\-_*· ])[^\W_]\1[^\W_]")
@@ -87,29 +87,58 @@ class StreamScanner:
         view = normalize_view(window) if _SUSPICIOUS.search(window) else None
         read = view.text if view is not None else window
         norms = ascii_norms(read)
-        if norms is not None and self._all_clear(norms):
-            # No word is, or could grow into, an alias word: no mention, nothing held (as
-            # below, without a `Word` per word: this runs on every streamed token).
-            return [], len(text)
-        words = split_words(read)
-        if not words:
-            return [], len(text)
-        mentions: list[Mention] = []
-        # An ASCII window that gets here has such a word already (its norms are its words').
-        if norms is not None or not self._all_clear([w.norm for w in words]):
-            for m in self._index.match(read):
-                if self._names(m):
-                    s, e = (
-                        view.source_span(m.start, m.end) if view is not None else (m.start, m.end)
-                    )
-                    if start + e > released:
-                        mentions.append(Mention(m.target, start + s, start + e))
-        at = len(read) if final else self._hold(read, words)  # an index into `read`
+        if norms is not None:
+            if self._all_clear(norms):
+                # No word is, or could grow into, an alias word: no mention, nothing held (as
+                # below, without a `Word` per word: this runs on every streamed token).
+                return [], len(text)
+            # Such a word is there (its norms are its words'), most often a short one that
+            # starts an alias word ("a", "in"): the matcher rules the window out on its norms,
+            # and only the last words, which may still grow, are built (`_tail_hold`).
+            mentions = self._mentions(read, view, start, released)
+            at = len(read) if final else self._tail_hold(read, norms[-1])  # an index into `read`
+        else:
+            words = split_words(read)
+            if not words:
+                return [], len(text)
+            mentions = []
+            if not self._all_clear([w.norm for w in words]):
+                mentions = self._mentions(read, view, start, released)
+            at = len(read) if final else self._hold(read, words)
         if at >= len(read):
             return mentions, len(text)
         if view is not None:
             at = view.source_span(at, at + 1)[0]
         return mentions, max(start + at, released)
+
+    def _mentions(self, read: str, view: View | None, start: int, released: int) -> list[Mention]:
+        """The mentions in `read` (the window at `start`, or its view) reaching past
+        `released`, as offsets of the watched text."""
+        mentions: list[Mention] = []
+        for m in self._index.match(read):
+            if self._names(m):
+                s, e = view.source_span(m.start, m.end) if view is not None else (m.start, m.end)
+                if start + e > released:
+                    mentions.append(Mention(m.target, start + s, start + e))
+        return mentions
+
+    def _tail_hold(self, read: str, last: str) -> int:
+        """`_hold(read, split_words(read))` for an ASCII `read` whose last word's norm is
+        `last`, from its last words alone: the hold reads no more than the last `_max_parts`
+        of them, so a tail with more words than that (its first one possibly cut) gives the
+        same. Most often the last word holds nothing, and no word is built."""
+        if read[-1].isalnum():  # the last word may not be finished yet
+            if not (last in self._prefixes or self._alias_word(last)):
+                return len(read)
+        elif not self._alias_word(last):
+            return len(read)
+        size = 24  # characters: most often the last few words
+        while True:
+            cut = max(0, len(read) - size)
+            words = split_words(read[cut:])
+            if cut == 0 or len(words) > self._max_parts:
+                return cut + self._hold(read[cut:], words) if words else len(read)
+            size *= 2
 
     @staticmethod
     def _names(m: AliasMatch) -> bool:

@@ -186,7 +186,10 @@ class ChoiceDelta:
 
 def joined_deltas(index: int, deltas: Sequence[ChoiceDelta]) -> ChoiceDelta:
     """Consecutive deltas of one choice as one delta `index`: text, tokens, logprobs, tool calls
-    and raw text in order; the last one's finish and stop reason."""
+    and raw text in order; the last one's finish and stop reason (one delta of that index:
+    itself)."""
+    if len(deltas) == 1 and deltas[0].index == index:
+        return deltas[0]  # a streamed token's delta, most often
     logprobs = None
     if any(d.logprobs is not None for d in deltas):
         logprobs = [lp for d in deltas for lp in (d.logprobs or [])]

@@ -242,6 +242,60 @@ def test_the_scanner_s_shortcut_scans_as_the_word_by_word_path(
         assert _SCANNER.scan(text, released, final) == fast
 
 
+_LONG_ANSWER = st.tuples(
+    st.text(st.sampled_from("abcdefgh ,.'\n"), min_size=40, max_size=400), ALIAS_PARTS
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=_LONG_ANSWER, released=st.integers(0, 500))
+@example("x" * 70 + " Basil Mahfouz Al-Kuwai", 0)  # a four-part alias across the first tail
+@example(" ".join(["a"] * 40) + " Hermione Gran", 0)
+@example("a" * 200 + "Harry Pot", 0)  # one long word: the tail grows to the text's start
+def test_the_hold_read_from_the_last_words_is_the_whole_window_s(text: str, released: int) -> None:
+    """Past a word that may start an alias ("a", "in"), a long ASCII window's hold is read from
+    its last words alone; it is the one read from all of its words."""
+    import classifier.stream
+
+    released = min(released, len(text))
+    fast = _SCANNER.scan(text, released, False)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(classifier.stream, "ascii_norms", lambda t: None)
+        assert _SCANNER.scan(text, released, False) == fast
+    read = text[max(0, released - _SCANNER.window) :]
+    norms = ascii_norms(read)
+    if norms and classifier.stream._SUSPICIOUS.search(read) is None:  # read as it is
+        assert _SCANNER._tail_hold(read, norms[-1]) == _SCANNER._hold(read, split_words(read))
+
+
+def test_the_hold_of_long_alias_words_reaches_past_the_first_tail() -> None:
+    """The last words are read from a tail that grows until it holds more words than the
+    longest alias: a held name of long words starts before the first tail tried (24 characters)."""
+    parts = ["Wolfeschlegelsteinhausen", "Bergerdorffvoralternwarengewissenhaft", "S" + "e" * 40]
+    scanner = StreamScanner(AliasIndex([[" ".join(parts)]]))
+    text = f"He met {parts[0]} {parts[1]} {parts[2][:35]}"
+    assert scanner.scan(text, 0, False) == ([], 7)
+    assert scanner._tail_hold(text, "s" + "e" * 34) == scanner._hold(text, split_words(text)) == 7
+
+
+def test_a_streamed_token_builds_the_last_words_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each token's scan reads a window of the answer; where it holds a word that may start an
+    alias ("a" of "a public park": not a word of every answer), only the last words are built,
+    not one `Word` for each word of the window (40% of the watch's CPU a token)."""
+    import classifier.stream
+
+    built: list[str] = []
+    split = classifier.stream.split_words
+    monkeypatch.setattr(classifier.stream, "split_words", lambda t: built.append(t) or split(t))
+    answer = "It is a big old town by the sea, and the people there like it a lot; " * 3
+    for end in range(1, len(answer) + 1):
+        _SCANNER.scan(answer[:end], max(0, end - 8), False)
+    assert built and max(map(len, built)) <= 48 < _SCANNER.window
+    built.clear()  # a last word that starts no alias word holds nothing: no word is built
+    assert _SCANNER.scan("It is a big old town by the sea", 0, False) == ([], 31)
+    assert built == []
+
+
 def test_a_scanner_remembers_clear_words_only_and_scans_a_stream_as_a_new_one_would() -> None:
     """Each token's scan reads the window's words again; a scanner remembers the words that are
     neither an alias word nor the start of one, and then scans every step of a stream as a
