@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
-from .half_linear import half_weights_available, own_memory, use_half_weights
+from .half_linear import half_weights_available
+from .minilm import MiniLmEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ class Embedder:
         # less CPU, but every new input shape kept ~1.7 MiB more resident (100 new lengths:
         # +190 MiB against +35), and a gateway reads texts of every length and batch size.
         # FBGEMM's fp16 weights halve a short text's CPU and keep nothing per shape.
-        self._model = model.to(self.device).eval()
         if half_weights is None:
             half_weights = (
                 self.device.type == "cpu"
@@ -158,11 +158,16 @@ class Embedder:
         # (V, H): the model's own input token embeddings, for the static first stage.
         self._static = model.get_input_embeddings().weight.detach().float().cpu().numpy().copy()
         self._static_t = torch.from_numpy(self._static)  # the same memory, for embedding_bag
-        if self.half_weights:
-            use_half_weights(self._model)
-            own_memory(self._model)  # the loaded file's mapping goes with the float32 weights
-            # One table in memory, not two: MiniLM's own input embeddings read the static one.
-            self._model.get_input_embeddings().weight.data = self._static_t
+        # MiniLM as plain torch functions of copies of its weights (`classifier.minilm`);
+        # the loaded model goes, and with it the mapping of its file. One word-piece table in
+        # memory on the CPU, not two: the encoder reads the static stage's.
+        self._encoder = MiniLmEncoder(
+            model,
+            half=self.half_weights,
+            device=self.device,
+            word_table=self._static_t if self.device.type == "cpu" else None,
+        )
+        del model
         # A private copy: tokenizer.json pads and truncates to 128, and the HF wrapper changes
         # those settings on every call; the static stage wants the bare word pieces.
         self._fast = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
@@ -212,7 +217,7 @@ class Embedder:
                     max_length=self.max_length,
                     return_tensors="pt",
                 ).to(self.device)
-                hidden = self._model(**batch).last_hidden_state  # (B, T, H)
+                hidden = self._encoder(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
                 out[idx] = pooled.float().cpu().numpy()

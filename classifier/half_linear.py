@@ -59,26 +59,3 @@ def half_weights_available() -> bool:
         logger.info("FBGEMM's fp16 GEMM is not available here (%s)", e)
         return False
     return True
-
-
-def own_memory(model: nn.Module) -> None:
-    """Copy `model`'s parameters and buffers into memory of their own. Weights loaded from a
-    safetensors file are views of its mapping, which stays while any of them lives, and packing
-    read every linear weight's pages in (MiniLM: +38 MiB resident for weights no longer used);
-    once nothing points into it, the mapping goes."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
-
-
-def use_half_weights(model: nn.Module) -> int:
-    """Replace every `nn.Linear` of `model` (on the CPU) by a `HalfWeightLinear`, in place;
-    how many were replaced. The float32 weights go with the modules replaced."""
-    replaced = 0
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, HalfWeightLinear(child))
-            replaced += 1
-        else:
-            replaced += use_half_weights(child)
-    return replaced
