@@ -257,12 +257,15 @@ class AliasIndex:
             clear.add(key)
         return True
 
-    def match(self, text: str, words: list[Word] | None = None) -> list[AliasMatch]:
-        """Every full or partial alias match in text, for every target."""
+    def match(
+        self, text: str, words: list[Word] | None = None, norms: list[str] | None = None
+    ) -> list[AliasMatch]:
+        """Every full or partial alias match in text, for every target. `norms`: the text's
+        `ascii_norms`, where the caller has them."""
         if words is None:
             # Most prompts name no alias: an ASCII text's folded words are its lower-cased
             # regex words, so they can be ruled out before any `Word` is built.
-            norms = ascii_norms(text)
+            norms = ascii_norms(text) if norms is None else norms
             if norms is not None and self._names_none(norms):
                 return []
             words = split_words(text)

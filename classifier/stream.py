@@ -95,7 +95,7 @@ class StreamScanner:
             # Such a word is there (its norms are its words'), most often a short one that
             # starts an alias word ("a", "in"): the matcher rules the window out on its norms,
             # and only the last words, which may still grow, are built (`_tail_hold`).
-            mentions = self._mentions(read, view, start, released)
+            mentions = self._mentions(read, view, start, released, norms)
             at = len(read) if final else self._tail_hold(read, norms[-1])  # an index into `read`
         else:
             words = split_words(read)
@@ -111,11 +111,18 @@ class StreamScanner:
             at = view.source_span(at, at + 1)[0]
         return mentions, max(start + at, released)
 
-    def _mentions(self, read: str, view: View | None, start: int, released: int) -> list[Mention]:
-        """The mentions in `read` (the window at `start`, or its view) reaching past
-        `released`, as offsets of the watched text."""
+    def _mentions(
+        self,
+        read: str,
+        view: View | None,
+        start: int,
+        released: int,
+        norms: list[str] | None = None,
+    ) -> list[Mention]:
+        """The mentions in `read` (the window at `start`, or its view; `norms`: its ASCII
+        norms, where known) reaching past `released`, as offsets of the watched text."""
         mentions: list[Mention] = []
-        for m in self._index.match(read):
+        for m in self._index.match(read, norms=norms):
             if self._names(m):
                 s, e = view.source_span(m.start, m.end) if view is not None else (m.start, m.end)
                 if start + e > released:
