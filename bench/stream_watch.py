@@ -51,14 +51,14 @@ ANSWERS = [
 ]
 
 
-class _Engine:
-    """Streams answer `request_id` (mod their number) a word at a time (a word: one token)."""
+TOKENS = [re.findall(r"\s*\S+", answer) for answer in ANSWERS]  # a word a token
 
-    def __init__(self) -> None:
-        self._tokens = [re.findall(r"\s*\S+", answer) for answer in ANSWERS]
+
+class _Engine:
+    """Streams answer `request_id` (mod their number) a token at a time."""
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        tokens = self._tokens[int(request.request_id) % len(self._tokens)]
+        tokens = TOKENS[int(request.request_id) % len(TOKENS)]
         for i, token in enumerate(tokens):
             await asyncio.sleep(0)  # the next token comes in a later pass of the loop
             finish = "length" if i == len(tokens) - 1 else None
@@ -107,7 +107,7 @@ def main() -> None:
     groups = [[t["name"], *t.get("aliases", ())] for t in targets]
     scanner = StreamScanner(AliasIndex(groups))
     names = tuple(t["name"] for t in targets)
-    tokens = sum(len(re.findall(r"\s*\S+", ANSWERS[i % 3])) for i in range(args.concurrency))
+    tokens = sum(len(TOKENS[i % len(TOKENS)]) for i in range(args.concurrency))
     released: dict[str, list[str]] = {}
     for label in ("bare", "watched", "bare", "watched"):
         guard = _Guard(scanner, names)

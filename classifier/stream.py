@@ -134,18 +134,21 @@ class StreamScanner:
         `last`, from its last words alone: the hold reads no more than the last `_max_parts`
         of them, so a tail with more words than that (its first one possibly cut) gives the
         same. Most often the last word holds nothing, and no word is built."""
-        if read[-1].isalnum():  # the last word may not be finished yet
-            if not (last in self._prefixes or self._alias_word(last)):
-                return len(read)
-        elif not self._alias_word(last):
+        if not self._may_hold(last, read[-1].isalnum()):
             return len(read)
         size = 24  # characters: most often the last few words
         while True:
             cut = max(0, len(read) - size)
-            words = split_words(read[cut:])
+            tail = read[cut:]
+            words = split_words(tail)
             if cut == 0 or len(words) > self._max_parts:
-                return cut + self._hold(read[cut:], words) if words else len(read)
+                return cut + self._hold(tail, words) if words else len(read)
             size *= 2
+
+    def _may_hold(self, last: str, open_word: bool) -> bool:
+        """Whether the text's last word (its norm `last`) is, or may still grow into, an alias
+        word: `open_word`, it ends the text and may not be finished yet."""
+        return self._alias_word(last) or (open_word and last in self._prefixes)
 
     @staticmethod
     def _names(m: AliasMatch) -> bool:
@@ -156,11 +159,7 @@ class StreamScanner:
     def _hold(self, read: str, ws: list[Word]) -> int:
         """Start of the trailing words that could still grow into a mention (len(read): none)."""
         last = ws[-1]
-        open_word = last.end == len(read)  # the last word may not be finished yet
-        if open_word:
-            if not (last.norm in self._prefixes or self._alias_word(last.norm)):
-                return len(read)
-        elif not self._alias_word(last.norm):
+        if not self._may_hold(last.norm, last.end == len(read)):
             return len(read)
         hold = last.start
         k = len(ws) - 2
