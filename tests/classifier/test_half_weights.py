@@ -70,11 +70,20 @@ def test_the_embedder_reads_on_fp16_weights_and_embeds_as_float32_does(
     assert cosine.min() > 0.99999, cosine.min()
 
 
+def _dense(embedder: Embedder) -> list[nn.Module]:
+    """The modules behind the encoder's linear layers."""
+    return [
+        getattr(dense, "__self__")  # noqa: B009 (a bound forward's module)
+        for layer in embedder._encoder.layers
+        for dense in (layer.qkv, layer.out, layer.up, layer.down)
+    ]
+
+
 def _linears(embedder: Embedder) -> tuple[int, int]:
     """How many of the encoder's linear layers are float32 products, and how many fp16."""
-    dense = [d for layer in embedder._encoder.layers for d in vars(layer).values() if callable(d)]
-    half = sum(isinstance(getattr(d, "__self__", None), HalfWeightLinear) for d in dense)
-    return len(dense) - half, half
+    dense = _dense(embedder)
+    full = sum(isinstance(d, nn.Linear) for d in dense)
+    return full, sum(isinstance(d, HalfWeightLinear) for d in dense)
 
 
 def _tensors(embedder: Embedder) -> list[torch.Tensor]:
@@ -82,12 +91,12 @@ def _tensors(embedder: Embedder) -> list[torch.Tensor]:
     found = [encoder.word, encoder.position, encoder.token_type, *encoder.norm]
     for layer in encoder.layers:
         found += [*layer.norm1, *layer.norm2]
-        for dense in (layer.qkv, layer.out, layer.up, layer.down):
-            owner = getattr(dense, "__self__", None)
-            if owner is not None:  # fp16: the packed weight and the bias
-                found += [owner.packed, owner.bias]
-            else:  # float32: the closure's weight and bias
-                found += [c.cell_contents for c in dense.__closure__ or ()]
+    for dense in _dense(embedder):  # the weight (fp16: packed) and the bias
+        found += (
+            [dense.packed, dense.bias]
+            if isinstance(dense, HalfWeightLinear)
+            else [dense.weight, dense.bias]
+        )
     return found
 
 
