@@ -1,15 +1,19 @@
 """What the output guard's watch of a streamed answer costs the event loop, in one process.
 
-    python bench/stream_watch.py [--targets 20] [--concurrency 32] [--repeats 20]
+    python bench/stream_watch.py [--targets 20] [--concurrency 32] [--repeats 15]
 
 Builds the alias scanner of the README's Harry Potter target and `--targets` - 1 people
-(bench/targets.py) as the gateway does (`AliasIndex` -> `StreamScanner`), and streams
-`--concurrency` answers naming none of them token by token (a word a token, as SmolLM2 writes
-them) through `OutputGuard._watch` from a scripted engine, every answer at once on one event
-loop, as a burst's answers reach the gateway. The output classifier is off: what is timed is
+(bench/targets.py) as the gateway does (`build_index`'s word lists -> `AliasIndex` ->
+`StreamScanner`), and streams `--concurrency` answers naming none of them token by token (a word
+a token, as SmolLM2 writes them) through `OutputGuard._watch` from a scripted engine, every
+answer at once on one event loop, as a burst's answers reach the gateway. Each burst's answers
+are new text (five of the shipped general questions each, `classifier.negatives`), as a served
+model's answers are: the scanner and the alias index remember the words they found clear, and
+answers read again would find every word there. The output classifier is off: what is timed is
 the per-token work on the loop (the alias scan, what to hold, the release), not MiniLM's reads
-of sentence ends (bench/guard_cost.py measures those in the gateway). Prints the CPU time of
-the best of `--repeats` bursts, read bare (the engine's stream as it is) and watched.
+of sentence ends (bench/guard_cost.py measures those in the gateway). Prints the median CPU
+time of `--repeats` bursts (after one untimed), read bare (the engine's stream as it is) and
+watched; fails unless every watched answer goes out as generated.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.targets import HARRY_POTTER, people  # noqa: E402
 from classifier import StreamScanner  # noqa: E402
+from classifier.embed import Embedder  # noqa: E402
+from classifier.lexicon import load_lexicon  # noqa: E402
+from classifier.negatives import general_negatives  # noqa: E402
 from classifier.spans import AliasIndex  # noqa: E402
 from server.engine import (  # noqa: E402
     ChoiceDelta,
@@ -38,27 +46,28 @@ from server.metrics import Metrics  # noqa: E402
 from server.services.guard import Guarded  # noqa: E402
 from server.services.output_guard import OutputGuard  # noqa: E402
 
-ANSWERS = [
-    "The capital of France is Paris. It's a big city, known for its art, its food and the "
-    "Eiffel Tower. Many people visit it every year, and they're a part of its history too. "
-    "The river Seine runs through it, and its bridges are old.",
-    "Photosynthesis is how plants turn light into sugar. It happens in the chloroplasts of "
-    "their leaves, which hold a green pigment called chlorophyll. In the process, plants take "
-    "in carbon dioxide and water and give off oxygen as a by-product.",
-    "Water boils at 100 degrees Celsius at sea level. At higher altitudes the air pressure is "
-    "lower, so it boils at a lower temperature: in a town high in the mountains, pasta takes "
-    "longer to cook. In a pressure cooker, the opposite happens.",
-]
+PER_ANSWER = 5  # shipped questions an answer: ~40 tokens
 
 
-TOKENS = [re.findall(r"\s*\S+", answer) for answer in ANSWERS]  # a word a token
+def answers(burst: int, concurrency: int) -> list[list[str]]:
+    """Burst `burst`'s answers, a word a token: new text in every burst (until the shipped
+    questions run out, after ~20 bursts of 32)."""
+    texts = general_negatives().texts
+    size = PER_ANSWER * concurrency
+    first = (burst * size) % max(1, len(texts) - size)
+    chunk = texts[first : first + size]
+    joined = [" ".join(chunk[i : i + PER_ANSWER]) for i in range(0, size, PER_ANSWER)]
+    return [re.findall(r"\s*\S+", answer) for answer in joined]
 
 
 class _Engine:
-    """Streams answer `request_id` (mod their number) a token at a time."""
+    """Streams answer `request_id` of `answers` a token at a time."""
+
+    def __init__(self, answers: list[list[str]]) -> None:
+        self._answers = answers
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        tokens = TOKENS[int(request.request_id) % len(TOKENS)]
+        tokens = self._answers[int(request.request_id)]
         for i, token in enumerate(tokens):
             await asyncio.sleep(0)  # the next token comes in a later pass of the loop
             finish = "length" if i == len(tokens) - 1 else None
@@ -82,11 +91,17 @@ async def _drain(stream: AsyncIterator[GenerationChunk]) -> str:
     return "".join([d.text async for chunk in stream for d in chunk.choices])
 
 
-async def _burst(watch: OutputGuard | None, concurrency: int) -> tuple[float, list[str]]:
-    """CPU seconds of one burst, and the answers as the client gets them."""
-    engine, prompt = _Engine(), TextPrompt("q")
+async def _burst(
+    scanner: tuple[StreamScanner, tuple[str, ...]] | None, tokens: list[list[str]]
+) -> tuple[float, list[str]]:
+    """CPU seconds of one burst of `tokens`' answers, and the answers as the client gets them,
+    watched by `scanner` (None: the engine's stream as it is)."""
+    engine, prompt = _Engine(tokens), TextPrompt("q")
+    watch = None
+    if scanner is not None:
+        watch = OutputGuard(_Guard(*scanner), engine, Metrics(), classify=False)  # type: ignore[arg-type]
     streams = []
-    for i in range(concurrency):
+    for i in range(len(tokens)):
         request = GenerationRequest(str(i), prompt, SamplingOptions(max_tokens=64))
         if watch is None:
             streams.append(engine.generate(request))
@@ -101,30 +116,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--targets", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     targets = [HARRY_POTTER, *people(args.targets - 1)]
     groups = [[t["name"], *t.get("aliases", ())] for t in targets]
-    scanner = StreamScanner(AliasIndex(groups))
-    names = tuple(t["name"] for t in targets)
-    tokens = sum(len(TOKENS[i % len(TOKENS)]) for i in range(args.concurrency))
-    released: dict[str, list[str]] = {}
-    for label in ("bare", "watched", "bare", "watched"):
-        guard = _Guard(scanner, names)
-        watch = None
-        if label == "watched":
-            watch = OutputGuard(guard, _Engine(), Metrics(), classify=False)  # type: ignore[arg-type]
-        runs = [asyncio.run(_burst(watch, args.concurrency)) for _ in range(args.repeats)]
-        best = min(cpu for cpu, _ in runs)
-        released[label] = runs[-1][1]
+    index = AliasIndex(  # as `classifier.model.build_index` builds it, less trained weights
+        groups,
+        common_words=Embedder().vocabulary_words(),
+        name_words=load_lexicon().name_words,
+    )
+    scanner = (StreamScanner(index), tuple(t["name"] for t in targets))
+    cpu: dict[str, list[float]] = {"bare": [], "watched": []}
+    tokens = same = 0
+    for burst in range(args.repeats + 1):  # the first one untimed
+        given = answers(burst, args.concurrency)
+        for label, watch in (("bare", None), ("watched", scanner)):
+            seconds, got = asyncio.run(_burst(watch, given))
+            same += got == ["".join(a) for a in given]
+            if burst:
+                cpu[label].append(seconds)
+        tokens += sum(map(len, given)) if burst else 0
+    per_burst = tokens / args.repeats
+    for label, runs in cpu.items():
+        mid = statistics.median(runs)
         print(
-            f"{label:8} {args.targets} targets: {1000 * best:.1f} ms of CPU a burst of "
-            f"{args.concurrency} answers ({tokens} tokens), {1e6 * best / tokens:.1f} us a token"
+            f"{label:8} {args.targets} targets: {1000 * mid:.1f} ms of CPU a burst of "
+            f"{args.concurrency} answers ({per_burst:.0f} tokens), "
+            f"{1e6 * mid / per_burst:.1f} us a token (median of {len(runs)} bursts)"
         )
     # What is timed is the watch of answers that name no target: each one goes out whole.
-    same = released["watched"] == released["bare"]
-    print("watched answers released as generated:", "yes" if same else "NO")
-    if not same:
+    ok = same == 2 * (args.repeats + 1)
+    print("watched answers released as generated:", "yes" if ok else "NO")
+    if not ok:
         raise SystemExit(1)
 
 
