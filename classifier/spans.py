@@ -167,6 +167,9 @@ class AliasIndex:
         self._parts: list[list[list[str]]] = []
         self._exact: dict[str, list[_Entry]] = {}
         self._fuzzy: dict[str, list[tuple[str, _Entry]]] = {}
+        # (first two letters, length) and (last two letters, length) of every word one edit
+        # from a fuzzy key: a word that has neither cannot be one (`_may_be_near`).
+        self._near_ends: set[tuple[str, int]] = set()
         self._case_exact: dict[tuple[int, int], str] = {}
         self._person = [[alias_kind(a) == "person" for a in group] for group in self.aliases]
         self._longest = 0  # the longest key: longer text words cannot match anything
@@ -197,6 +200,8 @@ class AliasIndex:
                 if len(key) >= _FUZZY_MIN_LEN:
                     for d in _deletions(key) | {key}:
                         self._fuzzy.setdefault(d, []).append((key, entry))
+                    for n in (len(key) - 1, len(key), len(key) + 1):
+                        self._near_ends.update(((key[:2], n), (key[-2:], -n)))
 
     def part_weight(self, part: str, target: int = 0) -> float:
         """How specific one alias word is on its own: 0 (short), 0.5 (common word or name), 1."""
@@ -213,7 +218,12 @@ class AliasIndex:
             return ()
         found: dict[_Entry, int] = dict.fromkeys(self._exact.get(key, ()), 0)
         # A real word is no typo: "basis" must not match "Basil".
-        if fuzzy and len(key) >= _FUZZY_MIN_LEN - 1 and key not in self._common:
+        if (
+            fuzzy
+            and len(key) >= _FUZZY_MIN_LEN - 1
+            and key not in self._common
+            and self._may_be_near(key)
+        ):
             for variant in _deletions(key) | {key}:
                 for alias_key, entry in self._fuzzy.get(variant, ()):
                     if entry in found:
@@ -222,6 +232,16 @@ class AliasIndex:
                     if edits is not None:
                         found[entry] = edits
         return tuple(found.items())
+
+    def _may_be_near(self, key: str) -> bool:
+        """Whether `key` may be one edit (Damerau: a letter deleted, added, changed, or two
+        neighbours swapped) from a fuzzy key, judged by two set lookups instead of its
+        deletions (most words of a text are no typo of a name). One edit of a key of five
+        letters or more leaves its first two letters or its last two in place (an edit in the
+        first two letters is at least three from the end), and changes its length by at most
+        one; `_near_ends` holds both ends of every key at the three lengths."""
+        n = len(key)
+        return (key[:2], n) in self._near_ends or (key[-2:], -n) in self._near_ends
 
     def lookup(self, word: str) -> bool:
         """Whether one folded word (or two glued) is, or is one typo away from, alias words."""

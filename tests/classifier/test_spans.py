@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from classifier import find_spans
 from classifier.spans import AliasIndex
 
@@ -76,3 +78,47 @@ def test_words_found_clear_do_not_hide_a_name_they_make_together() -> None:
     assert index.spans("some warts, a hog") == []  # every key known clear: ruled out
     assert index.spans("hog warts") == [(0, 9)]
     assert index.spans("the hogwart") == [(4, 11)]  # one edit away
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _one_edit(word: str, rng: random.Random) -> str:
+    """`word` with one letter deleted, added, changed, or two neighbours swapped."""
+    i = rng.randrange(len(word))
+    kind = rng.randrange(4)
+    if kind == 0:
+        return word[:i] + word[i + 1 :]
+    if kind == 1:
+        return word[:i] + rng.choice(_LETTERS) + word[i:]
+    if kind == 2:
+        return word[:i] + rng.choice(_LETTERS) + word[i + 1 :]
+    i = min(i, len(word) - 2)
+    return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+
+
+def test_the_ends_filter_never_changes_a_fuzzy_lookup(monkeypatch) -> None:
+    """`_lookup` skips the deletions of a word whose two first and two last letters, at its
+    length, start or end no fuzzy key one edit away: every typo of every key (and two glued),
+    and random words, find what they find without the filter."""
+    groups = [
+        ["Harry Potter", "Hogwarts", "Hermione Granger"],
+        ["Basil Mahfouz Al-Kuwaiti"],
+        ["Ji-Yeon Park", "Evangeline Okafor-Lindqvist"],
+    ]
+    filtered = AliasIndex(groups)
+    unfiltered = AliasIndex(groups)
+    monkeypatch.setattr(unfiltered, "_may_be_near", lambda key: True)
+    rng = random.Random(7)
+    keys = [k for k in filtered._exact if len(k) >= 5]
+    words = [_one_edit(k, rng) for k in keys for _ in range(300)]
+    words += [_one_edit(_one_edit(k, rng), rng) for k in keys for _ in range(100)]
+    words += ["".join(rng.choices(_LETTERS, k=rng.randint(4, 14))) for _ in range(5000)]
+    near = 0
+    for word in words:
+        got = filtered._lookup(word, True)
+        assert got == unfiltered._lookup(word, True), word
+        near += bool(got)
+    assert near > 3000  # the typos are found (a filter that dropped them would fail above)
+    skipped = sum(not filtered._may_be_near(w) for w in words[-5000:])
+    assert skipped > 4500  # and most random words skip the deletions
