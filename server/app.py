@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                     metrics,
                     max_restarts=settings.guard.output_restarts,
                     classify=settings.guard.output_classifier,
+                    window_words=settings.guard.output_window_words,
                 )
         lim = settings.limits
         request_limits = RequestLimits(

@@ -102,6 +102,12 @@ class GuardSettings(_Section):
     """Restarts per answer choice before the output guard ends it instead."""
     output_classifier: bool = True
     """Also run the targets' classifiers on the answer at each sentence end (not only aliases)."""
+    output_window_words: int = Field(12, ge=0)
+    """At a sentence end the classifier reads the answer since its last read; a stretch of
+    fewer words than this is read with the words before it, up to this many (0: the stretch
+    alone). Fragments ("1. Evaporation", an answer cut by max_tokens) passed person targets'
+    gates and went to MiniLM: at 12, streamed answers at 20 targets took 57% fewer MiniLM
+    reads, and TOFU answers about a target were found as often (bench/answer_windows.py)."""
     loop_chars: int = Field(2000, ge=0)
     """A request whose texts come to at most this many characters is read by the classifier's
     static stage on the event loop, batched with the requests handled in the same pass (about

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
@@ -49,10 +49,32 @@ audit = logging.getLogger("obliviate.audit")
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 _CLASSIFY_WINDOW = 400  # characters of answer text the classifier reads at a sentence end
+_WORD = re.compile(r"\S+")
 _ONE_ANSWER_EVERY = 16  # tokens per engine chunk when the client reads one answer, not a stream
 _ORIGINAL = 0
 TokenTexts = Callable[[Sequence[int], Sequence[int]], list[str] | None]
 """(the choice's token ids so far, a delta's ids) -> the text each of those ids adds."""
+
+
+def window_start(text: str, checked: int, min_words: int = 0) -> int:
+    """Where the classifier's read of an answer starts at a sentence end: the text since the
+    last read (`checked`), at most `_CLASSIFY_WINDOW` characters back; with `min_words`, a
+    stretch of fewer words reads that many words, taking them from the text before it (read
+    already) within the same bound.
+
+    A short stretch ("The water cycle", "1. Evaporation", an answer cut by max_tokens) tells a
+    classifier little on its own; at 20 targets such fragments passed person targets' gates
+    and went to MiniLM (docs/results/performance.md). Read with the words before them they
+    are read at the same moment, with more of what the answer says."""
+    start = max(checked, len(text) - _CLASSIFY_WINDOW)
+    if min_words <= 0 or start == 0:
+        return start
+    bound = max(0, len(text) - _CLASSIFY_WINDOW)
+    starts = [m.start() for m in _WORD.finditer(text, bound)]  # of the words in the bound
+    new = len(starts) - bisect_left(starts, start)
+    if new == 0 or new >= min_words:
+        return start  # nothing new to read (the caller reads nothing), or enough of it
+    return starts[-min_words] if len(starts) >= min_words else bound
 
 
 class OutputWatcher(Protocol):
@@ -115,12 +137,14 @@ class OutputGuard:
         *,
         max_restarts: int = 2,
         classify: bool = True,
+        window_words: int = 0,
     ) -> None:
         self._guard = guard
         self._engine = engine
         self._metrics = metrics
         self._max_restarts = max_restarts
         self._classify = classify
+        self._window_words = window_words  # `window_start`'s min_words
 
     def generate(
         self,
@@ -320,7 +344,7 @@ class OutputGuard:
         if found or not self._classify:
             return found
         if final or _SENTENCE_END.search(delta.text):
-            window = st.text[max(st.checked, len(st.text) - _CLASSIFY_WINDOW) :]
+            window = st.text[window_start(st.text, st.checked, self._window_words) :]
             st.checked = len(st.text)
             if window.strip():
                 try:

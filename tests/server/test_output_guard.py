@@ -5,15 +5,17 @@ restart, unflagged answers come out as generated. The real engine: tests/e2e/tes
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from classifier import Decision
 from server.app import create_app
 from server.engine import ChatPrompt, PromptEmbeds, TextPrompt
 from server.engine.fake import FakeEngine, FakeToolCall
+from server.services.guard import EcoGuard
 from server.settings import GuardSettings, Settings
 from tests.conftest import ADMIN_TOKEN
 from tests.server.test_admin_api import AUTH, HARRY, wait_for_job
@@ -377,3 +379,33 @@ def test_a_stop_token_inside_a_merged_delta_ends_the_answer_there(model_dir: Pat
     assert out is not None and out.finish_reason == "stop" and out.stop_reason == stop[0]
     assert tokenizer.decode(head) + out.text == "It was written 🌱 by a"
     assert out.token_ids == ids[len(head) : at + 1]
+
+
+def test_a_short_stretch_of_answer_is_read_with_the_words_before_it(
+    client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+):
+    """At each sentence end the classifier reads the answer since its last read; a stretch
+    of fewer than `output_window_words` (12) words is read with the words before it."""
+    read: list[Sequence[str]] = []
+    flagged = EcoGuard.flagged
+
+    async def spy(self: EcoGuard, texts: Sequence[str]) -> list[Decision]:
+        read.append(texts)
+        return await flagged(self, texts)
+
+    monkeypatch.setattr(EcoGuard, "flagged", spy)
+    answer = (
+        "Water moves between the sea, the air and the land in a cycle of four stages. "
+        "They repeat.\n1. Evaporation\n2. Condensation"
+    )
+    engine.enqueue(answer)
+    pieces, _ = stream_text(client, chat("How does water move?", max_tokens=60))
+    assert "".join(pieces) == answer
+    first = "Water moves between the sea, the air and the land in a cycle of four stages."
+    assert [list(texts) for texts in read[1:]] == [  # read[0]: the prompt
+        [first],  # 16 words: read alone
+        # 3 new words (the engine's token ".\n1." ends a sentence): read with 9 before them
+        ["and the land in a cycle of four stages. They repeat.\n1."],
+        ["land in a cycle of four stages. They repeat.\n1. Evaporation\n2."],
+        ["in a cycle of four stages. They repeat.\n1. Evaporation\n2. Condensation"],  # the end
+    ]
