@@ -1,11 +1,11 @@
 """What the output guard's classifier finds in answers about a target, and what it costs, by
 how many words a sentence-end read takes at least (`--guard.output-window-words`).
 
-    .venv/bin/python bench/answer_windows.py [--words 0 8 12 16] [--per-author 5] [--authors 40]
+    .venv/bin/python bench/answer_windows.py [--words 0 8 12 16] [--per-author 5] [--authors 20]
 
-Registers TOFU forget10's first `--authors` fictitious authors as one person target each (the
-name as the alias, `--per-author` of their questions as forget examples), as a gateway with
-that many targets holds them. Then streams answers a word a token through the output guard's
+Registers TOFU forget10's first `--authors` fictitious authors (20: all of them) as one person
+target each (the name as the alias, `--per-author` of their questions as forget examples), as
+a gateway with that many targets holds them. Then streams answers a word a token through the output guard's
 windows (`server.services.output_guard.window_start`: at each sentence end, the answer since
 the last read) and reads each window with the bank, as the guard does:
 - recall: each author's 20 TOFU answers with every part of the author's name taken out ("the
@@ -102,7 +102,7 @@ def evaluate(bank: ClassifierBank, cases: dict[str, list[tuple[str, str]]], word
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--words", type=int, nargs="+", default=[0, 8, 12, 16])
-    parser.add_argument("--authors", type=int, default=40)
+    parser.add_argument("--authors", type=int, default=20)
     parser.add_argument("--per-author", type=int, default=5)
     parser.add_argument("--neighbours", type=int, default=600, help="retain90 answers read")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/answer_windows.json")
