@@ -5,9 +5,9 @@ how many words a sentence-end read takes at least (`--guard.output-window-words`
 
 Registers TOFU forget10's first `--authors` fictitious authors (20: all of them) as one person
 target each (the name as the alias, `--per-author` of their questions as forget examples), as
-a gateway with that many targets holds them. Then streams answers a word a token through the output guard's
-windows (`server.services.output_guard.window_start`: at each sentence end, the answer since
-the last read) and reads each window with the bank, as the guard does:
+a gateway with that many targets holds them. Then streams answers a word a token through the
+output guard's windows (`server.services.output_guard.window_start`: at each sentence end, the
+answer since the last read) and reads each window with the bank, as the guard does:
 - recall: each author's 20 TOFU answers with every part of the author's name taken out ("the
   author"), so that only the classifier can find them (the alias scan would find the name).
   An answer counts as found when a window of it flags its author; also the tokens streamed
