@@ -4,6 +4,9 @@ short stretch read with the words before it."""
 
 from __future__ import annotations
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from server.services.output_guard import _CLASSIFY_WINDOW, window_start
 
 ANSWER = "The water cycle has four stages. They repeat.\n1. Evaporation\n"
@@ -45,3 +48,27 @@ def test_a_read_never_reaches_further_back_than_the_window() -> None:
     got = _read(long, checked, 500)
     assert len(got) <= _CLASSIFY_WINDOW and got.endswith("End.")
     assert _read(long, 0, 0) == long[-_CLASSIFY_WINDOW:]  # as before: the last 400 characters
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    text=st.text(alphabet="ab .\n", max_size=600),
+    checked=st.integers(0, 600),
+    words=st.integers(0, 30),
+)
+@example(text="aaaa bbb", checked=2, words=2)  # the last read ended inside a word
+def test_a_read_holds_all_the_new_text_and_no_more_words_than_it_needs(
+    text: str, checked: int, words: int
+) -> None:
+    """Never less than the stretch since the last read, never past the window's bound, and
+    widened only when fewer than `words` words start in the stretch, then to `words` words
+    (or as far as the bound allows)."""
+    checked = min(checked, len(text))
+    bound = max(0, len(text) - _CLASSIFY_WINDOW)
+    start = window_start(text, checked, words)
+    alone = window_start(text, checked, 0)
+    assert bound <= start <= alone
+    if start < alone:
+        cut = 0 < alone < len(text) and not text[alone - 1].isspace() and not text[alone].isspace()
+        assert len(text[alone:].split()) - cut < words  # words starting in the stretch
+        assert len(text[start:].split()) == words or start == bound
