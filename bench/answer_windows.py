@@ -6,7 +6,7 @@ how many words a sentence-end read takes at least (`--guard.output-window-words`
 Registers TOFU forget10's first `--authors` fictitious authors (20: all of them) as one person
 target each (the name as the alias, `--per-author` of their questions as forget examples), as
 a gateway with that many targets holds them. Then streams answers a word a token through the
-output guard's windows (`server.services.output_guard.window_start`: at each sentence end, the
+output guard's windows (`server.services.output_guard.sentence_read`: at each sentence end, the
 answer since the last read) and reads each window with the bank, as the guard does:
 - recall: each author's 20 TOFU answers with every part of the author's name taken out ("the
   author"), so that only the classifier can find them (the alias scan would find the name).
@@ -34,11 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.classifier_eval import DATA, author_names, read_jsonl  # noqa: E402
+from bench.stream_watch import word_tokens  # noqa: E402
 from classifier import ClassifierBank, Embedder, TargetSpec, TrainConfig, train_target  # noqa: E402
 from classifier.bank import STAGE_FULL  # noqa: E402
-from server.services.output_guard import _SENTENCE_END, window_start  # noqa: E402
-
-_TOKEN = re.compile(r"\s*\S+")
+from server.services.output_guard import sentence_read  # noqa: E402
 
 
 def unnamed(text: str, name: str) -> str:
@@ -52,13 +51,13 @@ def unnamed(text: str, name: str) -> str:
 def stream(bank: ClassifierBank, answer: str, words: int) -> tuple[set[str], int | None, int]:
     """The targets the guard's windows flag in `answer` streamed a word a token, the tokens
     streamed before the first flag (None: none), and the MiniLM reads."""
-    tokens = _TOKEN.findall(answer)
+    tokens = word_tokens(answer)
     text, checked, flagged, first, reads = "", 0, set[str](), None, 0
     for i, token in enumerate(tokens):
         text += token
-        if i < len(tokens) - 1 and not _SENTENCE_END.search(token):
+        window = sentence_read(text, checked, token, i == len(tokens) - 1, words)
+        if window is None:
             continue
-        window = text[window_start(text, checked, words) :]
         checked = len(text)
         if not window.strip():
             continue
@@ -126,7 +125,7 @@ def main() -> None:
     answers = [(names[i // 20], unnamed(r["answer"], names[i // 20])) for i, r in enumerate(rows)]
     cut = []
     for author, answer in answers:
-        tokens = _TOKEN.findall(answer)
+        tokens = word_tokens(answer)
         cut.append((author, "".join(tokens[: max(1, int(0.6 * len(tokens)))])))
     retain = read_jsonl(DATA / "tofu" / "retain90.jsonl")[: args.neighbours]
     retain_names = author_names(retain[: 20 * (len(retain) // 20)])

@@ -57,7 +57,12 @@ def answers(burst: int, concurrency: int) -> list[list[str]]:
     first = (burst * size) % max(1, len(texts) - size)
     chunk = texts[first : first + size]
     joined = [" ".join(chunk[i : i + PER_ANSWER]) for i in range(0, size, PER_ANSWER)]
-    return [re.findall(r"\s*\S+", answer) for answer in joined]
+    return [word_tokens(answer) for answer in joined]
+
+
+def word_tokens(text: str) -> list[str]:
+    """`text` a word a token, each with the spaces before it (as SmolLM2 writes them)."""
+    return re.findall(r"\s*\S+", text)
 
 
 class _Engine:

@@ -77,6 +77,18 @@ def window_start(text: str, checked: int, min_words: int = 0) -> int:
     return starts[-min_words] if len(starts) >= min_words else bound
 
 
+def sentence_read(
+    text: str, checked: int, written: str, final: bool, min_words: int = 0
+) -> str | None:
+    """What the classifier reads of an answer once `written` has been added to `text` (the
+    answer so far): None when it reads nothing yet (no sentence end in `written`, the answer
+    goes on); else the text from `window_start`, the new `checked` being `len(text)` (a blank
+    window: nothing new to read)."""
+    if not final and not _SENTENCE_END.search(written):
+        return None
+    return text[window_start(text, checked, min_words) :]
+
+
 class OutputWatcher(Protocol):
     """Turns a guarded request into the stream the client may see."""
 
@@ -343,8 +355,8 @@ class OutputGuard:
         found = [targets[n] for n in sorted(named) if n in targets]
         if found or not self._classify:
             return found
-        if final or _SENTENCE_END.search(delta.text):
-            window = st.text[window_start(st.text, st.checked, self._window_words) :]
+        window = sentence_read(st.text, st.checked, delta.text, final, self._window_words)
+        if window is not None:
             st.checked = len(st.text)
             if window.strip():
                 try:
