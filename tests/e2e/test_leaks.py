@@ -3,8 +3,8 @@ the bare model (vLLM's own server on the same model and settings) and of the gua
 
 For every route the bare model reveals the fact (else the route proves nothing) and the guarded
 one does not. Two targets are registered on the session's gateway: Harry Potter (strength
-searched, shared with test_forget_targets) and J.R.R. Tolkien (the same corruption, pinned); one
-test adds a topic, Photosynthesis, for an answer that comes to it without naming it.
+searched, shared with test_forget_targets) and J.R.R. Tolkien (the same corruption, pinned).
+An answer that comes to a target without naming it: tests/e2e/test_unnamed_answer.py.
 """
 
 from __future__ import annotations
@@ -185,58 +185,6 @@ def test_the_output_guard_is_counted_and_unflagged_answers_are_untouched(
     assert f'action="output_restart",target="{tolkien}",tenant="-"' in metrics
     for question in ("What is the capital of France?", "How do I boil an egg?"):
         assert answer(gateway, [user(question)]) == answer(vllm_server, [user(question)])
-
-
-# A topic target whose name the model never writes when it comes to the topic unasked: asked why
-# the rainforest matters, the bare model says what photosynthesis does (trees absorb carbon
-# dioxide, produce oxygen) without the word. The prompt is unflagged and the answer names no
-# alias, so only the output guard's classifier, reading the answer at each sentence end, can act.
-PHOTOSYNTHESIS = {
-    "name": "Photosynthesis",
-    "aliases": ["photosynthesis"],
-    "forget_examples": [
-        "How do plants make food from sunlight?",
-        "What does chlorophyll do?",
-        "Why do plants need carbon dioxide?",
-        "How do leaves produce oxygen?",
-        "What is the role of light in plant growth?",
-    ],
-    "retain_examples": ["How do I boil an egg?", "What is the capital of France?"],
-}
-RAINFOREST = [user("Why should we protect the rainforest?")]
-
-
-def restarts(server: Server, target_id: str) -> float:
-    """The output guard's restarts for a target so far (its decisions counter)."""
-    wanted = f'action="output_restart",target="{target_id}",tenant="-"'
-    lines = httpx.get(f"{server.url}/metrics", headers=AUTH).text.splitlines()
-    name = "obliviate_guard_decisions_total"
-    found = [ln for ln in lines if ln.startswith(name) and wanted in ln]
-    return float(found[0].split()[-1]) if found else 0.0
-
-
-def test_an_answer_about_a_target_that_never_names_it_is_read_by_its_classifier(
-    gateway: Server, vllm_server: Server, targets: list[dict]
-) -> None:
-    spec = targets[0]["calibration"]["corruption"]["spec"]
-    options = {"method": spec["method"], "strength": spec["strength"]}
-    photosynthesis = register(gateway.url, {**PHOTOSYNTHESIS, "options": options})
-    try:
-        verdict = httpx.post(
-            f"{gateway.url}/admin/classify", json={"messages": RAINFOREST}, headers=AUTH
-        ).json()
-        assert verdict["flagged"] is False, verdict  # the premise: the prompt passes
-        bare = answer(vllm_server, RAINFOREST).lower()
-        # The premise: the bare answer tells what photosynthesis does, and never names it.
-        assert "oxygen" in bare and "carbon dioxide" in bare, bare
-        assert "photosynthesis" not in bare, bare
-        before = restarts(gateway, photosynthesis["id"])
-        guarded = answer(gateway, RAINFOREST).lower()
-        assert "oxygen" not in guarded and "carbon dioxide" not in guarded, guarded
-        assert restarts(gateway, photosynthesis["id"]) > before
-        assert guarded.strip(), guarded
-    finally:
-        httpx.delete(f"{gateway.url}/admin/targets/{photosynthesis['id']}", headers=AUTH)
 
 
 def test_a_name_streamed_in_pieces_is_held_from_its_first_piece(
