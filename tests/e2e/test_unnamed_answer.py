@@ -10,8 +10,6 @@ here, before it, left that reading 161 MiB (bound 150) in one full run.
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 
 from tests.e2e.conftest import Server
@@ -47,11 +45,11 @@ def restarts(server: Server, target_id: str) -> float:
 
 
 def test_an_answer_about_a_target_that_never_names_it_is_read_by_its_classifier(
-    gateway: Server, vllm_server: Server, hp_target: dict[str, Any]
+    gateway: Server, vllm_server: Server
 ) -> None:
-    spec = hp_target["calibration"]["corruption"]["spec"]
-    options = {"method": spec["method"], "strength": spec["strength"]}
-    photosynthesis = register(gateway.url, {**PHOTOSYNTHESIS, "options": options})
+    # Default options (its own strength search): the modules before this one may have deleted
+    # the shared Harry Potter target whose corruption the leak suite pins.
+    photosynthesis = register(gateway.url, PHOTOSYNTHESIS)
     try:
         verdict = httpx.post(
             f"{gateway.url}/admin/classify", json={"messages": RAINFOREST}, headers=AUTH
