@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import httpx
 
+from bench.workload import counter
 from tests.e2e.conftest import Server
 from tests.e2e.targets import AUTH, register
 from tests.e2e.test_leaks import answer, user
@@ -37,11 +38,9 @@ RAINFOREST = [user("Why should we protect the rainforest?")]
 
 def restarts(server: Server, target_id: str) -> float:
     """The output guard's restarts for a target so far (its decisions counter)."""
-    wanted = f'action="output_restart",target="{target_id}",tenant="-"'
-    lines = httpx.get(f"{server.url}/metrics", headers=AUTH).text.splitlines()
-    name = "obliviate_guard_decisions_total"
-    found = [ln for ln in lines if ln.startswith(name) and wanted in ln]
-    return float(found[0].split()[-1]) if found else 0.0
+    return counter(
+        server.url, "obliviate_guard_decisions", action="output_restart", target=target_id
+    )
 
 
 def test_an_answer_about_a_target_that_never_names_it_is_read_by_its_classifier(
