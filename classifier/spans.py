@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from .normalize import normalize_view
 
-_WORD_RE = re.compile(r"[^\W_]+")
+WORD_RE = re.compile(r"[^\W_]+")  # a word, of a text or of an alias
 _MAX_GLUED_PARTS = 3
 _FUZZY_MIN_LEN = 5
 _SHORT_ALIAS_LEN = 3  # aliases this short ("AI", "IT") must match with their exact case
@@ -67,7 +67,7 @@ def folded_words(words: frozenset[str]) -> frozenset[str]:
 def ascii_norms(text: str) -> list[str] | None:
     """The folded forms of `split_words(text)` for an ASCII text (its lower-cased words: no
     `Word` built), None for any other text."""
-    return _WORD_RE.findall(text.lower()) if text.isascii() else None
+    return WORD_RE.findall(text.lower()) if text.isascii() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ class Word:
 def split_words(text: str) -> list[Word]:
     """Split text into words with their character offsets."""
     out: list[Word] = []
-    for m in _WORD_RE.finditer(text):
+    for m in WORD_RE.finditer(text):
         w = m.group()
         norm = w.lower() if w.isascii() else fold(w)  # ASCII: no Unicode normalisation needed
         upper = w[0].isupper()
@@ -176,10 +176,10 @@ class AliasIndex:
         for t, group in enumerate(self.aliases):
             parts_t: list[list[str]] = []
             for a, alias in enumerate(group):
-                parts = [fold(w) for w in _WORD_RE.findall(alias)]
+                parts = [fold(w) for w in WORD_RE.findall(alias)]
                 parts_t.append(parts)
                 if len("".join(parts)) <= _SHORT_ALIAS_LEN:
-                    self._case_exact[(t, a)] = "".join(_WORD_RE.findall(alias))
+                    self._case_exact[(t, a)] = "".join(WORD_RE.findall(alias))
                 self._add_alias(t, a, parts)
             self._parts.append(parts_t)
         # Words repeat across prompts: memoise lookups (thread-safe, bounded).
@@ -347,7 +347,7 @@ class AliasIndex:
                 i, j, covered, edits = self._extend(words, parts, i, j, covered)
                 used.update(range(i, j))
             if (t, a) in self._case_exact:
-                found = "".join(_WORD_RE.findall(text[words[i].start : words[j - 1].end]))
+                found = "".join(WORD_RE.findall(text[words[i].start : words[j - 1].end]))
                 if found != self._case_exact[(t, a)]:
                     continue
             full = 0 in covered and len(parts) - 1 in covered

@@ -12,10 +12,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .normalize import View, normalize_view
-from .spans import STOPWORDS, AliasIndex, AliasMatch, Word, ascii_norms, fold, split_words
+from .normalize import View, has_view, normalize_view
+from .spans import (
+    STOPWORDS,
+    WORD_RE,
+    AliasIndex,
+    AliasMatch,
+    Word,
+    ascii_norms,
+    fold,
+    split_words,
+)
 
-_SUSPICIOUS = re.compile(r"[0-9@$]|(?<![^\W_])[^\W_]([.\-_*· ])[^\W_]\1[^\W_]")
 _GAP = re.compile(r"[\s.,'\-_*·]{0,3}")  # what may separate two words of one alias mention
 _MAX_CLEAR = 50_000  # norms a scanner remembers as clear (~4 MB), then it starts again
 
@@ -55,6 +63,8 @@ class StreamScanner:
         """Characters before the unreleased text that a scan looks at."""
         self._clear: set[str] = set()
         """Norms seen that are neither an alias word nor the start of one (`_all_clear`)."""
+        self._missed: set[str] = set()
+        """Lookup keys (norms, two norms glued) the alias index finds nothing for (`_no_hit`)."""
 
     def _alias_word(self, norm: str) -> bool:
         if norm in self._words:
@@ -74,29 +84,71 @@ class StreamScanner:
                 continue
             if self._alias_word(n) or n in self._prefixes:
                 return False
-            if len(clear) >= _MAX_CLEAR:
-                clear.clear()
-            clear.add(n)
+            self._remember_clear(n)
         return True
+
+    def _no_hit(self, norms: list[str]) -> bool:
+        """Whether none of the keys the alias index looks up in a run of words `norms` (each
+        word, and two neighbours glued, as `AliasIndex.match` glues them) matches an alias
+        word, even one edit away."""
+        missed = self._missed
+        keys = [*norms]
+        keys += [
+            a + b
+            for a, b in zip(norms, norms[1:], strict=False)
+            if a not in STOPWORDS and b not in STOPWORDS
+        ]
+        if missed.issuperset(keys):
+            return True
+        for key in keys:
+            if key in missed:
+                continue
+            if self._index.lookup(key):
+                return False
+            if len(missed) >= _MAX_CLEAR:
+                missed.clear()
+            missed.add(key)
+        return True
+
+    def _new_words_name_none(self, read: str, new: int, norms: list[str]) -> bool:
+        """Whether no alias match can reach into read[new:] (the text not yet released), for an
+        ASCII `read` of words `norms`: every match is a chain of words the index finds (a word,
+        or two glued), or such a chain grown by one typo beside it (`AliasIndex._extend`), so
+        one that ends past `new` holds a word found among the words past `new` (the first one
+        possibly begun before it) or the word just before them. Those words, and one more, are
+        looked up; the rest of the window was read on the tokens before."""
+        touching = len(WORD_RE.findall(read, new))
+        return self._no_hit(norms[-(touching + 2) :])
 
     def scan(self, text: str, released: int, final: bool) -> tuple[list[Mention], int]:
         """Mentions overlapping text[released:], and where to hold back from (>= released;
         len(text) when nothing needs holding). `final`: the text will not grow any more."""
         start = max(0, released - self.window)
         window = text[start:]
-        view = normalize_view(window) if _SUSPICIOUS.search(window) else None
+        # Obfuscated words (look-alike letters, leetspeak, spelled out) are read in the
+        # de-obfuscated view, as the classifier reads them; a word of look-alike letters is
+        # folded whatever the letters around it ("Н", "На" may grow into "Наrrу").
+        view = normalize_view(window, fold_all=True) if has_view(window) else None
+        if view is not None and view.text == window:
+            view = None
         read = view.text if view is not None else window
         norms = ascii_norms(read)
         if norms is not None:
-            if self._all_clear(norms):
-                # No word is, or could grow into, an alias word: no mention, nothing held (as
-                # below, without a `Word` per word: this runs on every streamed token).
+            if not norms:
                 return [], len(text)
-            # Such a word is there (its norms are its words'), most often a short one that
-            # starts an alias word ("a", "in"): the matcher rules the window out on its norms,
-            # and only the last words, which may still grow, are built (`_tail_hold`).
-            mentions = self._mentions(read, view, start, released, norms)
-            at = len(read) if final else self._tail_hold(read, norms[-1])  # an index into `read`
+            if view is None and self._new_words_name_none(read, released - start, norms):
+                # Most tokens: the words past what was released, and the one before, name no
+                # alias (without a `Word` per word: this runs on every streamed token).
+                mentions: list[Mention] = []
+            elif self._all_clear(norms):
+                # No word is, or could grow into, an alias word: no mention, nothing held.
+                return [], len(text)
+            else:
+                # Such a word is there (its norms are its words'), most often a short one that
+                # starts an alias word ("a", "in"): the matcher rules the window out on its
+                # norms, and only the last words, which may still grow, are built.
+                mentions = self._mentions(read, view, start, released, norms)
+            at = self._tail_hold(read, norms[-1])  # an index into `read`
         else:
             words = split_words(read)
             if not words:
@@ -104,7 +156,11 @@ class StreamScanner:
             mentions = []
             if not self._all_clear([w.norm for w in words]):
                 mentions = self._mentions(read, view, start, released)
-            at = len(read) if final else self._hold(read, words)
+            at = self._hold(read, words)
+        if final:
+            if not mentions and at < len(read):
+                mentions = self._cut_name(read, view, start, at)
+            return mentions, len(text)
         if at >= len(read):
             return mentions, len(text)
         if view is not None:
@@ -129,6 +185,17 @@ class StreamScanner:
                     mentions.append(Mention(m.target, start + s, start + e))
         return mentions
 
+    def _cut_name(self, read: str, view: View | None, start: int, at: int) -> list[Mention]:
+        """At the end of an answer (max_tokens, a stop), the words that would be held from `at`
+        if it went on: when they are an alias word and the start of the next ("Harry Pott",
+        "J.K. Row"), the name was cut, and names its target as the whole would."""
+        tail = read[at:]
+        if len(WORD_RE.findall(tail)) < 2:
+            return []  # one word ("Pott", "the"): released, as when the answer goes on past it
+        s, e = view.source_span(at, len(read)) if view is not None else (at, len(read))
+        targets = sorted({m.target for m in self._index.match(tail)})
+        return [Mention(t, start + s, start + e) for t in targets]
+
     def _tail_hold(self, read: str, last: str) -> int:
         """`_hold(read, split_words(read))` for an ASCII `read` whose last word's norm is
         `last`, from its last words alone: the hold reads no more than the last `_max_parts`
@@ -148,7 +215,19 @@ class StreamScanner:
     def _may_hold(self, last: str, open_word: bool) -> bool:
         """Whether the text's last word (its norm `last`) is, or may still grow into, an alias
         word: `open_word`, it ends the text and may not be finished yet."""
-        return self._alias_word(last) or (open_word and last in self._prefixes)
+        if last in self._clear:
+            return False
+        if self._alias_word(last):
+            return True
+        if last in self._prefixes:
+            return open_word
+        self._remember_clear(last)
+        return False
+
+    def _remember_clear(self, norm: str) -> None:
+        if len(self._clear) >= _MAX_CLEAR:
+            self._clear.clear()
+        self._clear.add(norm)
 
     @staticmethod
     def _names(m: AliasMatch) -> bool:

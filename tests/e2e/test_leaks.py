@@ -302,3 +302,59 @@ def test_a_stop_token_ends_an_answer_where_the_engine_would(
     for reply in asyncio.run(burst()):
         got = [reply["choices"][0][f] for f in fields] + [reply["usage"]["completion_tokens"]]
         assert got == want, (got, want)
+
+
+# "Harry Potter" in Cyrillic letters that look Latin (Н а р о у е т): what a client asks the
+# model to write, and what a reader reads as the name.
+LOOK_ALIKE = "\u041d\u0430rr\u0443 \u0420\u043ett\u0435r"
+
+
+def test_a_name_in_look_alike_letters_never_leaves_a_stream(
+    gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    """A client's constraint (`structured_outputs`) makes the model write the name in look-alike
+    Cyrillic letters. The output guard's scanner reads each streamed token's window in its
+    de-obfuscated view, as the classifier reads a prompt: the name is held from its first
+    piece and never released (it used to read such a window as written unless it held a digit,
+    and the name went out token by token, found only at the sentence end)."""
+    from classifier.normalize import normalize
+
+    assert normalize(LOOK_ALIKE) == "Harry Potter" and LOOK_ALIKE != "Harry Potter"
+    forced = {"structured_outputs": {"choice": [LOOK_ALIKE]}}
+    question = [user("Name a character from a book.")]
+    args = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 16, "extra_body": forced}
+    bare = vllm_server.client().chat.completions.create(messages=question, **args)
+    assert bare.choices[0].message.content == LOOK_ALIKE  # the premise: the model writes it
+    stream = gateway.client().chat.completions.create(messages=question, stream=True, **args)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    said = normalize("".join(pieces)).lower()
+    assert "harry" not in said and "potter" not in said, pieces
+
+
+def test_a_name_cut_short_by_max_tokens_never_leaves(
+    gateway: Server, vllm_server: Server, targets: list[dict]
+) -> None:
+    """An answer that ends inside a name ("J.K. Row", max_tokens chosen for it) is no answer
+    that goes on: the words held as the start of the name were released at the end, and
+    named the target as well as the whole. They are a name now: the choice restarts."""
+    forced = {"structured_outputs": {"choice": ["J.K. Rowling"]}}
+    question = [user("Name an author.")]
+    args = {"model": MODEL_NAME, "temperature": 0, "extra_body": forced}
+
+    def said(server: Server, max_tokens: int, **extra: Any) -> str:
+        reply = server.client().chat.completions.create(
+            messages=question, max_tokens=max_tokens, **args, **extra
+        )
+        return reply.choices[0].message.content or ""
+
+    cut = next(n for n in range(1, 8) if said(vllm_server, n).endswith("Row"))
+    assert said(vllm_server, cut) == "J.K. Row"  # the premise: the bare answer, cut there
+    for stream in (False, True):
+        if stream:
+            chunks = gateway.client().chat.completions.create(
+                messages=question, max_tokens=cut, stream=True, **args
+            )
+            guarded = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            guarded = said(gateway, cut)
+        assert "row" not in guarded.lower(), (stream, guarded)

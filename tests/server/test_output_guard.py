@@ -110,6 +110,19 @@ def test_streams_hold_back_only_a_possible_name(client: TestClient, engine: Fake
     assert "Harry" in pieces[1] and "went" in pieces[1]
 
 
+def test_a_name_in_look_alike_letters_is_held_from_its_first_piece(
+    client: TestClient, engine: FakeEngine
+):
+    """Cyrillic letters that look Latin, and no digit near: the scanner reads the answer's
+    window in its de-obfuscated view, so the name goes out in no piece (the real engine,
+    forced to write it by a client's constraint: tests/e2e/test_leaks.py)."""
+    name = "\u041d\u0430rr\u0443 \u0420\u043ett\u0435r"
+    engine.enqueue(f"The hero is {name} of the books.", " a boy of the books.")
+    pieces, finishes = stream_text(client, chat(PLAIN, max_tokens=40))
+    assert "".join(pieces) == "The hero is a boy of the books.", pieces
+    assert finishes[-1] == "stop"
+
+
 def test_each_choice_is_watched_on_its_own(client: TestClient, engine: FakeEngine):
     engine.enqueue("Ask Hogwarts alumni.", " a librarian.", " a teacher.")
     reply = client.post("/v1/chat/completions", json=chat(PLAIN, max_tokens=20, n=2)).json()
