@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.services.output_guard import _CLASSIFY_WINDOW, window_start
+from server.services.output_guard import _CLASSIFY_WINDOW, sentence_read, window_start
 
 ANSWER = "The water cycle has four stages. They repeat.\n1. Evaporation\n"
 
@@ -40,6 +40,21 @@ def test_nothing_new_is_nothing_to_read() -> None:
     the caller skips a blank window, and the words before were read already."""
     assert _read(ANSWER, len(ANSWER), 12) == ""
     assert _read(ANSWER + "  ", len(ANSWER), 12).strip() == ""
+
+
+def test_a_list_marker_is_read_with_the_item_after_it() -> None:
+    """A sentence end with no letter since the last read ("\n2." of a numbered list) reads
+    nothing yet: the stretch waits for the next sentence end, and is read with it (or at the
+    answer's end), never skipped."""
+    text = "1. Evaporation of water.\n2."
+    checked = text.index("\n")
+    assert sentence_read(text, checked, ".", False, 12) is None
+    assert sentence_read(text, checked, ".", True, 12) is not None  # the answer ends there
+    more = text + " Condensation."
+    got = sentence_read(more, checked, " Condensation.", False, 0)
+    assert got == "\n2. Condensation."
+    # A stretch with a letter is read at its sentence end, as before.
+    assert sentence_read("It rains. Then.", len("It rains."), ".", False, 0) == " Then."
 
 
 def test_a_read_never_reaches_further_back_than_the_window() -> None:
