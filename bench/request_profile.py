@@ -151,6 +151,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--no-stream", dest="stream", action="store_false")
     parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument(
+        "--native", action="store_true",
+        help="native frames too (C extensions, the interpreter); py-spy then pauses the process",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16" if native_bf16() else "float32")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -180,7 +184,8 @@ def main() -> None:
         run_burst(url, MODEL_NAME, unflagged_prompts(4), 8, stream=args.stream)
         recorder = subprocess.Popen(
             [spy, "record", "--pid", str(proc.pid), "--subprocesses", "--threads",
-             "--nonblocking", "--rate", str(args.rate), "--format", "raw", "--output", str(raw)],
+             *(["--native"] if args.native else ["--nonblocking"]),
+             "--rate", str(args.rate), "--format", "raw", "--output", str(raw)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         time.sleep(2)  # py-spy attaches
