@@ -258,7 +258,7 @@ class AliasIndex:
                 if nxt not in STOPWORDS:
                     yield i, i + 2, norm + nxt, norm not in self._common and nxt not in self._common
 
-    def _names_none(self, norms: list[str]) -> bool:
+    def names_none(self, norms: list[str]) -> bool:
         """Whether a text of folded words `norms` surely names no alias: none of the keys
         `match` would look up (each word, and two words glued as `_keys` glues them) matches
         any alias word, even one edit away. False: `match` must look (it may find nothing)."""
@@ -286,7 +286,7 @@ class AliasIndex:
             # Most prompts name no alias: an ASCII text's folded words are its lower-cased
             # regex words, so they can be ruled out before any `Word` is built.
             norms = ascii_norms(text) if norms is None else norms
-            if norms is not None and self._names_none(norms):
+            if norms is not None and self.names_none(norms):
                 return []
             words = split_words(text)
         hits: dict[tuple[int, int], list[tuple[int, int, _Entry, int]]] = {}

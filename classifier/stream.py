@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .normalize import View, has_view, normalize_view
+from .normalize import View, normalize_view
 from .spans import (
     STOPWORDS,
     WORD_RE,
@@ -63,8 +63,6 @@ class StreamScanner:
         """Characters before the unreleased text that a scan looks at."""
         self._clear: set[str] = set()
         """Norms seen that are neither an alias word nor the start of one (`_all_clear`)."""
-        self._missed: set[str] = set()
-        """Lookup keys (norms, two norms glued) the alias index finds nothing for (`_no_hit`)."""
 
     def _alias_word(self, norm: str) -> bool:
         if norm in self._words:
@@ -87,38 +85,16 @@ class StreamScanner:
             self._remember_clear(n)
         return True
 
-    def _no_hit(self, norms: list[str]) -> bool:
-        """Whether none of the keys the alias index looks up in a run of words `norms` (each
-        word, and two neighbours glued, as `AliasIndex.match` glues them) matches an alias
-        word, even one edit away."""
-        missed = self._missed
-        keys = [*norms]
-        keys += [
-            a + b
-            for a, b in zip(norms, norms[1:], strict=False)
-            if a not in STOPWORDS and b not in STOPWORDS
-        ]
-        if missed.issuperset(keys):
-            return True
-        for key in keys:
-            if key in missed:
-                continue
-            if self._index.lookup(key):
-                return False
-            if len(missed) >= _MAX_CLEAR:
-                missed.clear()
-            missed.add(key)
-        return True
-
     def _new_words_name_none(self, read: str, new: int, norms: list[str]) -> bool:
         """Whether no alias match can reach into read[new:] (the text not yet released), for an
         ASCII `read` of words `norms`: every match is a chain of words the index finds (a word,
         or two glued), or such a chain grown by one typo beside it (`AliasIndex._extend`), so
         one that ends past `new` holds a word found among the words past `new` (the first one
         possibly begun before it) or the word just before them. Those words, and one more, are
-        looked up; the rest of the window was read on the tokens before."""
+        looked up (`AliasIndex.names_none`, as `match` does first); the rest of the window was
+        read on the tokens before."""
         touching = len(WORD_RE.findall(read, new))
-        return self._no_hit(norms[-(touching + 2) :])
+        return self._index.names_none(norms[-(touching + 2) :])
 
     def scan(self, text: str, released: int, final: bool) -> tuple[list[Mention], int]:
         """Mentions overlapping text[released:], and where to hold back from (>= released;
@@ -128,9 +104,8 @@ class StreamScanner:
         # Obfuscated words (look-alike letters, leetspeak, spelled out) are read in the
         # de-obfuscated view, as the classifier reads them; a word of look-alike letters is
         # folded whatever the letters around it ("Н", "На" may grow into "Наrrу").
-        view = normalize_view(window, fold_all=True) if has_view(window) else None
-        if view is not None and view.text == window:
-            view = None
+        seen = normalize_view(window, fold_all=True)
+        view = seen if seen.text != window else None  # None: most windows (`has_view`)
         read = view.text if view is not None else window
         norms = ascii_norms(read)
         if norms is not None:
