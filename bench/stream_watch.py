@@ -40,7 +40,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -96,7 +95,10 @@ def record(path: Path, bursts: int) -> None:
 
 
 def model_tokens(texts: list[str]) -> list[list[str]]:
-    """Each text as the served model's tokenizer streams it: the text each token adds."""
+    """Each text as the served model's tokenizer streams it: the text each token adds, as
+    vLLM's incremental detokenizer writes it (tokenizers' `DecodeStream`, as
+    `PromptCorruptor.token_texts` reads a delta)."""
+    from tokenizers.decoders import DecodeStream
     from transformers import AutoTokenizer
 
     from server.modelstore import resolve_model
@@ -104,12 +106,9 @@ def model_tokens(texts: list[str]) -> list[list[str]]:
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None, auto_pull=True)))
     out = []
     for text in texts:
-        ids, pieces, before = tokenizer(text, add_special_tokens=False)["input_ids"], [], ""
-        for k in range(1, len(ids) + 1):
-            now = tokenizer.decode(ids[:k])
-            pieces.append(now[len(before) :])
-            before = now
-        out.append(pieces)
+        stream = DecodeStream(skip_special_tokens=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.append([stream.step(tokenizer._tokenizer, i) or "" for i in ids])
     return out
 
 
@@ -132,8 +131,9 @@ class _Engine:
             yield GenerationChunk([ChoiceDelta(0, token, [i], finish_reason=finish)], 10, i + 1)
 
 
-def classifying_guard(targets: list[dict[str, Any]]) -> EcoGuard:
-    """The gateway's guard over `targets` with their trained classifiers (no model copy)."""
+def classifying_guard(n: int) -> EcoGuard:
+    """The gateway's guard over the Harry Potter target and `n` - 1 people (`targets`), with
+    their trained classifiers (no model copy)."""
     import torch
 
     from bench.classifier_scaling import specs, trained
@@ -143,7 +143,7 @@ def classifying_guard(targets: list[dict[str, Any]]) -> EcoGuard:
     torch.set_num_threads(1)  # as the gateway runs the guard
     embedder = Embedder()
     cache = Path(__file__).resolve().parent / "results" / "trained"
-    banked = [trained(spec, embedder, cache) for spec in specs(len(targets))]
+    banked = [trained(spec, embedder, cache) for spec in specs(n)]
     guard = EcoGuard(ClassifierBank(embedder, banked), None, Metrics())
     guard.set_targets([ActiveTarget(f"t{i}", t.name, (), None, t) for i, t in enumerate(banked)])
     return guard
@@ -225,7 +225,7 @@ def main() -> None:
         "watched": scanner,
     }
     if args.classify:
-        watchers["classified"] = classifying_guard(targets)
+        watchers["classified"] = classifying_guard(len(targets))
     cpu: dict[str, list[tuple[float, float]]] = {label: [] for label in watchers}
     tokens = same = 0
     for burst in range(args.repeats + 1):  # the first one untimed
