@@ -26,6 +26,7 @@ from .spans import (
 
 _GAP = re.compile(r"[\s.,'\-_*·]{0,3}")  # what may separate two words of one alias mention
 _MAX_CLEAR = 50_000  # norms a scanner remembers as clear (~4 MB), then it starts again
+_CUT_MIN = 4  # characters of an alias word that, cut there by the end of an answer, name it
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,26 @@ class StreamScanner:
         self._index = index
         words: set[str] = set()
         prefixes: set[str] = set()
+        cut: dict[str, set[int]] = {}
         longest = 0
-        for group in index.aliases:
+        for t, group in enumerate(index.aliases):
             for alias in group:
                 parts = [fold(w.norm) for w in split_words(alias)]
                 longest = max(longest, len(alias))
                 for part in parts:
                     words.add(part)
                     prefixes.update(part[:k] for k in range(1, len(part) + 1))
+                    if len(parts) == 1 or index.part_weight(part, t) >= 1.0:
+                        for k in range(_CUT_MIN, len(part)):
+                            if index.part_weight(part[:k], t) >= 1.0:
+                                cut.setdefault(part[:k], set()).add(t)
                 for a, b in zip(parts, parts[1:], strict=False):
                     words.add(a + b)  # glued ("HarryPotter")
         self._words = frozenset(words - STOPWORDS)
         self._prefixes = frozenset(prefixes)
+        self._cut_words = {start: sorted(ts) for start, ts in cut.items()}
+        """The starts of alias words that name a target alone ("Hogw", "Rowl"), of `_CUT_MIN`
+        characters and more, that are no word of their own ("Hog", "Row": released)."""
         self._max_parts = max(
             (len(split_words(a)) for group in index.aliases for a in group), default=1
         )
@@ -163,12 +172,19 @@ class StreamScanner:
     def _cut_name(self, read: str, view: View | None, start: int, at: int) -> list[Mention]:
         """At the end of an answer (max_tokens, a stop), the words that would be held from `at`
         if it went on: when they are an alias word and the start of the next ("Harry Pott",
-        "J.K. Row"), the name was cut, and names its target as the whole would."""
+        "J.K. Row"), or the start of an alias word that names its target alone and is no word
+        itself ("Hogw", "Rowl"), the name was cut, and names its target as the whole would. One
+        word that is a word of its own ("Row", "Hog", "the") is released, as when the answer
+        goes on past it."""
         tail = read[at:]
-        if len(WORD_RE.findall(tail)) < 2:
-            return []  # one word ("Pott", "the"): released, as when the answer goes on past it
+        words = split_words(tail)
+        if len(words) >= 2:
+            targets = sorted({m.target for m in self._index.match(tail)})
+        elif words:
+            targets = self._cut_words.get(fold(words[0].norm), [])
+        else:
+            targets = []
         s, e = view.source_span(at, len(read)) if view is not None else (at, len(read))
-        targets = sorted({m.target for m in self._index.match(tail)})
         return [Mention(t, start + s, start + e) for t in targets]
 
     def _tail_hold(self, read: str, last: str) -> int:

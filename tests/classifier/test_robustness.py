@@ -307,6 +307,21 @@ def test_an_answer_ending_inside_a_name_of_several_words_names_it() -> None:
         assert _SCANNER.scan(ending, 0, True) == ([], len(ending))
 
 
+def test_an_answer_ending_inside_an_alias_word_that_names_its_target_names_it() -> None:
+    """One word cut by the end of an answer (max_tokens: "Hogw", "Rowl") that starts an alias
+    word naming its target alone, and is no word itself, names the target: released, it was
+    most of the name. A start that is a word of its own ("Park" of Parkinson, "Row", "Hog") or
+    shorter than four letters is released, as when the answer goes on past it."""
+    for cut, at in (("They went to Hogw", 13), ("It was written by Rowl", 18), ("Ask Herm", 4)):
+        assert _SCANNER.scan(cut, 0, False) == ([], at)  # held while the answer goes on
+        assert _SCANNER.scan(cut, 0, True) == ([Mention(0, at, len(cut))], len(cut))
+    scanner = StreamScanner(AliasIndex([["James Parkinson"]], common_words={"park"}))
+    assert scanner.scan("See Dr. Parkin", 0, True) == ([Mention(0, 8, 14)], 14)
+    for ending in ("See Dr. Park", "See Dr. Par"):
+        assert scanner.scan(ending, 0, False)[1] < len(ending)  # held while it goes on
+        assert scanner.scan(ending, 0, True) == ([], len(ending))
+
+
 def test_the_hold_of_long_alias_words_reaches_past_the_first_tail() -> None:
     """The last words are read from a tail that grows until it holds more words than the
     longest alias: a held name of long words starts before the first tail tried (24 characters)."""

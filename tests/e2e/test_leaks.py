@@ -331,30 +331,41 @@ def test_a_name_in_look_alike_letters_never_leaves_a_stream(
     assert "harry" not in said and "potter" not in said, pieces
 
 
+@pytest.mark.parametrize(
+    ("name", "cut_at", "question"),
+    [("J.K. Rowling", "J.K. Row", "Name an author."), ("Hogwarts", "Hogw", "Name a school.")],
+)
 def test_a_name_cut_short_by_max_tokens_never_leaves(
-    gateway: Server, vllm_server: Server, targets: list[dict]
+    name: str,
+    cut_at: str,
+    question: str,
+    gateway: Server,
+    vllm_server: Server,
+    targets: list[dict],
 ) -> None:
-    """An answer that ends inside a name ("J.K. Row", max_tokens chosen for it) is no answer
-    that goes on: the words held as the start of the name were released at the end, and
-    named the target as well as the whole. They are a name now: the choice restarts."""
-    forced = {"structured_outputs": {"choice": ["J.K. Rowling"]}}
-    question = [user("Name an author.")]
+    """An answer that ends inside a name, max_tokens chosen for it, is no answer that goes on:
+    the words held as the start of the name were released at the end, and named the target as
+    well as the whole: "J.K. Row" (an alias word and the start of the next), "Hogw" (the start
+    of an alias word that names the target alone, and no word itself). They are a name now:
+    the choice restarts."""
+    forced = {"structured_outputs": {"choice": [name]}}
+    messages = [user(question)]
     args = {"model": MODEL_NAME, "temperature": 0, "extra_body": forced}
 
     def said(server: Server, max_tokens: int, **extra: Any) -> str:
         reply = server.client().chat.completions.create(
-            messages=question, max_tokens=max_tokens, **args, **extra
+            messages=messages, max_tokens=max_tokens, **args, **extra
         )
         return reply.choices[0].message.content or ""
 
-    cut = next(n for n in range(1, 8) if said(vllm_server, n).endswith("Row"))
-    assert said(vllm_server, cut) == "J.K. Row"  # the premise: the bare answer, cut there
+    cut = next(n for n in range(1, 8) if said(vllm_server, n).endswith(cut_at))
+    assert said(vllm_server, cut) == cut_at  # the premise: the bare answer, cut there
     for stream in (False, True):
         if stream:
             chunks = gateway.client().chat.completions.create(
-                messages=question, max_tokens=cut, stream=True, **args
+                messages=messages, max_tokens=cut, stream=True, **args
             )
             guarded = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         else:
             guarded = said(gateway, cut)
-        assert "row" not in guarded.lower(), (stream, guarded)
+        assert cut_at.split()[-1].lower() not in guarded.lower(), (stream, guarded)
