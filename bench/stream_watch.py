@@ -96,19 +96,20 @@ def record(path: Path, bursts: int) -> None:
 
 def model_tokens(texts: list[str]) -> list[list[str]]:
     """Each text as the served model's tokenizer streams it: the text each token adds, as
-    vLLM's incremental detokenizer writes it (tokenizers' `DecodeStream`, as
-    `PromptCorruptor.token_texts` reads a delta)."""
-    from tokenizers.decoders import DecodeStream
+    vLLM's incremental detokenizer writes it (`streamed_texts`, as the output guard reads a
+    delta)."""
     from transformers import AutoTokenizer
 
     from server.modelstore import resolve_model
+    from server.services.corruptor import streamed_texts
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None, auto_pull=True)))
     out = []
     for text in texts:
-        stream = DecodeStream(skip_special_tokens=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        out.append([stream.step(tokenizer._tokenizer, i) or "" for i in ids])
+        pieces = streamed_texts(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+        if pieces is None:
+            raise SystemExit("the served model's tokenizer has no fast (tokenizers) backend")
+        out.append(pieces)
     return out
 
 

@@ -57,6 +57,23 @@ class TemplatedPrompt:
         return TemplatedPrompt(self.text + released, self.special_tokens, self.content)
 
 
+def streamed_texts(
+    tokenizer: Any,
+    ids: Sequence[int],
+    context: Sequence[int] = (),
+    skip_special_tokens: bool = True,
+) -> list[str] | None:
+    """The text each of `ids` adds after the ids `context`, as vLLM's incremental detokenizer
+    (tokenizers' `DecodeStream`) writes it; None without a fast tokenizer."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+    return [stream.step(backend, int(i)) or "" for i in ids]
+
+
 class PromptCorruptor:
     """Templates prompts, finds the flagged targets' tokens and corrupts their embeddings."""
 
@@ -81,17 +98,9 @@ class PromptCorruptor:
     ) -> list[str] | None:
         """The text each of `ids` adds after the generated ids `context`, as vLLM's incremental
         detokenizer (tokenizers' `DecodeStream`) writes it; None without a fast tokenizer."""
-        backend = getattr(self._tokenizer, "_tokenizer", None)
-        if backend is None:
-            return None
-        from tokenizers.decoders import DecodeStream
-
         # The last few ids are enough context: a token's text depends on the ids since the last
         # complete character (a caller checks that the pieces join to the text it has).
-        stream = DecodeStream(
-            ids=list(context[-_DECODE_CONTEXT:]), skip_special_tokens=skip_special_tokens
-        )
-        return [stream.step(backend, int(i)) or "" for i in ids]
+        return streamed_texts(self._tokenizer, ids, context[-_DECODE_CONTEXT:], skip_special_tokens)
 
     def template(self, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> TemplatedPrompt:
         """The prompt as the engine will read it, with the client's texts located in it."""
