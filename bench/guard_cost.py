@@ -15,16 +15,13 @@ once (bench/workload.py; no text twice, so neither the verdict cache nor the eng
 cache answers), each generating `--tokens` tokens: short, as admission ends when the prompt goes
 to the engine and the burst's arrivals are what load the event loop then.
 
-Per burst it reads obliviate_admission_seconds (arrival until the prompt is decided),
-obliviate_first_chunk_seconds (arrival until the answer's first chunk may leave: what a client
-waits for, which with guard.early_start no longer holds the verdict and the engine's prefill one
-after the other), the client's time to its first token when streamed, and, for the guarded ones,
-obliviate_guard_seconds. It reports the median of the pairs' differences in admission p50
-(guarded - bare) with a 95% bootstrap interval, the same for the p90, for the first chunk's p50
-and the client's time to first token, the guard's p50 / p99 over every guarded request, and the
-CPU time the gateway's event loop (its main thread) and its whole process used per burst on
-each side (/proc; the counters tick every 10 ms, so only the mean over many bursts means
-anything). Writes bench/results/guard_cost.json.
+Per burst it reads obliviate_admission_seconds (arrival until the prompt goes to the engine)
+and, for the guarded ones, obliviate_guard_seconds. It reports the median of the pairs'
+differences in admission p50 (guarded - bare) with a 95% bootstrap interval, the same for the
+p90, the guard's p50 / p99 over every guarded request, and the CPU time the gateway's event loop
+(its main thread) and its whole process used per burst on each side (/proc; the counters tick
+every 10 ms, so only the mean over many bursts means anything). Writes
+bench/results/guard_cost.json.
 
 From one run to the next on this 2-core machine the figure moves by 2-3 ms, more than a change
 to the guard's code often makes. `--against WORKTREE` (e.g. `git worktree add /tmp/before
@@ -65,7 +62,6 @@ from offset.snap import native_bf16  # noqa: E402
 from tests.e2e.servers import ADMIN_TOKEN, MODEL_NAME  # noqa: E402
 
 ADMISSION = "obliviate_admission_seconds"
-FIRST_CHUNK = "obliviate_first_chunk_seconds"  # arrival until the answer's first chunk may leave
 GUARD = "obliviate_guard_seconds"
 READS = "obliviate_guard_reads"  # texts read on the event loop / on the guard's thread
 
@@ -73,27 +69,22 @@ READS = "obliviate_guard_reads"  # texts read on the event loop / on the guard's
 def burst_quantiles(
     url: str, prompts: list[str], args: argparse.Namespace, pid: int
 ) -> dict[str, Any]:
-    """One burst; its admission and first-chunk p50 / p90 (ms), the client's median time to
-    its first token (streamed), the guard histogram's change and the CPU the gateway's event
-    loop and process used from its start to its end."""
-    names = (ADMISSION, FIRST_CHUNK, GUARD)
-    before = {name: histogram(url, name) for name in names}
+    """One burst; its admission p50 / p90 (ms), the guard histogram's change and the CPU the
+    gateway's event loop and process used from its start to its end."""
+    before = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
     reads = {path: counter(url, READS, path=path) for path in ("loop", "thread")}
     cpu = cpu_seconds(pid)
-    done = run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
+    run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
     loop_s, process_s = (after - start for after, start in zip(cpu_seconds(pid), cpu, strict=True))
-    after = {name: histogram(url, name) for name in names}
+    after = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
     reads = {path: counter(url, READS, path=path) - n for path, n in reads.items()}
-    quantiles: dict[str, float] = {}
-    for name, key in ((ADMISSION, ""), (FIRST_CHUNK, "first_")):
-        delta = histogram_delta(before[name], after[name])
-        p50, p90 = histogram_quantile(delta, 0.5), histogram_quantile(delta, 0.9)
-        if p50 is None or p90 is None or delta[float("inf")] != len(prompts):
-            raise RuntimeError(f"{name} not observed for every prompt: {delta}")
-        quantiles.update({f"{key}p50_ms": 1000 * p50, f"{key}p90_ms": 1000 * p90})
+    admission = histogram_delta(before[ADMISSION], after[ADMISSION])
+    p50, p90 = histogram_quantile(admission, 0.5), histogram_quantile(admission, 0.9)
+    if p50 is None or p90 is None or admission[float("inf")] != len(prompts):
+        raise RuntimeError(f"admission not observed for every prompt: {admission}")
     return {
-        **quantiles,
-        "ttft_p50_ms": 1000 * statistics.median(done.ttft) if done.ttft else None,
+        "p50_ms": 1000 * p50,
+        "p90_ms": 1000 * p90,
         "guard": histogram_delta(before[GUARD], after[GUARD]),
         "reads": reads,
         "loop_cpu_ms": 1000 * loop_s,
@@ -105,8 +96,6 @@ def summary(pairs: list[dict[str, Any]], guard: dict[float, float]) -> dict[str,
     """One gateway's figures over its pairs of bursts (and its guard histogram's counts)."""
     adds50 = [p["adds_p50_ms"] for p in pairs]
     adds90 = [p["adds_p90_ms"] for p in pairs]
-    first50 = [p["adds_first_p50_ms"] for p in pairs]
-    ttft = [p["adds_ttft_p50_ms"] for p in pairs if p["adds_ttft_p50_ms"] is not None]
     guard_p50, guard_p99 = histogram_quantile(guard, 0.5), histogram_quantile(guard, 0.99)
     return {
         "pairs": pairs,
@@ -114,16 +103,6 @@ def summary(pairs: list[dict[str, Any]], guard: dict[float, float]) -> dict[str,
         "guard_adds_p50_interval_ms": interval(adds50),
         "guard_adds_p90_ms": statistics.median(adds90),
         "guard_adds_p90_interval_ms": interval(adds90),
-        # What a client waits for: arrival until the first chunk may leave (the verdict and
-        # the engine's first output both in), and, streamed, the client's own time to it.
-        "guard_adds_first_chunk_p50_ms": statistics.median(first50),
-        "guard_adds_first_chunk_p50_interval_ms": interval(first50),
-        "guard_adds_ttft_p50_ms": statistics.median(ttft) if ttft else None,
-        "guard_adds_ttft_p50_interval_ms": interval(ttft) if ttft else None,
-        "bare_first_chunk_p50_ms": statistics.median(p["bare"]["first_p50_ms"] for p in pairs),
-        "guarded_first_chunk_p50_ms": statistics.median(
-            p["guarded"]["first_p50_ms"] for p in pairs
-        ),
         "bare_admission_p50_ms": statistics.median(p["bare"]["p50_ms"] for p in pairs),
         "guarded_admission_p50_ms": statistics.median(p["guarded"]["p50_ms"] for p in pairs),
         "guard_p50_ms": 1000 * guard_p50 if guard_p50 is not None else None,
@@ -152,19 +131,6 @@ def show(name: str, args: argparse.Namespace, report: dict[str, Any]) -> None:
         f"{low:+.1f} to {high:+.1f}); p90 {report['guard_adds_p90_ms']:+.1f} ms; guard p50 / p99 "
         f"{report['guard_p50_ms']:.1f} / {report['guard_p99_ms']:.1f} ms"
     )
-    low, high = report["guard_adds_first_chunk_p50_interval_ms"]
-    line = (
-        f"{name}: to the first chunk p50 {report['guard_adds_first_chunk_p50_ms']:+.1f} ms "
-        f"(95% interval {low:+.1f} to {high:+.1f}; bare / guarded "
-        f"{report['bare_first_chunk_p50_ms']:.1f} / {report['guarded_first_chunk_p50_ms']:.1f} ms)"
-    )
-    if report["guard_adds_ttft_p50_ms"] is not None:
-        low, high = report["guard_adds_ttft_p50_interval_ms"]
-        line += (
-            f"; the client's time to first token {report['guard_adds_ttft_p50_ms']:+.1f} ms "
-            f"({low:+.1f} to {high:+.1f})"
-        )
-    print(line)
     cpu = report["cpu_ms_per_burst"]
     print(
         f"{name}: CPU per burst, event loop / whole gateway: bare "
@@ -248,17 +214,11 @@ def main() -> None:
                     pair[side] = got
                 pair["adds_p50_ms"] = pair["guarded"]["p50_ms"] - pair["bare"]["p50_ms"]
                 pair["adds_p90_ms"] = pair["guarded"]["p90_ms"] - pair["bare"]["p90_ms"]
-                pair["adds_first_p50_ms"] = (
-                    pair["guarded"]["first_p50_ms"] - pair["bare"]["first_p50_ms"]
-                )
-                ttft = pair["guarded"]["ttft_p50_ms"], pair["bare"]["ttft_p50_ms"]
-                pair["adds_ttft_p50_ms"] = None if None in ttft else ttft[0] - ttft[1]
                 pairs[name].append(pair)
                 print(
                     f"pair {i + 1:3d} {name:7s}: bare p50 {pair['bare']['p50_ms']:6.1f} ms, "
                     f"guarded {pair['guarded']['p50_ms']:6.1f} ms, "
-                    f"adds {pair['adds_p50_ms']:+6.1f} ms; first chunk "
-                    f"{pair['adds_first_p50_ms']:+6.1f} ms",
+                    f"adds {pair['adds_p50_ms']:+6.1f} ms",
                     flush=True,
                 )
     report.update(summary(pairs["this"], guard["this"]))
@@ -273,18 +233,10 @@ def main() -> None:
         ]
         report["difference_p50_ms"] = statistics.median(diff)
         report["difference_p50_interval_ms"] = interval(diff)
-        first = [
-            a["adds_first_p50_ms"] - b["adds_first_p50_ms"]
-            for a, b in zip(pairs["this"], pairs["against"], strict=True)
-        ]
-        report["difference_first_chunk_p50_ms"] = statistics.median(first)
-        report["difference_first_chunk_p50_interval_ms"] = interval(first)
         low, high = report["difference_p50_interval_ms"]
-        flow, fhigh = report["difference_first_chunk_p50_interval_ms"]
         print(
             f"this - against, guard adds at the p50: {report['difference_p50_ms']:+.1f} ms "
-            f"(95% interval {low:+.1f} to {high:+.1f}); to the first chunk "
-            f"{report['difference_first_chunk_p50_ms']:+.1f} ms ({flow:+.1f} to {fhigh:+.1f})"
+            f"(95% interval {low:+.1f} to {high:+.1f})"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))

@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             lim.max_prompt_chars, lim.max_prompt_tokens, lim.max_tokens, lim.max_n
         )
         app.state.generation = generation = GenerationService(
-            chosen, guard, metrics, request_limits, output, early_start=settings.guard.early_start
+            chosen, guard, metrics, request_limits, output
         )
         app.state.responses = ResponsesService(generation)
         app.state.targets = targets

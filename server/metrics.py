@@ -62,14 +62,6 @@ class Metrics:
             ["target", "action", "tenant"],
             registry=self.registry,
         )
-        self.early_starts = Counter(
-            "obliviate_early_starts",
-            "Prompts a local engine took while the guard read them (guard.early_start), by "
-            "outcome: `kept` (the verdict left the prompt as sent: the engine's stream is the "
-            "answer) or `aborted` (flagged, refused, or the client gone: nothing of it was read)",
-            ["outcome"],
-            registry=self.registry,
-        )
         self.guard_reads = Counter(
             "obliviate_guard_reads",
             "Texts the guard's classifier read (prompts, and the output guard's windows), by "
@@ -89,19 +81,9 @@ class Metrics:
         self.admission_seconds = Histogram(
             "obliviate_admission_seconds",
             "Time from a request's arrival until its prompt is decided (untouched or protected) "
-            "and goes to the engine (with guard.early_start a local engine has it already): "
-            "the guard's own time and the wait for the event loop "
+            "and goes to the engine: the guard's own time and the wait for the event loop "
             "behind other requests. Compared with the same gateway at no target, it shows what "
             "the guard adds.",
-            buckets=_GUARD_BUCKETS,
-            registry=self.registry,
-        )
-        self.first_chunk_seconds = Histogram(
-            "obliviate_first_chunk_seconds",
-            "Time from a request's arrival until the first chunk of its answer may leave: the "
-            "guard's verdict and the engine's first output both in (with guard.early_start the "
-            "engine works on the prompt while the guard reads it). What the guard adds to a "
-            "client's wait for its first token, compared with the same gateway at no target.",
             buckets=_GUARD_BUCKETS,
             registry=self.registry,
         )
@@ -164,12 +146,6 @@ class Metrics:
         started = REQUEST_STARTED.get()
         if started is not None:
             self.admission_seconds.observe(time.perf_counter() - started)
-
-    def observe_first_chunk(self) -> None:
-        """A prompt of the current request has its first chunk: its time since arrival."""
-        started = REQUEST_STARTED.get()
-        if started is not None:
-            self.first_chunk_seconds.observe(time.perf_counter() - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

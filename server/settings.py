@@ -95,12 +95,6 @@ class GuardSettings(_Section):
     min_heldout_recall: float = Field(0.9, ge=0, le=1)
     """A registration whose classifier flags fewer of its held-out prompts fails (with the
     figure), unless the target's `options.allow_low_recall` is true."""
-    early_start: bool = True
-    """Send a prompt to a local engine while the guard still reads it: its prefill overlaps the
-    read, and under a burst a prompt no longer waits for the read of the prompts that came in
-    after it. Nothing the engine writes for it is read before the verdict; a flagged prompt's
-    early request is aborted (its prefill may be spent) and the protected one sent. Never with
-    an upstream engine, which would see prompts the guard then refuses."""
     output: bool = True
     """Watch what the model writes: text naming a target is never released, and generation
     restarts from what was released with the target protected."""

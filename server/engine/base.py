@@ -252,12 +252,6 @@ class Engine(Protocol):
     def running(self) -> int:
         """Requests the engine is working on now (aborted ones drop out)."""
 
-    @property
-    def starts_early(self) -> bool:
-        """Whether a prompt may be sent while the guard still reads it (nothing the engine
-        writes for it is read before the verdict; a flagged one is aborted): an engine that
-        shows what it is sent to no one, as a local vLLM; not an upstream service."""
-
     async def start(self) -> None:
         """Load or connect; `ready` turns True once requests can be served."""
 

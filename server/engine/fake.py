@@ -6,7 +6,6 @@ the real vLLM engine (tests/e2e).
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -42,13 +41,8 @@ class FakeToolCall:
 class FakeEngine:
     """Answers with queued texts (default: "ok"), one word per token."""
 
-    def __init__(
-        self, model_id: str = "fake-model", max_model_len: int = 256, *, starts_early: bool = False
-    ) -> None:
+    def __init__(self, model_id: str = "fake-model", max_model_len: int = 256) -> None:
         self._card = ModelCard(id=model_id, max_model_len=max_model_len, root="fake")
-        self._starts_early = starts_early
-        self.aborted: list[str] = []
-        """Ids of requests closed before their last chunk (client gone, restart, early start)."""
         self._ready = False
         self.history: list[GenerationRequest] = []
         self._queue: deque[str | GatewayError | FakeToolCall] = deque()
@@ -70,12 +64,6 @@ class FakeEngine:
     @property
     def running(self) -> int:
         return self._running
-
-    @property
-    def starts_early(self) -> bool:
-        """Off by default: a queued reply is taken by the request that starts first, so an
-        early request would take the reply meant for the flagged one sent after it."""
-        return self._starts_early
 
     def enqueue(self, *replies: str | GatewayError | FakeToolCall) -> None:
         """Queue replies; a GatewayError is raised mid-stream after the first token."""
@@ -172,9 +160,6 @@ class FakeEngine:
                     ]
                 first = False
                 yield chunk
-        except (GeneratorExit, asyncio.CancelledError):
-            self.aborted.append(request.request_id)
-            raise
         finally:
             self._running -= 1
 

@@ -105,10 +105,6 @@ class OpenAIUpstreamEngine:
     def running(self) -> int:
         return self._streams
 
-    @property
-    def starts_early(self) -> bool:
-        return False  # the upstream would see prompts the guard then refuses
-
     async def start(self) -> None:
         """Probe /models until the upstream answers (in the background: /health stays up)."""
         self._probe = asyncio.create_task(self._wait_for_upstream())

@@ -117,10 +117,6 @@ class VllmLocalEngine:
         return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
 
     @property
-    def starts_early(self) -> bool:
-        return True  # in this process: what it is sent goes nowhere else
-
-    @property
     def tokenizer(self) -> Any:
         """The served model's HF tokenizer (available once started)."""
         return self._tokenizer

@@ -77,14 +77,6 @@ class FailSafeGuard:
         corrupted, _ = await asyncio.to_thread(self._corruptor.corrupt, prompt, (), fallback=spec)
         return Guarded(corrupted, self._all_offsets(caller))
 
-    def early_offsets(self, caller: Caller | None = None) -> tuple[DeltaSpec, ...] | None:
-        """The inner guard's; a failure there starts nothing early (the verdict decides)."""
-        try:
-            return self._inner.early_offsets(caller)
-        except Exception:
-            logger.exception("The guard could not tell a prompt's offsets before its read")
-            return None
-
     def _all_offsets(self, caller: Caller | None) -> tuple[DeltaSpec, ...]:
         """Failing closed also applies every δ target's offset in the caller's scope (the guard
         could not tell which ones the prompt concerns)."""

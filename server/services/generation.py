@@ -1,9 +1,6 @@
 """The request path: check the request, let the guard decide the prompt, generate, format.
 
     route ──> GenerationService.create_chat_completion / create_completion
-                 │ (EarlyStart)            (services/early.py: a local engine takes the prompt
-                 │                          while the guard reads it; nothing of it is read
-                 │                          unless the verdict leaves the prompt as it was)
                  │ guard.protect(prompt)   (services/guard.py: classify; a flagged prompt comes
                  │                          back corrupted, with the δ offsets in scope)
                  │ output.generate(...)     (services/output_guard.py: engine.generate, token ids
@@ -24,7 +21,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from offset import DeltaSpec
 from server.engine import (
     ChatPrompt,
     ChoiceDelta,
@@ -43,7 +39,6 @@ from server.protocol.common import UsageInfo, usage
 from server.protocol.completion import CompletionRequest, CompletionResponse
 from server.protocol.models import ModelList, ModelObject
 from server.services import requests
-from server.services.early import EarlyStart
 from server.services.formatting import (
     DONE,
     ChoiceState,
@@ -71,17 +66,9 @@ class PromptGuard(Protocol):
         """The prompt to send (a flagged one comes back as corrupted embeddings) and the δ
         offsets to add to the engine's logits; `caller` scopes the targets (tenants)."""
 
-    def early_offsets(self, caller: Caller | None = None) -> tuple[DeltaSpec, ...] | None:
-        """The δ offsets `protect` gives `caller`'s prompts it does not flag, when it reads
-        the prompt to decide (the engine may be started on it meanwhile); None when it decides
-        without waiting on a read."""
-
 
 class PassthroughGuard:
     """No targets: every prompt goes to the engine as it came."""
-
-    def early_offsets(self, caller: Caller | None = None) -> tuple[DeltaSpec, ...] | None:
-        return None
 
     async def protect(
         self,
@@ -105,8 +92,6 @@ class GenerationService:
         metrics: Metrics,
         limits: RequestLimits | None = None,
         output: OutputWatcher | None = None,
-        *,
-        early_start: bool = True,
     ) -> None:
         self._engine = engine
         self._guard = guard
@@ -114,9 +99,6 @@ class GenerationService:
         self._metrics = metrics
         self._limits = limits or RequestLimits()
         self._created = int(time.time())
-        # Only an engine that shows what it is sent to no one takes prompts before the verdict.
-        self._early_start = early_start and engine.starts_early
-        self._early = {o: metrics.early_starts.labels(o) for o in ("kept", "aborted")}
 
     @property
     def engine(self) -> Engine:
@@ -240,16 +222,30 @@ class GenerationService:
 
         async def prime(i: int, prompt: ChatPrompt | TextPrompt | TokenPrompt) -> Primed:
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
-            early = self._start_early(prompt, sampling, sub_id, stream, tools, caller)
+            guarded = await self._guard.protect(prompt, sub_id, caller)
+            self._metrics.observe_admission()
+            if guarded.offsets and sampling.logprobs is not None:
+                # vLLM reports logprobs before logits processors run (and an upstream only has
+                # the big model's): they would show the very answer the offset steers away from.
+                raise InvalidRequestError(
+                    "logprobs are not available for requests answered in δ mode: the engine's "
+                    "logprobs are taken before the offset is added and would reveal what the "
+                    "model is meant to forget",
+                    param="logprobs",
+                )
+            if guarded.offsets and sampling.prompt_logprobs is not None:
+                raise InvalidRequestError(
+                    "prompt logprobs are not available for requests answered in δ mode",
+                    param="prompt_logprobs",
+                )
+            request = GenerationRequest(
+                sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets, tools=tools
+            )
+            iterator = aiter(self._output.generate(prompt, guarded, request, caller))
             try:
-                return await self._primed(prompt, sampling, sub_id, stream, tools, caller, early)
+                return await anext(iterator), iterator
             except BaseException:
-                if early is not None:
-                    # Kept or not, nothing reads it now (closing the output guard's stream
-                    # before it started it would not); aborting twice is harmless.
-                    await early.abort()
-                    if not early.handed_over:
-                        self._early["aborted"].inc()
+                await _close(iterator)
                 raise
 
         if len(prompts) == 1:
@@ -264,73 +260,6 @@ class GenerationService:
                     await _close(r[1])
             raise failures[0]
         return [r for r in results if not isinstance(r, BaseException)]
-
-    def _start_early(
-        self,
-        prompt: ChatPrompt | TextPrompt | TokenPrompt,
-        sampling: SamplingOptions,
-        sub_id: str,
-        stream: bool,
-        tools: ToolOptions | None,
-        caller: Caller | None,
-    ) -> EarlyStart | None:
-        """The engine started on the prompt as it would be sent unflagged, while the guard
-        reads it (services/early.py); None when the guard decides without a read."""
-        if not self._early_start:
-            return None
-        offsets = self._guard.early_offsets(caller)
-        if offsets is None:
-            return None
-        request = GenerationRequest(sub_id, prompt, sampling, stream, offsets=offsets, tools=tools)
-        return EarlyStart(self._engine, request, self._output.first_request(request, caller))
-
-    async def _primed(
-        self,
-        prompt: ChatPrompt | TextPrompt | TokenPrompt,
-        sampling: SamplingOptions,
-        sub_id: str,
-        stream: bool,
-        tools: ToolOptions | None,
-        caller: Caller | None,
-        early: EarlyStart | None,
-    ) -> Primed:
-        """One prompt guarded, its engine stream started (or the early one kept), and its
-        first chunk."""
-        guarded = await self._guard.protect(prompt, sub_id, caller)
-        self._metrics.observe_admission()
-        if guarded.offsets and sampling.logprobs is not None:
-            # vLLM reports logprobs before logits processors run (and an upstream only has
-            # the big model's): they would show the very answer the offset steers away from.
-            raise InvalidRequestError(
-                "logprobs are not available for requests answered in δ mode: the engine's "
-                "logprobs are taken before the offset is added and would reveal what the "
-                "model is meant to forget",
-                param="logprobs",
-            )
-        if guarded.offsets and sampling.prompt_logprobs is not None:
-            raise InvalidRequestError(
-                "prompt logprobs are not available for requests answered in δ mode",
-                param="prompt_logprobs",
-            )
-        request = GenerationRequest(
-            sub_id, guarded.prompt, sampling, stream, offsets=guarded.offsets, tools=tools
-        )
-        if early is not None:
-            if request == early.request:
-                early.handed_over = True  # the output guard reads it, and closes it
-                self._early["kept"].inc()
-            else:
-                await early.abort()  # flagged: what the engine took early is never read
-                self._early["aborted"].inc()
-                early = None
-        iterator = aiter(self._output.generate(prompt, guarded, request, caller, early))
-        try:
-            first = await anext(iterator)
-        except BaseException:
-            await _close(iterator)
-            raise
-        self._metrics.observe_first_chunk()
-        return first, iterator
 
     async def _chat_stream(
         self,

@@ -172,12 +172,6 @@ class EcoGuard:
         targets = scope.targets
         return _Scope.of({n: t for n, t in targets.items() if t.tenants.applies_to(caller)})
 
-    def early_offsets(self, caller: Caller | None = None) -> tuple[DeltaSpec, ...] | None:
-        """The δ offsets of `caller`'s prompts that are not flagged (scope `all`), when
-        `protect` reads the prompt to decide; None when it decides without a read."""
-        scope = self._scope_of(caller)
-        return scope.always if scope.targets and scope.classify else None
-
     def set_targets(self, targets: Sequence[ActiveTarget]) -> None:
         """Swap the whole active set at once; requests in flight keep the set they started with."""
         by_name = {t.name: t for t in targets}

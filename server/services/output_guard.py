@@ -40,7 +40,6 @@ from server.engine import (
 from server.engine.base import Prompt, joined_deltas
 from server.errors import EngineError, GatewayError, InvalidRequestError
 from server.metrics import Metrics
-from server.services.early import EarlyStart
 from server.services.guard import ActiveTarget, EcoGuard, Guarded, PromptIn
 from server.services.stops import GatewayStops, StopHit
 from server.services.tenancy import Caller
@@ -102,15 +101,7 @@ class OutputWatcher(Protocol):
         guarded: Guarded,
         request: GenerationRequest,
         caller: Caller | None = None,
-        early: EarlyStart | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        """`early`: the engine started on `request` before the verdict (services/early.py),
-        read in place of a new engine request for it."""
-
-    def first_request(
-        self, request: GenerationRequest, caller: Caller | None = None
-    ) -> GenerationRequest:
-        """What `generate` sends the engine first for `request`."""
+    ) -> AsyncIterator[GenerationChunk]: ...
 
 
 class UnwatchedOutput:
@@ -125,21 +116,8 @@ class UnwatchedOutput:
         guarded: Guarded,
         request: GenerationRequest,
         caller: Caller | None = None,
-        early: EarlyStart | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        return _sent(self._engine, request, early)
-
-    def first_request(
-        self, request: GenerationRequest, caller: Caller | None = None
-    ) -> GenerationRequest:
-        return request
-
-
-def _sent(
-    engine: Engine, request: GenerationRequest, early: EarlyStart | None
-) -> AsyncIterator[GenerationChunk]:
-    """The engine's stream for `request`: the early one where it was started for it."""
-    return engine.generate(request) if early is None else early.stream_for(request, engine)
+        return self._engine.generate(request)
 
 
 @dataclass
@@ -189,22 +167,14 @@ class OutputGuard:
         guarded: Guarded,
         request: GenerationRequest,
         caller: Caller | None = None,
-        early: EarlyStart | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         targets = self._guard.in_scope(caller)
         if not targets:
-            return _sent(self._engine, request, early)
+            return self._engine.generate(request)
         tenant = caller.label if caller else "-"
         if request.sampling.prompt_logprobs is None:
-            return self._watch(prompt, guarded, request, targets, tenant, early=early)
-        return self._scored(prompt, guarded, request, targets, tenant, early)
-
-    def first_request(
-        self, request: GenerationRequest, caller: Caller | None = None
-    ) -> GenerationRequest:
-        if not self._guard.in_scope(caller):
-            return request
-        return _engine_request(request)[2]
+            return self._watch(prompt, guarded, request, targets, tenant)
+        return self._scored(prompt, guarded, request, targets, tenant)
 
     async def _scored(
         self,
@@ -213,14 +183,13 @@ class OutputGuard:
         request: GenerationRequest,
         targets: Mapping[str, ActiveTarget],
         tenant: str,
-        early: EarlyStart | None,
     ) -> AsyncIterator[GenerationChunk]:
         """A request asking for prompt logprobs: their alternatives are the model's predictions
         at each prompt position, so one naming a target reveals it (" Rowling" after "J.K.")
         though the prompt was not flagged. Such a prompt is sent again protected for those
         targets before anything leaves, as if the classifier had flagged it."""
         try:
-            async for chunk in self._watch(prompt, guarded, request, targets, tenant, early=early):
+            async for chunk in self._watch(prompt, guarded, request, targets, tenant):
                 yield chunk
             return
         except _PromptNamesTarget as named:
@@ -250,7 +219,6 @@ class OutputGuard:
         tenant: str,
         *,
         last: bool = False,
-        early: EarlyStart | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         scanner, names = self._guard.bank.stream_scanner()
         sampling = request.sampling
@@ -262,9 +230,21 @@ class OutputGuard:
         surnames = _surnames(targets.values()) if side_channels else {}
         choices = {i: _Choice() for i in range(sampling.n)}
         streams = _Streams()
-        stops, request, engine_request = _engine_request(request)  # restarts build on `request`
+        # The client's stops end the answer in released text only, never at what the model was
+        # about to write (`server.services.stops`); a tool-parsing request keeps them in the
+        # engine, whose parser reads the text as the engine ends it.
+        stops, engine_sampling = (None, sampling) if request.tools else GatewayStops.take(sampling)
+        request = replace(request, sampling=engine_sampling)  # restarts build on it too
         split = self._token_texts(sampling) if stops is not None else None
-        streams.add(_ORIGINAL, _sent(self._engine, engine_request, early))
+        if not request.stream and not request.tools and stops is None:
+            # Streamed even when the client wants one answer, so text before a name can be kept
+            # (a tool-parsing request keeps the engine's mode: its parser depends on it), but
+            # `_ONE_ANSWER_EVERY` tokens at a time: each chunk wakes the event loop, and token by
+            # token cost ~4 ms of its CPU a 64-token answer under a 32-request burst. The
+            # client's stops end the answer at a token, which wants the tokens one by one.
+            request = replace(request, stream_every=_ONE_ANSWER_EVERY)
+        engine_request = request if request.tools else replace(request, stream=True)
+        streams.add(_ORIGINAL, self._engine.generate(engine_request))
         counts: dict[int, tuple[int, int]] = {}  # source -> (prompt tokens, completion tokens)
         next_source = _ORIGINAL + 1
         try:
@@ -531,28 +511,6 @@ class OutputGuard:
             stream=request.stream or not request.tools,
             offsets=tuple(dict.fromkeys(offsets)),
         )
-
-
-def _engine_request(
-    request: GenerationRequest,
-) -> tuple[GatewayStops | None, GenerationRequest, GenerationRequest]:
-    """(the client's stops, taken out of the engine's hands; the request restarts build on;
-    what the engine is sent first for `request`)."""
-    # The client's stops end the answer in released text only, never at what the model was
-    # about to write (`server.services.stops`); a tool-parsing request keeps them in the
-    # engine, whose parser reads the text as the engine ends it.
-    sampling = request.sampling
-    stops, engine_sampling = (None, sampling) if request.tools else GatewayStops.take(sampling)
-    request = replace(request, sampling=engine_sampling)
-    if not request.stream and not request.tools and stops is None:
-        # Streamed even when the client wants one answer, so text before a name can be kept
-        # (a tool-parsing request keeps the engine's mode: its parser depends on it), but
-        # `_ONE_ANSWER_EVERY` tokens at a time: each chunk wakes the event loop, and token by
-        # token cost ~4 ms of its CPU a 64-token answer under a 32-request burst. The
-        # client's stops end the answer at a token, which wants the tokens one by one.
-        request = replace(request, stream_every=_ONE_ANSWER_EVERY)
-    engine_request = request if request.tools else replace(request, stream=True)
-    return stops, request, engine_request
 
 
 def _ended(delta: ChoiceDelta, tokens: int, stop: str | int) -> ChoiceDelta:

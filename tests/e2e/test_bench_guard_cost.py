@@ -40,9 +40,6 @@ def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Pat
         assert side["guarded_requests"] == guarded
         for pair in side["pairs"]:
             assert pair["bare"]["reads"] == {"loop": 0.0, "thread": 0.0}
-            # Both histograms saw every request of both bursts (the bench checks the counts).
-            adds = pair["guarded"]["first_p50_ms"] - pair["bare"]["first_p50_ms"]
-            assert pair["adds_first_p50_ms"] == adds
     # Every prompt, and the output guard's read of every answer, on the loop for one gateway
     # and on the guard's thread for the other.
     assert this["reads"]["thread"] == 0 and this["reads"]["loop"] >= guarded
@@ -52,10 +49,5 @@ def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Pat
         for a, b in zip(this["pairs"], other["pairs"], strict=True)
     ]
     assert report["difference_p50_ms"] == statistics.median(diffs)
-    first = [
-        a["adds_first_p50_ms"] - b["adds_first_p50_ms"]
-        for a, b in zip(this["pairs"], other["pairs"], strict=True)
-    ]
-    assert report["difference_first_chunk_p50_ms"] == statistics.median(first)
     low, high = report["difference_p50_interval_ms"]
     assert low <= report["difference_p50_ms"] <= high

@@ -166,27 +166,6 @@ def test_a_burst_is_guarded_like_single_requests(
     assert _decisions(gateway.url, target["id"]) - corrupted == len(flagged)
 
 
-def test_a_burst_starts_early_and_keeps_only_unflagged_prompts(
-    gateway: Server, vllm_server: Server, target: dict
-):
-    """The engine takes each prompt while the guard reads it (guard.early_start): an unflagged
-    prompt is answered by that request, byte for byte vLLM's own server's answer; a flagged
-    one's early request is aborted unread and the corrupted prompt answers, revealing nothing."""
-    plain = [*UNRELATED, "Tell me about owls.", "Name a river in Asia."]
-    kept, aborted = _early(gateway.url, "kept"), _early(gateway.url, "aborted")
-    restarts = _decisions(gateway.url, target["id"], "output_restart")
-    answers = _burst(gateway.client(), [*plain, *HELD_OUT])
-    assert answers[: len(plain)] == _burst(vllm_server.client(), plain)
-    for question, answer in zip(HELD_OUT, answers[len(plain) :], strict=True):
-        assert not any(f in answer.lower() for f in FACTS), (question, answer)
-    # Answered from the corrupted prompts: the output guard had no name to stop. (Had the early
-    # requests been read, the model's own answers, which name the author and the school,
-    # would have reached it.)
-    assert _decisions(gateway.url, target["id"], "output_restart") == restarts
-    assert _early(gateway.url, "kept") - kept == len(plain)
-    assert _early(gateway.url, "aborted") - aborted == len(HELD_OUT)
-
-
 def test_each_caller_of_a_full_loop_batch_acts_on_its_own_verdict(
     gateway: Server, vllm_server: Server, target: dict, model_path: Path, logs_dir: Path
 ):
@@ -220,9 +199,6 @@ def test_each_caller_of_a_full_loop_batch_acts_on_its_own_verdict(
         for question in flagged:
             assert not any(f in answers[question].lower() for f in FACTS), answers[question]
         assert _decisions(url, target["id"]) == len(flagged)
-        # In front of an upstream server, no prompt is sent before its verdict.
-        assert _early(url, "kept") == _early(url, "aborted") == 0
-        assert "obliviate_early_starts_total" in httpx.get(f"{url}/metrics", headers=AUTH).text
 
 
 def _reads(url: str, path: str) -> float:
@@ -230,13 +206,8 @@ def _reads(url: str, path: str) -> float:
     return _metric(url, f'obliviate_guard_reads_total{{path="{path}"}}')
 
 
-def _early(url: str, outcome: str) -> float:
-    """Prompts the engine took before their verdict: `kept` (answered by it) or `aborted`."""
-    return _metric(url, f'obliviate_early_starts_total{{outcome="{outcome}"}}')
-
-
-def _decisions(url: str, target_id: str, action: str = "corrupt") -> float:
-    key = f'obliviate_guard_decisions_total{{action="{action}",target="{target_id}",tenant="-"}}'
+def _decisions(url: str, target_id: str) -> float:
+    key = f'obliviate_guard_decisions_total{{action="corrupt",target="{target_id}",tenant="-"}}'
     return _metric(url, key)
 
 

@@ -35,9 +35,7 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def engine() -> FakeEngine:
-    # Prompts go to the engine while the guard reads them (guard.early_start): the watched
-    # stream of an unflagged prompt is the one started early.
-    return FakeEngine(max_model_len=4096, starts_early=True)
+    return FakeEngine(max_model_len=4096)
 
 
 @pytest.fixture(scope="module")
@@ -361,55 +359,6 @@ def test_one_answer_comes_from_the_engine_in_chunks_unless_tokens_are_needed_one
     pieces, _ = stream_text(client, chat(PLAIN))
     assert "".join(pieces) == " ".join(words)
     assert engine.history[-1].stream_every == 1
-
-
-def _early(client: TestClient, outcome: str) -> float:
-    key = f'obliviate_early_starts_total{{outcome="{outcome}"}} '
-    lines = client.get("/metrics", headers=AUTH).text.splitlines()
-    return next((float(line.split()[-1]) for line in lines if line.startswith(key)), 0.0)
-
-
-@pytest.mark.parametrize(
-    "extra",
-    [{}, {"stream": True}, {"stop": ["word3"]}, {"n": 2, "temperature": 1}],
-    ids=["one answer", "streamed", "stops", "n=2"],
-)
-def test_an_unflagged_prompt_is_answered_by_the_request_started_before_its_verdict(
-    client: TestClient, engine: FakeEngine, extra: dict
-):
-    """The engine got the prompt while the guard read it, as the output guard sends it (16
-    tokens a chunk for one answer, stops taken out, streamed): that request is the answer; the
-    prompt is not sent a second time."""
-    before, kept, aborted = len(engine.history), _early(client, "kept"), _early(client, "aborted")
-    engine.enqueue("word1 word2 word3 word4")
-    body = chat(PLAIN, max_tokens=10, **extra)
-    if extra.get("stream"):
-        pieces, _ = stream_text(client, body)
-        text = "".join(pieces)
-    else:
-        reply = client.post("/v1/chat/completions", json=body).json()
-        text = reply["choices"][0]["message"]["content"]
-    assert text == ("word1 word2 " if "stop" in extra else "word1 word2 word3 word4")
-    assert len(engine.history) == before + 1
-    assert isinstance(engine.history[-1].prompt, ChatPrompt)
-    assert (_early(client, "kept"), _early(client, "aborted")) == (kept + 1, aborted)
-
-
-def test_a_flagged_prompt_s_early_request_is_aborted_and_its_answer_never_read(
-    client: TestClient, engine: FakeEngine
-):
-    """The engine takes a prompt about the target before its verdict; flagged, that request is
-    aborted unread (its answer names the target) and the corrupted prompt answers."""
-    before, aborted = len(engine.history), _early(client, "aborted")
-    engine.enqueue("Hermione Granger studies at Hogwarts.", "I am not sure who that is.")
-    reply = client.post(
-        "/v1/chat/completions", json=chat("Who are Harry Potter's best friends?", max_tokens=20)
-    ).json()
-    assert reply["choices"][0]["message"]["content"] == "I am not sure who that is."
-    early, protected = engine.history[before:]
-    assert isinstance(early.prompt, ChatPrompt) and early.request_id in engine.aborted
-    assert isinstance(protected.prompt, PromptEmbeds)
-    assert _early(client, "aborted") == aborted + 1
 
 
 def test_a_stop_token_inside_a_merged_delta_ends_the_answer_there(model_dir: Path):
