@@ -15,13 +15,15 @@ once (bench/workload.py; no text twice, so neither the verdict cache nor the eng
 cache answers), each generating `--tokens` tokens: short, as admission ends when the prompt goes
 to the engine and the burst's arrivals are what load the event loop then.
 
-Per burst it reads obliviate_admission_seconds (arrival until the prompt goes to the engine)
-and, for the guarded ones, obliviate_guard_seconds. It reports the median of the pairs'
-differences in admission p50 (guarded - bare) with a 95% bootstrap interval, the same for the
-p90, the guard's p50 / p99 over every guarded request, and the CPU time the gateway's event loop
-(its main thread) and its whole process used per burst on each side (/proc; the counters tick
-every 10 ms, so only the mean over many bursts means anything). Writes
-bench/results/guard_cost.json.
+Per burst it reads obliviate_admission_seconds (arrival until the prompt goes to the engine),
+the client's time to each first token when streamed (what a client waits for: admission, then
+the engine's prefill, which on this CPU takes seconds behind a burst), and, for the guarded
+ones, obliviate_guard_seconds. It reports the median of the pairs' differences in admission p50
+(guarded - bare) with a 95% bootstrap interval, the same for the p90 and for the burst's median
+time to first token, the guard's p50 / p99 over every
+guarded request, and the CPU time the gateway's event loop (its main thread) and its whole
+process used per burst on each side (/proc; the counters tick every 10 ms, so only the mean over
+many bursts means anything). Writes bench/results/guard_cost.json.
 
 From one run to the next on this 2-core machine the figure moves by 2-3 ms, more than a change
 to the guard's code often makes. `--against WORKTREE` (e.g. `git worktree add /tmp/before
@@ -69,12 +71,13 @@ READS = "obliviate_guard_reads"  # texts read on the event loop / on the guard's
 def burst_quantiles(
     url: str, prompts: list[str], args: argparse.Namespace, pid: int
 ) -> dict[str, Any]:
-    """One burst; its admission p50 / p90 (ms), the guard histogram's change and the CPU the
-    gateway's event loop and process used from its start to its end."""
+    """One burst; its admission p50 / p90 (ms), the client's median time to first token
+    (streamed), the guard histogram's change and the CPU the gateway's event loop and process
+    used from its start to its end."""
     before = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
     reads = {path: counter(url, READS, path=path) for path in ("loop", "thread")}
     cpu = cpu_seconds(pid)
-    run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
+    done = run_burst(url, MODEL_NAME, prompts, args.tokens, stream=args.stream)
     loop_s, process_s = (after - start for after, start in zip(cpu_seconds(pid), cpu, strict=True))
     after = {name: histogram(url, name) for name in (ADMISSION, GUARD)}
     reads = {path: counter(url, READS, path=path) - n for path, n in reads.items()}
@@ -85,6 +88,7 @@ def burst_quantiles(
     return {
         "p50_ms": 1000 * p50,
         "p90_ms": 1000 * p90,
+        "ttft_p50_ms": 1000 * statistics.median(done.ttft) if done.ttft else None,
         "guard": histogram_delta(before[GUARD], after[GUARD]),
         "reads": reads,
         "loop_cpu_ms": 1000 * loop_s,
@@ -96,6 +100,7 @@ def summary(pairs: list[dict[str, Any]], guard: dict[float, float]) -> dict[str,
     """One gateway's figures over its pairs of bursts (and its guard histogram's counts)."""
     adds50 = [p["adds_p50_ms"] for p in pairs]
     adds90 = [p["adds_p90_ms"] for p in pairs]
+    ttft = [p["adds_ttft_p50_ms"] for p in pairs if p["adds_ttft_p50_ms"] is not None]
     guard_p50, guard_p99 = histogram_quantile(guard, 0.5), histogram_quantile(guard, 0.99)
     return {
         "pairs": pairs,
@@ -103,6 +108,15 @@ def summary(pairs: list[dict[str, Any]], guard: dict[float, float]) -> dict[str,
         "guard_adds_p50_interval_ms": interval(adds50),
         "guard_adds_p90_ms": statistics.median(adds90),
         "guard_adds_p90_interval_ms": interval(adds90),
+        # What a client waits for (streamed): the burst's median time to first token.
+        "guard_adds_ttft_p50_ms": statistics.median(ttft) if ttft else None,
+        "guard_adds_ttft_p50_interval_ms": interval(ttft) if ttft else None,
+        "bare_ttft_p50_ms": statistics.median(p["bare"]["ttft_p50_ms"] for p in pairs)
+        if ttft
+        else None,
+        "guarded_ttft_p50_ms": statistics.median(p["guarded"]["ttft_p50_ms"] for p in pairs)
+        if ttft
+        else None,
         "bare_admission_p50_ms": statistics.median(p["bare"]["p50_ms"] for p in pairs),
         "guarded_admission_p50_ms": statistics.median(p["guarded"]["p50_ms"] for p in pairs),
         "guard_p50_ms": 1000 * guard_p50 if guard_p50 is not None else None,
@@ -131,6 +145,13 @@ def show(name: str, args: argparse.Namespace, report: dict[str, Any]) -> None:
         f"{low:+.1f} to {high:+.1f}); p90 {report['guard_adds_p90_ms']:+.1f} ms; guard p50 / p99 "
         f"{report['guard_p50_ms']:.1f} / {report['guard_p99_ms']:.1f} ms"
     )
+    if report["guard_adds_ttft_p50_ms"] is not None:
+        low, high = report["guard_adds_ttft_p50_interval_ms"]
+        print(
+            f"{name}: the guard adds {report['guard_adds_ttft_p50_ms']:+.1f} ms to the burst's "
+            f"median time to first token (95% interval {low:+.1f} to {high:+.1f}; bare / "
+            f"guarded {report['bare_ttft_p50_ms']:.1f} / {report['guarded_ttft_p50_ms']:.1f} ms)"
+        )
     cpu = report["cpu_ms_per_burst"]
     print(
         f"{name}: CPU per burst, event loop / whole gateway: bare "
@@ -214,11 +235,18 @@ def main() -> None:
                     pair[side] = got
                 pair["adds_p50_ms"] = pair["guarded"]["p50_ms"] - pair["bare"]["p50_ms"]
                 pair["adds_p90_ms"] = pair["guarded"]["p90_ms"] - pair["bare"]["p90_ms"]
+                ttft = pair["guarded"]["ttft_p50_ms"], pair["bare"]["ttft_p50_ms"]
+                pair["adds_ttft_p50_ms"] = None if None in ttft else ttft[0] - ttft[1]
                 pairs[name].append(pair)
                 print(
                     f"pair {i + 1:3d} {name:7s}: bare p50 {pair['bare']['p50_ms']:6.1f} ms, "
                     f"guarded {pair['guarded']['p50_ms']:6.1f} ms, "
-                    f"adds {pair['adds_p50_ms']:+6.1f} ms",
+                    f"adds {pair['adds_p50_ms']:+6.1f} ms"
+                    + (
+                        f"; first token {pair['adds_ttft_p50_ms']:+6.1f} ms"
+                        if pair["adds_ttft_p50_ms"] is not None
+                        else ""
+                    ),
                     flush=True,
                 )
     report.update(summary(pairs["this"], guard["this"]))
@@ -238,6 +266,22 @@ def main() -> None:
             f"this - against, guard adds at the p50: {report['difference_p50_ms']:+.1f} ms "
             f"(95% interval {low:+.1f} to {high:+.1f})"
         )
+        if args.stream:
+            # Pair by pair, the bursts' median time to first token: this less the other
+            # gateway (both guarded, the same prompts), and the same for the bare bursts.
+            for side in ("guarded", "bare"):
+                diff = [
+                    a[side]["ttft_p50_ms"] - b[side]["ttft_p50_ms"]
+                    for a, b in zip(pairs["this"], pairs["against"], strict=True)
+                ]
+                report[f"difference_{side}_ttft_ms"] = statistics.median(diff)
+                report[f"difference_{side}_ttft_interval_ms"] = interval(diff)
+                low, high = report[f"difference_{side}_ttft_interval_ms"]
+                print(
+                    f"this - against, {side} bursts' median time to first token: "
+                    f"{report[f'difference_{side}_ttft_ms']:+.1f} ms "
+                    f"(95% interval {low:+.1f} to {high:+.1f})"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
 

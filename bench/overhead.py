@@ -14,11 +14,12 @@ every level it reports:
 - the guard's p50 / p99 per request under the burst (obliviate_guard_seconds, Prometheus'
   histogram_quantile over the unflagged rounds): the classifier call alone;
 - admission p50 / p99 (obliviate_admission_seconds: from a request's arrival until its prompt
-  goes to the engine, the wait for the event loop behind the burst included) and what the
-  guard adds: each round's admission p50 minus that of a "bare" round on the same gateway with
-  every target disabled (PATCH enabled=false: nothing classified), sent right before or after it
-  (the order alternates), the median of those paired differences; and the throughput of the
-  guarded rounds against the bare ones;
+  goes to the engine, the wait for the event loop behind the burst included) and what the guard
+  adds: to it, and, streamed, to the time to first token (what a client waits for), each
+  round's p50 (median) minus that of a "bare" round on the same gateway with every target
+  disabled (PATCH enabled=false: nothing classified), sent right before or after it (the order
+  alternates), the median of those paired differences; and the throughput of the guarded
+  rounds against the bare ones;
 - flagged traffic (prompts about the Harry Potter target: corrupted prompt embeddings) against
   unflagged, on the same gateway;
 - the resident memory of the gateway's process tree beyond vLLM server's (both trees hold one
@@ -144,6 +145,7 @@ def measure_level(
     rounds: dict[str, list[Round]] = {side: [] for side in sides}
     timed = {name: dict.fromkeys(histogram(urls["obliviate"], name), 0.0) for name in TIMED}
     admitted: dict[str, list[float]] = {"obliviate": [], "bare": []}  # p50 per round, s
+    firsts: dict[str, list[float]] = {"obliviate": [], "bare": []}  # median TTFT, streamed, s
     # CPU seconds of the server's own process (all its threads; vLLM's engine core is a child
     # process on both sides) per round: what the front end costs, less noisy than throughput.
     cpu: dict[str, list[float]] = {side: [] for side in sides}
@@ -184,6 +186,8 @@ def measure_level(
                 grew = {name: histogram_delta(before[name], histogram(url, name)) for name in TIMED}
                 p50 = histogram_quantile(grew[ADMISSION], 0.5)
                 admitted[side].append(p50 if p50 is not None else float("nan"))
+                if result.ttft:
+                    firsts[side].append(statistics.median(result.ttft))
             if side == "bare":
                 set_enabled(url, ADMIN_TOKEN, True)
                 wait_idle(pids["obliviate"])  # the targets load again
@@ -252,6 +256,12 @@ def measure_level(
         level["guard_adds_rounds_ms"] = paired
         level["guard_adds_p50_ms"] = statistics.median(paired)
         level["bare_admission_p50_ms"] = 1000 * statistics.median(admitted["bare"])
+        if firsts["bare"]:
+            # Streamed, what a client waits for: each round's median time to first token.
+            pairs = zip(firsts["obliviate"], firsts["bare"], strict=True)
+            paired = [1000 * (guarded - bare) for guarded, bare in pairs]
+            level["guard_adds_ttft_rounds_ms"] = paired
+            level["guard_adds_ttft_p50_ms"] = statistics.median(paired)
         level["guarded_over_bare"] = statistics.median(
             got.tok_per_s / base.tok_per_s
             for got, base in zip(rounds["obliviate"], rounds["bare"], strict=True)
@@ -274,7 +284,8 @@ def measure_level(
 def markdown(report: dict[str, Any]) -> str:
     rows = [
         "| targets | vLLM tok/s | obliviate tok/s | ratio (rounds min-max) | added p50 | added p99 "
-        "| guard p50 | guard p99 | admission p50 | guard adds (p50) | guarded / bare "
+        "| guard p50 | guard p99 | admission p50 | guard adds (p50): admission / first token "
+        "| guarded / bare "
         "| flagged / unflagged | identical | vLLM vs itself | RSS beyond vLLM "
         "| front-end CPU per request, obliviate / vLLM (round ratio, 95% interval) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -288,7 +299,9 @@ def markdown(report: dict[str, Any]) -> str:
         cpu = lv["frontend_cpu_ms_per_request"]
         low, high = lv["frontend_cpu_ratio_interval"]
         adds = (
-            f"{lv['guard_adds_p50_ms']:+.1f} ms"
+            f"{lv['guard_adds_p50_ms']:+.1f} / "
+            + (f"{lv['guard_adds_ttft_p50_ms']:+.1f}" if "guard_adds_ttft_p50_ms" in lv else "–")
+            + " ms"
             if lv["targets"] and "guard_adds_p50_ms" in lv
             else "–"
         )

@@ -24,6 +24,7 @@ def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Pat
         [
             sys.executable, "bench/guard_cost.py",
             "--targets", "2", "--pairs", str(PAIRS), "--concurrency", str(CONCURRENCY),
+            "--stream",  # the client's time to first token is read on streamed bursts
             # The second gateway reads every prompt on the guard's thread, none on the loop.
             "--against-args", "--guard.loop-chars 0",
             "--out", str(out),
@@ -40,6 +41,8 @@ def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Pat
         assert side["guarded_requests"] == guarded
         for pair in side["pairs"]:
             assert pair["bare"]["reads"] == {"loop": 0.0, "thread": 0.0}
+            ttft = pair["guarded"]["ttft_p50_ms"] - pair["bare"]["ttft_p50_ms"]
+            assert pair["adds_ttft_p50_ms"] == ttft > -pair["bare"]["ttft_p50_ms"]
     # Every prompt, and the output guard's read of every answer, on the loop for one gateway
     # and on the guard's thread for the other.
     assert this["reads"]["thread"] == 0 and this["reads"]["loop"] >= guarded
@@ -49,5 +52,10 @@ def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Pat
         for a, b in zip(this["pairs"], other["pairs"], strict=True)
     ]
     assert report["difference_p50_ms"] == statistics.median(diffs)
+    ttft = [
+        a["guarded"]["ttft_p50_ms"] - b["guarded"]["ttft_p50_ms"]
+        for a, b in zip(this["pairs"], other["pairs"], strict=True)
+    ]
+    assert report["difference_guarded_ttft_ms"] == statistics.median(ttft)
     low, high = report["difference_p50_interval_ms"]
     assert low <= report["difference_p50_ms"] <= high
