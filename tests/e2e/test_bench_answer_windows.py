@@ -7,27 +7,24 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHARED_DATA
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.bench_runs import ROOT, run_bench
 
 
 def test_answer_windows_reads_every_answer_at_each_window_size(tmp_path: Path) -> None:
     if not (SHARED_DATA / "tofu" / "forget10.jsonl").is_file():
         pytest.skip(f"TOFU data not found at {SHARED_DATA}")
     out = tmp_path / "aw.json"
-    run = subprocess.run(
-        [sys.executable, "bench/answer_windows.py", "--authors", "2", "--neighbours", "40",
-         "--words", "0", "12", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    run_bench(
+        "answer_windows.py",
+        "--authors", "2", "--neighbours", "40", "--words", "0", "12", "--out", str(out),
+        timeout=600,
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(out.read_text())
     assert report["authors"] == 2
     for words in ("0", "12"):

@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.bench_runs import run_bench
+
 PAIRS, CONCURRENCY = 2, 4
 
 
 def test_guard_cost_reads_only_the_guarded_bursts_on_both_gateways(tmp_path: Path) -> None:
     out = tmp_path / "guard_cost.json"
-    run = subprocess.run(
-        [
-            sys.executable, "bench/guard_cost.py",
-            "--targets", "2", "--pairs", str(PAIRS), "--concurrency", str(CONCURRENCY),
-            "--stream",  # the client's time to first token is read on streamed bursts
-            # The second gateway reads every prompt on the guard's thread, none on the loop.
-            "--against-args", "--guard.loop-chars 0",
-            "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    run_bench(
+        "guard_cost.py",
+        "--targets", "2", "--pairs", str(PAIRS), "--concurrency", str(CONCURRENCY),
+        "--stream",  # the client's time to first token is read on streamed bursts
+        # The second gateway reads every prompt on the guard's thread, none on the loop.
+        "--against-args", "--guard.loop-chars 0",
+        "--out", str(out),
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     guarded = PAIRS * CONCURRENCY
     this, other = report, report["against"]

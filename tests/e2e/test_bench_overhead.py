@@ -12,26 +12,22 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.bench_runs import run_bench
+
 ROUNDS, CONCURRENCY = 2, 4
 
 
 def test_overhead_reports_each_level_from_its_own_rounds(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    run = subprocess.run(
-        [
-            sys.executable, "bench/overhead.py",
-            "--targets", "1", "--levels", "0", "1",
-            "--rounds", str(ROUNDS), "--concurrency", str(CONCURRENCY), "--tokens", "4",
-            "--stream", "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    run_bench(
+        "overhead.py",
+        "--targets", "1", "--levels", "0", "1",
+        "--rounds", str(ROUNDS), "--concurrency", str(CONCURRENCY), "--tokens", "4",
+        "--stream", "--out", str(out),
+        timeout=1200,
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [level["targets"] for level in report["levels"]] == [0, 1]
     for level in report["levels"]:
