@@ -20,10 +20,10 @@ the client's time to each first token when streamed (what a client waits for: ad
 the engine's prefill, which on this CPU takes seconds behind a burst), and, for the guarded
 ones, obliviate_guard_seconds. It reports the median of the pairs' differences in admission p50
 (guarded - bare) with a 95% bootstrap interval, the same for the p90 and for the burst's median
-time to first token, the guard's p50 / p99 over every
-guarded request, and the CPU time the gateway's event loop (its main thread) and its whole
-process used per burst on each side (/proc; the counters tick every 10 ms, so only the mean over
-many bursts means anything). Writes bench/results/guard_cost.json.
+time to first token, the guard's p50 / p99 over every guarded request, and the CPU time the
+gateway's event loop (its main thread) and its whole process used per burst on each side
+(/proc; the counters tick every 10 ms, so only the mean over many bursts means anything).
+Writes bench/results/guard_cost.json.
 
 From one run to the next on this 2-core machine the figure moves by 2-3 ms, more than a change
 to the guard's code often makes. `--against WORKTREE` (e.g. `git worktree add /tmp/before
