@@ -88,7 +88,7 @@ def burst_quantiles(
     return {
         "p50_ms": 1000 * p50,
         "p90_ms": 1000 * p90,
-        "ttft_p50_ms": 1000 * statistics.median(done.ttft) if done.ttft else None,
+        "ttft_p50_ms": None if done.ttft_median is None else 1000 * done.ttft_median,
         "guard": histogram_delta(before[GUARD], after[GUARD]),
         "reads": reads,
         "loop_cpu_ms": 1000 * loop_s,

@@ -186,8 +186,8 @@ def measure_level(
                 grew = {name: histogram_delta(before[name], histogram(url, name)) for name in TIMED}
                 p50 = histogram_quantile(grew[ADMISSION], 0.5)
                 admitted[side].append(p50 if p50 is not None else float("nan"))
-                if result.ttft:
-                    firsts[side].append(statistics.median(result.ttft))
+                if result.ttft_median is not None:
+                    firsts[side].append(result.ttft_median)
             if side == "bare":
                 set_enabled(url, ADMIN_TOKEN, True)
                 wait_idle(pids["obliviate"])  # the targets load again
@@ -251,15 +251,13 @@ def measure_level(
     if p50 is not None and p99 is not None:
         level.update(admission_p50_ms=1000 * p50, admission_p99_ms=1000 * p99)
     if targets:
-        pairs = zip(admitted["obliviate"], admitted["bare"], strict=True)
-        paired = [1000 * (guarded - bare) for guarded, bare in pairs]
+        paired = paired_ms(admitted)
         level["guard_adds_rounds_ms"] = paired
         level["guard_adds_p50_ms"] = statistics.median(paired)
         level["bare_admission_p50_ms"] = 1000 * statistics.median(admitted["bare"])
         if firsts["bare"]:
             # Streamed, what a client waits for: each round's median time to first token.
-            pairs = zip(firsts["obliviate"], firsts["bare"], strict=True)
-            paired = [1000 * (guarded - bare) for guarded, bare in pairs]
+            paired = paired_ms(firsts)
             level["guard_adds_ttft_rounds_ms"] = paired
             level["guard_adds_ttft_p50_ms"] = statistics.median(paired)
         level["guarded_over_bare"] = statistics.median(
@@ -279,6 +277,12 @@ def measure_level(
         "gateway_beyond_vllm": tree - vllm_tree,
     }
     return level
+
+
+def paired_ms(seconds: dict[str, list[float]]) -> list[float]:
+    """Round by round, the guarded round's figure less its bare round's, ms."""
+    pairs = zip(seconds["obliviate"], seconds["bare"], strict=True)
+    return [1000 * (guarded - bare) for guarded, bare in pairs]
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -83,6 +83,11 @@ class Round:
     def tok_per_s(self) -> float:
         return self.tokens / self.wall_s
 
+    @property
+    def ttft_median(self) -> float | None:
+        """The burst's median time to first token, s (None when not streamed)."""
+        return statistics.median(self.ttft) if self.ttft else None
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
